@@ -1,0 +1,244 @@
+"""The one record every stage passes along: `EditSample`, and the manifest schema derived from it.
+
+A sample grows as it flows: the source fills `source`/`scene`, the composer fills `instruction`
+and `sub_edits`, the editor fills `target`, the masks and (hidden from judges) `defects`, the judge
+fills `scores`, routing fills `verdict`. Any stage may instead fill `error`, after which later
+stages pass the sample through untouched and it ends in quarantine.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+import pyarrow as pa
+
+from pipeline import __version__ as CODE_VERSION
+
+EDIT_TYPES = (
+    "add",
+    "remove",
+    "replace",
+    "recolor",
+    "resize",
+    "move",
+    "background",
+    "add_text",
+    "swap",
+    "texture",
+)
+
+# Final verdicts a manifest row can carry. `judge_error`: the judge could not score the sample
+# (kept for a re-judge run, never accepted).
+VERDICTS = ("accept", "reject", "borderline", "error", "judge_error")
+VERDICT_SOURCES = ("judge", "human", "both")
+
+ERROR_MAX_CHARS = 500  # error strings are capped so logs and manifests stay readable
+
+
+def sample_id(seed: int, key: int | str) -> str:
+    """Stable id from the build seed and the sample's index or source key: resume depends on it."""
+    digest = hashlib.sha256(f"mcie:{seed}:{key}".encode()).hexdigest()
+    return f"s{seed}-{digest[:16]}"
+
+
+@dataclass(slots=True)
+class SubEdit:
+    """One sub-instruction of the complex instruction, tied to its spatial region.
+
+    `params` is the structured form of the edit, the same information the text states (colours as
+    names and RGB, kinds, directions, sizes): a judge may read it, since a real instruction says it.
+    `box` is [x0, y0, x1, y1] in pixels (exclusive upper bounds) of `mask`'s true pixels.
+    `mask` is the pixels this sub-edit may change (bool HxW); it is filled by the editor.
+    """
+
+    type: str
+    text: str
+    target: str = ""  # the referring phrase of the object acted on ("the small red cup on the left")
+    object_ids: list[int] = field(default_factory=list)
+    params: dict[str, Any] = field(default_factory=dict)
+    box: list[int] | None = None
+    mask: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        if self.type not in EDIT_TYPES:
+            raise ValueError(f"unknown edit type {self.type!r}; expected one of {EDIT_TYPES}")
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "type": self.type,
+            "text": self.text,
+            "target": self.target,
+            "object_ids": list(self.object_ids),
+            "params": self.params,
+            "box": self.box,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any], mask: np.ndarray | None = None) -> "SubEdit":
+        return cls(
+            type=data["type"],
+            text=data["text"],
+            target=data.get("target", ""),
+            object_ids=list(data.get("object_ids", [])),
+            params=dict(data.get("params", {})),
+            box=data.get("box"),
+            mask=mask,
+        )
+
+
+@dataclass(slots=True)
+class JudgeView:
+    """What a judge may see: the two images and the structured instruction. Nothing else."""
+
+    id: str
+    source: np.ndarray
+    target: np.ndarray
+    instruction: str
+    sub_edits: list[SubEdit]
+    background_mask: np.ndarray
+
+
+@dataclass(slots=True)
+class EditSample:
+    id: str
+    index: int
+    seed: int
+    source: np.ndarray | None = None  # uint8 HxWx3
+    scene: dict[str, Any] | None = None  # the source's scene graph (procedural sources only)
+    instruction: str = ""
+    sub_edits: list[SubEdit] = field(default_factory=list)
+    background_mask: np.ndarray | None = None  # bool HxW: pixels no sub-edit may change
+    target: np.ndarray | None = None  # uint8 HxWx3
+    target_scene: dict[str, Any] | None = None
+    # Ground truth of the editor's injected faults. Never given to a judge (see `judge_view`),
+    # never written into shards; it goes to OUT/defects.jsonl only.
+    defects: list[dict[str, Any]] = field(default_factory=list)
+    scores: dict[str, Any] = field(default_factory=dict)
+    verdict: str | None = None
+    verdict_by: str | None = None
+    human: dict[str, Any] | None = None  # annotators' answers once a person decided
+    error: str | None = None
+    error_stage: str | None = None
+    provenance: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def failed(self) -> bool:
+        return self.error is not None
+
+    @property
+    def edit_mask(self) -> np.ndarray:
+        """Union of the sub-edit regions."""
+        if self.background_mask is not None:
+            return ~self.background_mask
+        masks = [s.mask for s in self.sub_edits if s.mask is not None]
+        return np.logical_or.reduce(masks) if masks else None
+
+    def fail(self, stage: str, exc: BaseException | str) -> None:
+        text = exc if isinstance(exc, str) else f"{type(exc).__name__}: {exc}"
+        self.error = text[:ERROR_MAX_CHARS]
+        self.error_stage = stage
+        self.verdict = "error"
+
+    def judge_view(self) -> JudgeView:
+        if self.source is None or self.target is None or self.background_mask is None:
+            raise ValueError(f"sample {self.id} is not ready to judge (missing images or masks)")
+        return JudgeView(
+            id=self.id,
+            source=self.source,
+            target=self.target,
+            instruction=self.instruction,
+            sub_edits=self.sub_edits,
+            background_mask=self.background_mask,
+        )
+
+    def metadata(self) -> dict[str, Any]:
+        """The JSON member of a shard sample (everything but pixels and the hidden defect log)."""
+        return {
+            "id": self.id,
+            "index": self.index,
+            "seed": self.seed,
+            "instruction": self.instruction,
+            "sub_edits": [s.to_json() for s in self.sub_edits],
+            "scores": self.scores,
+            "verdict": self.verdict,
+            "verdict_by": self.verdict_by,
+            "human": self.human,
+            "error": self.error,
+            "error_stage": self.error_stage,
+            "scene": self.scene,
+            "target_scene": self.target_scene,
+            "provenance": self.provenance,
+        }
+
+
+# ---- manifest schema: one table of (column, arrow type, how to read it off a sample) -------------
+
+def _score(key: str) -> Callable[[EditSample], float | None]:
+    def get(s: EditSample) -> float | None:
+        value = s.scores.get(key)
+        return None if value is None else float(value)
+
+    return get
+
+
+MANIFEST_COLUMNS: list[tuple[str, pa.DataType, Callable[[EditSample], Any]]] = [
+    ("id", pa.string(), lambda s: s.id),
+    ("index", pa.int64(), lambda s: s.index),
+    ("verdict", pa.string(), lambda s: s.verdict),
+    ("verdict_by", pa.string(), lambda s: s.verdict_by),
+    ("instruction", pa.string(), lambda s: s.instruction),
+    ("num_sub_edits", pa.int32(), lambda s: len(s.sub_edits)),
+    ("sub_edit_types", pa.list_(pa.string()), lambda s: [e.type for e in s.sub_edits]),
+    ("score_overall", pa.float32(), _score("overall")),
+    ("score_background", pa.float32(), _score("background")),
+    ("score_quality", pa.float32(), _score("quality")),
+    (
+        "sub_edit_scores",
+        pa.list_(pa.float32()),
+        lambda s: [float(x) for x in s.scores.get("sub_edits", [])],
+    ),
+    ("width", pa.int32(), lambda s: None if s.source is None else int(s.source.shape[1])),
+    ("height", pa.int32(), lambda s: None if s.source is None else int(s.source.shape[0])),
+    ("error", pa.string(), lambda s: s.error),
+    ("error_stage", pa.string(), lambda s: s.error_stage),
+    ("source_kind", pa.string(), lambda s: s.provenance.get("source")),
+    ("editor", pa.string(), lambda s: s.provenance.get("editor")),
+    ("judge", pa.string(), lambda s: s.provenance.get("judge")),
+    ("seed", pa.int64(), lambda s: s.seed),
+    ("code_version", pa.string(), lambda s: s.provenance.get("code_version", CODE_VERSION)),
+]
+
+# Columns filled by the shard writer, not read off the sample.
+SHARD_COLUMNS: list[tuple[str, pa.DataType]] = [
+    ("shard", pa.string()),  # file name under OUT/shards (or review/quarantine path), None if none
+    ("checksum", pa.string()),  # sha256 over the sample's members, as written
+]
+
+MANIFEST_SCHEMA = pa.schema(
+    [pa.field(name, dtype) for name, dtype, _ in MANIFEST_COLUMNS]
+    + [pa.field(name, dtype) for name, dtype in SHARD_COLUMNS]
+)
+
+
+def manifest_row(sample: EditSample, shard: str | None, checksum: str | None) -> dict[str, Any]:
+    row = {name: get(sample) for name, _, get in MANIFEST_COLUMNS}
+    row["shard"] = shard
+    row["checksum"] = checksum
+    return row
+
+
+def dumps(data: Any) -> bytes:
+    """Canonical JSON bytes (sorted keys) so the same sample always writes the same bytes."""
+    return json.dumps(data, sort_keys=True, separators=(",", ":"), default=_json_default).encode()
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
