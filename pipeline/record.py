@@ -185,6 +185,11 @@ def _score(key: str) -> Callable[[EditSample], float | None]:
     return get
 
 
+def _passes(s: EditSample) -> list[bool] | None:
+    value = s.scores.get("sub_edit_pass")
+    return None if value is None else [bool(x) for x in value]
+
+
 MANIFEST_COLUMNS: list[tuple[str, pa.DataType, Callable[[EditSample], Any]]] = [
     ("id", pa.string(), lambda s: s.id),
     ("index", pa.int64(), lambda s: s.index),
@@ -201,6 +206,9 @@ MANIFEST_COLUMNS: list[tuple[str, pa.DataType, Callable[[EditSample], Any]]] = [
         pa.list_(pa.float32()),
         lambda s: [float(x) for x in s.scores.get("sub_edits", [])],
     ),
+    # routing's per-sub-edit decision (scores["sub_edit_pass"]); null until routed. Lets a
+    # resumed build recount per-edit-type pass rates from the manifest alone.
+    ("sub_edit_pass", pa.list_(pa.bool_()), _passes),
     ("width", pa.int32(), lambda s: None if s.source is None else int(s.source.shape[1])),
     ("height", pa.int32(), lambda s: None if s.source is None else int(s.source.shape[0])),
     ("error", pa.string(), lambda s: s.error),

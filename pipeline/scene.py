@@ -281,6 +281,23 @@ def sign_board_box(sign: SceneObject, width: int, height: int) -> tuple[float, f
 
 
 def render_background(background: Background, width: int, height: int) -> np.ndarray:
+    """A fresh (writable) HxWx3 image of the background."""
+    # Cached: an editor renders the same background once per intermediate state.
+    return _background_image(background.kind, tuple(background.colors), background.horizon,
+                             width, height).copy()
+
+
+@lru_cache(maxsize=16)
+def _background_image(
+    kind: str, colors: tuple[str, ...], horizon: float, width: int, height: int
+) -> np.ndarray:
+    image = _draw_background(Background(kind=kind, colors=list(colors), horizon=horizon),
+                             width, height)
+    image.flags.writeable = False
+    return image
+
+
+def _draw_background(background: Background, width: int, height: int) -> np.ndarray:
     rgbs = np.array(background.rgbs(), dtype=np.float32)
     if background.kind == "flat":
         return np.broadcast_to(rgbs[0].astype(np.uint8), (height, width, 3)).copy()
@@ -305,8 +322,16 @@ def render_background(background: Background, width: int, height: int) -> np.nda
     raise ValueError(f"unknown background kind {background.kind!r}")
 
 
+@lru_cache(maxsize=64)
 def pattern_mask(pattern: str, width: int, height: int, period: int) -> np.ndarray | None:
-    """Bool HxW: where the darker pattern marks go (None for solid)."""
+    """Bool HxW (read-only, cached): where the darker pattern marks go (None for solid)."""
+    marks = _pattern_marks(pattern, width, height, period)
+    if marks is not None:
+        marks.flags.writeable = False
+    return marks
+
+
+def _pattern_marks(pattern: str, width: int, height: int, period: int) -> np.ndarray | None:
     if pattern == "solid":
         return None
     yy, xx = np.mgrid[0:height, 0:width]

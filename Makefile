@@ -1,0 +1,32 @@
+# Two commands do all set-up on a fresh machine: `make demo` and `make test`.
+# torch is installed first and pinned: the CPU wheel lies on disk, anything else pulls CUDA builds.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+DEMO_OUT ?= out/demo
+DEMO_COUNT ?= 300
+
+export PREFECT_HOME ?= $(CURDIR)/.prefect
+export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
+
+.PHONY: demo test install clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[test]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	rm -rf $(DEMO_OUT)
+	$(VENV)/bin/mcie build --out $(DEMO_OUT) --count $(DEMO_COUNT) --workers 2 --shard-size 50
+	$(VENV)/bin/mcie verify $(DEMO_OUT)
+
+test: $(STAMP)
+	$(PY) -m pytest
+
+clean:
+	rm -rf out .prefect .ray .pytest_cache

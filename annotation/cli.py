@@ -1,0 +1,120 @@
+"""`mcie review push|pull|status OUT` and `mcie labelstudio serve`.
+
+`register(subparsers)` adds both sub-commands; handlers return exit codes: 0 ok, 1 a Label
+Studio / server problem (one line, no traceback), 2 bad arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+
+from annotation.client import Connection, LabelStudioError
+from annotation.server import LabelStudioServer, ServerConfig, ServerError, ensure_ls_venv
+from annotation.sync import IMAGE_MODES, ReviewSettings, pull, push, status
+
+log = logging.getLogger(__name__)
+
+
+def register(subparsers) -> None:
+    review = subparsers.add_parser("review", help="human review of borderline samples in Label Studio")
+    actions = review.add_subparsers(dest="review_action", required=True)
+    for name, helptext in (
+        ("push", "import queued borderline samples into the Label Studio project"),
+        ("pull", "apply finished annotations: decided samples go to the shards and the manifest"),
+        ("status", "queued / imported / annotated / decided counts and judge-vs-human agreement"),
+    ):
+        sub = actions.add_parser(name, help=helptext)
+        sub.add_argument("out", type=Path, help="build output folder (OUT)")
+        sub.add_argument("--project", help="project title (default: 'mcie review <OUT name>')")
+        sub.add_argument("--url", help="Label Studio URL (default: $LABEL_STUDIO_URL)")
+        sub.add_argument("--annotations-per-task", type=int, default=1,
+                         help="votes needed before the majority decides (ties stay open)")
+        sub.add_argument("--lean-threshold", type=float, default=0.5,
+                         help="judge overall score at or above which it leans accept")
+        if name == "push":
+            sub.add_argument("--images", choices=IMAGE_MODES, default="auto",
+                             help="local-files (server shares the disk), inline (data URLs), auto")
+            sub.add_argument("--batch-size", type=int, default=20)
+        sub.set_defaults(func=_review_handler(name))
+
+    ls = subparsers.add_parser("labelstudio", help="run a local Label Studio server")
+    ls_actions = ls.add_subparsers(dest="labelstudio_action", required=True)
+    serve = ls_actions.add_parser(
+        "serve", help="start Label Studio on 127.0.0.1 (admin and token from LABEL_STUDIO_USERNAME, "
+        "LABEL_STUDIO_PASSWORD, LABEL_STUDIO_USER_TOKEN)")
+    serve.add_argument("--port", type=int, default=8080)
+    serve.add_argument("--data-dir", type=Path, default=None, help="default: .labelstudio/ in the repo")
+    serve.add_argument("--document-root", type=Path, default=Path.cwd(),
+                       help="folder above your build outputs, served as local files (default: cwd)")
+    serve.set_defaults(func=_serve)
+
+
+def _settings(args: argparse.Namespace) -> ReviewSettings:
+    return ReviewSettings(
+        project=args.project,
+        image_mode=getattr(args, "images", "auto"),
+        annotations_per_task=args.annotations_per_task,
+        batch_size=getattr(args, "batch_size", 20),
+        lean_threshold=args.lean_threshold,
+    )
+
+
+def _review_handler(action: str):
+    def handle(args: argparse.Namespace) -> int:
+        try:
+            settings = _settings(args)
+            conn = Connection.from_env(url=args.url)
+        except ValueError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        if not args.out.is_dir():
+            print(f"error: {args.out} is not a build output folder", file=sys.stderr)
+            return 2
+        try:
+            if action == "push":
+                r = push(args.out, conn, settings)
+                print(f"project {r.project!r} (id {r.project_id}, images {r.image_mode}): "
+                      f"{r.queued} queued, {r.already_imported} already imported, {r.imported} imported")
+            elif action == "pull":
+                r = pull(args.out, conn, settings)
+                print(f"{r.decided} decided ({r.accepted} accept, {r.rejected} reject), "
+                      f"{r.open} still open ({r.ties} ties)")
+            else:
+                print("\n".join(status(args.out, conn, settings).lines()))
+        except (LabelStudioError, RuntimeError, ValueError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+        return 0
+
+    return handle
+
+
+def _serve(args: argparse.Namespace) -> int:
+    try:
+        config = ServerConfig.from_env(port=args.port, data_dir=args.data_dir,
+                                       document_root=args.document_root)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        ensure_ls_venv()
+        server = LabelStudioServer(config)
+        server.start()
+    except ServerError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(f"Label Studio is up at {server.url} (admin {config.username}); "
+          f"for mcie: LABEL_STUDIO_URL={server.url} LABEL_STUDIO_API_KEY=<your {'LABEL_STUDIO_USER_TOKEN'}>; "
+          "Ctrl+C stops it", flush=True)
+    try:
+        while server.process is not None and server.process.poll() is None:
+            time.sleep(1)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.stop()
+    return 0

@@ -1,0 +1,405 @@
+"""push / pull / status between a build's review queue and a Label Studio project.
+
+- `push(out)`: find the project by title (create it if missing), make the images reachable,
+  import every queued sample the project does not hold yet. Idempotent: the project's tasks are
+  listed first and matched by `data.sample_id`, so a second push, or a push after a crash (even one
+  that lost the answer to an import that the server did commit), imports nothing twice.
+- `pull(out)`: read the annotations, apply the `AgreementPolicy`, and move each decided sample into
+  the train / negatives shards and the manifest (`annotation.queue.commit_decision`).
+- `status(out)`: queued / imported / annotated / decided counts, judge-vs-human agreement.
+
+`verdict_by` of a human decision: "both" when the humans' verdict equals the judge's lean (overall
+score >= `lean_threshold` leans accept), "human" when it overrides it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+from urllib.parse import urlparse
+
+from annotation.agreement import AgreementPolicy, Confusion, majority_pass
+from annotation.client import Connection, LabelStudioError, connect, translated_errors
+from annotation.queue import commit_decision, read_review, read_rows, review_ids, sync_lock
+from annotation.tasks import (
+    ImageRef,
+    Vote,
+    build_task,
+    counted_votes,
+    data_url,
+    judge_lean,
+    labeling_config,
+    local_files_url,
+    parse_annotation,
+)
+from pipeline.shards import atomic_write_bytes
+
+log = logging.getLogger(__name__)
+
+IMAGE_MODES = ("auto", "local-files", "inline")
+DOCUMENT_ROOT_ENV = "LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT"
+TITLE_MAX = 50  # Label Studio's limit on project titles
+PAGE_SIZE = 100
+
+
+@dataclass(frozen=True)
+class ReviewSettings:
+    """How push/pull behave. `project`: project title (default `mcie review <OUT dir name>`).
+    `image_mode`: "local-files" (server reads OUT from the same disk: needs `document_root`, the
+    server's LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT, above OUT), "inline" (base64 data URLs in the
+    task, works with any server), "auto" (local-files when the server is on this machine and OUT
+    is under the document root, else inline)."""
+
+    project: str | None = None
+    image_mode: str = "auto"
+    document_root: Path | None = None
+    annotations_per_task: int = 1
+    batch_size: int = 20
+    lean_threshold: float = 0.5
+
+    def __post_init__(self) -> None:
+        if self.image_mode not in IMAGE_MODES:
+            raise ValueError(f"image mode must be one of {IMAGE_MODES}, got {self.image_mode!r}")
+        if self.project is not None and not 0 < len(self.project) <= TITLE_MAX:
+            raise ValueError(f"project title must have 1..{TITLE_MAX} characters, got {self.project!r}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch size must be positive, got {self.batch_size}")
+        if not 0.0 <= self.lean_threshold <= 1.0:
+            raise ValueError(f"lean threshold must be within 0..1, got {self.lean_threshold}")
+        AgreementPolicy(self.annotations_per_task)  # validates
+
+    def title(self, out: Path) -> str:
+        return self.project or f"mcie review {Path(out).resolve().name}"[:TITLE_MAX]
+
+    def root(self) -> Path | None:
+        root = self.document_root or os.environ.get(DOCUMENT_ROOT_ENV)
+        return Path(root).resolve() if root else None
+
+
+@dataclass
+class PushResult:
+    project_id: int
+    project: str
+    image_mode: str
+    queued: int
+    already_imported: int
+    imported: int
+
+
+@dataclass
+class PullResult:
+    project_id: int | None
+    decided: int = 0
+    accepted: int = 0
+    rejected: int = 0
+    open: int = 0  # annotated but not decided yet (too few votes, or a tie)
+    ties: int = 0
+    decided_ids: list[str] = field(default_factory=list)
+
+
+@dataclass
+class ReviewStatus:
+    project: str
+    queued: int
+    imported: int | None  # None: the server could not be asked (see `server_error`)
+    annotated: int | None
+    decided: int
+    accepted: int
+    rejected: int
+    confusion: Confusion
+    server_error: str | None = None
+
+    def lines(self) -> list[str]:
+        kappa = self.confusion.kappa
+        agree = self.confusion.observed_agreement
+        unknown = "?"
+        lines = [
+            f"project:   {self.project}",
+            f"queued:    {self.queued}   (awaiting a human decision in OUT/review)",
+            f"imported:  {unknown if self.imported is None else self.imported}   (queued samples in Label Studio)",
+            f"annotated: {unknown if self.annotated is None else self.annotated}   (queued samples with at least one verdict)",
+            f"decided:   {self.decided}   (accept {self.accepted}, reject {self.rejected})",
+            "judge lean vs human verdict:",
+            self.confusion.table(),
+            f"agreement: {'n/a' if agree is None else f'{agree:.3f}'}   "
+            f"Cohen's kappa: {'n/a' if kappa is None else f'{kappa:.3f}'}",
+        ]
+        if self.server_error:
+            lines.append(f"server: {self.server_error}")
+        return lines
+
+
+# ---- project ----------------------------------------------------------------------------------------
+
+def find_project(client, title: str):
+    matches = [p for p in client.projects.list(title=title, page_size=PAGE_SIZE) if p.title == title]
+    if len(matches) > 1:
+        log.warning("%d projects titled %r; using the oldest (id %d)", len(matches), title, min(p.id for p in matches))
+    return min(matches, key=lambda p: p.id) if matches else None
+
+
+def ensure_project(client, title: str, settings: ReviewSettings):
+    project = find_project(client, title)
+    if project is None:
+        project = client.projects.create(
+            title=title,
+            label_config=labeling_config(),
+            description="Borderline complex-edit pairs from an mcie build: accept or reject.",
+            maximum_annotations=settings.annotations_per_task,
+            show_collab_predictions=True,
+            show_skip_button=True,
+        )
+        log.info("created Label Studio project %r (id %d)", title, project.id)
+    elif project.maximum_annotations != settings.annotations_per_task:
+        client.projects.update(id=project.id, maximum_annotations=settings.annotations_per_task)
+    return project
+
+
+def project_tasks(client, project_id: int, with_annotations: bool) -> list[Any]:
+    kwargs = {"fields": "all"} if with_annotations else {}
+    return list(client.tasks.list(project=project_id, page_size=PAGE_SIZE, **kwargs))
+
+
+def _task_sample_id(task) -> str | None:
+    data = task.data or {}
+    return data.get("sample_id")
+
+
+# ---- images -----------------------------------------------------------------------------------------
+
+def resolve_image_mode(out: Path, conn: Connection, settings: ReviewSettings) -> str:
+    if settings.image_mode != "auto":
+        return settings.image_mode
+    root = settings.root()
+    local_host = urlparse(conn.url).hostname in ("127.0.0.1", "localhost", "::1")
+    if root is not None and local_host and Path(out).resolve().is_relative_to(root):
+        return "local-files"
+    return "inline"
+
+
+def _image_refs(out: Path, settings: ReviewSettings, mode: str) -> Callable[[str], ImageRef]:
+    """For each sample id, a function turning (member name, PNG bytes) into a task URL."""
+    if mode == "inline":
+        return lambda sample_id: (lambda name, png: data_url(png))
+    root = settings.root()
+    if root is None:
+        raise LabelStudioError(
+            f"image mode local-files needs the server's document root: set {DOCUMENT_ROOT_ENV}"
+        )
+    if not Path(out).resolve().is_relative_to(root):
+        raise LabelStudioError(f"{out} is not under the local-files document root {root}; use --images inline")
+    overlays = Path(out) / "annotation" / "overlays"
+
+    def for_sample(sample_id: str) -> ImageRef:
+        def ref(name: str, png: bytes) -> str:
+            if name == "overlay":  # derived image: written beside the queue, in our own folder
+                overlays.mkdir(parents=True, exist_ok=True)
+                path = overlays / f"{sample_id}.png"
+                atomic_write_bytes(path, png)
+            else:
+                path = Path(out) / "review" / sample_id / f"{name}.png"
+            return local_files_url(path, root)
+
+        return ref
+
+    return for_sample
+
+
+def _ensure_local_storage(client, project_id: int, out: Path) -> None:
+    """Label Studio serves /data/local-files/ only under a local storage of the project. It is
+    never synced: push imports the tasks itself."""
+    path = str(Path(out).resolve())
+    existing = client.import_storage.local.list(project=project_id)
+    if any(getattr(s, "path", None) == path for s in existing):
+        return
+    client.import_storage.local.create(
+        project=project_id, path=path, use_blob_urls=True, title="mcie build output"
+    )
+
+
+# ---- push -------------------------------------------------------------------------------------------
+
+def push(
+    out: Path | str,
+    connection: Connection | None = None,
+    settings: ReviewSettings | None = None,
+    on_batch: Callable[[int], None] | None = None,
+) -> PushResult:
+    """Import every queued borderline sample of OUT that the project does not hold yet."""
+    out = Path(out)
+    conn = connection or Connection.from_env()
+    settings = settings or ReviewSettings()
+    with sync_lock(out):
+        client = connect(conn)
+        title = settings.title(out)
+        mode = resolve_image_mode(out, conn, settings)
+        with translated_errors(conn):
+            project = ensure_project(client, title, settings)
+            if mode == "local-files":
+                _ensure_local_storage(client, project.id, out)
+            present = {_task_sample_id(t) for t in project_tasks(client, project.id, False)}
+            queued = review_ids(out)
+            missing = [i for i in queued if i not in present]
+            refs = _image_refs(out, settings, mode)
+            imported = 0
+            for start in range(0, len(missing), settings.batch_size):
+                batch = []
+                for sample_id in missing[start:start + settings.batch_size]:
+                    try:
+                        item = read_review(out, sample_id)
+                        batch.append(build_task(item.meta, item.members, refs(sample_id), settings.lean_threshold))
+                    except (OSError, ValueError, KeyError) as exc:  # one bad dir must not stop the rest
+                        log.warning("review sample %s cannot be pushed: %s", sample_id, exc)
+                if batch:
+                    client.projects.import_tasks(id=project.id, request=batch, return_task_ids=True)
+                    imported += len(batch)
+                if on_batch is not None:
+                    on_batch(imported)
+    log.info("push %s -> %r: %d queued, %d already there, %d imported", out, title, len(queued),
+             len(queued) - len(missing), imported)
+    return PushResult(project.id, title, mode, len(queued), len(queued) - len(missing), imported)
+
+
+# ---- pull -------------------------------------------------------------------------------------------
+
+def collect_votes(tasks: list[Any]) -> dict[str, list[Vote]]:
+    """Votes per sample id over all tasks (duplicates of a sample included), one per annotator."""
+    votes: dict[str, list[Vote]] = {}
+    for task in tasks:
+        sample_id = _task_sample_id(task)
+        if not sample_id:
+            continue
+        num_sub = int((task.data or {}).get("num_sub_instructions") or 0)
+        for annotation in task.annotations or []:
+            raw = annotation if isinstance(annotation, dict) else annotation.model_dump()
+            vote = parse_annotation(raw, task.id, num_sub)
+            if vote is not None:
+                votes.setdefault(sample_id, []).append(vote)
+    return {sample_id: counted_votes(v) for sample_id, v in votes.items()}
+
+
+def human_record(votes: list[Vote], verdict: str, lean: str | None, policy: AgreementPolicy,
+                 users: dict[int, str], project: str, url: str) -> dict[str, Any]:
+    num_sub = max((len(v.sub_edits) for v in votes), default=0)
+    return {
+        "verdict": verdict,
+        "votes": {"accept": sum(v.verdict == "accept" for v in votes),
+                  "reject": sum(v.verdict == "reject" for v in votes)},
+        "annotations_per_task": policy.annotations_per_task,
+        "judge_lean": lean,
+        # majority pass/fail per sub-instruction (None: tie or unanswered)
+        "sub_edit_pass": [majority_pass(v.sub_edits[i] for v in votes if i < len(v.sub_edits))
+                          for i in range(num_sub)],
+        "annotations": [
+            {
+                "annotator": users.get(v.annotator, str(v.annotator)),
+                "annotator_id": v.annotator,
+                "annotation_id": v.annotation_id,
+                "task_id": v.task_id,
+                "verdict": v.verdict,
+                "sub_edit_pass": list(v.sub_edits),
+                "comment": v.comment,
+                "created_at": v.created_at,
+                "updated_at": v.updated_at,
+            }
+            for v in votes
+        ],
+        "decided_at": max(v.updated_at for v in votes),
+        "project": project,
+        "server": url,
+    }
+
+
+def pull(
+    out: Path | str,
+    connection: Connection | None = None,
+    settings: ReviewSettings | None = None,
+) -> PullResult:
+    """Decide every queued sample whose annotations satisfy the agreement policy, and move it into
+    the shards and the manifest."""
+    out = Path(out)
+    conn = connection or Connection.from_env()
+    settings = settings or ReviewSettings()
+    policy = AgreementPolicy(settings.annotations_per_task)
+    with sync_lock(out):
+        client = connect(conn)
+        title = settings.title(out)
+        with translated_errors(conn):
+            project = find_project(client, title)
+            if project is None:
+                log.info("no Label Studio project %r yet: nothing to pull", title)
+                return PullResult(project_id=None)
+            votes = collect_votes(project_tasks(client, project.id, True))
+            users = {u.id: u.email for u in client.users.list()}
+        result = PullResult(project_id=project.id)
+        for sample_id in review_ids(out):
+            sample_votes = votes.get(sample_id)
+            if not sample_votes:
+                continue
+            verdict = policy.decide([v.verdict for v in sample_votes])
+            if verdict is None:
+                result.open += 1
+                accepts = sum(v.verdict == "accept" for v in sample_votes)
+                result.ties += len(sample_votes) >= policy.annotations_per_task and 2 * accepts == len(sample_votes)
+                continue
+            item = read_review(out, sample_id)
+            lean = judge_lean(item.meta.get("scores") or {}, settings.lean_threshold)
+            verdict_by = "both" if verdict == lean else "human"
+            human = human_record(sample_votes, verdict, lean, policy, users, title, conn.url)
+            commit_decision(out, item, verdict, verdict_by, human)
+            result.decided += 1
+            result.accepted += verdict == "accept"
+            result.rejected += verdict == "reject"
+            result.decided_ids.append(sample_id)
+    log.info("pull %s <- %r: %d decided (%d accept, %d reject), %d open (%d ties)", out, title,
+             result.decided, result.accepted, result.rejected, result.open, result.ties)
+    return result
+
+
+# ---- status -----------------------------------------------------------------------------------------
+
+def human_decisions(out: Path) -> list[tuple[str, str]]:
+    """(judge lean, human verdict) of every human-decided manifest row. The lean follows from
+    verdict_by: "both" means the humans agreed with it, "human" that they overrode it."""
+    pairs = []
+    for row in read_rows(out):
+        if row.get("verdict_by") in ("human", "both") and row.get("verdict") in ("accept", "reject"):
+            human = row["verdict"]
+            flipped = "reject" if human == "accept" else "accept"
+            pairs.append((human if row["verdict_by"] == "both" else flipped, human))
+    return pairs
+
+
+def status(
+    out: Path | str,
+    connection: Connection | None = None,
+    settings: ReviewSettings | None = None,
+) -> ReviewStatus:
+    out = Path(out)
+    conn = connection or Connection.from_env()
+    settings = settings or ReviewSettings()
+    title = settings.title(out)
+    queued = review_ids(out)
+    pairs = human_decisions(out)
+    report = ReviewStatus(
+        project=title, queued=len(queued), imported=None, annotated=None,
+        decided=len(pairs), accepted=sum(h == "accept" for _, h in pairs),
+        rejected=sum(h == "reject" for _, h in pairs), confusion=Confusion.of(pairs),
+    )
+    try:
+        client = connect(conn)
+        with translated_errors(conn):
+            project = find_project(client, title)
+            tasks = project_tasks(client, project.id, True) if project else []
+    except LabelStudioError as exc:
+        report.server_error = str(exc)
+        return report
+    waiting = set(queued)
+    in_project = {_task_sample_id(t) for t in tasks}
+    votes = collect_votes(tasks)
+    report.imported = len(waiting & in_project)
+    report.annotated = sum(1 for i in waiting if votes.get(i))
+    return report

@@ -1,0 +1,224 @@
+"""A review sample as a Label Studio task (data + the judge's prediction), and an annotation back
+as a vote.
+
+The task data carry `sample_id`, which is how push finds what a project already holds and how
+pull maps annotations back to the queue. The labeling interface is `labeling_config.xml` beside
+this file; its control names (`verdict`, `sub_1`..`sub_8`, `comment`) are used here.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import logging
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any, Callable
+from urllib.parse import quote
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from pipeline.shards import decode_mask, decode_png
+
+log = logging.getLogger(__name__)
+
+MAX_SUB_INSTRUCTIONS = 8  # controls in the labeling config
+PASS_KEYS = "12345678"
+FAIL_KEYS = "qwertyui"
+VERDICT_CHOICES = {"Accept": "accept", "Reject": "reject"}
+SUB_CHOICES = {"pass": True, "fail": False}
+# Overlay colours, one per sub-instruction (distinct on pale backgrounds and saturated objects).
+OVERLAY_COLORS = [
+    (255, 0, 110), (0, 200, 255), (255, 190, 0), (120, 255, 0),
+    (170, 0, 255), (255, 90, 0), (0, 255, 170), (255, 255, 255),
+]
+
+
+def labeling_config() -> str:
+    return resources.files("annotation").joinpath("labeling_config.xml").read_text()
+
+
+def judge_lean(scores: dict[str, Any], threshold: float) -> str | None:
+    """The way the judge leans on a borderline sample: 'accept' when its overall score reaches
+    `threshold`, else 'reject'; None when it gave no overall score."""
+    overall = scores.get("overall")
+    if overall is None:
+        return None
+    return "accept" if float(overall) >= threshold else "reject"
+
+
+def sub_edit_passes(scores: dict[str, Any]) -> list[bool | None]:
+    """The judge's pass/fail per sub-edit: routing's `sub_edit_pass`, else score >= 0.5."""
+    if scores.get("sub_edit_pass") is not None:
+        return [bool(x) for x in scores["sub_edit_pass"]]
+    return [None if s is None else float(s) >= 0.5 for s in scores.get("sub_edits", [])]
+
+
+def overlay_png(members: dict[str, bytes]) -> bytes:
+    """The target with each sub-edit's region tinted and outlined in its own colour, numbered."""
+    target = decode_png(members["target.png"]).astype(np.float32)
+    canvas = target.copy()
+    labels = []
+    i = 0
+    while f"mask_{i}.png" in members:
+        mask = decode_mask(members[f"mask_{i}.png"])
+        color = np.array(OVERLAY_COLORS[i % len(OVERLAY_COLORS)], np.float32)
+        canvas[mask] = 0.55 * canvas[mask] + 0.45 * color
+        edge = mask & ~(np.roll(mask, 1, 0) & np.roll(mask, -1, 0) & np.roll(mask, 1, 1) & np.roll(mask, -1, 1))
+        canvas[edge] = color
+        ys, xs = np.nonzero(mask)
+        if len(xs):
+            labels.append((i + 1, int(xs.min()), int(ys.min()), OVERLAY_COLORS[i % len(OVERLAY_COLORS)]))
+        i += 1
+    image = Image.fromarray(canvas.clip(0, 255).astype(np.uint8), "RGB")
+    draw = ImageDraw.Draw(image)
+    for number, x, y, color in labels:
+        draw.rectangle([x, y, x + 12, y + 13], fill=(0, 0, 0))
+        draw.text((x + 3, y + 1), str(number), fill=color)
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", compress_level=1)
+    return buffer.getvalue()
+
+
+def data_url(png: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(png).decode()
+
+
+# `images(name, png_bytes) -> url`: how a task points at an image (inline data URL, local file)
+ImageRef = Callable[[str, bytes], str]
+
+
+def build_task(meta: dict[str, Any], members: dict[str, bytes], image_ref: ImageRef,
+               lean_threshold: float) -> dict[str, Any]:
+    """Task (data + judge prediction) for one review sample."""
+    sample_id = meta["id"]
+    sub_edits = meta.get("sub_edits") or []
+    data: dict[str, Any] = {
+        "sample_id": sample_id,
+        "instruction": meta.get("instruction", ""),
+        "source": image_ref("source", members["source.png"]),
+        "target": image_ref("target", members["target.png"]),
+        "overlay": image_ref("overlay", overlay_png(members)),
+        "num_sub_instructions": len(sub_edits),
+    }
+    for n in range(1, MAX_SUB_INSTRUCTIONS + 1):
+        present = n <= len(sub_edits)
+        data[f"sub_{n}"] = f"{n}. {sub_edits[n - 1]['text']}" if present else ""
+        data[f"sub_{n}_options"] = (
+            [{"value": "pass", "hotkey": PASS_KEYS[n - 1]}, {"value": "fail", "hotkey": FAIL_KEYS[n - 1]}]
+            if present else []
+        )
+    extra = sub_edits[MAX_SUB_INSTRUCTIONS:]
+    if extra:
+        log.warning("sample %s has %d sub-instructions; those past %d have no pass/fail control",
+                    sample_id, len(sub_edits), MAX_SUB_INSTRUCTIONS)
+    data["sub_more"] = "; ".join(
+        f"{MAX_SUB_INSTRUCTIONS + k + 1}. {e['text']}" for k, e in enumerate(extra)
+    )
+    scores = meta.get("scores") or {}
+    lean = judge_lean(scores, lean_threshold)
+    data["judge_summary"] = _judge_summary(meta, scores, lean)
+    task: dict[str, Any] = {"data": data}
+    prediction = judge_prediction(meta, lean)
+    if prediction is not None:
+        task["predictions"] = [prediction]
+    return task
+
+
+def _judge_summary(meta: dict[str, Any], scores: dict[str, Any], lean: str | None) -> str:
+    judge = (meta.get("provenance") or {}).get("judge") or "judge"
+    parts = [f"{judge} leans {lean or 'nowhere'}"]
+    for key in ("overall", "background", "quality"):
+        if scores.get(key) is not None:
+            parts.append(f"{key} {float(scores[key]):.2f}")
+    reasons = scores.get("sub_edit_reasons") or []
+    subs = scores.get("sub_edits") or []
+    for n, score in enumerate(subs, start=1):
+        reason = reasons[n - 1] if n - 1 < len(reasons) else ""
+        parts.append(f"#{n} {float(score):.2f}{' ' + reason if reason else ''}")
+    return " | ".join(parts)
+
+
+def judge_prediction(meta: dict[str, Any], lean: str | None) -> dict[str, Any] | None:
+    """The judge's opinion as a pre-annotation: model_version = judge name@version, score =
+    overall score (Label Studio orders and samples tasks by it)."""
+    scores = meta.get("scores") or {}
+    if lean is None:
+        return None
+    result = [_choice("verdict", "Accept" if lean == "accept" else "Reject")]
+    for n, passed in enumerate(sub_edit_passes(scores)[:MAX_SUB_INSTRUCTIONS], start=1):
+        if passed is not None:
+            result.append(_choice(f"sub_{n}", "pass" if passed else "fail"))
+    return {
+        "model_version": (meta.get("provenance") or {}).get("judge") or "judge",
+        "score": float(scores["overall"]),
+        "result": result,
+    }
+
+
+def _choice(name: str, value: str) -> dict[str, Any]:
+    return {"from_name": name, "to_name": "target", "type": "choices", "value": {"choices": [value]}}
+
+
+@dataclass(frozen=True)
+class Vote:
+    """One annotator's counted answer on one sample."""
+
+    annotation_id: int
+    task_id: int
+    annotator: int | None
+    verdict: str
+    sub_edits: tuple[bool | None, ...]
+    comment: str
+    created_at: str
+    updated_at: str
+
+
+def parse_annotation(annotation: dict[str, Any], task_id: int, num_sub: int) -> Vote | None:
+    """An annotation → Vote; None when it is cancelled (skipped) or gives no verdict."""
+    if annotation.get("was_cancelled"):
+        return None
+    verdict = None
+    subs: list[bool | None] = [None] * min(num_sub, MAX_SUB_INSTRUCTIONS)
+    comment = ""
+    for region in annotation.get("result") or []:
+        name = region.get("from_name", "")
+        value = region.get("value") or {}
+        if name == "verdict":
+            choices = value.get("choices") or []
+            verdict = VERDICT_CHOICES.get(choices[0]) if choices else None
+        elif name.startswith("sub_") and name[4:].isdigit():
+            n = int(name[4:])
+            choices = value.get("choices") or []
+            if 1 <= n <= len(subs) and choices:
+                subs[n - 1] = SUB_CHOICES.get(choices[0])
+        elif name == "comment":
+            comment = " ".join(value.get("text") or [])
+    if verdict is None:
+        return None
+    return Vote(
+        annotation_id=int(annotation["id"]),
+        task_id=task_id,
+        annotator=annotation.get("completed_by"),
+        verdict=verdict,
+        sub_edits=tuple(subs),
+        comment=comment,
+        created_at=str(annotation.get("created_at") or ""),
+        updated_at=str(annotation.get("updated_at") or annotation.get("created_at") or ""),
+    )
+
+
+def counted_votes(votes: list[Vote]) -> list[Vote]:
+    """One vote per annotator (their latest), across all tasks of a sample, in a stable order."""
+    latest: dict[Any, Vote] = {}
+    for vote in sorted(votes, key=lambda v: (v.updated_at, v.annotation_id)):
+        key = vote.annotator if vote.annotator is not None else ("annotation", vote.annotation_id)
+        latest[key] = vote
+    return sorted(latest.values(), key=lambda v: (v.updated_at, v.annotation_id))
+
+
+def local_files_url(path: Path, document_root: Path) -> str:
+    relative = Path(path).resolve().relative_to(Path(document_root).resolve())
+    return f"/data/local-files/?d={quote(relative.as_posix())}"

@@ -1,0 +1,172 @@
+"""The `mcie` command line. Each area registers its own subcommands; heavy imports stay lazy."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import os
+import sys
+from pathlib import Path
+
+# Modules that add subcommands with `register(subparsers)`, in the order `mcie --help` lists them.
+COMMAND_MODULES = (
+    "pipeline.verify",
+    "pipeline.judge_bench",
+    "pipeline.rejudge",
+    "annotation.cli",
+    "trainer.cli",
+)
+
+
+class UsageError(Exception):
+    """A bad argument: one line on stderr, exit code 2."""
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (and exit 2), not a usage dump."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise UsageError(f"{self.prog}: error: {message}")
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be a non-negative integer, got {text}")
+    return value
+
+
+def rate(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be within 0..1, got {text}")
+    return value
+
+
+def writable_dir(text: str) -> str:
+    path = Path(text)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / ".write-probe"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise argparse.ArgumentTypeError(f"cannot write to {text}: {exc.strerror or exc}")
+    return str(path)
+
+
+def add_judge_arguments(parser: argparse.ArgumentParser) -> None:
+    """Judge selection shared by build, rejudge and judge-bench."""
+    parser.add_argument("--judge", default="pixel", help="judge backend: pixel (embedded) or vllm")
+    parser.add_argument("--judge-url", help="vLLM OpenAI-compatible base URL, e.g. http://HOST:8000/v1")
+    parser.add_argument("--judge-model", help="model name served by vLLM")
+    parser.add_argument("--judge-max-in-flight", type=positive_int,
+                        help="concurrent judge requests per worker")
+
+
+def judge_options(args: argparse.Namespace) -> dict:
+    options = {}
+    if args.judge_url:
+        options["url"] = args.judge_url
+    if args.judge_model:
+        options["model"] = args.judge_model
+    if args.judge_max_in_flight:
+        options["max_in_flight"] = args.judge_max_in_flight
+    if args.judge != "pixel" and options.get("url") is None:
+        raise UsageError(f"mcie: error: --judge {args.judge} needs --judge-url")
+    return options
+
+
+def register_build(subparsers) -> None:
+    p = subparsers.add_parser("build", help="build a complex-edit dataset (Prefect flow on Ray)")
+    p.add_argument("--out", required=True, type=writable_dir, help="output directory")
+    p.add_argument("--count", required=True, type=positive_int, help="number of samples")
+    p.add_argument("--seed", type=non_negative_int, default=0)
+    p.add_argument("--resolution", type=positive_int, default=512, help="image side in px")
+    p.add_argument("--workers", type=positive_int, default=2, help="Ray workers (actors)")
+    p.add_argument("--shard-size", type=positive_int, default=64,
+                   help="samples per work unit; each unit writes one train and one negatives shard")
+    p.add_argument("--defect-rate", type=rate, default=0.25,
+                   help="share of pairs the procedural editor spoils on purpose")
+    p.add_argument("--min-edits", type=positive_int, default=2)
+    p.add_argument("--max-edits", type=positive_int, default=5)
+    p.add_argument("--ray-address", default=None, help="existing Ray cluster (else $RAY_ADDRESS or local)")
+    add_judge_arguments(p)
+    p.set_defaults(func=run_build)
+
+
+def run_build(args: argparse.Namespace) -> int:
+    from pipeline.config import BuildConfig, ConfigError, save_config
+
+    options = judge_options(args)
+    try:  # validate, and check a resumed OUT, before paying for Prefect and Ray start-up
+        config = BuildConfig(
+            count=args.count, seed=args.seed, resolution=args.resolution,
+            shard_size=args.shard_size, defect_rate=args.defect_rate, min_edits=args.min_edits,
+            max_edits=args.max_edits, judge=args.judge, judge_options=options,
+        )
+        save_config(Path(args.out), config)
+    except ConfigError as exc:
+        raise UsageError(f"mcie build: error: {exc}") from None
+    from flows.build import build_dataset
+
+    try:
+        result = build_dataset(
+            out=args.out, workers=args.workers, ray_address=args.ray_address,
+            **{k: v for k, v in config.to_dict().items() if k != "routing"},
+        )
+    except Exception as exc:  # Prefect has logged the details; the run can be resumed
+        print(f"mcie build: failed: {type(exc).__name__}: {exc} (run the same command to resume)",
+              file=sys.stderr)
+        return 1
+    if result.get("already_complete"):
+        print(f"{args.out}: build already complete, nothing to do")
+    print(result["summary"])
+    return 0
+
+
+def build_parser() -> Parser:
+    parser = Parser(prog="mcie", description="Complex image-editing dataset factory and MCIE-E1 trainer")
+    subparsers = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
+    register_build(subparsers)
+    for name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name != name:
+                raise
+            continue
+        module.register(subparsers)
+    return parser
+
+
+def configure_environment() -> None:
+    # Prefect's telemetry logs a harmless but alarming traceback when its local db is busy.
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+
+
+def main(argv: list[str] | None = None) -> int:
+    configure_environment()
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+        return int(args.func(args) or 0)
+    except UsageError as exc:
+        print(str(exc), file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("mcie: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

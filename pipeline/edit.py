@@ -1,0 +1,177 @@
+"""The procedural editor: applies the sub-edits to the scene graph and renders the exact target.
+
+Each intermediate scene is rendered once. Sub-edit i's region is derived from the renders before
+and after it: the affected objects' visible pixels (the background's, for a background change)
+in either render, OR-ed with every pixel the two renders differ in, so the masks cover exactly what
+changed. With probability `defect_rate` the editor then spoils the target on purpose, the way
+generative editors fail (see `pipeline.defects`); the record keeps the INTENDED sub-edits and
+regions, and what was injected goes to `sample.defects`, which no judge sees.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Sequence
+
+import numpy as np
+
+from pipeline import __version__
+from pipeline.defects import DEFECT_TYPES, EditTrace, inject_defect
+from pipeline.record import EditSample, SubEdit
+from pipeline.scene import TEXT_KIND, Background, Scene, SceneObject, bbox, render
+from pipeline.stage import RecordStage, sample_rng
+
+log = logging.getLogger(__name__)
+
+
+def _get(scene: Scene, object_id: int, sub: SubEdit) -> SceneObject:
+    try:
+        return scene.get(object_id)
+    except KeyError:
+        raise ValueError(f"{sub.type} sub-edit {sub.text!r} refers to object {object_id}, "
+                         "which is not in the scene") from None
+
+
+def apply_sub_edit(scene: Scene, sub: SubEdit) -> Scene:
+    """The scene after `sub` (a new scene; `scene` is left as it is).
+
+    Only `object_ids` and the "to" side of the params are read, so the same sub-edit applied to
+    another object (fault injection) does the same thing to that object."""
+    out = scene.copy()
+    p = sub.params
+    ids = sub.object_ids
+    if sub.type in ("add", "add_text"):
+        if any(o.id == ids[0] for o in out.objects):
+            raise ValueError(f"{sub.type} sub-edit would reuse object id {ids[0]}")
+        is_text = sub.type == "add_text"
+        out.objects.append(SceneObject(
+            id=ids[0], kind=TEXT_KIND if is_text else p["kind"], color=p["color"],
+            size=p["size"], cx=float(p["cx"]), cy=float(p["cy"]), depth=out.next_depth(),
+            text=p["text"] if is_text else None,
+        ))
+    elif sub.type == "remove":
+        _get(out, ids[0], sub)
+        out.objects = [o for o in out.objects if o.id != ids[0]]
+    elif sub.type == "replace":
+        obj = _get(out, ids[0], sub)
+        obj.kind, obj.color, obj.pattern = p["to_kind"], p["to_color"], "solid"
+    elif sub.type == "recolor":
+        _get(out, ids[0], sub).color = p["to_color"]
+    elif sub.type == "resize":
+        _get(out, ids[0], sub).size = p["to_size"]
+    elif sub.type == "move":
+        obj = _get(out, ids[0], sub)
+        obj.cx, obj.cy = float(p["to_cx"]), float(p["to_cy"])
+    elif sub.type == "background":
+        out.background = Background(kind=p["to_kind"], colors=list(p["to_colors"]),
+                                    horizon=out.background.horizon)
+    elif sub.type == "swap":
+        a, b = _get(out, ids[0], sub), _get(out, ids[1], sub)
+        (a.cx, a.cy), (b.cx, b.cy) = (b.cx, b.cy), (a.cx, a.cy)
+    elif sub.type == "texture":
+        _get(out, ids[0], sub).pattern = p["to_pattern"]
+    else:
+        raise ValueError(f"no editor for sub-edit type {sub.type!r}")
+    return out
+
+
+def affected_ids(sub: SubEdit) -> list[int]:
+    """The objects whose pixels a sub-edit changes (text on a sign: the text, not the sign)."""
+    if sub.type == "add_text":
+        return sub.object_ids[:1]
+    return list(sub.object_ids)
+
+
+def changed_pixels(before: np.ndarray, after: np.ndarray) -> np.ndarray:
+    """Bool HxW: where two HxWx3 images differ in any channel."""
+    unequal = before != after
+    return unequal[..., 0] | unequal[..., 1] | unequal[..., 2]  # ~20x faster than .any(axis=2)
+
+
+def sub_edit_region(
+    sub: SubEdit,
+    before: tuple[np.ndarray, np.ndarray],
+    after: tuple[np.ndarray, np.ndarray],
+    changed: np.ndarray | None = None,
+) -> np.ndarray:
+    """Bool HxW: the pixels sub-edit `sub` may change, from the renders before and after it."""
+    (image_b, ids_b), (image_a, ids_a) = before, after
+    if changed is None:
+        changed = changed_pixels(image_b, image_a)
+    if sub.type == "background":
+        return (ids_b == 0) | (ids_a == 0) | changed
+    lookup = np.zeros(256, dtype=bool)
+    lookup[[i + 1 for i in affected_ids(sub)]] = True
+    return lookup[ids_b] | lookup[ids_a] | changed
+
+
+def apply_chain(scene: Scene, sub_edits: Sequence[SubEdit | None]) -> Scene:
+    """`scene` after the sub-edits in order (None entries are skipped)."""
+    for sub in sub_edits:
+        if sub is not None:
+            scene = apply_sub_edit(scene, sub)
+    return scene
+
+
+class ProceduralEditor(RecordStage):
+    """Exact edits of procedural scenes, with optional fault injection (hidden defect log)."""
+
+    name = "edit"
+
+    def __init__(self, defect_rate: float = 0.25, defect_types: Sequence[str] = DEFECT_TYPES):
+        if not 0.0 <= defect_rate <= 1.0:
+            raise ValueError(f"defect_rate must be within 0..1, got {defect_rate}")
+        defect_types = tuple(defect_types)
+        unknown = [t for t in defect_types if t not in DEFECT_TYPES]
+        if unknown or not defect_types:
+            raise ValueError(f"defect_types must be a non-empty subset of {DEFECT_TYPES}, "
+                             f"got {defect_types}")
+        self.defect_rate = defect_rate
+        self.defect_types = defect_types
+
+    def process(self, sample: EditSample) -> None:
+        if sample.scene is None:
+            raise ValueError("the procedural editor needs the source's scene graph")
+        if not sample.sub_edits:
+            raise ValueError("no sub-edits to apply (run the composer first)")
+        states = [Scene.from_dict(sample.scene)]
+        for sub in sample.sub_edits:
+            states.append(apply_sub_edit(states[-1], sub))
+        renders = [render(state) for state in states]
+        if sample.source is not None and not np.array_equal(sample.source, renders[0][0]):
+            raise ValueError("the source image does not match its scene graph")
+
+        regions = []
+        for i, sub in enumerate(sample.sub_edits):
+            changed = changed_pixels(renders[i][0], renders[i + 1][0])
+            if not changed.any():  # e.g. an object hidden behind others: nothing to see, or learn
+                raise ValueError(f"sub-edit {i} ({sub.text!r}) changes no visible pixel")
+            region = sub_edit_region(sub, renders[i], renders[i + 1], changed)
+            sub.mask = region
+            sub.box = bbox(region)
+            regions.append(region)
+        union = np.logical_or.reduce(regions)
+        target = renders[-1][0]
+
+        sample.target = target
+        sample.target_scene = states[-1].to_dict()  # the intended edit's scene, like the masks
+        sample.background_mask = ~union
+        sample.defects = []
+        sample.provenance["editor"] = f"procedural@{__version__}"
+
+        rng = sample_rng(sample, "defects")
+        if self.defect_rate > 0 and rng.random() < self.defect_rate:
+            trace = EditTrace(
+                states=states,
+                images=[image for image, _ in renders],
+                sub_edits=sample.sub_edits,
+                regions=regions,
+                background_mask=sample.background_mask,
+                replay=lambda subs, start: render(apply_chain(states[start], subs[start:]))[0],
+            )
+            injected = inject_defect(rng, trace, self.defect_types)
+            if injected is None:
+                log.debug("no defect of %s applies to %s", self.defect_types, sample.id)
+            else:
+                sample.target, record = injected
+                sample.defects = [record]

@@ -1,0 +1,172 @@
+"""`mcie eval`: score an editor's outputs on CIE-Bench and write the report.
+
+Two kinds of editor:
+- `--predictions DIR`: another system's outputs, one image per case at `DIR/{case_id}.png` (any
+  format Pillow reads under that name; RGBA and grey are converted to RGB). A missing or unreadable
+  file makes that case a failed case, listed in the report with its reason.
+- `--checkpoint CKPT`: an MCIE-E1 checkpoint, run on every case's source and instruction through
+  `load_checkpoint_editor` (the adapter to `trainer`'s inference API); its outputs are saved as
+  `REPORT/predictions/{case_id}.png` (re-scorable with `--predictions`), then scored the same way.
+  A case the model fails on is a failed case, not a crash.
+
+Figures and their definitions: `pipeline.metrics`; files: `pipeline.eval_report`.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+from PIL import Image
+
+from pipeline.ciebench import BenchError, read_bench, read_index
+from pipeline.judge import make_judge
+from pipeline.metrics import PredictionError, score_cases, summarize
+from pipeline.record import EditSample
+from pipeline.routing import RoutingPolicy
+from pipeline.shards import atomic_write_bytes, encode_png
+
+log = logging.getLogger(__name__)
+
+PREDICTIONS_DIR = "predictions"
+# An image larger than this many pixels is refused (a decompression bomb, not an edit).
+MAX_PREDICTION_PIXELS = 64_000_000
+
+Editor = Callable[[np.ndarray, str], np.ndarray]
+
+
+class EvalError(ValueError):
+    """An evaluation that cannot run at all (bad arguments, no such directory, bad checkpoint)."""
+
+
+# ---- predictions ---------------------------------------------------------------------------------
+
+def prediction_path(directory: Path, case_id: str) -> Path:
+    return Path(directory) / f"{case_id}.png"
+
+
+def read_prediction(path: Path) -> np.ndarray | PredictionError:
+    """The image at `path` as uint8 RGB, or the PredictionError saying why not."""
+    if not path.is_file():
+        return PredictionError(f"missing {path.name}")
+    try:
+        with Image.open(path) as image:
+            if image.width * image.height > MAX_PREDICTION_PIXELS:
+                return PredictionError(f"{path.name} is {image.width}x{image.height} px, too large")
+            return np.asarray(image.convert("RGB")).copy()
+    except (OSError, ValueError, Image.DecompressionBombError) as exc:
+        return PredictionError(f"unreadable {path.name}: {type(exc).__name__}: {exc}")
+
+
+def directory_predictions(directory: Path, cases: list[EditSample]) -> Iterator[np.ndarray | PredictionError]:
+    for case in cases:
+        yield read_prediction(prediction_path(directory, case.id))
+
+
+def load_checkpoint_editor(checkpoint: Path, device: str | None = None, steps: int = 20,
+                           seed: int = 0) -> Editor:
+    """Adapter to the trainer's inference API (`trainer.edit.load_model` / `edit_image`): a
+    function (source image, instruction) -> edited image. Regions are the model's own
+    predictions: the benchmark gives an editor only what a user would (image and instruction)."""
+    try:
+        import torch
+        from trainer.edit import edit_image, load_model
+    except ImportError as exc:
+        raise EvalError(f"the MCIE-E1 inference API is not available ({exc})") from None
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        model = load_model(Path(checkpoint), device)
+    except (OSError, ValueError, KeyError, RuntimeError) as exc:  # missing files, bad config/weights
+        raise EvalError(f"cannot load checkpoint {checkpoint}: {type(exc).__name__}: {exc}") from None
+
+    def edit(image: np.ndarray, instruction: str) -> np.ndarray:
+        result, _ = edit_image(model, Image.fromarray(image, "RGB"), instruction, steps=steps, seed=seed)
+        return np.asarray(result.convert("RGB"))
+
+    return edit
+
+
+def run_editor(editor: Editor, cases: list[EditSample], out: Path) -> Path:
+    """Run `editor` on every case and save its outputs as `out/{case_id}.png`. A case the editor
+    fails on leaves no file (it then scores as a failed case, with the reason logged)."""
+    out.mkdir(parents=True, exist_ok=True)
+    for case in cases:
+        path = prediction_path(out, case.id)
+        path.unlink(missing_ok=True)
+        try:
+            image = np.asarray(editor(case.source.copy(), case.instruction))
+            if image.dtype != np.uint8:
+                image = np.clip(np.rint(np.asarray(image, dtype=np.float64)), 0, 255).astype(np.uint8)
+            atomic_write_bytes(path, encode_png(image))
+        except Exception as exc:  # one bad case must not end the run: it scores as failed
+            log.warning("editor failed on %s: %s: %s", case.id, type(exc).__name__, exc)
+    return out
+
+
+# ---- the evaluation -------------------------------------------------------------------------------
+
+def _default_out(bench: Path, predictions: str | None, checkpoint: str | None) -> Path:
+    name = Path(predictions or checkpoint or "run").resolve().name or "run"
+    return Path(bench) / "reports" / re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
+
+
+def evaluate(
+    bench: Path,
+    predictions: str | Path | None = None,
+    checkpoint: str | Path | None = None,
+    judge: str = "pixel",
+    judge_options: dict[str, Any] | None = None,
+    out: Path | None = None,
+    limit: int | None = None,
+    examples: int = 24,
+    policy: RoutingPolicy | None = None,
+    editor: Editor | None = None,
+    checkpoint_options: dict[str, Any] | None = None,
+) -> tuple[dict[str, Any], Path]:
+    """Score one editor on the benchmark; write REPORT/report.json and report.html.
+
+    Exactly one of `predictions` (a directory), `checkpoint` or `editor` (a function, for tests
+    and other in-process editors) names what is scored. Returns (summary, report directory)."""
+    from pipeline.eval_report import write_report
+
+    if sum(x is not None for x in (predictions, checkpoint, editor)) != 1:
+        raise EvalError("give exactly one of --predictions and --checkpoint")
+    started = time.perf_counter()
+    index = read_index(bench)
+    out = Path(out) if out is not None else _default_out(bench, predictions and str(predictions),
+                                                          checkpoint and str(checkpoint))
+    if predictions is not None and not Path(predictions).is_dir():
+        raise EvalError(f"--predictions {predictions} is not a directory")
+    try:
+        the_judge = make_judge(judge, **(judge_options or {}))
+    except (ValueError, TypeError) as exc:
+        raise EvalError(f"cannot make judge {judge!r}: {exc}") from None
+    policy = policy or RoutingPolicy()
+    cases = read_bench(bench, limit)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise EvalError(f"cannot write the report to {out}: {exc}") from None
+    if predictions is None:
+        if editor is None:
+            editor = load_checkpoint_editor(Path(checkpoint), **(checkpoint_options or {}))
+        predictions = run_editor(editor, cases, out / PREDICTIONS_DIR)
+    predictions = Path(predictions)
+    results = score_cases(cases, directory_predictions(predictions, cases), the_judge, policy)
+    summary = summarize(results)
+    meta = {
+        "bench": str(bench),
+        "bench_version": index.get("version"),
+        "resolution": index.get("resolution"),
+        "predictions": str(predictions),
+        "checkpoint": None if checkpoint is None else str(checkpoint),
+        "judge": f"{the_judge.name}@{the_judge.version}",
+        "sub_edit_pass_threshold": policy.sub_edit_pass,
+        "seconds": round(time.perf_counter() - started, 2),
+    }
+    write_report(out, summary, results, cases, predictions, meta, examples)
+    return summary, out

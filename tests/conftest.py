@@ -1,0 +1,12 @@
+"""Test-wide environment: Prefect, Ray and Label Studio state stay inside the project."""
+
+import os
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+os.environ.setdefault("PREFECT_HOME", str(ROOT / ".prefect" / "tests"))
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("MCIE_RAY_TEMP_DIR", str(ROOT / ".ray"))
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+Path(os.environ["PREFECT_HOME"]).mkdir(parents=True, exist_ok=True)  # Prefect makes one level only

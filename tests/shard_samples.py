@@ -1,0 +1,74 @@
+"""Finished samples for the shard/output/verify tests, made by hand (no composer or editor needed):
+a procedural source, then sub-edits whose masks are rectangles and whose target repaints them."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from pipeline.record import EditSample, SubEdit
+from pipeline.source import ProceduralSource
+
+RESOLUTION = 64
+SEED = 7
+_SOURCE = ProceduralSource(resolution=RESOLUTION)
+
+
+def finished_sample(index: int, verdict: str = "accept", edits: int = 2, seed: int = SEED) -> EditSample:
+    """A sample as routing leaves it: images, per-sub-edit masks, scores, a verdict."""
+    sample = _SOURCE.make(seed, index)
+    h, w = sample.source.shape[:2]
+    target = sample.source.copy()
+    types = ["recolor", "add", "remove", "move", "resize"]
+    for i in range(edits):
+        mask = np.zeros((h, w), dtype=bool)
+        y0, x0 = 4 + 9 * i, 3 + 11 * i
+        mask[y0 : y0 + 8 + i, x0 : x0 + 10] = True
+        target[mask] = (255 - 20 * i, 10 * i, 128)
+        rows, cols = np.nonzero(mask)
+        sample.sub_edits.append(
+            SubEdit(
+                type=types[i % len(types)],
+                text=f"do edit {i}",
+                target=f"object {i}",
+                object_ids=[i],
+                params={"color": "red", "rgb": [255, 0, 0]},
+                box=[int(cols.min()), int(rows.min()), int(cols.max()) + 1, int(rows.max()) + 1],
+                mask=mask,
+            )
+        )
+    sample.instruction = " and ".join(e.text for e in sample.sub_edits)
+    sample.target = target
+    sample.background_mask = ~np.logical_or.reduce([e.mask for e in sample.sub_edits])
+    sample.defects = [{"kind": "skip", "sub_edit": 0}] if index % 3 == 0 else []
+    passes = [bool((index + i) % 2 == 0) for i in range(edits)]
+    sample.scores = {
+        "sub_edits": [0.9 if p else 0.1 for p in passes],
+        "sub_edit_pass": passes,
+        "background": 0.95,
+        "quality": None,
+        "overall": 0.8,
+    }
+    sample.verdict = verdict
+    sample.verdict_by = "judge"
+    sample.provenance.update({"editor": "hand", "judge": "test@1"})
+    if verdict == "judge_error":
+        sample.scores = {}
+        sample.error = "JudgeError: timed out"
+        sample.error_stage = "judge"
+    return sample
+
+
+def failed_sample(index: int, stage: str = "edit", with_source: bool = True) -> EditSample:
+    sample = _SOURCE.make(SEED, index)
+    if not with_source:
+        sample.source = None
+    sample.fail(stage, ValueError(f"no room for object {index}"))
+    return sample
+
+
+def unit_samples(start: int = 0) -> list[EditSample]:
+    """One of each destination: 3 accepted, 2 rejected, a borderline, a judge error, an error."""
+    verdicts = ["accept", "reject", "accept", "borderline", "judge_error", "accept", "reject"]
+    samples = [finished_sample(start + i, v, edits=1 + i % 3) for i, v in enumerate(verdicts)]
+    samples.append(failed_sample(start + len(verdicts)))
+    return samples

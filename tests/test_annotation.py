@@ -1,0 +1,166 @@
+"""Human review without a server: agreement policy, κ, tasks, the labeling config, and moving a
+decided sample out of the queue (idempotent, crash-safe)."""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import xml.etree.ElementTree as ET
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from annotation import queue
+from annotation.agreement import AgreementPolicy, Confusion, majority_pass
+from annotation.sync import ReviewSettings, human_decisions, resolve_image_mode
+from annotation.client import Connection
+from annotation.tasks import (
+    build_task,
+    counted_votes,
+    data_url,
+    labeling_config,
+    overlay_png,
+    parse_annotation,
+)
+from labelstudio_fixtures import make_build, out_dir  # noqa: F401  (fixture)
+from pipeline.output import read_manifest
+from pipeline.shards import checksum, iter_tar_groups
+
+
+def test_policy_majority_ties_and_minimum():
+    two = AgreementPolicy(2)
+    assert two.decide(["accept"]) is None  # too few
+    assert two.decide(["accept", "reject"]) is None  # tie stays open
+    assert two.decide(["accept", "accept"]) == "accept"
+    assert two.decide(["accept", "reject", "reject"]) == "reject"
+    assert AgreementPolicy(1).decide(["reject"]) == "reject"
+    with pytest.raises(ValueError):
+        AgreementPolicy(0)
+    with pytest.raises(ValueError):
+        two.decide(["maybe", "accept"])
+    assert majority_pass([True, False, True]) is True
+    assert majority_pass([True, False]) is None
+    assert majority_pass([None, False]) is False
+
+
+def test_cohens_kappa_matches_hand_computation():
+    # 20 pairs: judge accept & human accept 8, a/r 2, r/a 3, r/r 7
+    c = Confusion(accept_accept=8, accept_reject=2, reject_accept=3, reject_reject=7)
+    p_o = 15 / 20
+    p_e = (10 / 20) * (11 / 20) + (10 / 20) * (9 / 20)
+    assert c.kappa == pytest.approx((p_o - p_e) / (1 - p_e))
+    assert Confusion().kappa is None
+    assert Confusion(accept_accept=4).kappa == 1.0
+    assert math.isclose(Confusion(accept_reject=5, reject_accept=5).kappa, -1.0)
+    assert Confusion.of([("accept", "reject"), ("accept", "reject")]).accept_reject == 2
+
+
+def _annotation(id_, user, verdict, subs=(), cancelled=False, updated="2026-01-01T00:00:00Z"):
+    result = [{"from_name": "verdict", "to_name": "target", "type": "choices", "value": {"choices": [verdict]}}]
+    for n, answer in enumerate(subs, start=1):
+        result.append({"from_name": f"sub_{n}", "to_name": "target", "type": "choices", "value": {"choices": [answer]}})
+    result.append({"from_name": "comment", "to_name": "target", "type": "textarea", "value": {"text": ["looks off"]}})
+    return {"id": id_, "completed_by": user, "was_cancelled": cancelled, "result": result,
+            "created_at": updated, "updated_at": updated}
+
+
+def test_parse_annotation_and_one_vote_per_annotator():
+    vote = parse_annotation(_annotation(1, 7, "Reject", ["pass", "fail"]), task_id=3, num_sub=3)
+    assert vote.verdict == "reject" and vote.sub_edits == (True, False, None) and vote.comment == "looks off"
+    assert parse_annotation(_annotation(2, 7, "Accept", cancelled=True), 3, 2) is None
+    no_verdict = {"id": 9, "completed_by": 1, "result": []}
+    assert parse_annotation(no_verdict, 3, 2) is None
+    votes = [
+        parse_annotation(_annotation(1, 7, "Reject", updated="2026-01-01T00:00:00Z"), 3, 2),
+        parse_annotation(_annotation(2, 7, "Accept", updated="2026-01-02T00:00:00Z"), 4, 2),  # same person, duplicate task
+        parse_annotation(_annotation(3, 8, "Reject"), 3, 2),
+    ]
+    counted = counted_votes(votes)
+    assert sorted((v.annotator, v.verdict) for v in counted) == [(7, "accept"), (8, "reject")]
+
+
+def test_labeling_config_has_the_controls():
+    root = ET.fromstring(labeling_config())
+    verdict = root.find(".//Choices[@name='verdict']")
+    assert [c.get("value") for c in verdict] == ["Accept", "Reject"]
+    assert all(c.get("hotkey") for c in verdict)
+    assert verdict.get("choice") == "single-radio"
+    subs = [c for c in root.iter("Choices") if c.get("name", "").startswith("sub_")]
+    assert [c.get("name") for c in subs] == [f"sub_{n}" for n in range(1, 9)]
+    assert {i.get("name") for i in root.iter("Image")} == {"source", "target", "overlay"}
+    assert root.find(".//TextArea[@name='comment']") is not None
+
+
+def test_task_carries_sample_prediction_and_hotkeys(out_dir):  # noqa: F811
+    ids = make_build(out_dir, borderline=3)
+    item = queue.read_review(out_dir, ids[2])  # 4 sub-edits, overall 0.7 → leans accept
+    task = build_task(item.meta, item.members, lambda name, png: data_url(png), lean_threshold=0.5)
+    data = task["data"]
+    assert data["sample_id"] == ids[2]
+    assert data["num_sub_instructions"] == 4
+    assert data["sub_4"].endswith(item.meta["sub_edits"][3]["text"]) and data["sub_5"] == ""
+    assert data["sub_5_options"] == [] and [o["value"] for o in data["sub_1_options"]] == ["pass", "fail"]
+    hotkeys = [o["hotkey"] for n in range(1, 5) for o in data[f"sub_{n}_options"]]
+    assert len(set(hotkeys)) == 8 and not {"a", "x"} & set(hotkeys)
+    pred = task["predictions"][0]
+    assert pred["model_version"] == "test@1" and pred["score"] == pytest.approx(0.7)
+    by_name = {r["from_name"]: r["value"]["choices"][0] for r in pred["result"]}
+    assert by_name["verdict"] == "Accept"
+    passes = item.meta["scores"]["sub_edit_pass"]
+    assert [by_name[f"sub_{n}"] for n in range(1, 5)] == ["pass" if p else "fail" for p in passes]
+    assert data["source"] == data_url(item.members["source.png"])
+    overlay = np.asarray(Image.open(io.BytesIO(overlay_png(item.members))))
+    target = np.asarray(Image.open(io.BytesIO(item.members["target.png"])).convert("RGB"))
+    assert overlay.shape == target.shape and (overlay != target).any()
+
+
+def test_image_mode_auto(tmp_path):
+    settings = ReviewSettings(document_root=tmp_path)
+    local = Connection(url="http://127.0.0.1:8080", api_key="k")
+    remote = Connection(url="https://ls.example.org", api_key="k")
+    assert resolve_image_mode(tmp_path / "out", local, settings) == "local-files"
+    assert resolve_image_mode(tmp_path / "out", remote, settings) == "inline"
+    assert resolve_image_mode(tmp_path.parent, local, settings) == "inline"
+    with pytest.raises(ValueError):
+        ReviewSettings(image_mode="ftp")
+
+
+def _tar_keys(path):
+    return [key for key, _ in iter_tar_groups(path)] if path.exists() else []
+
+
+def test_commit_decision_moves_sample_once_even_after_a_crash(out_dir, monkeypatch):  # noqa: F811
+    ids = make_build(out_dir, borderline=2)
+    item = queue.read_review(out_dir, ids[0])
+    human = {"verdict": "reject", "annotations": [{"annotator": "a@b", "verdict": "reject"}]}
+
+    # Crash after the shard was written, before the manifest: the queue keeps the sample.
+    real = queue._replace_row
+    monkeypatch.setattr(queue, "_replace_row", lambda *a, **k: (_ for _ in ()).throw(OSError("disk gone")))
+    with pytest.raises(OSError):
+        queue.commit_decision(out_dir, item, "reject", "human", human)
+    assert ids[0] in queue.review_ids(out_dir)
+    assert _tar_keys(out_dir / "shards" / "negatives-000000.tar").count(ids[0]) == 1
+    monkeypatch.setattr(queue, "_replace_row", real)
+
+    # The re-run completes it, with no second copy.
+    item = queue.read_review(out_dir, ids[0])
+    shard = queue.commit_decision(out_dir, item, "reject", "human", human)
+    assert shard == "negatives-000000.tar"
+    assert ids[0] not in queue.review_ids(out_dir)
+    groups = dict(iter_tar_groups(out_dir / "shards" / shard))
+    assert list(_tar_keys(out_dir / "shards" / shard)).count(ids[0]) == 1
+    meta = json.loads(groups[ids[0]]["json"])
+    assert (meta["verdict"], meta["verdict_by"], meta["human"]) == ("reject", "human", human)
+    assert ids[0] not in _tar_keys(out_dir / "shards" / "train-000000.tar")
+    row = next(r for r in read_manifest(out_dir).to_pylist() if r["id"] == ids[0])
+    assert (row["verdict"], row["verdict_by"], row["shard"]) == ("reject", "human", shard)
+    assert row["checksum"] == checksum(groups[ids[0]])
+    part = pq.read_table(out_dir / "parts" / "unit-000000.parquet").to_pylist()
+    assert next(r for r in part if r["id"] == ids[0])["verdict"] == "reject"
+    assert human_decisions(out_dir) == [("accept", "reject")]  # overrode the judge's lean
+    # the other rows are untouched
+    assert sum(r["verdict"] == "borderline" for r in read_manifest(out_dir).to_pylist()) == 1

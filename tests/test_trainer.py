@@ -1,0 +1,295 @@
+"""MCIE-E1 trainer (tiny config, CPU): loader, attention properties, training, resume, edit."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from pipeline.compose import Composer
+from pipeline.edit import ProceduralEditor
+from pipeline.shards import write_tar
+from pipeline.source import ProceduralSource
+from trainer.attention import MCIECrossAttnProcessor, CrossAttnCondition, set_background_gate
+from trainer.config import ConfigError, load_config, preset, with_train
+from trainer.data import decode_sample, find_shards, make_loader
+from trainer.edit import fallback_split, register as register_edit
+from trainer.train import checkpoints, register as register_train, train
+
+UNITS, PER_UNIT = 3, 8
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # Two busy shared cores: intra-op threads spin against each other (measured ~20x slower).
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def build(tmp_path_factory) -> Path:
+    """A small build's train shards, made by the real composer, editor and shard writer."""
+    out = tmp_path_factory.mktemp("build")
+    (out / "shards").mkdir()
+    source, composer, editor = ProceduralSource(64), Composer(1, 5), ProceduralEditor(defect_rate=0.0)
+    for unit in range(UNITS):
+        samples = editor(composer([source.make(3, i) for i in range(unit * PER_UNIT, (unit + 1) * PER_UNIT)]))
+        accepted = [s for s in samples if not s.failed]
+        for sample in accepted:
+            sample.verdict, sample.verdict_by = "accept", "judge"
+        write_tar(out / "shards" / f"train-{unit:06d}.tar", accepted)
+    return out
+
+
+def tiny(**train):
+    return with_train(preset("tiny"), **train)
+
+
+@pytest.fixture(scope="module")
+def trained(build, tmp_path_factory) -> tuple[Path, dict[int, float]]:
+    out = tmp_path_factory.mktemp("ckpt")
+    result = train(build, tiny(checkpoint_every=100), out, 30)
+    return out, result.losses
+
+
+# ---- loader -------------------------------------------------------------------------------------
+
+def test_loader_keeps_images_and_masks_aligned_and_pads_sub_edits(build):
+    import webdataset as wds
+
+    config = preset("tiny")
+    raws = list(wds.DataPipeline(wds.SimpleShardList([str(s) for s in find_shards(build)]),
+                                 wds.tarfile_to_samples()))
+    assert len(raws) == UNITS * PER_UNIT
+    counts, same_outside, outside = set(), 0.0, 0.0
+    for i, raw in enumerate(raws):
+        sample = decode_sample(raw, config.model.resolution, 3, 0.6, np.random.default_rng(i))
+        count = len(json.loads(raw["json"])["sub_edits"])
+        counts.add(count)
+        valid = sample["sub_valid"]
+        assert int(valid.sum()) == min(count, 3)
+        # the edit mask is the union of the sub-edit masks: still true after the shared crop/resize
+        union = sample["sub_masks"][valid].amax(0)
+        assert torch.equal(union, sample["edit_mask"][0])
+        assert not sample["sub_masks"][~valid].any()
+        assert sample["source"].shape == (3, 32, 32) and sample["source"].abs().max() <= 1
+        # the crop is shared: unedited pixels stay identical in source and target, except where
+        # the bicubic downscale's footprint reaches across the edit mask's border
+        same = (sample["source"] == sample["target"]).all(0)
+        same_outside += float(same[sample["edit_mask"][0] == 0].sum())
+        outside += float((sample["edit_mask"][0] == 0).sum())
+    assert same_outside / outside > 0.8
+    assert max(counts) > 3  # the merge into the last slot was exercised
+
+
+def test_loader_skips_a_corrupt_sample_and_counts_it(build, tmp_path):
+    import tarfile
+
+    broken = tmp_path / "shards"
+    broken.mkdir()
+    with tarfile.open(find_shards(build)[0]) as src, tarfile.open(broken / "train-000000.tar", "w") as dst:
+        first_key = None
+        for member in src:
+            key = member.name.split(".", 1)[0]
+            first_key = first_key or key
+            if key == first_key and member.name.endswith("mask_0.png"):
+                continue  # sample 0 loses a mask member
+            dst.addfile(member, src.extractfile(member))
+    train_cfg = tiny(batch_size=2, shuffle_buffer=4).train
+    loader, state = make_loader(tmp_path, train_cfg, preset("tiny").model)
+    batches = iter(loader)
+    keys = []
+    for _ in range(PER_UNIT):  # more than one epoch
+        batch = next(batches)
+        state.advance(batch)
+        keys += batch["key"]
+    assert first_key not in keys
+    assert len(set(keys)) == PER_UNIT - 1
+
+
+# ---- the two attention mechanisms ---------------------------------------------------------------
+
+def _attention(seed: int = 0):
+    from diffusers.models.attention_processor import Attention
+
+    torch.manual_seed(seed)
+    attn = Attention(query_dim=16, cross_attention_dim=12, heads=2, dim_head=8)
+    attn.set_processor(MCIECrossAttnProcessor(attn.inner_dim, source_dim=6, grid=4))
+    return attn
+
+
+def _condition(labels, regions, background, features=None):
+    return CrossAttnCondition(region_masks=regions, token_regions=torch.tensor([labels]),
+                              background=background, source_features=features)
+
+
+def test_spatial_attention_changes_only_region_of_the_changed_sub_instruction():
+    attn = _attention()
+    h = w = 8
+    regions = torch.zeros(1, 2, 2 * h, 2 * w)  # given at twice the attention's resolution
+    regions[0, 0, :, : w] = 1  # sub-instruction 0: left half
+    regions[0, 1, : h, w:] = 1  # sub-instruction 1: top-right quadrant
+    background = 1 - regions.amax(1, keepdim=True)
+    labels = [-1, -1, 0, 0, 0, 1, 1, -2]
+    hidden = torch.randn(1, h * w, 16)
+    context = torch.randn(1, len(labels), 12)
+    features = torch.randn(1, 6, 2 * h, 2 * w)
+    cond = _condition(labels, regions, background, features)
+    with torch.no_grad():
+        base = attn(hidden, context, mcie=cond)
+        for sub, tokens in ((0, [2, 3, 4]), (1, [5, 6])):
+            changed = context.clone()
+            changed[0, tokens] += torch.randn(len(tokens), 12) * 3
+            delta = (attn(hidden, changed, mcie=cond) - base).abs().amax(-1)[0].view(h, w)
+            inside = torch.nn.functional.adaptive_max_pool2d(regions[:, sub:sub + 1], (h, w))[0, 0] > 0
+            assert delta[~inside].max() == 0, f"sub-instruction {sub} leaked outside its region"
+            assert delta[inside].min() > 0, f"sub-instruction {sub} had no effect somewhere in its region"
+        padded = context.clone()
+        padded[0, 7] += 5  # padding tokens are seen by nobody
+        assert torch.equal(attn(hidden, padded, mcie=cond), base)
+
+
+def test_closed_background_gate_shuts_the_instruction_out_of_the_background():
+    attn = _attention(1)
+    h = w = 6
+    edit = torch.zeros(1, 1, h, w)
+    edit[..., 1:4, 2:5] = 1
+    regions = torch.cat([edit, torch.zeros_like(edit)], 1)
+    labels = [-1, -1, 0, 0, 1]
+    hidden = torch.randn(1, h * w, 16)
+    features = torch.randn(1, 6, h, w)
+    cond = _condition(labels, regions, 1 - edit, features)
+    other = torch.randn(1, len(labels), 12) * 4  # an entirely different instruction
+    context = torch.randn(1, len(labels), 12)
+    outside = (edit[0, 0] == 0).flatten()
+    with torch.no_grad():
+        attn.processor.gate.fill_(float("inf"))
+        a, b = attn(hidden, context, mcie=cond), attn(hidden, other, mcie=cond)
+        assert torch.equal(a[0, outside], b[0, outside])
+        assert not torch.equal(a[0, ~outside], b[0, ~outside])
+        attn.processor.gate.fill_(0.0)  # half open: the background hears the instruction again
+        a, b = attn(hidden, context, mcie=cond), attn(hidden, other, mcie=cond)
+        assert not torch.equal(a[0, outside], b[0, outside])
+
+
+def test_unet_cross_attentions_are_all_mcie_processors():
+    from trainer.attention import mcie_processors
+    from trainer.model import build_model
+
+    model = build_model(preset("tiny").model)
+    cross = [n for n in model.unet.attn_processors if "attn2" in n]
+    assert len(mcie_processors(model.unet)) == len(cross) > 0
+    set_background_gate(model.unet, 1.0)
+    assert all(torch.sigmoid(p.gate) == 1 for p in mcie_processors(model.unet))
+    # the processors' own weights are part of the trained, saved state
+    assert any("to_k_source" in k for k in model.state_dict())
+    assert not any(k.startswith("frozen") or "language_model" in k for k in model.state_dict())
+
+
+# ---- training, resume, edit -------------------------------------------------------------------
+
+def test_loss_goes_down(trained):
+    _, losses = trained
+    steps = sorted(losses)
+    assert len(steps) == 30
+    first = np.mean([losses[s] for s in steps[:5]])
+    last = np.mean([losses[s] for s in steps[-5:]])
+    assert last < 0.8 * first, (first, last)
+
+
+def test_resume_gives_the_same_next_losses_as_an_uninterrupted_run(build, tmp_path):
+    config = tiny(checkpoint_every=3, checkpoint_limit=1, num_workers=2, batch_size=3, shuffle_buffer=5)
+    straight = train(build, config, tmp_path / "a", 6).losses
+    first = train(build, config, tmp_path / "b", 3)
+    assert [s for s, _ in checkpoints(tmp_path / "b")] == [3]
+    resumed = train(build, config, tmp_path / "b", 6)
+    assert resumed.resumed_from == 3
+    assert resumed.losses == {s: straight[s] for s in (4, 5, 6)}  # bit-identical
+    assert first.losses == {s: straight[s] for s in (1, 2, 3)}
+    assert [s for s, _ in checkpoints(tmp_path / "b")] == [6]  # retention limit 1
+    assert train(build, config, tmp_path / "b", 6).losses == {}  # already there: nothing to do
+
+
+def _cli(register, argv):
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers())
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+def test_edit_writes_an_image_of_the_source_size(trained, tmp_path, capsys):
+    out, _ = trained
+    image = tmp_path / "in.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (45, 70, 3), dtype=np.uint8)).save(image)
+    common = ["edit", "--checkpoint", str(out), "--image", str(image), "--steps", "2",
+              "--instruction", "Make the red cup blue, then remove the star, and also add a tree."]
+    assert _cli(register_edit, common + ["--out", str(tmp_path / "a.png")]) == 0
+    info = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert info["sub_instructions"] == ["make the red cup blue", "remove the star", "add a tree"]
+    assert info["regions_from"] == "predicted"
+    assert Image.open(tmp_path / "a.png").size == (70, 45)
+    boxes = ["0,0,20,20", "30,10,60,40", "0,30,10,45"]
+    assert _cli(register_edit, common + ["--out", str(tmp_path / "b.png"), "--regions", *boxes]) == 0
+    assert Image.open(tmp_path / "b.png").size == (70, 45)
+    assert _cli(register_edit, common + ["--out", str(tmp_path / "c.png"), "--regions", "0,0,5,5"]) == 2
+    assert "3 sub-instructions" in capsys.readouterr().out
+
+
+def test_fallback_splitter_on_connectives():
+    text = "First make the cup red, then remove the star; after that add a tree and also move the car. Finally, write SALE."
+    assert fallback_split(text) == ["make the cup red", "remove the star", "add a tree", "move the car",
+                                    "write SALE"]
+
+
+def test_configs_and_cli_errors(build, tmp_path, capsys):
+    base = preset("base")
+    with pytest.raises(ConfigError, match="weights/sd15"):
+        base.model.check_paths()
+    config_file = tmp_path / "c.json"
+    config_file.write_text(json.dumps({"preset": "base", "model": {"mllm_path": str(tmp_path / "qwen-missing")}}))
+    assert load_config(str(config_file)).model.mllm_path.endswith("qwen-missing")
+    config_file.write_text(json.dumps({"preset": "tiny", "train": {"bogus": 1}}))
+    with pytest.raises(ConfigError, match="bogus"):
+        load_config(str(config_file))
+    assert _cli(register_train, ["train", "--data", str(build), "--config", "base", "--out",
+                                 str(tmp_path / "x")]) == 2
+    assert "does not exist" in capsys.readouterr().out
+    assert _cli(register_train, ["train", "--data", str(tmp_path / "empty"), "--out", str(tmp_path / "y"),
+                                 "--steps", "1"]) == 2
+    assert "no train-*.tar" in capsys.readouterr().out
+
+
+def test_components_load_from_local_weight_directories(build, tmp_path):
+    """The `base` code path (from_pretrained of a VAE, a 4-channel UNet widened to 8, a Qwen2.5-VL
+    with its tokenizer and PIL image processor), exercised on tiny saved weights."""
+    from dataclasses import replace
+
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    from trainer.mllm import build_tiny_mllm
+    from trainer.model import build_model
+
+    tiny_cfg = preset("tiny").model
+    mllm, tokenizer, processor = build_tiny_mllm(tiny_cfg.mllm, 0)
+    for part in (mllm, tokenizer, processor):
+        part.save_pretrained(tmp_path / "qwen")
+    AutoencoderKL(**tiny_cfg.vae).save_pretrained(tmp_path / "vae")
+    UNet2DConditionModel(**dict(tiny_cfg.unet, in_channels=4)).save_pretrained(tmp_path / "unet")
+    config = replace(tiny_cfg, vae=None, vae_path=str(tmp_path / "vae"), mllm=None,
+                     mllm_path=str(tmp_path / "qwen"), unet_path=str(tmp_path / "unet"), mllm_tuning="lora")
+    model = build_model(config)
+    assert model.unet.config.in_channels == 8 and model.lora is not None
+    loader, _ = make_loader(build, tiny(batch_size=2).train, config)
+    losses = model(next(iter(loader)), edit_weight=1.0, mask_loss_weight=0.5)
+    losses["loss"].backward()
+    assert torch.isfinite(losses["loss"])
+    assert all(a.down.weight.grad is not None for a in model.lora.values())  # LoRA is trained
+    with pytest.raises(ConfigError, match="missing-vae"):
+        build_model(replace(config, vae_path=str(tmp_path / "missing-vae")))

@@ -1,0 +1,180 @@
+"""MCIE-E1's two added attention mechanisms, as diffusers attention processors.
+
+diffusers style: the UNet's `Attention` modules keep their weights (`to_q`, `to_k`, `to_v`,
+`to_out`); a processor only does the arithmetic, and is swapped in with `set_attn_processor`.
+The extra weights of the background branch live in the processor itself (an `nn.Module`, the way
+diffusers' IP-Adapter processors hold `to_k_ip`/`to_v_ip`), so they are saved with the UNet.
+
+- **Spatial-aware cross-attention**: every context token is labelled with the sub-instruction it
+  came from (`token_regions`: -1 global, i >= 0 sub-instruction i, -2 padding). A latent position
+  may attend to a sub-instruction's tokens only if it lies in that sub-instruction's region (the
+  shards' per-sub-edit masks, max-pooled to the attention's own resolution); every position sees the
+  global tokens, so no row of the mask is empty.
+- **Background-consistent cross-attention**: the same queries attend to features of the source
+  image; per position the two results are mixed as `(1 - g·b)·text + g·b·source`, where `b` is the
+  background mask at that resolution and `g = sigmoid(gate)` a learned gate. With the gate fully
+  closed (`g = 1`) a background position receives nothing from the instruction.
+
+Conditions reach the processors through the UNet's `cross_attention_kwargs={"mcie": condition}`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from diffusers.models.attention_processor import Attention, AttnProcessor2_0
+from torch import nn
+
+GLOBAL_TOKEN = -1
+PADDING_TOKEN = -2
+
+
+@dataclass
+class CrossAttnCondition:
+    """What the MCIE processors need besides the hidden states, for one UNet call."""
+
+    region_masks: torch.Tensor  # (B, S, H, W) 0/1: region of each sub-instruction
+    token_regions: torch.Tensor  # (B, T) long: GLOBAL_TOKEN, sub-instruction index, PADDING_TOKEN
+    background: torch.Tensor  # (B, 1, H, W) 0/1: positions no sub-edit may change
+    source_features: torch.Tensor | None = None  # (B, C, H, W) features of the source image
+    _cache: dict = field(default_factory=dict, repr=False)
+
+    def grid(self, length: int) -> tuple[int, int]:
+        """(h, w) of a hidden-state sequence of `length` positions (the UNet halves sizes, ceil)."""
+        height, width = self.region_masks.shape[-2:]
+        factor = 1
+        while factor <= max(height, width):
+            h, w = math.ceil(height / factor), math.ceil(width / factor)
+            if h * w == length:
+                return h, w
+            factor *= 2
+        raise ValueError(f"sequence of {length} positions matches no downsampling of {height}x{width}")
+
+    def regions_at(self, length: int) -> torch.Tensor:
+        """(B, S, length) bool: a position is in a region if any pixel of its cell is."""
+        key = ("regions", length)
+        if key not in self._cache:
+            h, w = self.grid(length)
+            pooled = F.adaptive_max_pool2d(self.region_masks.float(), (h, w))
+            self._cache[key] = pooled.flatten(2) > 0.5
+        return self._cache[key]
+
+    def background_at(self, length: int) -> torch.Tensor:
+        """(B, length, 1) float: 1 only where the whole cell is background (conservative)."""
+        key = ("background", length)
+        if key not in self._cache:
+            h, w = self.grid(length)
+            edited = F.adaptive_max_pool2d(1.0 - self.background.float(), (h, w))
+            self._cache[key] = (1.0 - edited).flatten(2).transpose(1, 2)
+        return self._cache[key]
+
+    def token_mask(self, length: int) -> torch.Tensor:
+        """(B, 1, length, T) bool SDPA mask: may position p attend to token t?"""
+        key = ("tokens", length)
+        if key not in self._cache:
+            regions = self.regions_at(length)  # (B, S, N)
+            labels = self.token_regions
+            index = labels.clamp(min=0)[:, :, None].expand(-1, -1, length)  # (B, T, N)
+            in_region = regions.gather(1, index).transpose(1, 2)  # (B, N, T)
+            is_sub = (labels >= 0)[:, None, :]
+            is_global = (labels == GLOBAL_TOKEN)[:, None, :]
+            self._cache[key] = (is_global | (is_sub & in_region))[:, None]
+        return self._cache[key]
+
+    def source_tokens(self, length: int, grid: int) -> torch.Tensor:
+        """(B, M, C) source features average-pooled to this attention's grid (at most grid²)."""
+        key = ("source", length, grid)
+        if key not in self._cache:
+            h, w = self.grid(length)
+            pooled = F.adaptive_avg_pool2d(self.source_features, (min(h, grid), min(w, grid)))
+            self._cache[key] = pooled.flatten(2).transpose(1, 2)
+        return self._cache[key]
+
+
+def _heads(attn: Attention, x: torch.Tensor) -> torch.Tensor:
+    batch, length, _ = x.shape
+    return x.view(batch, length, attn.heads, -1).transpose(1, 2)
+
+
+def _merge(x: torch.Tensor) -> torch.Tensor:
+    batch, heads, length, dim = x.shape
+    return x.transpose(1, 2).reshape(batch, length, heads * dim)
+
+
+class SelfAttnProcessor(AttnProcessor2_0):
+    """Plain SDPA self-attention that accepts (and ignores) the MCIE condition."""
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None,
+                 temb=None, mcie: CrossAttnCondition | None = None):
+        return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
+
+
+class MCIECrossAttnProcessor(nn.Module):
+    """Spatial-aware cross-attention over the instruction context, mixed per position with a
+    background-consistent cross-attention over source-image features."""
+
+    def __init__(self, inner_dim: int, source_dim: int, grid: int, gate_init: float = -2.0):
+        super().__init__()
+        self.grid = grid
+        self.to_k_source = nn.Linear(source_dim, inner_dim, bias=False)
+        self.to_v_source = nn.Linear(source_dim, inner_dim, bias=False)
+        self.gate = nn.Parameter(torch.tensor(float(gate_init)))
+
+    def __call__(self, attn: Attention, hidden_states: torch.Tensor,
+                 encoder_hidden_states: torch.Tensor | None = None,
+                 attention_mask: torch.Tensor | None = None, temb: torch.Tensor | None = None,
+                 mcie: CrossAttnCondition | None = None) -> torch.Tensor:
+        if mcie is None:
+            raise ValueError("MCIECrossAttnProcessor needs cross_attention_kwargs={'mcie': condition}")
+        if hidden_states.ndim != 3 or encoder_hidden_states is None:
+            raise ValueError("MCIE cross-attention expects (B, N, C) hidden states and a context")
+        residual = hidden_states
+        length = hidden_states.shape[1]
+        if attn.norm_cross:
+            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
+
+        query = _heads(attn, attn.to_q(hidden_states))
+        key = _heads(attn, attn.to_k(encoder_hidden_states))
+        value = _heads(attn, attn.to_v(encoder_hidden_states))
+        text = _merge(F.scaled_dot_product_attention(query, key, value,
+                                                     attn_mask=mcie.token_mask(length)))
+        mixed = text
+        if mcie.source_features is not None:
+            source = mcie.source_tokens(length, self.grid).to(query.dtype)
+            k_src = _heads(attn, self.to_k_source(source))
+            v_src = _heads(attn, self.to_v_source(source))
+            from_source = _merge(F.scaled_dot_product_attention(query, k_src, v_src))
+            closed = torch.sigmoid(self.gate) * mcie.background_at(length).to(text.dtype)
+            mixed = (1 - closed) * text + closed * from_source
+
+        out = attn.to_out[1](attn.to_out[0](mixed.to(query.dtype)))
+        if attn.residual_connection:
+            out = out + residual
+        return out / attn.rescale_output_factor
+
+
+def install_mcie_processors(unet: nn.Module, source_dim: int, grid: int) -> None:
+    """Swap every cross-attention (`attn2`) for MCIE's and every self-attention for SDPA."""
+    processors = {}
+    for name in unet.attn_processors:
+        module = unet.get_submodule(name.removesuffix(".processor"))
+        if module.is_cross_attention:
+            processors[name] = MCIECrossAttnProcessor(module.inner_dim, source_dim, grid)
+        else:
+            processors[name] = SelfAttnProcessor()
+    unet.set_attn_processor(processors)
+
+
+def mcie_processors(unet: nn.Module) -> list[MCIECrossAttnProcessor]:
+    return [p for p in unet.attn_processors.values() if isinstance(p, MCIECrossAttnProcessor)]
+
+
+def set_background_gate(unet: nn.Module, closed: float) -> None:
+    """Force every background gate: 1.0 = fully closed (background sees only the source)."""
+    logit = math.inf if closed >= 1 else -math.inf if closed <= 0 else math.log(closed / (1 - closed))
+    with torch.no_grad():
+        for processor in mcie_processors(unet):
+            processor.gate.fill_(logit)

@@ -1,0 +1,260 @@
+"""MCIE-E1 configuration: small frozen dataclasses, two presets (`tiny`, `base`) and JSON files.
+
+`tiny` builds every component randomly from small configs (CPU, seconds); `base` is the real
+model: an SD-1.5-size UNet + VAE and a Qwen2.5-VL read from local weight directories. A config
+file is JSON: `{"preset": "base", "model": {...overrides}, "train": {...overrides}}`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+MLLM_TUNING = ("frozen", "lora")
+MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
+
+
+class ConfigError(ValueError):
+    """A config that cannot work (bad value, unknown key, missing weight directory)."""
+
+
+def _tiny_unet() -> dict[str, Any]:
+    return {
+        "sample_size": 16,
+        "in_channels": 8,  # noisy target latents + source latents (InstructPix2Pix)
+        "out_channels": 4,
+        "layers_per_block": 1,
+        "block_out_channels": [32, 64],
+        "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+        "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+        "cross_attention_dim": 32,
+        "attention_head_dim": 8,
+        "norm_num_groups": 8,
+    }
+
+
+def base_unet() -> dict[str, Any]:
+    """Stable Diffusion 1.5's UNet with the InstructPix2Pix 8-channel input."""
+    return {
+        "sample_size": 64,
+        "in_channels": 8,
+        "out_channels": 4,
+        "layers_per_block": 2,
+        "block_out_channels": [320, 640, 1280, 1280],
+        "down_block_types": ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
+        "up_block_types": ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3,
+        "cross_attention_dim": 768,
+        "attention_head_dim": 8,
+        "norm_num_groups": 32,
+    }
+
+
+def _tiny_vae() -> dict[str, Any]:
+    return {
+        "in_channels": 3,
+        "out_channels": 3,
+        "latent_channels": 4,
+        "block_out_channels": [16, 32],
+        "down_block_types": ["DownEncoderBlock2D"] * 2,
+        "up_block_types": ["UpDecoderBlock2D"] * 2,
+        "layers_per_block": 1,
+        "norm_num_groups": 8,
+        "sample_size": 32,
+    }
+
+
+def _tiny_mllm() -> dict[str, Any]:
+    return {
+        "text": {
+            "hidden_size": 64,
+            "intermediate_size": 128,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "max_position_embeddings": 1024,
+            "rope_scaling": {"type": "mrope", "mrope_section": [2, 3, 3]},
+        },
+        "vision": {
+            "depth": 2,
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_heads": 2,
+            "out_hidden_size": 64,
+            "fullatt_block_indexes": [1],
+            "window_size": 56,
+            "patch_size": 14,
+            "spatial_merge_size": 2,
+            "temporal_patch_size": 2,
+        },
+    }
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str = "tiny"
+    resolution: int = 32  # training / inference square size in pixels
+    unet: dict[str, Any] = field(default_factory=_tiny_unet)  # UNet2DConditionModel kwargs
+    unet_path: str | None = None  # optional pretrained UNet dir (4-ch input is widened to 8)
+    vae: dict[str, Any] | None = field(default_factory=_tiny_vae)  # random-init VAE config
+    vae_path: str | None = None  # local AutoencoderKL dir (replaces `vae`)
+    vae_scaling: float = 0.18215
+    mllm: dict[str, Any] | None = field(default_factory=_tiny_mllm)  # random-init Qwen2.5-VL
+    mllm_path: str | None = None  # local Qwen2.5-VL / Qwen2-VL dir (replaces `mllm`)
+    mllm_image_size: int = 56  # the source is shown to the MLLM at this square size (multiple of 28)
+    mllm_tuning: str = "frozen"  # frozen | lora
+    lora_rank: int = 4
+    max_sub_edits: int = 4  # sub-instructions per sample the model attends to separately
+    global_queries: int = 4  # connector queries over the whole instruction
+    sub_queries: int = 2  # connector queries per sub-instruction
+    connector_layers: int = 1
+    connector_heads: int = 4
+    source_feature_dim: int = 32  # width of the source features the background branch reads
+    background_grid: int = 16  # source features are pooled to at most this grid per attention
+    mask_head_dim: int = 32
+    scheduler_steps: int = 1000
+    seed: int = 0  # seeds the random init of components built from configs
+
+    def __post_init__(self) -> None:
+        if self.resolution < 16 or self.resolution % 8:
+            raise ConfigError(f"resolution must be a multiple of 8 and >= 16, got {self.resolution}")
+        if self.mllm_image_size < 28 or self.mllm_image_size % 28:
+            raise ConfigError(f"mllm_image_size must be a positive multiple of 28, got {self.mllm_image_size}")
+        if self.mllm_tuning not in MLLM_TUNING:
+            raise ConfigError(f"mllm_tuning must be one of {MLLM_TUNING}, got {self.mllm_tuning!r}")
+        if self.unet.get("in_channels") != 8:
+            raise ConfigError("the UNet must take 8 input channels (noisy latents + source latents)")
+        if (self.vae is None) == (self.vae_path is None):
+            raise ConfigError("give exactly one of model.vae (config) and model.vae_path (weights)")
+        if (self.mllm is None) == (self.mllm_path is None):
+            raise ConfigError("give exactly one of model.mllm (config) and model.mllm_path (weights)")
+        for name in ("max_sub_edits", "global_queries", "sub_queries", "connector_layers", "lora_rank"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+    def check_paths(self) -> None:
+        """Fail with the missing directory's name before anything heavy loads."""
+        for key in ("unet_path", "vae_path", "mllm_path"):
+            path = getattr(self, key)
+            if path is not None and not Path(path).is_dir():
+                raise ConfigError(
+                    f"model.{key}: weight directory {path!r} does not exist "
+                    f"(set it in the config file; nothing is downloaded)"
+                )
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    batch_size: int = 4
+    grad_accum: int = 1
+    learning_rate: float = 1e-3
+    weight_decay: float = 1e-2
+    max_grad_norm: float = 1.0
+    checkpoint_every: int = 50
+    checkpoint_limit: int = 3  # keep the newest N checkpoint-{step} dirs
+    shuffle_buffer: int = 64  # samples shuffled together (block shuffle, resumable by position)
+    num_workers: int = 0
+    crop_min_scale: float = 0.8  # paired random crop covers at least this fraction of each side
+    edit_weight: float = 2.0  # extra loss weight on edited pixels (0 = plain MSE)
+    mask_loss_weight: float = 0.5  # weight of the region head's loss
+    text_drop: float = 0.05  # classifier-free guidance dropout of the instruction
+    image_drop: float = 0.05  # ... of the source image
+    both_drop: float = 0.05  # ... of both together
+    mixed_precision: str = "auto"  # auto = bf16 on GPU, none on CPU
+    log_every: int = 10
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("batch_size", "grad_accum", "checkpoint_every", "checkpoint_limit",
+                     "shuffle_buffer", "log_every"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+        if self.num_workers < 0:
+            raise ConfigError(f"train.num_workers must be >= 0, got {self.num_workers}")
+        if not 0 < self.crop_min_scale <= 1:
+            raise ConfigError(f"train.crop_min_scale must be in (0, 1], got {self.crop_min_scale}")
+        drops = (self.text_drop, self.image_drop, self.both_drop)
+        if any(p < 0 for p in drops) or sum(drops) > 1:
+            raise ConfigError("train.*_drop must be >= 0 and sum to at most 1")
+        if self.mixed_precision not in MIXED_PRECISION:
+            raise ConfigError(f"train.mixed_precision must be one of {MIXED_PRECISION}")
+
+
+@dataclass(frozen=True)
+class Config:
+    model: ModelConfig
+    train: TrainConfig
+
+    def to_json(self) -> dict[str, Any]:
+        return {"model": asdict(self.model), "train": asdict(self.train)}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "Config":
+        return cls(model=_build(ModelConfig, data.get("model", {})),
+                   train=_build(TrainConfig, data.get("train", {})))
+
+
+def _check_keys(kind: type, values: dict[str, Any]) -> None:
+    unknown = set(values) - set(kind.__dataclass_fields__)
+    if unknown:
+        raise ConfigError(f"unknown {kind.__name__} keys: {sorted(unknown)}")
+
+
+def _build(kind: type, values: dict[str, Any]) -> Any:
+    _check_keys(kind, values)
+    return kind(**values)
+
+
+def preset(name: str) -> Config:
+    if name == "tiny":
+        return Config(ModelConfig(), TrainConfig())
+    if name == "base":
+        model = ModelConfig(
+            name="base",
+            resolution=512,
+            unet=base_unet(),
+            vae=None,
+            vae_path="weights/sd15/vae",
+            mllm=None,
+            mllm_path="weights/qwen2.5-vl-3b",
+            mllm_image_size=448,
+            global_queries=32,
+            sub_queries=8,
+            connector_layers=2,
+            connector_heads=12,
+            source_feature_dim=320,
+            background_grid=32,
+            mask_head_dim=128,
+            unet_path="weights/sd15/unet",
+        )
+        train = TrainConfig(batch_size=32, learning_rate=5e-5, checkpoint_every=1000,
+                            shuffle_buffer=1000, num_workers=4)
+        return Config(model, train)
+    raise ConfigError(f"unknown preset {name!r} (tiny, base, or a JSON file)")
+
+
+def load_config(spec: str) -> Config:
+    """`tiny`, `base`, or a JSON file `{"preset": ..., "model": {...}, "train": {...}}`."""
+    if spec in ("tiny", "base"):
+        return preset(spec)
+    path = Path(spec)
+    if not path.is_file():
+        raise ConfigError(f"config {spec!r} is neither a preset (tiny, base) nor a file")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"config file {spec}: invalid JSON ({exc})") from exc
+    base = preset(data.get("preset", "tiny"))
+    model_over = data.get("model", {})
+    train_over = data.get("train", {})
+    unknown = set(data) - {"preset", "model", "train"}
+    if unknown:
+        raise ConfigError(f"config file {spec}: unknown top-level keys {sorted(unknown)}")
+    _check_keys(ModelConfig, model_over)  # values are validated by the dataclasses on replace
+    _check_keys(TrainConfig, train_over)
+    return Config(replace(base.model, **model_over), replace(base.train, **train_over))
+
+
+def with_train(config: Config, **overrides: Any) -> Config:
+    return Config(config.model, replace(config.train, **{k: v for k, v in overrides.items() if v is not None}))

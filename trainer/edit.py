@@ -1,0 +1,186 @@
+"""Inference with a trained MCIE-E1 checkpoint, and the `mcie edit` subcommand.
+
+The complex instruction is split into sub-instructions by the composer's own connective grammar
+(`pipeline.compose.split_instruction`; a small splitter on the same connectives if that module is
+absent); each sub-instruction's region is predicted by the model's region head unless `--regions`
+gives it (a mask image or a pixel box `x0,y0,x1,y1`, one per sub-instruction). Sampling is DDIM with
+InstructPix2Pix's two guidance scales (text and image).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import re
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from trainer.config import Config, ConfigError
+from trainer.data import to_tensor
+from trainer.model import MCIEE1, build_model
+from trainer.train import CONFIG_FILE, latest_checkpoint
+
+log = logging.getLogger(__name__)
+
+_CONNECTIVES = re.compile(
+    r"\s*(?:;|,)?\s*\b(?:and then|after that|and also|then|finally|afterwards|next)\b\s*,?\s*"
+    r"|\s*[;,.]\s+",
+    re.IGNORECASE,
+)
+_FIRST = re.compile(r"^\s*first\s*,?\s*", re.IGNORECASE)
+
+
+def fallback_split(text: str) -> list[str]:
+    """Split on then / after that / and also / finally / next / commas / semicolons / full stops."""
+    body = _FIRST.sub("", text.strip().rstrip("."))
+    pieces = [p.strip(" ,;.") for p in _CONNECTIVES.split(body)]
+    return [p[0].lower() + p[1:] for p in pieces if p]
+
+
+def split_instruction(text: str) -> list[str]:
+    try:
+        from pipeline.compose import split_instruction as composer_split
+    except ImportError:
+        return fallback_split(text)
+    return composer_split(text) or fallback_split(text)
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A `checkpoint-N` dir, or a training `--out` dir (its newest checkpoint)."""
+    path = Path(path)
+    if (path / "model.safetensors").is_file():
+        return path
+    latest = latest_checkpoint(path) if path.is_dir() else None
+    if latest is None:
+        raise FileNotFoundError(f"{path} is neither a checkpoint-N dir nor a training dir with checkpoints")
+    return latest
+
+
+def load_model(checkpoint: str | Path, device: str | torch.device = "cpu") -> MCIEE1:
+    from safetensors.torch import load_file
+
+    path = resolve_checkpoint(checkpoint)
+    config = Config.from_json(json.loads((path / CONFIG_FILE).read_text()))
+    model = build_model(config.model)
+    model.load_state_dict(load_file(str(path / "model.safetensors")))
+    model.eval().to(device)
+    model.frozen.to(torch.device(device))
+    return model
+
+
+def region_masks(specs: list[str], size: tuple[int, int]) -> torch.Tensor:
+    """(S, H, W) masks at the image's size from mask files or `x0,y0,x1,y1` pixel boxes."""
+    width, height = size
+    masks = []
+    for spec in specs:
+        box = re.fullmatch(r"\s*(\d+),(\d+),(\d+),(\d+)\s*", spec)
+        mask = np.zeros((height, width), dtype=bool)
+        if box:
+            x0, y0, x1, y1 = map(int, box.groups())
+            if not (x0 < x1 and y0 < y1):
+                raise ValueError(f"region box {spec!r} is empty")
+            mask[y0:y1, x0:x1] = True
+        elif Path(spec).is_file():
+            with Image.open(spec) as image:
+                mask = np.asarray(image.convert("L").resize(size, Image.NEAREST)) > 127
+        else:
+            raise ValueError(f"region {spec!r} is neither a mask file nor a box x0,y0,x1,y1")
+        masks.append(mask)
+    return torch.from_numpy(np.stack(masks)).float()
+
+
+@torch.no_grad()
+def edit_image(model: MCIEE1, image: Image.Image, instruction: str, regions: list[str] | None = None,
+               steps: int = 20, text_guidance: float = 7.5, image_guidance: float = 1.5,
+               seed: int = 0) -> tuple[Image.Image, dict]:
+    from diffusers import DDIMScheduler
+
+    config = model.config
+    subs = split_instruction(instruction)
+    if not subs:
+        raise ValueError("the instruction is empty")
+    if len(subs) > config.max_sub_edits:  # the last slot takes the rest, as in training
+        subs = subs[: config.max_sub_edits - 1] + [" and ".join(subs[config.max_sub_edits - 1:])]
+    rgb = image.convert("RGB")
+    size = (config.resolution, config.resolution)
+    source_uint8 = np.asarray(rgb.resize(size, Image.BICUBIC))
+    device = next(model.parameters()).device
+    source = to_tensor(source_uint8)[None].to(device)
+
+    slots = torch.zeros(1, config.max_sub_edits, *size, device=device)
+    if regions:
+        if len(regions) != len(subs):
+            raise ValueError(f"{len(regions)} regions given for {len(subs)} sub-instructions: {subs}")
+        given = region_masks(regions, rgb.size)[None].to(device)
+        slots[0, : len(subs)] = F.interpolate(given, size=size, mode="nearest")[0]
+    else:  # the region head's prediction, from the full condition
+        cond = model.condition(source, [subs], source_uint8[None], background=None, region_masks=None)
+        predicted = (cond.region_logits[:, : len(subs)] > 0).float()
+        slots[0, : len(subs)] = F.interpolate(predicted, size=size, mode="nearest")[0]
+
+    # Three conditions at once: full, image only (text dropped), none (both dropped).
+    three = source.expand(3, -1, -1, -1)
+    cond = model.condition(three, [subs] * 3, np.repeat(source_uint8[None], 3, 0), background=None,
+                           region_masks=slots.expand(3, -1, -1, -1),
+                           drop_text=torch.tensor([False, True, True], device=device),
+                           drop_image=torch.tensor([False, False, True], device=device))
+    scheduler = DDIMScheduler.from_config(model.scheduler.config)
+    scheduler.set_timesteps(steps, device=device)
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    latents = torch.randn(cond.source_latents[:1].shape, generator=generator).to(device)
+    latents = latents * scheduler.init_noise_sigma
+    for t in scheduler.timesteps:
+        model_in = scheduler.scale_model_input(latents, t).expand(3, -1, -1, -1)
+        full, image_only, none = model.denoise(model_in, t.expand(3), cond).float().chunk(3)
+        noise = none + image_guidance * (image_only - none) + text_guidance * (full - image_only)
+        latents = scheduler.step(noise, t, latents).prev_sample
+    decoded = model.frozen.decode(latents).float().clamp(-1, 1)
+    pixels = ((decoded[0].permute(1, 2, 0) + 1) * 127.5).round().byte().cpu().numpy()
+    result = Image.fromarray(pixels).resize(rgb.size, Image.BICUBIC)
+    info = {
+        "sub_instructions": subs,
+        "region_fractions": [round(float(slots[0, i].mean()), 4) for i in range(len(subs))],
+        "regions_from": "given" if regions else "predicted",
+    }
+    return result, info
+
+
+def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser("edit", help="edit an image with a trained MCIE-E1 checkpoint")
+    parser.add_argument("--checkpoint", required=True, help="checkpoint-N dir or a training --out dir")
+    parser.add_argument("--image", required=True)
+    parser.add_argument("--instruction", required=True)
+    parser.add_argument("--regions", nargs="+", metavar="MASK_OR_BOX",
+                        help="one per sub-instruction: a mask image or x0,y0,x1,y1 (overrides prediction)")
+    parser.add_argument("--out", required=True, help="output PNG")
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--text-guidance", type=float, default=7.5)
+    parser.add_argument("--image-guidance", type=float, default=1.5)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.set_defaults(func=run_edit)
+    return parser
+
+
+def run_edit(args: argparse.Namespace) -> int:
+    try:
+        if args.steps < 1:
+            raise ValueError("--steps must be >= 1")
+        if not Path(args.image).is_file():
+            raise FileNotFoundError(f"image {args.image} does not exist")
+        model = load_model(args.checkpoint, args.device)
+        with Image.open(args.image) as image:
+            result, info = edit_image(model, image, args.instruction, args.regions, args.steps,
+                                      args.text_guidance, args.image_guidance, args.seed)
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        result.save(args.out)
+    except (ConfigError, FileNotFoundError, ValueError, OSError) as exc:
+        print(f"mcie edit: error: {exc}")
+        return 2
+    print(json.dumps({"out": args.out, **info}))
+    return 0

@@ -1,0 +1,237 @@
+"""The MCIE-E1 training loop (accelerate) and the `mcie train` subcommand.
+
+`OUT_CKPT/checkpoint-{step}/` holds accelerate's state (trained weights, optimiser, RNG states),
+`trainer_state.json` (step and the loader's position) and `config.json`. Re-running with the same
+`--out` resumes from the newest checkpoint and trains up to `--steps` in total; only the newest
+`checkpoint_limit` checkpoints are kept. The loader resumes by position (see `trainer.data`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from trainer.config import Config, ConfigError, load_config, with_train
+from trainer.data import LoaderState, make_loader
+
+log = logging.getLogger(__name__)
+
+STATE_FILE = "trainer_state.json"
+CONFIG_FILE = "config.json"
+
+
+@dataclass
+class TrainResult:
+    step: int
+    losses: dict[int, float] = field(default_factory=dict)  # step → loss, for steps run now
+    resumed_from: int | None = None
+    samples_per_s: float = 0.0
+
+
+def checkpoints(out: Path) -> list[tuple[int, Path]]:
+    found = []
+    for path in out.glob("checkpoint-*"):
+        suffix = path.name.removeprefix("checkpoint-")
+        if suffix.isdigit() and (path / STATE_FILE).is_file():  # complete checkpoints only
+            found.append((int(suffix), path))
+    return sorted(found)
+
+
+def latest_checkpoint(out: Path) -> Path | None:
+    found = checkpoints(out)
+    return found[-1][1] if found else None
+
+
+def _mixed_precision(setting: str) -> str:
+    if setting == "auto":
+        return "bf16" if torch.cuda.is_available() else "no"
+    return setting
+
+
+def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    """Tensors to the device, except the uint8 source that the MLLM's image processor reads on CPU."""
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) and k != "source_uint8" else v
+            for k, v in batch.items()}
+
+
+class Trainer:
+    def __init__(self, data: str | Path, config: Config, out: str | Path):
+        from accelerate import Accelerator
+
+        self.data = Path(data)
+        self.config = config
+        self.out = Path(out)
+        train = config.train
+        self.accelerator = Accelerator(mixed_precision=_mixed_precision(train.mixed_precision),
+                                       gradient_accumulation_steps=train.grad_accum)
+        from accelerate.utils import set_seed
+
+        from trainer.model import build_model
+
+        set_seed(train.seed)  # noise, timesteps and dropout draws; resume restores the RNG states
+
+        frozen_dtype = torch.bfloat16 if self.accelerator.mixed_precision == "bf16" else torch.float32
+        model = build_model(config.model, frozen_dtype)
+        params = [p for p in model.parameters() if p.requires_grad]
+        fused = self.accelerator.device.type == "cuda"
+        optimizer = torch.optim.AdamW(params, lr=train.learning_rate, weight_decay=train.weight_decay,
+                                      fused=fused)
+        self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
+        self.raw_model = self.accelerator.unwrap_model(self.model)
+        self.raw_model.frozen.to(self.accelerator.device, frozen_dtype)
+        self.step = 0
+        self.loader_state: LoaderState | None = None
+        self.resumed_from: int | None = None
+
+    # ---- checkpoints --------------------------------------------------------------------------
+
+    def resume(self) -> None:
+        path = latest_checkpoint(self.out)
+        if path is None:
+            return
+        saved = json.loads((path / CONFIG_FILE).read_text())
+        if saved["model"] != self.config.to_json()["model"]:
+            raise ConfigError(f"{path} was trained with a different model config; use another --out")
+        self.accelerator.load_state(str(path))
+        state = json.loads((path / STATE_FILE).read_text())
+        self.step = int(state["step"])
+        self.loader_state = LoaderState.from_json(state["loader"][self.accelerator.process_index])
+        self.resumed_from = self.step
+        log.info("resumed from %s (step %d)", path, self.step)
+
+    def save(self, loader_state: LoaderState) -> Path:
+        acc = self.accelerator
+        path = self.out / f"checkpoint-{self.step}"
+        acc.save_state(str(path))
+        # every rank's loader position, gathered so any rank can resume its own
+        positions = [loader_state.to_json()]
+        if acc.num_processes > 1:
+            from accelerate.utils import gather_object
+
+            positions = gather_object(positions)
+        if acc.is_main_process:
+            (path / CONFIG_FILE).write_text(json.dumps(self.config.to_json(), indent=2))
+            (path / STATE_FILE).write_text(json.dumps({"step": self.step, "loader": positions}))
+            (self.out / CONFIG_FILE).write_text(json.dumps(self.config.to_json(), indent=2))
+            for _, old in checkpoints(self.out)[: -self.config.train.checkpoint_limit]:
+                shutil.rmtree(old)
+        acc.wait_for_everyone()
+        log.info("saved %s", path)
+        return path
+
+    # ---- the loop -------------------------------------------------------------------------------
+
+    def fit(self, steps: int) -> TrainResult:
+        from tqdm.auto import tqdm
+
+        acc, train = self.accelerator, self.config.train
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.resume()
+        result = TrainResult(step=self.step, resumed_from=self.resumed_from)
+        if self.step >= steps:
+            log.info("already at step %d >= %d: nothing to do", self.step, steps)
+            return result
+        loader, state = make_loader(self.data, train, self.config.model, self.loader_state,
+                                    acc.process_index, acc.num_processes)
+        batches = iter(loader)
+        drops = (train.text_drop, train.image_drop, train.both_drop)
+        self.model.train()
+        bar = tqdm(total=steps, initial=self.step, disable=not acc.is_local_main_process, desc="train")
+        started, samples = time.perf_counter(), 0
+        while self.step < steps:
+            total = 0.0
+            for micro in range(train.grad_accum):
+                batch = next(batches)
+                state.advance(batch)
+                batch = _to_device(batch, acc.device)
+                last = micro == train.grad_accum - 1
+                sync = acc.no_sync(self.model) if not last and acc.num_processes > 1 else _nullcontext()
+                with sync, acc.autocast():
+                    losses = self.model(batch, edit_weight=train.edit_weight,
+                                        mask_loss_weight=train.mask_loss_weight, drops=drops)
+                    loss = losses["loss"] / train.grad_accum
+                acc.backward(loss)
+                total += loss.detach().float().item()
+                samples += batch["source"].shape[0] * acc.num_processes
+            if train.max_grad_norm > 0:
+                acc.clip_grad_norm_(self.model.parameters(), train.max_grad_norm)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.step += 1
+            if not math.isfinite(total):
+                raise FloatingPointError(f"loss is {total} at step {self.step}")
+            result.losses[self.step] = total
+            throughput = samples / max(time.perf_counter() - started, 1e-9)
+            bar.update(1)
+            bar.set_postfix(loss=f"{total:.4f}", samples_s=f"{throughput:.1f}")
+            if self.step % train.log_every == 0 or self.step == steps:
+                log.info("step %d loss %.5f (diffusion %.5f, regions %.5f) %.1f samples/s", self.step,
+                         total, losses["diffusion"].item(), losses["regions"].item(), throughput)
+            if self.step % train.checkpoint_every == 0 or self.step == steps:
+                self.save(state)
+        bar.close()
+        result.step = self.step
+        result.samples_per_s = samples / max(time.perf_counter() - started, 1e-9)
+        return result
+
+
+class _nullcontext:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def train(data: str | Path, config: Config, out: str | Path, steps: int) -> TrainResult:
+    return Trainer(data, config, out).fit(steps)
+
+
+# ---- CLI -------------------------------------------------------------------------------------
+
+def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser("train", help="train MCIE-E1 on a build's train shards")
+    parser.add_argument("--data", required=True, help="a build OUT (reads OUT/shards/train-*.tar)")
+    parser.add_argument("--config", default="tiny", help="tiny | base | a JSON config file")
+    parser.add_argument("--steps", type=int, default=100, help="train up to this many steps in total")
+    parser.add_argument("--out", default="checkpoints", help="checkpoint dir (re-run to resume)")
+    parser.add_argument("--batch-size", type=int)
+    parser.add_argument("--grad-accum", type=int)
+    parser.add_argument("--lr", type=float, dest="learning_rate")
+    parser.add_argument("--checkpoint-every", type=int)
+    parser.add_argument("--checkpoint-limit", type=int)
+    parser.add_argument("--num-workers", type=int)
+    parser.add_argument("--mixed-precision", choices=["auto", "no", "bf16", "fp16"])
+    parser.add_argument("--seed", type=int)
+    parser.set_defaults(func=run_train)
+    return parser
+
+
+def run_train(args: argparse.Namespace) -> int:
+    try:
+        if args.steps < 1:
+            raise ConfigError("--steps must be >= 1")
+        config = with_train(load_config(args.config), batch_size=args.batch_size,
+                            grad_accum=args.grad_accum, learning_rate=args.learning_rate,
+                            checkpoint_every=args.checkpoint_every,
+                            checkpoint_limit=args.checkpoint_limit, num_workers=args.num_workers,
+                            mixed_precision=args.mixed_precision, seed=args.seed)
+        config.model.check_paths()
+        result = train(args.data, config, args.out, args.steps)
+    except (ConfigError, FileNotFoundError, ValueError) as exc:
+        print(f"mcie train: error: {exc}")
+        return 2
+    last = result.losses[max(result.losses)] if result.losses else float("nan")
+    print(json.dumps({"step": result.step, "resumed_from": result.resumed_from, "last_loss": last,
+                      "samples_per_s": round(result.samples_per_s, 2),
+                      "checkpoint": str(latest_checkpoint(Path(args.out)))}))
+    return 0
