@@ -1,7 +1,9 @@
-"""The dataset build flow: plan the work units, run the pending ones on Ray, merge the manifest.
+"""The dataset build flow: plan the work units, run the pending ones on Ray, merge the manifest,
+write the report, publish the numbers as Prefect artifacts.
 
 Resume needs no Prefect state: a unit is done when its manifest part exists on disk, so the same
-command run again skips finished units and completes the rest.
+command run again (after a crash or a `kill -9`) skips finished units and completes the rest; a
+finished build is recognised from OUT alone (`flows.plan.is_complete`) and left as it is.
 """
 
 from __future__ import annotations
@@ -12,12 +14,14 @@ from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger, task
-from prefect.artifacts import create_markdown_artifact
 
+from flows.artifacts import publish_build_artifacts
 from flows.execute import run_units
-from flows.ray_runtime import start_ray, stop_ray
+from flows.plan import is_complete, pending_units
+from flows.ray_runtime import cluster_address, start_ray, stop_ray
 from pipeline.config import BuildConfig, save_config
-from pipeline.output import finalize, unit_done
+from pipeline.output import finalize, read_manifest
+from pipeline.report import write_report
 from pipeline.stats import BuildStats, stats_from_manifest
 
 
@@ -26,38 +30,63 @@ def plan_build(out: str, config: BuildConfig) -> list[int]:
     root = Path(out)
     root.mkdir(parents=True, exist_ok=True)
     save_config(root, config)
-    return [u for u in range(config.num_units) if not unit_done(root, u)]
+    return pending_units(root, config)
 
 
 @task(name="process-units")
 def process_units(
     out: str, config: BuildConfig, units: list[int], workers: int, ray_address: str | None
 ) -> dict[str, Any]:
+    """Run `units` on Ray; returns this run's stats, the node of each unit and the timings
+    (start-up of Ray and actors apart from processing)."""
     from tqdm import tqdm
 
     logger = get_run_logger()
+    started = time.perf_counter()
     target = start_ray(ray_address, workers)
+    ray_seconds = time.perf_counter() - started
     logger.info("processing %d work units on %s with %d workers", len(units), target, workers)
     sizes = {u: len(config.unit_indices(u)) for u in units}
     bar = tqdm(total=sum(sizes.values()), unit="pair", desc="build", file=sys.stderr,
                disable=None, dynamic_ncols=True)
-    started = time.perf_counter()
+    first_done: list[float] = []
+
+    def unit_done(unit: int, _stats: BuildStats, node: str) -> None:
+        first_done.append(time.perf_counter())
+        bar.update(sizes[unit])
+
+    processing_started = time.perf_counter()
     try:
-        stats = run_units(config, Path(out), units, workers,
-                          on_unit_done=lambda unit, _stats: bar.update(sizes[unit]))
+        result = run_units(config, Path(out), units, workers, on_unit_done=unit_done)
     finally:
         bar.close()
-        if not ray_address:
+        if not cluster_address(ray_address):
             stop_ray()
-    result = stats.to_dict()
-    result["wall_seconds"] = time.perf_counter() - started
-    return result
+    ended = first_done[-1] if first_done else time.perf_counter()
+    run = result.stats.to_dict()
+    run.update(
+        target=target,
+        workers=workers,
+        ray_start_seconds=ray_seconds,
+        wall_seconds=ended - processing_started,
+        units_per_node=result.units_per_node(),
+        unit_nodes={str(u): n for u, n in sorted(result.unit_nodes.items())},
+        retries=result.retries,
+    )
+    for unit, node in sorted(result.unit_nodes.items()):
+        logger.info("unit %d processed on node %s", unit, node)
+    return run
 
 
 @task(name="finalize-build")
 def finalize_build(out: str) -> dict[str, Any]:
     table = finalize(Path(out))
     return stats_from_manifest(table).to_dict()
+
+
+@task(name="write-report")
+def build_report(out: str) -> str:
+    return str(write_report(Path(out)).resolve())
 
 
 @flow(name="build-dataset", log_prints=True)
@@ -76,31 +105,41 @@ def build_dataset(
     routing: dict[str, float] | None = None,
     ray_address: str | None = None,
 ) -> dict[str, Any]:
-    """Build a complex-edit dataset into `out`; returns the build's totals."""
+    """Build a complex-edit dataset into `out` (resumes an interrupted build with the same
+    parameters); returns the build's totals, this run's figures and the report's path."""
     logger = get_run_logger()
+    flow_started = time.perf_counter()
     config = BuildConfig(
         count=count, seed=seed, resolution=resolution, shard_size=shard_size,
         defect_rate=defect_rate, min_edits=min_edits, max_edits=max_edits, judge=judge,
         judge_options=judge_options or {}, routing=routing or {},
     )
     pending = plan_build(out, config)
-    run: dict[str, Any] = {"units_processed": len(pending), "units_total": config.num_units}
-    if not pending and (Path(out) / "manifest.parquet").exists():
+    run: dict[str, Any] = {"out": out, "units_processed": len(pending), "units_total": config.num_units}
+    if is_complete(Path(out), config):
         logger.info("%s is already complete (%d units): nothing to do", out, config.num_units)
         run["already_complete"] = True
+        totals = stats_from_manifest(read_manifest(Path(out))).to_dict()
     else:
-        if pending:
-            run["this_run"] = process_units(out, config, pending, workers, ray_address)
         run["already_complete"] = False
-    totals = finalize_build(out)
+        if pending:
+            logger.info("%d of %d units to do (%d already done)", len(pending), config.num_units,
+                        config.num_units - len(pending))
+            run["this_run"] = process_units(out, config, pending, workers, ray_address)
+        totals = finalize_build(out)
     run["totals"] = totals
-    summary = BuildStats.from_dict(totals).summary_table(
-        seconds=(run.get("this_run") or {}).get("wall_seconds")
-    )
-    create_markdown_artifact(
-        key="build-summary",
-        markdown=f"## Build `{out}`\n\n```\n{summary}\n```\n",
-        description="counts per verdict, accept rate, per-edit-type pass rates",
-    )
-    run["summary"] = summary
+    run["report"] = str((Path(out) / "report.html").resolve()) if run["already_complete"] else build_report(out)
+    this_run = run.get("this_run") or {}
+    run["summary"] = BuildStats.from_dict(totals).summary_table()
+    if this_run.get("wall_seconds"):
+        run["summary"] += (
+            f"\nthis run      {this_run['samples']:>9} samples in {this_run['wall_seconds']:.1f} s"
+            f" = {this_run['samples'] / this_run['wall_seconds']:.2f} pairs/s"
+            f" (+ {this_run['ray_start_seconds']:.1f} s Ray start-up)"
+        )
+    if this_run.get("units_per_node"):
+        run["summary"] += "\nunits per node\n" + "\n".join(
+            f"  {count:>6}  {node}" for node, count in this_run["units_per_node"].items())
+    run["flow_seconds"] = time.perf_counter() - flow_started
+    publish_build_artifacts(run)
     return run

@@ -12,10 +12,11 @@ from pathlib import Path
 # Modules that add subcommands with `register(subparsers)`, in the order `mcie --help` lists them.
 COMMAND_MODULES = (
     "pipeline.verify",
-    "pipeline.judge_bench",
     "pipeline.rejudge",
+    "pipeline.judge_bench",
     "annotation.cli",
     "trainer.cli",
+    "pipeline.ciebench",
 )
 
 
@@ -116,6 +117,11 @@ def run_build(args: argparse.Namespace) -> int:
         save_config(Path(args.out), config)
     except ConfigError as exc:
         raise UsageError(f"mcie build: error: {exc}") from None
+    from flows.plan import is_complete
+
+    if is_complete(Path(args.out), config):  # decided from OUT alone: no Prefect, no Ray
+        print(f"{args.out}: build already complete, nothing to do")
+        return 0
     from flows.build import build_dataset
 
     try:
@@ -130,6 +136,7 @@ def run_build(args: argparse.Namespace) -> int:
     if result.get("already_complete"):
         print(f"{args.out}: build already complete, nothing to do")
     print(result["summary"])
+    print(f"report: {result['report']}")
     return 0
 
 

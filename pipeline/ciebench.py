@@ -47,6 +47,7 @@ import json
 import logging
 import os
 import shutil
+import sys
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -163,6 +164,8 @@ def generate_cases(config: BenchConfig) -> Iterator[EditSample]:
         for n in wanted:
             if made[n] >= wanted[n]:
                 continue
+            # A fresh pool each time: passed-over candidates kept for later would be the
+            # unbalancing ones, leaving the choice fewer good options (measured: wider spread).
             pool: list[EditSample] = []
             tries = 0
             chosen = None
@@ -225,9 +228,13 @@ def build_bench(out: Path, config: BenchConfig) -> dict[str, Any]:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
+    if not (out / BENCH_FILE).exists() and any(out.iterdir()):
+        raise BenchError(f"{out} is not empty and holds no benchmark: choose an empty or new directory")
+    # Rebuilding a benchmark replaces it: drop the index first, so a killed rebuild leaves no
+    # index that names cases which are gone.
+    (out / BENCH_FILE).unlink(missing_ok=True)
     if (out / CASES_DIR).exists():
         shutil.rmtree(out / CASES_DIR)
-    (out / BENCH_FILE).unlink(missing_ok=True)
     entries = []
     for sample in generate_cases(config):
         write_case(out, sample)
@@ -281,12 +288,21 @@ def read_case(bench: Path, cid: str) -> EditSample:
     return sample
 
 
+def case_ids(bench: Path, limit: int | None = None) -> list[str]:
+    """The case ids in index order (the first `limit` if given)."""
+    ids = [entry["case_id"] for entry in read_index(bench)["cases"]]
+    return ids if limit is None else ids[:limit]
+
+
+def iter_bench(bench: Path, limit: int | None = None) -> Iterator[EditSample]:
+    """The cases one at a time (400 cases at 512 px hold ~1 GB of pixels and masks)."""
+    for cid in case_ids(bench, limit):
+        yield read_case(bench, cid)
+
+
 def read_bench(bench: Path, limit: int | None = None) -> list[EditSample]:
-    """Every case of the benchmark, in index order (the first `limit` if given)."""
-    entries = read_index(bench)["cases"]
-    if limit is not None:
-        entries = entries[:limit]
-    return [read_case(bench, entry["case_id"]) for entry in entries]
+    """Every case of the benchmark in memory, in index order (the first `limit` if given)."""
+    return list(iter_bench(bench, limit))
 
 
 # ---- the commands -------------------------------------------------------------------------------
@@ -330,8 +346,6 @@ def _positive_int(text: str) -> int:
 
 
 def _fail(message: str) -> int:
-    import sys
-
     print(message, file=sys.stderr)
     return 2
 

@@ -64,11 +64,12 @@ def write_report(
     out: Path,
     summary: dict[str, Any],
     results: list[CaseResult],
-    cases: list[EditSample],
+    bench: Path,
     predictions: Path,
     meta: dict[str, Any],
     examples: int = 24,
 ) -> None:
+    from pipeline.ciebench import read_case
     from pipeline.evaluate import prediction_path, read_prediction
 
     out = Path(out)
@@ -77,8 +78,9 @@ def write_report(
     _atomic_text(out / REPORT_JSON, json.dumps(report, indent=1) + "\n")
     shown = []
     for i in pick_examples(results, examples):
-        prediction = read_prediction(prediction_path(predictions, cases[i].id))
-        shown.append((cases[i], None if isinstance(prediction, PredictionError) else prediction, results[i]))
+        case = read_case(bench, results[i].case_id)
+        prediction = read_prediction(prediction_path(predictions, case.id))
+        shown.append((case, None if isinstance(prediction, PredictionError) else prediction, results[i]))
     _atomic_text(out / REPORT_HTML, render_html(summary, meta, shown))
 
 

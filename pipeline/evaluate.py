@@ -18,12 +18,12 @@ import logging
 import re
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 from PIL import Image
 
-from pipeline.ciebench import BenchError, read_bench, read_index
+from pipeline.ciebench import case_ids, iter_bench, read_index
 from pipeline.judge import make_judge
 from pipeline.metrics import PredictionError, score_cases, summarize
 from pipeline.record import EditSample
@@ -62,9 +62,9 @@ def read_prediction(path: Path) -> np.ndarray | PredictionError:
         return PredictionError(f"unreadable {path.name}: {type(exc).__name__}: {exc}")
 
 
-def directory_predictions(directory: Path, cases: list[EditSample]) -> Iterator[np.ndarray | PredictionError]:
-    for case in cases:
-        yield read_prediction(prediction_path(directory, case.id))
+def directory_predictions(directory: Path, ids: Iterable[str]) -> Iterator[np.ndarray | PredictionError]:
+    for cid in ids:
+        yield read_prediction(prediction_path(directory, cid))
 
 
 def load_checkpoint_editor(checkpoint: Path, device: str | None = None, steps: int = 20,
@@ -90,7 +90,7 @@ def load_checkpoint_editor(checkpoint: Path, device: str | None = None, steps: i
     return edit
 
 
-def run_editor(editor: Editor, cases: list[EditSample], out: Path) -> Path:
+def run_editor(editor: Editor, cases: Iterable[EditSample], out: Path) -> Path:
     """Run `editor` on every case and save its outputs as `out/{case_id}.png`. A case the editor
     fails on leaves no file (it then scores as a failed case, with the reason logged)."""
     out.mkdir(parents=True, exist_ok=True)
@@ -146,7 +146,9 @@ def evaluate(
     except (ValueError, TypeError) as exc:
         raise EvalError(f"cannot make judge {judge!r}: {exc}") from None
     policy = policy or RoutingPolicy()
-    cases = read_bench(bench, limit)
+    ids = case_ids(bench, limit)
+    if not ids:
+        raise EvalError(f"{bench} holds no cases")
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -154,9 +156,10 @@ def evaluate(
     if predictions is None:
         if editor is None:
             editor = load_checkpoint_editor(Path(checkpoint), **(checkpoint_options or {}))
-        predictions = run_editor(editor, cases, out / PREDICTIONS_DIR)
+        predictions = run_editor(editor, iter_bench(bench, limit), out / PREDICTIONS_DIR)
     predictions = Path(predictions)
-    results = score_cases(cases, directory_predictions(predictions, cases), the_judge, policy)
+    results = score_cases(iter_bench(bench, limit), directory_predictions(predictions, ids),
+                          the_judge, policy)
     summary = summarize(results)
     meta = {
         "bench": str(bench),
@@ -168,5 +171,5 @@ def evaluate(
         "sub_edit_pass_threshold": policy.sub_edit_pass,
         "seconds": round(time.perf_counter() - started, 2),
     }
-    write_report(out, summary, results, cases, predictions, meta, examples)
+    write_report(out, summary, results, Path(bench), predictions, meta, examples)
     return summary, out

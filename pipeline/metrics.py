@@ -179,7 +179,7 @@ def _view(case: EditSample, prediction: np.ndarray) -> JudgeView:
 
 
 def score_cases(
-    cases: list[EditSample],
+    cases: Iterable[EditSample],
     predictions: Iterable[np.ndarray | PredictionError],
     judge: Judge,
     policy: RoutingPolicy,

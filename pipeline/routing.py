@@ -27,11 +27,11 @@ ROUTES = ("accept", "borderline", "reject")
 
 @dataclass(frozen=True)
 class RoutingPolicy:
-    sub_edit_pass: float = 0.8
+    sub_edit_pass: float = 0.85
     background_accept: float = 0.9
     background_reject: float = 0.5
-    overall_accept: float = 0.8
-    overall_reject: float = 0.5
+    overall_accept: float = 0.85
+    overall_reject: float = 0.7
 
     def __post_init__(self) -> None:
         for f in fields(self):

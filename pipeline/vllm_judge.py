@@ -344,6 +344,7 @@ class VllmJudgeStats:
     bad_answers: int = 0
     encode_cpu_s: float = 0.0  # CPU time spent encoding images (and the request JSON)
     client_cpu_s: float = 0.0  # CPU time of the event loop thread: HTTP, parsing, validation
+    peak_in_flight: int = 0  # most samples in progress at once (never above max_in_flight)
     by_status: dict[str, int] = field(default_factory=dict)
 
     def __add__(self, other: "VllmJudgeStats") -> "VllmJudgeStats":
@@ -353,7 +354,8 @@ class VllmJudgeStats:
             self.requests + other.requests, self.scored + other.scored,
             self.judge_errors + other.judge_errors, self.retries + other.retries,
             self.bad_answers + other.bad_answers, self.encode_cpu_s + other.encode_cpu_s,
-            self.client_cpu_s + other.client_cpu_s, merged)
+            self.client_cpu_s + other.client_cpu_s,
+            max(self.peak_in_flight, other.peak_in_flight), merged)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -379,6 +381,7 @@ class VllmJudge:
         self._thread: threading.Thread | None = None
         self._session = None  # aiohttp.ClientSession, made on the loop thread at first use
         self._window: asyncio.Semaphore | None = None
+        self._in_flight = 0
         self._random = random.Random()
 
     def __repr__(self) -> str:  # no key here: the config holds only the variable's name
@@ -464,11 +467,15 @@ class VllmJudge:
     async def _score_one(self, view: JudgeView):
         session, window = self._client()
         async with window:  # the in-flight bound: a sample holds its place until done
+            self._in_flight += 1
+            self.stats.peak_in_flight = max(self.stats.peak_in_flight, self._in_flight)
             try:
                 result = await self._judge(view, session)
             except Exception as exc:  # one bad view must not cost the batch: it becomes its error
                 log.warning("vllm judge: sample %s failed: %s: %s", view.id, type(exc).__name__, exc)
                 result = JudgeError(f"{type(exc).__name__}: {exc}")
+            finally:
+                self._in_flight -= 1
         if isinstance(result, JudgeError):
             self.stats.judge_errors += 1
         else:

@@ -21,8 +21,9 @@ and any behaviour may carry "delay_s" on top of the script's "service_time_s".
 GET /_test/stats reports requests, statuses, current and maximum concurrency, image sizes and the
 last request's parameters; POST /_test/reset clears counters and script.
 
-Run: `python tests/openai_server.py --model NAME [--port 0] [--api-key-env VAR]`; it prints
-`LISTENING <port>` once bound to 127.0.0.1. `OpenAIServer` below starts and drives it.
+Run: `python tests/openai_server.py --model NAME [--port 0] [--api-key-env VAR] [--reuse-port]`;
+it prints `LISTENING <port> <admin port>` once bound to 127.0.0.1. `OpenAIServer` below starts and
+drives it; several processes may share one port (--reuse-port) to serve faster than one can.
 """
 
 from __future__ import annotations
@@ -349,18 +350,30 @@ def make_app(state: State):
     ])
 
 
-def serve(model: str, port: int, api_key: str | None) -> None:
-    import uvicorn
-
+def listen(port: int, reuse_port: bool) -> socket.socket:
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if reuse_port:  # several server processes share the port; the kernel spreads connections
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     sock.bind(("127.0.0.1", port))
     sock.listen(2048)
-    config = uvicorn.Config(make_app(State(model, api_key)), log_level="warning", access_log=False,
+    return sock
+
+
+def serve(model: str, port: int, api_key: str | None, reuse_port: bool = False,
+          service_time_s: float = 0.0) -> None:
+    """Serve on `port` (0: any) and on a private port of this process for /_test admin calls
+    (with several processes on one port, each is scripted and read through its own)."""
+    import uvicorn
+
+    public, private = listen(port, reuse_port), listen(0, False)
+    state = State(model, api_key)
+    state.script["service_time_s"] = service_time_s
+    config = uvicorn.Config(make_app(state), log_level="warning", access_log=False,
                             backlog=2048, timeout_keep_alive=60, lifespan="off")
     server = uvicorn.Server(config)
-    print(f"LISTENING {sock.getsockname()[1]}", flush=True)
-    server.run(sockets=[sock])
+    print(f"LISTENING {public.getsockname()[1]} {private.getsockname()[1]}", flush=True)
+    server.run(sockets=[public, private])
 
 
 # ---- the controller tests and benchmarks use ------------------------------------------------------
@@ -369,20 +382,24 @@ class OpenAIServer:
     """Starts the server above in its own process (so a test can kill it) and drives it."""
 
     def __init__(self, model: str = "test-vlm", api_key_env: str | None = None,
-                 env: dict[str, str] | None = None, port: int = 0):
+                 env: dict[str, str] | None = None, port: int = 0, reuse_port: bool = False,
+                 service_time_s: float = 0.0):
         self.model = model
-        command = [sys.executable, str(Path(__file__).resolve()), "--model", model, "--port", str(port)]
+        command = [sys.executable, str(Path(__file__).resolve()), "--model", model, "--port", str(port),
+                   "--service-time-s", str(service_time_s)]
         if api_key_env:
             command += ["--api-key-env", api_key_env]
+        if reuse_port:
+            command.append("--reuse-port")
         self.process = subprocess.Popen(command, stdout=subprocess.PIPE, env={**os.environ, **(env or {})},
                                         text=True)
         line = self.process.stdout.readline()
         if not line.startswith("LISTENING "):
             self.process.kill()
             raise RuntimeError(f"test server did not start: {line!r}")
-        self.port = int(line.split()[1])
-        self.base = f"http://127.0.0.1:{self.port}"
-        self.url = f"{self.base}/v1"
+        self.port, admin_port = (int(word) for word in line.split()[1:3])
+        self.base = f"http://127.0.0.1:{admin_port}"  # this process's own port
+        self.url = f"http://127.0.0.1:{self.port}/v1"
         self._wait_ready()
 
     def _wait_ready(self, timeout: float = 20.0) -> None:
@@ -436,11 +453,13 @@ def main() -> None:
     parser.add_argument("--model", required=True)
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--api-key-env", help="require Bearer $VAR (like vllm serve --api-key)")
+    parser.add_argument("--reuse-port", action="store_true", help="share --port with other processes")
+    parser.add_argument("--service-time-s", type=float, default=0.0, help="initial service time")
     args = parser.parse_args()
     key = os.environ.get(args.api_key_env) if args.api_key_env else None
     if args.api_key_env and not key:
         parser.error(f"${args.api_key_env} is not set")
-    serve(args.model, args.port, key)
+    serve(args.model, args.port, key, args.reuse_port, args.service_time_s)
 
 
 if __name__ == "__main__":

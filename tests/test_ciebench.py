@@ -170,6 +170,21 @@ def test_missing_or_corrupt_bench_is_a_clear_error(tmp_path, bench):
         read_case(bench[0], "cie-9999")
 
 
+def test_build_refuses_a_non_empty_directory_that_is_not_a_bench(tmp_path):
+    (tmp_path / "cases").mkdir()
+    (tmp_path / "cases" / "precious.txt").write_text("keep me")
+    with pytest.raises(BenchError, match="not empty"):
+        build_bench(tmp_path, BenchConfig(count=1, resolution=RESOLUTION))
+    assert (tmp_path / "cases" / "precious.txt").read_text() == "keep me"
+
+
+def test_rebuild_replaces_a_bench(tmp_path):
+    build_bench(tmp_path, BenchConfig(count=8, resolution=RESOLUTION))
+    build_bench(tmp_path, BenchConfig(count=3, resolution=RESOLUTION))
+    assert sorted(p.name for p in (tmp_path / "cases").iterdir()) == ["cie-0000", "cie-0001", "cie-0002"]
+    assert len(read_index(tmp_path)["cases"]) == 3
+
+
 def test_bad_config_is_refused():
     with pytest.raises(BenchError):
         BenchConfig(count=0)

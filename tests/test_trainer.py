@@ -18,8 +18,9 @@ from pipeline.source import ProceduralSource
 from trainer.attention import MCIECrossAttnProcessor, CrossAttnCondition, set_background_gate
 from trainer.config import ConfigError, load_config, preset, with_train
 from trainer.data import decode_sample, find_shards, make_loader
-from trainer.edit import fallback_split, register as register_edit
-from trainer.train import checkpoints, register as register_train, train
+from trainer.cli import register
+from trainer.edit import fallback_split
+from trainer.train import checkpoints, train
 
 UNITS, PER_UNIT = 3, 8
 
@@ -217,7 +218,7 @@ def test_resume_gives_the_same_next_losses_as_an_uninterrupted_run(build, tmp_pa
     assert train(build, config, tmp_path / "b", 6).losses == {}  # already there: nothing to do
 
 
-def _cli(register, argv):
+def _cli(argv):
     parser = argparse.ArgumentParser()
     register(parser.add_subparsers())
     args = parser.parse_args(argv)
@@ -230,16 +231,16 @@ def test_edit_writes_an_image_of_the_source_size(trained, tmp_path, capsys):
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (45, 70, 3), dtype=np.uint8)).save(image)
     common = ["edit", "--checkpoint", str(out), "--image", str(image), "--steps", "2",
               "--instruction", "Make the red cup blue, then remove the star, and also add a tree."]
-    assert _cli(register_edit, common + ["--out", str(tmp_path / "a.png")]) == 0
+    assert _cli(common + ["--out", str(tmp_path / "a.png")]) == 0
     info = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert info["sub_instructions"] == ["make the red cup blue", "remove the star", "add a tree"]
     assert info["regions_from"] == "predicted"
     assert Image.open(tmp_path / "a.png").size == (70, 45)
     boxes = ["0,0,20,20", "30,10,60,40", "0,30,10,45"]
-    assert _cli(register_edit, common + ["--out", str(tmp_path / "b.png"), "--regions", *boxes]) == 0
+    assert _cli(common + ["--out", str(tmp_path / "b.png"), "--regions", *boxes]) == 0
     assert Image.open(tmp_path / "b.png").size == (70, 45)
-    assert _cli(register_edit, common + ["--out", str(tmp_path / "c.png"), "--regions", "0,0,5,5"]) == 2
-    assert "3 sub-instructions" in capsys.readouterr().out
+    assert _cli(common + ["--out", str(tmp_path / "c.png"), "--regions", "0,0,5,5"]) == 2
+    assert "3 sub-instructions" in capsys.readouterr().err
 
 
 def test_fallback_splitter_on_connectives():
@@ -258,12 +259,12 @@ def test_configs_and_cli_errors(build, tmp_path, capsys):
     config_file.write_text(json.dumps({"preset": "tiny", "train": {"bogus": 1}}))
     with pytest.raises(ConfigError, match="bogus"):
         load_config(str(config_file))
-    assert _cli(register_train, ["train", "--data", str(build), "--config", "base", "--out",
+    assert _cli(["train", "--data", str(build), "--config", "base", "--out",
                                  str(tmp_path / "x")]) == 2
-    assert "does not exist" in capsys.readouterr().out
-    assert _cli(register_train, ["train", "--data", str(tmp_path / "empty"), "--out", str(tmp_path / "y"),
+    assert "does not exist" in capsys.readouterr().err
+    assert _cli(["train", "--data", str(tmp_path / "empty"), "--out", str(tmp_path / "y"),
                                  "--steps", "1"]) == 2
-    assert "no train-*.tar" in capsys.readouterr().out
+    assert "no train-*.tar" in capsys.readouterr().err
 
 
 def test_components_load_from_local_weight_directories(build, tmp_path):

@@ -9,7 +9,6 @@ InstructPix2Pix's two guidance scales (text and image).
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import re
@@ -148,39 +147,3 @@ def edit_image(model: MCIEE1, image: Image.Image, instruction: str, regions: lis
         "regions_from": "given" if regions else "predicted",
     }
     return result, info
-
-
-def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    parser = subparsers.add_parser("edit", help="edit an image with a trained MCIE-E1 checkpoint")
-    parser.add_argument("--checkpoint", required=True, help="checkpoint-N dir or a training --out dir")
-    parser.add_argument("--image", required=True)
-    parser.add_argument("--instruction", required=True)
-    parser.add_argument("--regions", nargs="+", metavar="MASK_OR_BOX",
-                        help="one per sub-instruction: a mask image or x0,y0,x1,y1 (overrides prediction)")
-    parser.add_argument("--out", required=True, help="output PNG")
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--text-guidance", type=float, default=7.5)
-    parser.add_argument("--image-guidance", type=float, default=1.5)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.set_defaults(func=run_edit)
-    return parser
-
-
-def run_edit(args: argparse.Namespace) -> int:
-    try:
-        if args.steps < 1:
-            raise ValueError("--steps must be >= 1")
-        if not Path(args.image).is_file():
-            raise FileNotFoundError(f"image {args.image} does not exist")
-        model = load_model(args.checkpoint, args.device)
-        with Image.open(args.image) as image:
-            result, info = edit_image(model, image, args.instruction, args.regions, args.steps,
-                                      args.text_guidance, args.image_guidance, args.seed)
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        result.save(args.out)
-    except (ConfigError, FileNotFoundError, ValueError, OSError) as exc:
-        print(f"mcie edit: error: {exc}")
-        return 2
-    print(json.dumps({"out": args.out, **info}))
-    return 0

@@ -8,7 +8,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import math
@@ -194,44 +193,3 @@ class _nullcontext:
 
 def train(data: str | Path, config: Config, out: str | Path, steps: int) -> TrainResult:
     return Trainer(data, config, out).fit(steps)
-
-
-# ---- CLI -------------------------------------------------------------------------------------
-
-def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    parser = subparsers.add_parser("train", help="train MCIE-E1 on a build's train shards")
-    parser.add_argument("--data", required=True, help="a build OUT (reads OUT/shards/train-*.tar)")
-    parser.add_argument("--config", default="tiny", help="tiny | base | a JSON config file")
-    parser.add_argument("--steps", type=int, default=100, help="train up to this many steps in total")
-    parser.add_argument("--out", default="checkpoints", help="checkpoint dir (re-run to resume)")
-    parser.add_argument("--batch-size", type=int)
-    parser.add_argument("--grad-accum", type=int)
-    parser.add_argument("--lr", type=float, dest="learning_rate")
-    parser.add_argument("--checkpoint-every", type=int)
-    parser.add_argument("--checkpoint-limit", type=int)
-    parser.add_argument("--num-workers", type=int)
-    parser.add_argument("--mixed-precision", choices=["auto", "no", "bf16", "fp16"])
-    parser.add_argument("--seed", type=int)
-    parser.set_defaults(func=run_train)
-    return parser
-
-
-def run_train(args: argparse.Namespace) -> int:
-    try:
-        if args.steps < 1:
-            raise ConfigError("--steps must be >= 1")
-        config = with_train(load_config(args.config), batch_size=args.batch_size,
-                            grad_accum=args.grad_accum, learning_rate=args.learning_rate,
-                            checkpoint_every=args.checkpoint_every,
-                            checkpoint_limit=args.checkpoint_limit, num_workers=args.num_workers,
-                            mixed_precision=args.mixed_precision, seed=args.seed)
-        config.model.check_paths()
-        result = train(args.data, config, args.out, args.steps)
-    except (ConfigError, FileNotFoundError, ValueError) as exc:
-        print(f"mcie train: error: {exc}")
-        return 2
-    last = result.losses[max(result.losses)] if result.losses else float("nan")
-    print(json.dumps({"step": result.step, "resumed_from": result.resumed_from, "last_loss": last,
-                      "samples_per_s": round(result.samples_per_s, 2),
-                      "checkpoint": str(latest_checkpoint(Path(args.out)))}))
-    return 0

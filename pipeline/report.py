@@ -1,0 +1,285 @@
+"""`OUT/report.html`: a self-contained page a person opens to see what a build made.
+
+Built from the manifest (counts, scores, accept rates) and a few samples read back through the
+shard / queue / quarantine readers (the contact sheet). No network, no JavaScript: histograms and
+bars are inline SVG, images are small PNG thumbnails inlined as data URLs. Which samples the
+contact sheet shows is deterministic (the first few per verdict by index), so the same build gives
+the same page.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import logging
+from collections import Counter, defaultdict
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+from PIL import Image
+
+from pipeline.output import QUARANTINE, location_path, read_manifest, read_quarantine
+from pipeline.record import EDIT_TYPES, VERDICTS, EditSample
+from pipeline.shards import atomic_write_bytes, decode_sample, iter_tar_groups, read_sample_dir
+from pipeline.stats import quarantine_reason, stats_from_manifest
+
+log = logging.getLogger(__name__)
+
+REPORT = "report.html"
+THUMB_PX = 160
+SAMPLES_PER_VERDICT = 6
+HIST_BINS = 20
+SCORES = (("score_overall", "overall"), ("score_background", "background"), ("score_quality", "quality"))
+VERDICT_COLORS = {"accept": "#2e9d4f", "reject": "#c8413b", "borderline": "#d9a21b",
+                  "error": "#6b6b6b", "judge_error": "#7b5bb5"}
+MASK_COLORS = [(255, 64, 64), (64, 160, 255), (255, 200, 0), (80, 220, 120), (220, 90, 255),
+               (0, 220, 220), (255, 140, 40), (160, 160, 255)]
+
+
+# ---- numbers from the manifest -------------------------------------------------------------------
+
+def accept_rates(rows: list[dict[str, Any]], key) -> list[tuple[Any, int, int]]:
+    """(group, samples, accepted) per group; a row may fall into several groups (edit types)."""
+    total: Counter = Counter()
+    accepted: Counter = Counter()
+    for row in rows:
+        for group in key(row):
+            total[group] += 1
+            accepted[group] += row["verdict"] == "accept"
+    return [(group, total[group], accepted[group]) for group in total]
+
+
+def per_edit_type(rows: list[dict[str, Any]]) -> list[tuple[Any, int, int]]:
+    found = accept_rates(rows, lambda row: set(row["sub_edit_types"] or []))
+    order = {t: i for i, t in enumerate(EDIT_TYPES)}
+    return sorted(found, key=lambda item: (order.get(item[0], len(order)), item[0]))
+
+
+def per_sub_edit_count(rows: list[dict[str, Any]]) -> list[tuple[Any, int, int]]:
+    return sorted(accept_rates(rows, lambda row: [row["num_sub_edits"] or 0]))
+
+
+# ---- SVG --------------------------------------------------------------------------------------------
+
+def histogram_svg(values_by_verdict: dict[str, list[float]], title: str,
+                  width: int = 360, height: int = 150) -> str:
+    """Stacked histogram over [0, 1] of one score, coloured by verdict."""
+    edges = np.linspace(0.0, 1.0, HIST_BINS + 1)
+    counts = {v: np.histogram(np.clip(values, 0, 1), bins=edges)[0]
+              for v, values in values_by_verdict.items() if values}
+    peak = max((sum(c[i] for c in counts.values()) for i in range(HIST_BINS)), default=0) or 1
+    left, bottom, plot_h = 30, 20, height - 40
+    bar_w = (width - left - 10) / HIST_BINS
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+             f'role="img" aria-label="{html.escape(title)}">',
+             f'<text x="{left}" y="12" font-size="12">{html.escape(title)} (n={sum(int(c.sum()) for c in counts.values())})</text>']
+    for i in range(HIST_BINS):
+        y = height - bottom
+        for verdict in VERDICTS:
+            if verdict not in counts or not counts[verdict][i]:
+                continue
+            h = counts[verdict][i] / peak * plot_h
+            y -= h
+            parts.append(f'<rect x="{left + i * bar_w:.1f}" y="{y:.1f}" width="{bar_w - 1:.1f}" '
+                         f'height="{h:.1f}" fill="{VERDICT_COLORS[verdict]}">'
+                         f'<title>{verdict} {edges[i]:.2f}-{edges[i + 1]:.2f}: {counts[verdict][i]}</title></rect>')
+    axis_y = height - bottom
+    parts.append(f'<line x1="{left}" y1="{axis_y}" x2="{width - 10}" y2="{axis_y}" stroke="#333"/>')
+    for tick in (0.0, 0.5, 1.0):
+        x = left + tick * (width - left - 10)
+        parts.append(f'<text x="{x:.0f}" y="{axis_y + 14}" font-size="10" text-anchor="middle">{tick:g}</text>')
+    parts.append(f'<text x="{left - 4}" y="{axis_y - plot_h + 8}" font-size="10" text-anchor="end">{peak}</text>')
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+def bar(rate: float, width: int = 120) -> str:
+    filled = max(0.0, min(1.0, rate)) * width
+    return (f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="10">'
+            f'<rect width="{width}" height="10" fill="#eee"/>'
+            f'<rect width="{filled:.1f}" height="10" fill="{VERDICT_COLORS["accept"]}"/></svg>')
+
+
+# ---- images -----------------------------------------------------------------------------------------
+
+def data_url(image: np.ndarray, size: int = THUMB_PX) -> str:
+    thumb = Image.fromarray(image)
+    thumb.thumbnail((size, size), Image.Resampling.BILINEAR)
+    buffer = io.BytesIO()
+    thumb.save(buffer, format="PNG", optimize=False, compress_level=6)
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def mask_overlay(sample: EditSample) -> np.ndarray | None:
+    """The target, dimmed, with each sub-edit's mask tinted in its own colour."""
+    base = sample.target if sample.target is not None else sample.source
+    if base is None:
+        return None
+    image = base.astype(np.float32) * 0.45 + 255 * 0.15
+    for i, edit in enumerate(sample.sub_edits):
+        if edit.mask is not None and edit.mask.shape == base.shape[:2]:
+            color = np.array(MASK_COLORS[i % len(MASK_COLORS)], np.float32)
+            image[edit.mask] = image[edit.mask] * 0.35 + color * 0.65
+    return image.clip(0, 255).astype(np.uint8)
+
+
+def load_samples(out: Path, rows: list[dict[str, Any]]) -> dict[str, EditSample]:
+    """The samples of `rows`, read from wherever their manifest row says (each tar read once)."""
+    found: dict[str, EditSample] = {}
+    by_tar: dict[str, set[str]] = defaultdict(set)
+    for row in rows:
+        shard = row["shard"] or ""
+        try:
+            if shard.endswith(".tar"):
+                by_tar[shard].add(row["id"])
+            elif shard.startswith(QUARANTINE + "/"):
+                found[row["id"]] = read_quarantine(out, row["id"])
+            elif shard:
+                found[row["id"]] = read_sample_dir(location_path(out, shard))
+        except (OSError, ValueError, KeyError) as exc:
+            log.warning("report: cannot read %s from %s: %s", row["id"], shard, exc)
+    for shard, ids in by_tar.items():
+        try:
+            for key, members in iter_tar_groups(location_path(out, shard)):
+                if key in ids:
+                    found[key] = decode_sample({"__key__": key, **members})
+        except (OSError, ValueError) as exc:
+            log.warning("report: cannot read %s: %s", shard, exc)
+    return found
+
+
+# ---- the page ---------------------------------------------------------------------------------------
+
+STYLE = """
+body{font:14px/1.4 system-ui,sans-serif;margin:24px;color:#222}
+h1{font-size:22px}h2{font-size:18px;margin-top:28px;border-bottom:1px solid #ddd}
+table{border-collapse:collapse;margin:8px 0}td,th{padding:3px 8px;border-bottom:1px solid #eee;text-align:left;vertical-align:top}
+td.n{text-align:right;font-variant-numeric:tabular-nums}
+.hists{display:flex;flex-wrap:wrap;gap:16px}.legend span{display:inline-block;margin-right:12px}
+.sheet td{border-bottom:1px solid #ccc}.sheet img{display:block;width:160px;image-rendering:auto}
+.cap{font-size:11px;color:#666}.sw{display:inline-block;width:10px;height:10px;margin-right:4px}
+.err{color:#a22;font-family:monospace;font-size:12px;max-width:420px;white-space:pre-wrap}
+.inst{max-width:420px}.scores{font-family:monospace;font-size:12px}
+"""
+
+
+def _rate_table(title: str, items: Iterable[tuple[Any, int, int]]) -> str:
+    rows = "".join(
+        f"<tr><td>{html.escape(str(group))}</td><td class=n>{n}</td><td class=n>{acc}</td>"
+        f"<td class=n>{acc / n:.1%}</td><td>{bar(acc / n)}</td></tr>"
+        for group, n, acc in items if n
+    )
+    return (f"<table><tr><th>{html.escape(title)}</th><th>samples</th><th>accepted</th>"
+            f"<th>accept rate</th><th></th></tr>{rows}</table>")
+
+
+def _fmt(value: Any) -> str:
+    return "–" if value is None else f"{value:.3f}"
+
+
+def _sample_row(row: dict[str, Any], sample: EditSample | None) -> str:
+    cells = []
+    for label, image in (("source", None if sample is None else sample.source),
+                         ("target", None if sample is None else sample.target),
+                         ("masks", None if sample is None else mask_overlay(sample))):
+        inner = f'<img alt="{label}" src="{data_url(image)}">' if image is not None else "<i>no image</i>"
+        cells.append(f"<td>{inner}<div class=cap>{label}</div></td>")
+    lines = [f"<b>{html.escape(row['id'])}</b> #{row['index']} · {html.escape(row['verdict'] or '')}"
+             f" by {html.escape(row['verdict_by'] or '–')}",
+             f"<div class=inst>{html.escape(row['instruction'] or '')}</div>"]
+    passes = row["sub_edit_pass"] or []
+    scores = row["sub_edit_scores"] or []
+    edits = sample.sub_edits if sample is not None else []
+    items = []
+    for i, edit in enumerate(edits):
+        color = "#%02x%02x%02x" % MASK_COLORS[i % len(MASK_COLORS)]
+        score = f" {scores[i]:.2f}" if i < len(scores) else ""
+        mark = (" ✓" if passes[i] else " ✗") if i < len(passes) else ""
+        items.append(f'<li><span class=sw style="background:{color}"></span>{html.escape(edit.type)}: '
+                     f"{html.escape(edit.text)}<span class=scores>{score}{mark}</span></li>")
+    if items:
+        lines.append(f"<ol>{''.join(items)}</ol>")
+    lines.append(f"<div class=scores>overall {_fmt(row['score_overall'])} · background "
+                 f"{_fmt(row['score_background'])} · quality {_fmt(row['score_quality'])}</div>")
+    if row["error"]:
+        lines.append(f"<div class=err>{html.escape(row['error_stage'] or '')}: {html.escape(row['error'])}</div>")
+    cells.append(f"<td>{''.join(lines)}</td>")
+    return f"<tr>{''.join(cells)}</tr>"
+
+
+def render_report(out: Path, samples_per_verdict: int = SAMPLES_PER_VERDICT) -> str:
+    out = Path(out)
+    table = read_manifest(out)
+    rows = table.to_pylist()
+    stats = stats_from_manifest(table)
+    n = len(rows)
+    parts = [f"<!doctype html><html><head><meta charset=utf-8><title>MCIE build {html.escape(out.name)}</title>"
+             f"<style>{STYLE}</style></head><body>",
+             f"<h1>Build <code>{html.escape(str(out))}</code></h1>"]
+
+    verdict_rows = "".join(
+        f'<tr><td><span class=sw style="background:{VERDICT_COLORS.get(v, "#000")}"></span>{v}</td>'
+        f"<td class=n>{stats.verdicts[v]}</td><td class=n>{stats.verdicts[v] / n:.1%}</td></tr>"
+        for v in VERDICTS if stats.verdicts[v]
+    ) if n else ""
+    parts.append(f"<h2>Verdicts</h2><table><tr><th>verdict</th><th>samples</th><th>share</th></tr>"
+                 f"{verdict_rows}<tr><th>total</th><td class=n>{n}</td><td class=n>accept rate "
+                 f"{stats.accept_rate:.1%}</td></tr></table>")
+
+    parts.append("<h2>Score histograms</h2><div class=legend>" + "".join(
+        f'<span><span class=sw style="background:{c}"></span>{v}</span>' for v, c in VERDICT_COLORS.items()
+    ) + "</div><div class=hists>")
+    for column, label in SCORES:
+        by_verdict: dict[str, list[float]] = defaultdict(list)
+        for row in rows:
+            if row[column] is not None:
+                by_verdict[row["verdict"] or "error"].append(float(row[column]))
+        parts.append(histogram_svg(by_verdict, f"{label} score"))
+    sub_scores: dict[str, list[float]] = defaultdict(list)
+    for row in rows:
+        sub_scores[row["verdict"] or "error"].extend(float(s) for s in row["sub_edit_scores"] or [])
+    parts.append(histogram_svg(sub_scores, "sub-edit scores"))
+    parts.append("</div>")
+
+    parts.append("<h2>Accept rate per edit type</h2><p class=cap>a sample counts for every edit "
+                 "type it contains</p>" + _rate_table("edit type", per_edit_type(rows)))
+    parts.append("<h2>Accept rate per number of sub-edits</h2>"
+                 + _rate_table("sub-edits", per_sub_edit_count(rows)))
+    pass_rows = "".join(
+        f"<tr><td>{t}</td><td class=n>{stats.sub_edits[t]}</td><td class=n>{stats.sub_edit_passes[t]}</td>"
+        f"<td class=n>{stats.pass_rate(t):.1%}</td><td>{bar(stats.pass_rate(t))}</td></tr>"
+        for t in EDIT_TYPES if stats.sub_edits[t]
+    )
+    parts.append("<h2>Sub-edits judged carried out, per edit type</h2><table><tr><th>edit type</th>"
+                 f"<th>sub-edits</th><th>passed</th><th>pass rate</th><th></th></tr>{pass_rows}</table>")
+
+    reasons = Counter(quarantine_reason(r["error_stage"], r["error"]) for r in rows if r["verdict"] == "error")
+    if reasons:
+        parts.append("<h2>Quarantine reasons</h2><table><tr><th>samples</th><th>reason</th></tr>" + "".join(
+            f"<tr><td class=n>{count}</td><td class=err>{html.escape(reason)}</td></tr>"
+            for reason, count in reasons.most_common()) + "</table>")
+
+    shown = {v: [r for r in rows if r["verdict"] == v][:samples_per_verdict] for v in VERDICTS}
+    samples = load_samples(out, [r for group in shown.values() for r in group])
+    parts.append("<h2>Contact sheet</h2><p class=cap>source | target | sub-edit masks over the target "
+                 "(colours match the numbered sub-edits; ✓/✗ = judged carried out) | instruction and "
+                 "scores; the first samples of each verdict by index</p>")
+    for verdict, group in shown.items():
+        if not group:
+            continue
+        parts.append(f'<h3><span class=sw style="background:{VERDICT_COLORS[verdict]}"></span>{verdict} '
+                     f"({stats.verdicts[verdict]} samples, showing {len(group)})</h3><table class=sheet>")
+        parts.extend(_sample_row(row, samples.get(row["id"])) for row in group)
+        parts.append("</table>")
+    parts.append("</body></html>\n")
+    return "".join(parts)
+
+
+def write_report(out: Path, samples_per_verdict: int = SAMPLES_PER_VERDICT) -> Path:
+    """Render OUT/report.html from a finalized build (atomically). Returns its path."""
+    path = Path(out) / REPORT
+    atomic_write_bytes(path, render_report(out, samples_per_verdict).encode())
+    log.info("report written to %s", path)
+    return path

@@ -1,0 +1,144 @@
+"""prefect.yaml for real: a local Prefect server, `prefect deploy --all`, a process worker, and a
+deployment run of the build that must produce the same dataset as `mcie build`.
+
+Server and worker are started by the test on 127.0.0.1 with a PREFECT_HOME of their own, each in
+its own session so teardown stops exactly them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PREFECT = str(Path(sys.executable).with_name("prefect"))
+PARAMS = {"count": 20, "resolution": 128, "shard_size": 4, "seed": 21, "workers": 2}
+DEPLOYMENTS = {"build-dataset/build-dataset", "review-sync/review-sync", "train/train"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def session_processes(sid: int) -> list[int]:
+    lines = subprocess.run(["ps", "-eo", "pid=,sid="], capture_output=True, text=True).stdout
+    return [int(pid) for pid, s in (line.split() for line in lines.splitlines() if line.strip())
+            if int(s) == sid]
+
+
+def stop_session(proc: subprocess.Popen, grace_s: float = 15.0) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=grace_s)
+        except subprocess.TimeoutExpired:
+            pass
+    for pid in session_processes(proc.pid):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+
+
+def tree(out: Path) -> dict[str, str]:
+    return {str(p.relative_to(out)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(out.rglob("*")) if p.is_file() and p.name != "report.html"}
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    home = tmp_path_factory.mktemp("prefect-home")
+    port = free_port()
+    api = f"http://127.0.0.1:{port}/api"
+    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+           "PREFECT_API_URL": api, "PYTHONUNBUFFERED": "1"}
+    env.pop("RAY_ADDRESS", None)
+    log = open(home / "server.log", "w")
+    proc = subprocess.Popen([PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+                            env={k: v for k, v in env.items() if k != "PREFECT_API_URL"},
+                            start_new_session=True, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(f"{api}/health", timeout=2) as answer:
+                    if answer.status == 200:
+                        break
+            except OSError:
+                pass
+            assert proc.poll() is None and time.monotonic() < deadline, (home / "server.log").read_text()[-3000:]
+            time.sleep(0.5)
+        yield env
+    finally:
+        stop_session(proc)
+        log.close()
+
+
+def prefect(env: dict, *args: str, timeout: int = 180) -> subprocess.CompletedProcess:
+    return subprocess.run([PREFECT, "--no-prompt", *args], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+@pytest.mark.slow
+def test_deploy_all_and_a_worker_run_builds_the_same_dataset_as_mcie_build(server, tmp_path: Path):
+    env = server
+    created = prefect(env, "work-pool", "create", "mcie-process", "--type", "process")
+    assert created.returncode == 0, created.stdout + created.stderr
+
+    deployed = prefect(env, "deploy", "--all")
+    assert deployed.returncode == 0, deployed.stdout[-3000:] + deployed.stderr[-3000:]
+    listed = prefect(env, "deployment", "ls")
+    for name in DEPLOYMENTS:
+        assert name in listed.stdout, listed.stdout
+
+    # parameters are checked against the flow signature before anything runs
+    bad = prefect(env, "deployment", "run", "build-dataset/build-dataset", "--param", "count=many")
+    assert bad.returncode != 0, bad.stdout + bad.stderr
+
+    out = tmp_path / "deployed"
+    worker_log = open(tmp_path / "worker.log", "w")
+    worker = subprocess.Popen([PREFECT, "worker", "start", "--pool", "mcie-process", "--limit", "1"],
+                              cwd=tmp_path, env=env, start_new_session=True, stdout=worker_log,
+                              stderr=subprocess.STDOUT)
+    try:
+        params = [arg for key, value in {**PARAMS, "out": str(out)}.items()
+                  for arg in ("--param", f"{key}={value}")]
+        run = prefect(env, "deployment", "run", "build-dataset/build-dataset", *params, "--watch",
+                      "--watch-timeout", "400", timeout=450)
+        assert run.returncode == 0, run.stdout[-3000:] + (tmp_path / "worker.log").read_text()[-4000:]
+        assert "Completed" in run.stdout, run.stdout[-3000:]
+    finally:
+        stop_session(worker)
+        worker_log.close()
+
+    reference = tmp_path / "cli"
+    cli_env = {k: v for k, v in env.items() if k != "PREFECT_API_URL"}  # its own ephemeral API
+    built = subprocess.run(
+        [sys.executable, "-m", "flows.cli", "build", "--out", str(reference),
+         "--count", str(PARAMS["count"]), "--resolution", str(PARAMS["resolution"]),
+         "--shard-size", str(PARAMS["shard_size"]), "--seed", str(PARAMS["seed"]),
+         "--workers", str(PARAMS["workers"])],
+        cwd=ROOT, env=cli_env, capture_output=True, text=True, timeout=300)
+    assert built.returncode == 0, built.stderr[-3000:]
+
+    assert json.loads((out / "config.json").read_text()) == json.loads((reference / "config.json").read_text())
+    assert pq.read_table(out / "manifest.parquet").to_pylist() == \
+        pq.read_table(reference / "manifest.parquet").to_pylist()
+    assert tree(out) == tree(reference)
+    assert (out / "report.html").is_file()

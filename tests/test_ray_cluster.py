@@ -1,0 +1,137 @@
+"""`mcie build --ray-address` against a real two-node Ray cluster started on this machine.
+
+Head and worker node are two `ray start --block` processes on loopback, each with one CPU (the
+worker node also with a resource of its own), in their own sessions so teardown stops exactly
+them. Two build actors need two CPUs, so both nodes must work; the build names the node of every
+unit and must equal a local build with the same parameters.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+RAY = str(Path(sys.executable).with_name("ray"))
+BUILD = ["--count", "24", "--resolution", "128", "--shard-size", "3", "--seed", "5", "--workers", "2"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def session_processes(sid: int) -> list[int]:
+    lines = subprocess.run(["ps", "-eo", "pid=,sid="], capture_output=True, text=True).stdout
+    return [int(pid) for pid, s in (line.split() for line in lines.splitlines() if line.strip())
+            if int(s) == sid]
+
+
+def stop_session(proc: subprocess.Popen, grace_s: float = 15.0) -> None:
+    """SIGTERM the `ray start --block` (it stops its node), then SIGKILL what is left of its session."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=grace_s)
+        except subprocess.TimeoutExpired:
+            pass
+    deadline = time.monotonic() + grace_s
+    while session_processes(proc.pid) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    for pid in session_processes(proc.pid):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+
+
+def alive_nodes(address: str) -> int:
+    code = ("import ray; ray.init(address=%r, logging_level='ERROR'); "
+            "print(sum(n['Alive'] for n in ray.nodes()))" % address)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    return int(result.stdout.strip().splitlines()[-1]) if result.returncode == 0 else 0
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    # short: Ray puts unix sockets under the temp dir; not the project's .ray, so no local
+    # `ray.init` of another test ever finds this cluster
+    temp_dir = Path(tempfile.mkdtemp(prefix="rc", dir=ROOT / "tmp" if (ROOT / "tmp").is_dir() else None))
+    port = free_port()
+    address = f"127.0.0.1:{port}"
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
+    env.pop("RAY_ADDRESS", None)
+    common = ["--block", "--node-ip-address", "127.0.0.1", "--num-cpus", "1", "--disable-usage-stats"]
+    logs = [open(temp_dir / f"node{i}.log", "w") for i in range(2)]
+    head = subprocess.Popen(
+        [RAY, "start", "--head", "--port", str(port), "--temp-dir", str(temp_dir),
+         "--include-dashboard", "false", *common],
+        env=env, start_new_session=True, stdout=logs[0], stderr=subprocess.STDOUT)
+    nodes = [head]
+    try:
+        deadline = time.monotonic() + 90
+        while alive_nodes(address) < 1:
+            assert head.poll() is None and time.monotonic() < deadline, (temp_dir / "node0.log").read_text()
+            time.sleep(1)
+        worker = subprocess.Popen(
+            [RAY, "start", "--address", address, "--resources", '{"second_node": 1}', *common],
+            env=env, start_new_session=True, stdout=logs[1], stderr=subprocess.STDOUT)
+        nodes.append(worker)
+        while alive_nodes(address) < 2:
+            assert worker.poll() is None and time.monotonic() < deadline, (temp_dir / "node1.log").read_text()
+            time.sleep(1)
+        yield address
+    finally:
+        for proc in reversed(nodes):
+            stop_session(proc)
+        for log in logs:
+            log.close()
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def mcie(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "flows.cli", *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300, env={**os.environ, **(env or {})})
+
+
+@pytest.mark.slow
+def test_build_on_a_two_node_cluster_uses_both_nodes_and_equals_a_local_build(cluster, tmp_path: Path):
+    out = tmp_path / "cluster"
+    result = mcie("build", "--out", str(out), *BUILD, "--ray-address", cluster)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"ray cluster at {cluster} (2 nodes" in result.stderr
+    per_node = dict((node, int(n)) for n, node in
+                    re.findall(r"^\s+(\d+)\s+(127\.0\.0\.1/[0-9a-f]{8})$", result.stdout, re.M))
+    assert len(per_node) == 2, result.stdout  # both nodes processed units
+    assert sum(per_node.values()) == 8 and min(per_node.values()) >= 1
+
+    verified = mcie("verify", str(out))
+    assert verified.returncode == 0, verified.stdout + verified.stderr
+
+    # RAY_ADDRESS names the cluster just as well; a finished build is left alone
+    again = mcie("build", "--out", str(out), *BUILD, env={"RAY_ADDRESS": cluster})
+    assert again.returncode == 0 and "already complete" in again.stdout
+
+    local = tmp_path / "local"
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    result = subprocess.run([sys.executable, "-m", "flows.cli", "build", "--out", str(local), *BUILD],
+                            cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "local ray" in result.stderr
+    assert pq.read_table(out / "manifest.parquet").to_pylist() == \
+        pq.read_table(local / "manifest.parquet").to_pylist()

@@ -1,0 +1,90 @@
+"""The `mcie train` and `mcie edit` subcommands. Torch and diffusers load only when one runs,
+so the rest of the `mcie` CLI starts fast."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    train = subparsers.add_parser("train", help="train MCIE-E1 on a build's train shards")
+    train.add_argument("--data", required=True, help="a build OUT (reads OUT/shards/train-*.tar)")
+    train.add_argument("--config", default="tiny", help="tiny | base | a JSON config file")
+    train.add_argument("--steps", type=int, default=100, help="train up to this many steps in total")
+    train.add_argument("--out", default="checkpoints", help="checkpoint dir (re-run to resume)")
+    train.add_argument("--batch-size", type=int)
+    train.add_argument("--grad-accum", type=int)
+    train.add_argument("--lr", type=float, dest="learning_rate")
+    train.add_argument("--checkpoint-every", type=int)
+    train.add_argument("--checkpoint-limit", type=int)
+    train.add_argument("--num-workers", type=int)
+    train.add_argument("--mixed-precision", choices=["auto", "no", "bf16", "fp16"])
+    train.add_argument("--seed", type=int)
+    train.set_defaults(func=run_train)
+
+    edit = subparsers.add_parser("edit", help="edit an image with a trained MCIE-E1 checkpoint")
+    edit.add_argument("--checkpoint", required=True, help="checkpoint-N dir or a training --out dir")
+    edit.add_argument("--image", required=True)
+    edit.add_argument("--instruction", required=True)
+    edit.add_argument("--regions", nargs="+", metavar="MASK_OR_BOX",
+                      help="one per sub-instruction: a mask image or x0,y0,x1,y1 (overrides prediction)")
+    edit.add_argument("--out", required=True, help="output PNG")
+    edit.add_argument("--steps", type=int, default=20)
+    edit.add_argument("--text-guidance", type=float, default=7.5)
+    edit.add_argument("--image-guidance", type=float, default=1.5)
+    edit.add_argument("--seed", type=int, default=0)
+    edit.add_argument("--device", default=None, help="cuda when available, else cpu")
+    edit.set_defaults(func=run_edit)
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from trainer.config import ConfigError, load_config, with_train
+    from trainer.train import latest_checkpoint, train
+
+    try:
+        if args.steps < 1:
+            raise ConfigError("--steps must be >= 1")
+        config = with_train(load_config(args.config), batch_size=args.batch_size,
+                            grad_accum=args.grad_accum, learning_rate=args.learning_rate,
+                            checkpoint_every=args.checkpoint_every,
+                            checkpoint_limit=args.checkpoint_limit, num_workers=args.num_workers,
+                            mixed_precision=args.mixed_precision, seed=args.seed)
+        config.model.check_paths()
+        result = train(args.data, config, args.out, args.steps)
+    except (ConfigError, FileNotFoundError, ValueError) as exc:
+        print(f"mcie train: error: {exc}", file=sys.stderr)
+        return 2
+    last = result.losses[max(result.losses)] if result.losses else float("nan")
+    print(json.dumps({"step": result.step, "resumed_from": result.resumed_from, "last_loss": last,
+                      "samples_per_s": round(result.samples_per_s, 2),
+                      "checkpoint": str(latest_checkpoint(Path(args.out)))}))
+    return 0
+
+
+def run_edit(args: argparse.Namespace) -> int:
+    import torch
+    from PIL import Image
+
+    from trainer.config import ConfigError
+    from trainer.edit import edit_image, load_model
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        if args.steps < 1:
+            raise ValueError("--steps must be >= 1")
+        if not Path(args.image).is_file():
+            raise FileNotFoundError(f"image {args.image} does not exist")
+        model = load_model(args.checkpoint, device)
+        with Image.open(args.image) as image:
+            result, info = edit_image(model, image, args.instruction, args.regions, args.steps,
+                                      args.text_guidance, args.image_guidance, args.seed)
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        result.save(args.out)
+    except (ConfigError, FileNotFoundError, ValueError, OSError) as exc:
+        print(f"mcie edit: error: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps({"out": args.out, **info}))
+    return 0
