@@ -1,14 +1,23 @@
 """Training throughput of MCIE-E1's denoiser vs a plain InstructPix2Pix UNet, and the shard loader's.
 
-    python bench/train.py --device cuda --steps 10      # base size, batch 32 at 512 px, bf16
+    python bench/train.py --device cuda --steps 10 --variants eager,cl+tune,cl+tune+compile
+    python bench/train.py --device cuda --skip loader --compile --channels-last
     python bench/train.py --device cpu --steps 2        # tiny smoke run
 
 Prints one JSON line per figure. The denoiser benchmark is random-init (throughput needs no
 weights) with a precomputed instruction context of the connector's shape, so it needs only torch
 and diffusers (no transformers, no VAE): both models get the same 8-channel latents, timesteps,
-bf16 autocast and fused AdamW. MFU = counted FLOPs per step (torch's FlopCounterMode, forward +
-backward) × steps/s ÷ the device's dense bf16 peak. The loader benchmark writes spec-conformant
-shards to a temp dir and streams them with `trainer.data` (webdataset) using every core.
+bf16 autocast and fused AdamW, and every variant is applied to BOTH models identically: `eager`,
+`cl` = channels-last weights and inputs, `tune` = cudnn.benchmark conv algorithm search,
+`compile` = torch.compile of the whole denoiser forward (default mode, static shapes), joined
+with `+`. Compilation happens in the warm-up steps (reported as `warmup_s`), never in the timed
+ones (`recompiled_in_timing` says if it did).
+MFU = counted FLOPs per step (torch's FlopCounterMode over one eager step, forward + backward;
+the FLOPs are the model's whatever the kernels) × steps/s ÷ the device's dense bf16 peak. `sdpa`
+names the SDPA kernel each attention kind ran (attn1 self, attn2 cross; `+mask` = with a bias).
+`vs_ip2p_same_variant` / `vs_ip2p_eager`: MCIE-E1 samples/s over the plain UNet's in the same
+variant / in plain eager. The loader benchmark writes spec-conformant shards to a temp dir and
+streams them with `trainer.data` (webdataset) using every core.
 
 Imports: torch, numpy, PIL, diffusers (denoiser part), webdataset (loader part), trainer.*.
 """
@@ -50,6 +59,31 @@ def peak_tflops(device: torch.device, given: float | None) -> float | None:
 
 # ---- denoiser ---------------------------------------------------------------------------------
 
+VARIANT_OPTIONS = {"eager": frozenset(), "compile": frozenset({"compile"}),
+                   "cl": frozenset({"channels_last"}), "channels_last": frozenset({"channels_last"}),
+                   "tune": frozenset({"cudnn_benchmark"}), "cudnn_benchmark": frozenset({"cudnn_benchmark"})}
+OPTION_ORDER = ("channels_last", "cudnn_benchmark", "compile")
+
+
+def parse_variants(text: str, compile_all: bool = False, channels_last_all: bool = False) -> list[tuple[str, frozenset]]:
+    """`eager,cl,cl+compile` → [(name, options)]; `--compile` / `--channels-last` add to each."""
+    variants = []
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        options = set()
+        for token in item.split("+"):
+            if token not in VARIANT_OPTIONS:
+                raise ValueError(f"unknown variant option {token!r} in {item!r} (eager, cl, tune, compile)")
+            options |= VARIANT_OPTIONS[token]
+        options |= {"compile"} if compile_all else set()
+        options |= {"channels_last"} if channels_last_all else set()
+        name = "+".join(o for o in OPTION_ORDER if o in options) or "eager"
+        if name not in [n for n, _ in variants]:
+            variants.append((name, frozenset(options)))
+    if not variants:
+        raise ValueError("no variants given")
+    return variants
+
+
 def make_models(size: str):
     from diffusers import UNet2DConditionModel
     from diffusers.models.attention_processor import AttnProcessor2_0
@@ -68,7 +102,8 @@ def make_models(size: str):
 
 
 def mcie_inputs(cfg, batch: int, latent: int, device):
-    from trainer.attention import GLOBAL_TOKEN, CrossAttnCondition
+    """(context, region_masks, token_regions, background) of the connector's shapes."""
+    from trainer.attention import GLOBAL_TOKEN
 
     tokens = cfg.global_queries + cfg.max_sub_edits * cfg.sub_queries
     labels = torch.full((batch, tokens), GLOBAL_TOKEN, device=device)
@@ -79,17 +114,100 @@ def mcie_inputs(cfg, batch: int, latent: int, device):
         regions[:, s, s * quarter:(s + 2) * quarter, quarter:3 * quarter] = 1
     background = 1 - regions.amax(1, keepdim=True)
     context = torch.randn(batch, tokens, cfg.unet["cross_attention_dim"], device=device)
+    return context, regions, labels, background
 
-    def condition(features):
-        return CrossAttnCondition(region_masks=regions, token_regions=labels, background=background,
-                                  source_features=features)
 
-    return context, condition
+class PlainDenoiser(torch.nn.Module):
+    """InstructPix2Pix: the UNet on [noisy, source] latents with a CLIP-length text context."""
+
+    def __init__(self, unet, context):
+        super().__init__()
+        self.unet = unet
+        self.register_buffer("context", context, persistent=False)
+
+    def forward(self, noisy, timesteps, source):
+        return self.unet(torch.cat([noisy, source], 1), timesteps, encoder_hidden_states=self.context).sample
+
+
+class MCIEDenoiser(torch.nn.Module):
+    """MCIE-E1's denoiser: source encoder + UNet with both MCIE cross-attentions. The condition is
+    built inside forward, so a compiled forward covers the masks and the source encoder too."""
+
+    def __init__(self, unet, source_encoder, context, regions, labels, background):
+        super().__init__()
+        self.unet, self.source_encoder = unet, source_encoder
+        for name, tensor in (("context", context), ("regions", regions), ("labels", labels),
+                             ("background", background)):
+            self.register_buffer(name, tensor, persistent=False)
+
+    def forward(self, noisy, timesteps, source):
+        from trainer.attention import CrossAttnCondition
+
+        condition = CrossAttnCondition(region_masks=self.regions, token_regions=self.labels,
+                                       background=self.background,
+                                       source_features=self.source_encoder(source))
+        return self.unet(torch.cat([noisy, source], 1), timesteps, encoder_hidden_states=self.context,
+                         cross_attention_kwargs={"mcie": condition}).sample
+
+
+class SDPARecorder:
+    """Context manager: which SDPA kernel each attention kind ran (`attn1` self-attention, `attn2`
+    cross-attention), seen at dispatch, with whether a mask/bias was passed. `math` = no fused
+    kernel (decomposed into matmuls)."""
+
+    def __init__(self):
+        from torch.utils._python_dispatch import TorchDispatchMode
+        from torch.utils.module_tracker import ModuleTracker
+
+        recorder = self
+        self.tracker = ModuleTracker()
+        self.kernels: dict[str, set] = {}
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                recorder.record(str(func.overloadpacket), args, kwargs or {})
+                return func(*args, **(kwargs or {}))
+
+        self.mode = Mode()
+
+    def record(self, op: str, args, kwargs) -> None:
+        kinds = {p.rsplit(".", 1)[-1] for p in self.tracker.parents} & {"attn1", "attn2"}
+        if not kinds:
+            return
+        kernels = self.kernels.setdefault(kinds.pop(), set())
+        if "_scaled_dot_product_" in op and not op.endswith("_backward"):
+            kernel = op.split("_scaled_dot_product_", 1)[1]
+            masked = len(args) > 3 and isinstance(args[3], torch.Tensor) or kwargs.get("attn_bias") is not None \
+                or kwargs.get("attn_mask") is not None
+            kernels.add(kernel + ("+mask" if masked else ""))
+
+    def __enter__(self):
+        self.tracker.__enter__()
+        self.mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self.mode.__exit__(*exc)
+        self.tracker.__exit__(*exc)
+
+    def summary(self) -> dict[str, list[str]]:
+        return {kind: sorted(k) or ["math"] for kind, k in sorted(self.kernels.items())}
+
+
+def _set_compile_defaults() -> None:
+    import torch._inductor.config as inductor
+
+    inductor.conv_1x1_as_mm = True  # the transformer blocks' 1x1 proj_in/proj_out convs as GEMMs
+    for name in ("recompile_limit", "cache_size_limit"):
+        if hasattr(torch._dynamo.config, name):
+            setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), 16))
 
 
 def bench_denoiser(args, device) -> None:
+    import torch._dynamo.utils
     from torch.utils.flop_counter import FlopCounterMode
 
+    variants = parse_variants(args.variants, args.compile, args.channels_last)
     size = "base" if device.type == "cuda" or args.size == "base" else "tiny"
     cfg, plain, mcie, source_encoder = make_models(size)
     batch = args.batch or (32 if size == "base" else 2)
@@ -97,72 +215,105 @@ def bench_denoiser(args, device) -> None:
     latent = resolution // (8 if size == "base" else 2)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     fused = device.type == "cuda"
-    mcie_context, condition = mcie_inputs(cfg, batch, latent, device)
+    context, regions, labels, background = mcie_inputs(cfg, batch, latent, device)
     plain_context = torch.randn(batch, 77, cfg.unet["cross_attention_dim"], device=device)
+    models = {"ip2p": PlainDenoiser(plain, plain_context),
+              "mcie-e1": MCIEDenoiser(mcie, source_encoder, context, regions, labels, background)}
     peak = peak_tflops(device, args.peak_tflops)
+    flops: dict[str, int] = {}
+    backends: dict[str, dict] = {}
+    speed: dict[tuple[str, str], float] = {}
+    if any("compile" in options for _, options in variants):
+        _set_compile_defaults()
 
-    def runner(name):
-        if name == "ip2p":
-            unet, extra = plain.to(device), []
-
-            def forward(x, t, src):
-                return unet(x, t, encoder_hidden_states=plain_context).sample
-        else:
-            unet, extra = mcie.to(device), list(source_encoder.to(device).parameters())
-
-            def forward(x, t, src):
-                features = source_encoder(src)
-                return unet(x, t, encoder_hidden_states=mcie_context,
-                            cross_attention_kwargs={"mcie": condition(features)}).sample
-        params = list(unet.parameters()) + extra
+    def run(name: str, variant: str, options: frozenset) -> None:
+        module = models[name]
+        layout = torch.channels_last if "channels_last" in options else torch.contiguous_format
+        module.to(device=device, memory_format=layout)
+        torch.backends.cudnn.benchmark = "cudnn_benchmark" in options  # conv algorithm search
+        module.train()
+        params = list(module.parameters())
         optimizer = torch.optim.AdamW(params, lr=1e-5, fused=fused)
         generator = torch.Generator(device=device).manual_seed(0)
+        forward = torch.compile(module) if "compile" in options else module
 
-        def step():
+        def step(fn=forward):
             latents = torch.randn(batch, 4, latent, latent, device=device, generator=generator)
             src = torch.randn(batch, 4, latent, latent, device=device, generator=generator)
             t = torch.randint(0, 1000, (batch,), device=device, generator=generator)
+            latents, src = latents.contiguous(memory_format=layout), src.contiguous(memory_format=layout)
             with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-                pred = forward(torch.cat([latents, src], 1), t, src)
+                pred = fn(latents, t, src)
                 loss = torch.nn.functional.mse_loss(pred.float(), latents)
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
 
-        return unet, params, step
+        def sync():
+            if device.type == "cuda":
+                torch.cuda.synchronize()
 
-    for name in ("ip2p", "mcie-e1"):
-        unet, params, step = runner(name)
-        unet.train()
-        for _ in range(args.warmup):
+        if name not in flops:  # FLOPs are the model's, whatever the kernels: count once, eagerly
+            with FlopCounterMode(display=False) as counter, SDPARecorder() as recorder:
+                step(module)
+            flops[name] = counter.get_total_flops()
+            backends[name] = recorder.summary()
+        counters = torch._dynamo.utils.counters
+        graphs_before, breaks_before = counters["stats"]["unique_graphs"], sum(counters["graph_break"].values())
+        sync()
+        started = time.perf_counter()
+        for _ in range(args.warmup):  # includes compilation
             step()
-        with FlopCounterMode(display=False) as counter:
-            step()
-        flops = counter.get_total_flops()
+        sync()
+        warmup_s = time.perf_counter() - started
+        graphs_warm = counters["stats"]["unique_graphs"]
         if device.type == "cuda":
-            torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
         started = time.perf_counter()
         for _ in range(args.steps):
             step()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        elapsed = time.perf_counter() - started
-        step_s = elapsed / args.steps
-        achieved = flops / step_s / 1e12
-        emit(bench="denoiser", model=name, size=size, device=str(device),
-             device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-             batch=batch, resolution=resolution, dtype=str(dtype).removeprefix("torch."),
-             params_m=round(sum(p.numel() for p in params) / 1e6, 1), steps=args.steps,
-             step_ms=round(step_s * 1000, 1), samples_per_s=round(batch / step_s, 2),
-             tflops_per_step=round(flops / 1e12, 4), achieved_tflops=round(achieved, 1),
-             mfu=round(achieved / peak, 4) if peak else None,
-             peak_mem_gib=round(torch.cuda.max_memory_allocated(device) / 2**30, 1)
-             if device.type == "cuda" else None)
-        unet.to("cpu")
-        del step, params
+        sync()
+        step_s = (time.perf_counter() - started) / args.steps
+        speed[(name, variant)] = batch / step_s
+        achieved = flops[name] / step_s / 1e12
+        figures = dict(
+            bench="denoiser", model=name, variant=variant, size=size, device=str(device),
+            device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+            batch=batch, resolution=resolution, dtype=str(dtype).removeprefix("torch."),
+            params_m=round(sum(p.numel() for p in params) / 1e6, 1), steps=args.steps,
+            step_ms=round(step_s * 1000, 1), samples_per_s=round(batch / step_s, 2),
+            tflops_per_step=round(flops[name] / 1e12, 4), achieved_tflops=round(achieved, 1),
+            mfu=round(achieved / peak, 4) if peak else None,
+            peak_mem_gib=round(torch.cuda.max_memory_allocated(device) / 2**30, 1)
+            if device.type == "cuda" else None,
+            warmup_s=round(warmup_s, 1), sdpa=backends[name])
+        if "compile" in options:
+            figures.update(graphs=graphs_warm - graphs_before,
+                           recompiled_in_timing=counters["stats"]["unique_graphs"] - graphs_warm,
+                           graph_breaks=sum(counters["graph_break"].values()) - breaks_before)
+        if name != "ip2p":
+            if ("ip2p", variant) in speed:
+                figures["vs_ip2p_same_variant"] = round(speed[(name, variant)] / speed[("ip2p", variant)], 3)
+            if ("ip2p", "eager") in speed:
+                figures["vs_ip2p_eager"] = round(speed[(name, variant)] / speed[("ip2p", "eager")], 3)
+        emit(**figures)
+        del forward, step, optimizer, params
+        module.to("cpu")
+        if "compile" in options:
+            torch._dynamo.reset()
         if device.type == "cuda":
             torch.cuda.empty_cache()
+
+    for variant, options in variants:
+        for name in models:
+            try:
+                run(name, variant, options)
+            except (RuntimeError, torch.OutOfMemoryError, AssertionError, ValueError) as exc:
+                # one failing variant (a compiler error, OOM) must not cost the other figures
+                emit(bench="denoiser", model=name, variant=variant, error=f"{type(exc).__name__}: {exc}"[:2000])
+                models[name].to("cpu")
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
 
 
 # ---- loader -----------------------------------------------------------------------------------
@@ -254,8 +405,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--loader-workers", type=int, help="default: every core")
     parser.add_argument("--loader-samples", type=int, default=256, help="samples written for the loader run")
     parser.add_argument("--loader-batches", type=int, default=12)
+    parser.add_argument("--variants", default="eager",
+                        help="comma list of kernel settings run for BOTH models, each a '+' join of "
+                             "eager, cl (channels-last), tune (cudnn.benchmark), compile; "
+                             "e.g. eager,cl+tune,cl+tune+compile")
+    parser.add_argument("--compile", action="store_true", help="torch.compile every variant")
+    parser.add_argument("--channels-last", action="store_true", help="channels-last for every variant")
     parser.add_argument("--skip", choices=["denoiser", "loader"], action="append", default=[])
     args = parser.parse_args(argv)
+    try:
+        parse_variants(args.variants)
+    except ValueError as exc:
+        parser.error(str(exc))
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         print("bench/train.py: error: --device cuda but no GPU is available", file=sys.stderr)

@@ -49,10 +49,10 @@ def process_units(
     sizes = {u: len(config.unit_indices(u)) for u in units}
     bar = tqdm(total=sum(sizes.values()), unit="pair", desc="build", file=sys.stderr,
                disable=None, dynamic_ncols=True)
-    first_done: list[float] = []
+    done: list[tuple[float, int]] = []  # (when, samples) per finished unit
 
     def unit_done(unit: int, _stats: BuildStats, node: str) -> None:
-        first_done.append(time.perf_counter())
+        done.append((time.perf_counter(), sizes[unit]))
         bar.update(sizes[unit])
 
     processing_started = time.perf_counter()
@@ -62,8 +62,13 @@ def process_units(
         bar.close()
         if not cluster_address(ray_address):
             stop_ray()
-    ended = first_done[-1] if first_done else time.perf_counter()
+    ended = done[-1][0] if done else time.perf_counter()
     run = result.stats.to_dict()
+    # Steady state: once every actor has finished its first unit (actor start-up and warm-up
+    # are behind), samples per second until the last unit.
+    actors = min(workers, len(units))
+    if len(done) > actors and done[-1][0] > done[actors - 1][0]:
+        run["steady_pairs_per_s"] = sum(n for _, n in done[actors:]) / (done[-1][0] - done[actors - 1][0])
     run.update(
         target=target,
         workers=workers,
@@ -137,6 +142,8 @@ def build_dataset(
             f" = {this_run['samples'] / this_run['wall_seconds']:.2f} pairs/s"
             f" (+ {this_run['ray_start_seconds']:.1f} s Ray start-up)"
         )
+        if this_run.get("steady_pairs_per_s"):
+            run["summary"] += f"\nsteady state  {this_run['steady_pairs_per_s']:>9.2f} pairs/s (after each worker's first unit)"
     if this_run.get("units_per_node"):
         run["summary"] += "\nunits per node\n" + "\n".join(
             f"  {count:>6}  {node}" for node, count in this_run["units_per_node"].items())

@@ -54,8 +54,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-import numpy as np
-
 from pipeline import __version__
 from pipeline.compose import MAX_EDITS, Composer
 from pipeline.edit import ProceduralEditor

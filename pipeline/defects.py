@@ -209,7 +209,11 @@ def inject_partial(rng: np.random.Generator, trace: EditTrace) -> Injected | Non
     region = trace.regions[i]
     others = [trace.regions[j] for j in range(n) if j != i]
     own = region & ~np.logical_or.reduce(others) if others else region
-    ys, xs = np.nonzero(region)
+    if not own.any():
+        return None
+    # The line splits the pixels only this sub-edit changes, so 40-70 % of them stay undone even
+    # when the region is mostly shared with other sub-edits.
+    ys, xs = np.nonzero(own)
     angle = float(rng.uniform(0, 2 * math.pi))
     projection = xs * math.cos(angle) + ys * math.sin(angle)
     fraction = float(rng.uniform(*PARTIAL_FRACTION))

@@ -145,7 +145,7 @@ def evaluate(
         the_judge = make_judge(judge, **(judge_options or {}))
     except (ValueError, TypeError) as exc:
         raise EvalError(f"cannot make judge {judge!r}: {exc}") from None
-    policy = policy or RoutingPolicy()
+    policy = policy or RoutingPolicy.for_judge(the_judge)
     ids = case_ids(bench, limit)
     if not ids:
         raise EvalError(f"{bench} holds no cases")

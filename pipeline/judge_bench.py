@@ -81,11 +81,11 @@ def judge_bench(
         raise ValueError(f"count must be at least 1, got {count}")
     if not 0.0 <= defect_rate <= 1.0:
         raise ValueError(f"defect rate must be within 0..1, got {defect_rate}")
-    policy = policy or RoutingPolicy()
     source = ProceduralSource(resolution=resolution)
     composer = Composer()
     editor = ProceduralEditor(defect_rate=defect_rate)
     judge_impl = make_judge(judge, **(judge_options or {}))
+    policy = policy or RoutingPolicy.for_judge(judge_impl)
     judging = JudgeStage(judge_impl)
     routing = RouteStage(policy)
 

@@ -28,8 +28,9 @@ An untouched background scores exactly 1; independent noise scores about 0 (its 
 the source is about 0, and flat ground has no variance to share).
 
 **Failed cases.** A case whose prediction is missing, unreadable or not an image scores 0 on both
-metrics (BC stays null where the case has no background); a case the judge cannot score (JudgeError) scores 0 compliance and its BC from pixels.
-Both are listed with their reason; nothing raises. A prediction of another size than the source is
+metrics (BC stays null where the case has no background); a case the judge cannot score
+(JudgeError, or a judge that raises) scores 0 compliance and its BC from pixels. Both are listed
+with their reason; nothing raises. A prediction of another size than the source is
 resized to it (bicubic) and flagged `resized`.
 """
 

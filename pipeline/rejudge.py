@@ -99,7 +99,7 @@ def rejudge(out: Path, judge: Judge, policy: RoutingPolicy | None = None,
         raise ValueError(f"chunk_size must be positive, got {chunk_size}")
     config = load_build_config(out)
     shard_size = int(config["shard_size"])
-    policy = policy or RoutingPolicy(**config.get("routing", {}))
+    policy = policy or RoutingPolicy.for_judge(judge, config.get("routing"))
     rows = read_manifest(out).to_pylist()
     stats = RejudgeStats()
     candidates = [r for r in rows if r["verdict"] == "judge_error" and r["shard"] == f"{REJUDGE}/{r['id']}"]
@@ -260,7 +260,7 @@ def run_rejudge(args: argparse.Namespace) -> int:
             if getattr(args, flag) is not None:
                 options[key] = getattr(args, flag)
         judge = make_judge(name, **options)
-        policy = RoutingPolicy(**config.get("routing", {}))
+        policy = RoutingPolicy.for_judge(judge, config.get("routing"))
     except (OSError, ValueError, TypeError, KeyError) as exc:
         print(f"mcie rejudge: error: {exc}", file=sys.stderr)
         return 2

@@ -192,13 +192,16 @@ def _sample_row(row: dict[str, Any], sample: EditSample | None) -> str:
     passes = row["sub_edit_pass"] or []
     scores = row["sub_edit_scores"] or []
     edits = sample.sub_edits if sample is not None else []
+    reasons = (sample.scores.get("sub_edit_reasons") if sample is not None else None) or []
     items = []
     for i, edit in enumerate(edits):
         color = "#%02x%02x%02x" % MASK_COLORS[i % len(MASK_COLORS)]
         score = f" {scores[i]:.2f}" if i < len(scores) else ""
-        mark = (" ✓" if passes[i] else " ✗") if i < len(passes) else ""
+        failed = i < len(passes) and not passes[i]
+        mark = (" ✗" if failed else " ✓") if i < len(passes) else ""
+        why = f"<div class=cap>{html.escape(str(reasons[i]))}</div>" if failed and i < len(reasons) else ""
         items.append(f'<li><span class=sw style="background:{color}"></span>{html.escape(edit.type)}: '
-                     f"{html.escape(edit.text)}<span class=scores>{score}{mark}</span></li>")
+                     f"{html.escape(edit.text)}<span class=scores>{score}{mark}</span>{why}</li>")
     if items:
         lines.append(f"<ol>{''.join(items)}</ol>")
     lines.append(f"<div class=scores>overall {_fmt(row['score_overall'])} · background "

@@ -27,10 +27,10 @@ ROUTES = ("accept", "borderline", "reject")
 
 @dataclass(frozen=True)
 class RoutingPolicy:
-    sub_edit_pass: float = 0.85
+    sub_edit_pass: float = 0.92
     background_accept: float = 0.9
     background_reject: float = 0.5
-    overall_accept: float = 0.85
+    overall_accept: float = 0.92
     overall_reject: float = 0.7
 
     def __post_init__(self) -> None:
@@ -46,6 +46,12 @@ class RoutingPolicy:
                 raise ValueError(
                     f"{score}_accept ({accept}) is below {score}_reject ({reject}): a score "
                     f"between them would be both accepted and rejected; need accept >= reject")
+
+    @classmethod
+    def for_judge(cls, judge: Any, overrides: dict[str, float] | None = None) -> "RoutingPolicy":
+        """The judge's own calibrated thresholds (a judge may declare `routing_defaults`: an
+        MLLM's 0-10 scores sit on another scale than the pixel judge's), then `overrides`."""
+        return cls(**{**getattr(judge, "routing_defaults", {}), **(overrides or {})})
 
     def to_dict(self) -> dict[str, float]:
         return asdict(self)

@@ -7,9 +7,8 @@ region masks from it, and "the mask covers exactly the changed pixels" is a chec
 
 from __future__ import annotations
 
-import copy
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from functools import lru_cache
 from typing import Any
 
@@ -113,7 +112,15 @@ class Scene:
         )
 
     def copy(self) -> "Scene":
-        return copy.deepcopy(self)
+        # A deep copy; every field below the lists is immutable, so this is all deepcopy would do
+        # (and ~10x faster: editors copy the scene once per sub-edit).
+        background = self.background
+        return Scene(
+            width=self.width,
+            height=self.height,
+            background=Background(background.kind, list(background.colors), background.horizon),
+            objects=[replace(o) for o in self.objects],
+        )
 
     def get(self, object_id: int) -> SceneObject:
         for obj in self.objects:
@@ -312,13 +319,13 @@ def _draw_background(background: Background, width: int, height: int) -> np.ndar
         image[split:] = rgbs[1].astype(np.uint8)
         return image
     if background.kind == "texture":
+        # checker[y, x] = (y // cell + x // cell) % 2 picks the colour: build the two kinds of
+        # row once and stack them by row parity (~5x faster than a per-pixel select)
         cell = max(4, min(width, height) // 16)
-        yy, xx = np.mgrid[0:height, 0:width]
-        checker = ((yy // cell + xx // cell) % 2).astype(bool)
-        image = np.empty((height, width, 3), dtype=np.uint8)
-        image[~checker] = rgbs[0].astype(np.uint8)
-        image[checker] = rgbs[1].astype(np.uint8)
-        return image
+        palette = rgbs.astype(np.uint8)
+        col_parity = (np.arange(width) // cell) % 2
+        rows = np.stack([palette[col_parity], palette[1 - col_parity]])  # (2, W, 3)
+        return np.take(rows, (np.arange(height) // cell) % 2, axis=0)
     raise ValueError(f"unknown background kind {background.kind!r}")
 
 
@@ -345,6 +352,23 @@ def _pattern_marks(pattern: str, width: int, height: int, period: int) -> np.nda
     raise ValueError(f"unknown pattern {pattern!r}")
 
 
+@lru_cache(maxsize=512)
+def _silhouette_window(
+    kind: str, size: str, cx: float, cy: float, text: str | None, width: int, height: int
+) -> tuple[slice, slice, np.ndarray] | None:
+    """(rows, cols, mask) of an object's silhouette cropped to its bounding box (read-only,
+    cached: an editor renders the same object in every intermediate state). None if empty."""
+    obj = SceneObject(id=0, kind=kind, color="", size=size, cx=cx, cy=cy, depth=0, text=text)
+    mask = silhouette(obj, width, height)
+    box = bbox(mask)
+    if box is None:
+        return None
+    rows, cols = slice(box[1], box[3]), slice(box[0], box[2])
+    window = mask[rows, cols].copy()
+    window.flags.writeable = False
+    return rows, cols, window
+
+
 def render(scene: Scene) -> tuple[np.ndarray, np.ndarray]:
     """Render a scene: (uint8 HxWx3 image, uint8 HxW id map; 0 = background, k = object id k-1)."""
     w, h = scene.width, scene.height
@@ -353,12 +377,17 @@ def render(scene: Scene) -> tuple[np.ndarray, np.ndarray]:
     for obj in sorted(scene.objects, key=lambda o: o.depth):
         if obj.id >= 255:
             raise ValueError("at most 255 objects per scene")
-        mask = silhouette(obj, w, h)
-        image[mask] = obj.rgb()
+        # Only the silhouette's bounding box is touched: the same pixels as full-frame masks.
+        found = _silhouette_window(obj.kind, obj.size, obj.cx, obj.cy, obj.text, w, h)
+        if found is None:
+            continue
+        rows, cols, mask = found
+        patch = image[rows, cols]
+        patch[mask] = obj.rgb()
         marks = pattern_mask(obj.pattern, w, h, period=max(4, int(obj.radius(w, h) / 2.5)))
         if marks is not None:
-            image[mask & marks] = pattern_color(obj.rgb())
-        idmap[mask] = obj.id + 1
+            patch[mask & marks[rows, cols]] = pattern_color(obj.rgb())
+        idmap[rows, cols][mask] = obj.id + 1
     return image, idmap
 
 

@@ -30,11 +30,12 @@ class UnitPipeline:
         self.config = config
         self.out = Path(out)
         self.source = ProceduralSource(resolution=config.resolution)
+        judge = make_judge(config.judge, **config.judge_options)
         self.stages = [
             Composer(min_edits=config.min_edits, max_edits=config.max_edits),
             ProceduralEditor(defect_rate=config.defect_rate),
-            JudgeStage(make_judge(config.judge, **config.judge_options)),
-            RouteStage(RoutingPolicy(**config.routing)),
+            JudgeStage(judge),
+            RouteStage(RoutingPolicy.for_judge(judge, config.routing)),
         ]
 
     def make_sources(self, unit: int) -> list[EditSample]:

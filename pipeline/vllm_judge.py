@@ -371,6 +371,11 @@ class VllmJudge:
     """A `Judge` that asks a vLLM OpenAI-compatible server. Thread-safe `score_batch`; picklable
     (only the config travels; the loop and connection pool are rebuilt on first use)."""
 
+    # An MLLM answers in whole points out of 10: "8/10 carried out" already means done, where the
+    # pixel judge's exact checks need 0.92. Build `routing` parameters override these.
+    routing_defaults = {"sub_edit_pass": 0.8, "background_accept": 0.8, "background_reject": 0.5,
+                        "overall_accept": 0.8, "overall_reject": 0.4}
+
     def __init__(self, config: VllmJudgeConfig):
         self.config = config
         self.name = f"vllm:{config.model}"

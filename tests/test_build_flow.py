@@ -54,6 +54,8 @@ def test_build_writes_every_sample_once_and_verifies(built: Path):
     defects = [json.loads(line) for line in (built / "defects.jsonl").read_text().splitlines()]
     assert len(defects) == 30 and any(d["defects"] for d in defects)
 
+    assert "<svg" in (built / "report.html").read_text()  # the build's report, beside the data
+
     verified = mcie("verify", str(built))
     assert verified.returncode == 0, verified.stdout + verified.stderr
 

@@ -27,8 +27,10 @@ from pipeline.record import EditSample
 from pipeline.routing import RoutingPolicy
 from pipeline.scene import Scene, render
 
-RESOLUTION = 128
-COUNT = 42  # 6 cases per sub-edit count 2..8
+# 256 px: at 128 px the pixel judge misses a few exact sub-edits whose objects are mostly hidden
+# behind others (reference compliance 0.976 there, 0.993 here at the 0.92 pass bar).
+RESOLUTION = 256
+COUNT = 28  # 4 cases per sub-edit count 2..8
 
 
 @pytest.fixture(scope="module")
@@ -46,6 +48,12 @@ def cases(bench):
 @pytest.fixture(scope="module")
 def judge():
     return make_judge("pixel")
+
+
+@pytest.fixture(scope="module")
+def reference(cases, judge):
+    """Per case, which sub-edits the judge passes on the exact reference target."""
+    return [r.sub_edit_pass for r in score_cases(cases, [c.target for c in cases], judge, RoutingPolicy())]
 
 
 def figures(cases, predictions, judge):
@@ -88,20 +96,26 @@ def test_noise_scores_about_zero_on_both(cases, judge):
 
 
 @pytest.mark.parametrize("share", [0.25, 0.5, 0.75])
-def test_skipping_a_share_of_sub_edits_lowers_compliance_by_that_share(cases, judge, share):
+def test_skipping_a_share_of_sub_edits_lowers_compliance_by_that_share(cases, judge, reference, share):
     rng = np.random.default_rng(11)
-    predictions, expected = [], []
+    predictions, skips = [], []
     for case in cases:
         n = len(case.sub_edits)
         k = max(1, round(share * n))
-        predictions.append(skipped_render(case, set(rng.choice(n, k, replace=False).tolist())))
-        expected.append(1 - k / n)
+        skips.append(set(rng.choice(n, k, replace=False).tolist()))
+        predictions.append(skipped_render(case, skips[-1]))
     summary, results = figures(cases, predictions, judge)
-    assert summary["instruction_compliance"] == pytest.approx(np.mean(expected), abs=0.03)
+    reference_ic = np.mean([np.mean(p) for p in reference])
+    dropped = np.mean([len(skip) / len(c.sub_edits) for c, skip in zip(cases, skips)])
+    assert summary["instruction_compliance"] == pytest.approx(reference_ic - dropped, abs=0.03)
+    # Sharper: exactly the skipped sub-edits fail, the others pass as they do on the reference.
+    kept = np.mean([np.mean([p and i not in skip for i, p in enumerate(ref)])
+                    for ref, skip in zip(reference, skips)])
+    assert summary["instruction_compliance"] == pytest.approx(kept, abs=0.02)
     assert summary["background_consistency"] == pytest.approx(1.0, abs=1e-6)  # skips stay inside
 
 
-def test_editor_fault_injection_skip_lowers_compliance_by_one_sub_edit_per_case(cases, judge):
+def test_editor_fault_injection_skip_lowers_compliance_by_one_sub_edit_per_case(cases, judge, reference):
     editor = ProceduralEditor(defect_rate=1.0, defect_types=("skip",))
     predictions, skipped = [], []
     for case in cases:
@@ -112,7 +126,8 @@ def test_editor_fault_injection_skip_lowers_compliance_by_one_sub_edit_per_case(
         predictions.append(sample.target)
         skipped.append(sample.defects[0]["sub_edit"])
     summary, results = figures(cases, predictions, judge)
-    expected = np.mean([1 - 1 / len(c.sub_edits) for c in cases])
+    reference_ic = np.mean([np.mean(p) for p in reference])
+    expected = reference_ic - np.mean([1 / len(c.sub_edits) for c in cases])
     assert summary["instruction_compliance"] == pytest.approx(expected, abs=0.03)
     # ... and it is the skipped sub-edit that fails.
     assert np.mean([not r.sub_edit_pass[i] for r, i in zip(results, skipped)]) >= 0.95
@@ -187,14 +202,14 @@ def test_judge_failures_fail_cases_not_the_run(cases, mode):
 
 # ---- mcie eval ----------------------------------------------------------------------------------------
 
-def test_eval_of_a_predictions_dir_with_missing_bad_and_resized_files(bench, cases, judge, tmp_path):
+def test_eval_of_a_predictions_dir_with_missing_bad_and_resized_files(bench, cases, reference, tmp_path):
     preds = tmp_path / "preds"
     preds.mkdir()
     for case in cases:
         Image.fromarray(case.target).save(preds / f"{case.id}.png")
     (preds / f"{cases[0].id}.png").unlink()  # missing
     (preds / f"{cases[1].id}.png").write_bytes(b"not a png at all")  # unreadable
-    Image.fromarray(cases[2].target).resize((64, 64), Image.NEAREST).save(preds / f"{cases[2].id}.png")
+    Image.fromarray(cases[2].target).resize((100, 100), Image.NEAREST).save(preds / f"{cases[2].id}.png")
     Image.fromarray(cases[3].target).convert("RGBA").save(preds / f"{cases[3].id}.png")
     summary, out = evaluate(bench, predictions=preds, out=tmp_path / "report")
     report = json.loads((out / "report.json").read_text())
@@ -203,10 +218,9 @@ def test_eval_of_a_predictions_dir_with_missing_bad_and_resized_files(bench, cas
     per_case = {r["case_id"]: r for r in report["per_case"]}
     assert per_case[cases[0].id]["compliance"] == 0.0 and per_case[cases[0].id]["consistency"] == 0.0
     assert per_case[cases[2].id]["resized"] is True
-    assert per_case[cases[3].id]["compliance"] == pytest.approx(1.0)
+    assert per_case[cases[3].id]["compliance"] == pytest.approx(np.mean(reference[3]))
     # The two failed cases score 0; the others as the references do (the resized one: anything).
-    reference = [r.compliance for r in score_cases(cases, [c.target for c in cases], judge, RoutingPolicy())]
-    expected = (sum(reference[3:]) + per_case[cases[2].id]["compliance"]) / COUNT
+    expected = (sum(np.mean(p) for p in reference[3:]) + per_case[cases[2].id]["compliance"]) / COUNT
     assert report["instruction_compliance"] == pytest.approx(expected, abs=1e-9)
     with_background = [c for c in cases if c.background_mask.any()]
     lost = len([c for c in cases[:2] if c.background_mask.any()])
@@ -220,7 +234,7 @@ def test_eval_of_a_predictions_dir_with_missing_bad_and_resized_files(bench, cas
     page = (out / "report.html").read_text()
     assert "Instruction Compliance" in page and "✓ pass" in page and "no prediction" in page
     assert not re.search(r"""src=['"](?!data:image/png;base64,)""", page)  # self-contained
-    assert page.count("<div class='case'>") == 24
+    assert page.count("<div class='case'>") == 24 and "cie-0002" in page
 
 
 def test_eval_runs_an_in_process_editor_and_keeps_its_outputs(bench, cases, tmp_path):

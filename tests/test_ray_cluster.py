@@ -21,8 +21,8 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+from code_snapshot import env_with, snapshot
 
-ROOT = Path(__file__).resolve().parents[1]
 RAY = str(Path(sys.executable).with_name("ray"))
 BUILD = ["--count", "24", "--resolution", "128", "--shard-size", "3", "--seed", "5", "--workers", "2"]
 
@@ -71,7 +71,7 @@ def alive_nodes(address: str) -> int:
 def cluster():
     # short: Ray puts unix sockets under the temp dir; not the project's .ray, so no local
     # `ray.init` of another test ever finds this cluster
-    temp_dir = Path(tempfile.mkdtemp(prefix="rc", dir=ROOT / "tmp" if (ROOT / "tmp").is_dir() else None))
+    temp_dir = Path(tempfile.mkdtemp(prefix="mcie-rc-"))
     port = free_port()
     address = f"127.0.0.1:{port}"
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
@@ -104,33 +104,37 @@ def cluster():
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
-def mcie(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "flows.cli", *args], cwd=ROOT, capture_output=True,
-                          text=True, timeout=300, env={**os.environ, **(env or {})})
+@pytest.fixture(scope="module")
+def code(tmp_path_factory) -> Path:
+    return snapshot(tmp_path_factory.mktemp("code"))
+
+
+def mcie(code: Path, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "flows.cli", *args], cwd=code, capture_output=True,
+                          text=True, timeout=300, env=env or env_with(code))
 
 
 @pytest.mark.slow
-def test_build_on_a_two_node_cluster_uses_both_nodes_and_equals_a_local_build(cluster, tmp_path: Path):
+def test_build_on_a_two_node_cluster_uses_both_nodes_and_equals_a_local_build(cluster, code, tmp_path: Path):
     out = tmp_path / "cluster"
-    result = mcie("build", "--out", str(out), *BUILD, "--ray-address", cluster)
+    result = mcie(code, "build", "--out", str(out), *BUILD, "--ray-address", cluster)
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"ray cluster at {cluster} (2 nodes" in result.stderr
     per_node = dict((node, int(n)) for n, node in
-                    re.findall(r"^\s+(\d+)\s+(127\.0\.0\.1/[0-9a-f]{8})$", result.stdout, re.M))
+                    re.findall(r"^\s+(\d+)\s+(\S+/[0-9a-f]{8})$", result.stdout, re.M))
     assert len(per_node) == 2, result.stdout  # both nodes processed units
     assert sum(per_node.values()) == 8 and min(per_node.values()) >= 1
 
-    verified = mcie("verify", str(out))
+    verified = mcie(code, "verify", str(out))
     assert verified.returncode == 0, verified.stdout + verified.stderr
 
     # RAY_ADDRESS names the cluster just as well; a finished build is left alone
-    again = mcie("build", "--out", str(out), *BUILD, env={"RAY_ADDRESS": cluster})
+    again = mcie(code, "build", "--out", str(out), *BUILD, env=env_with(code, RAY_ADDRESS=cluster))
     assert again.returncode == 0 and "already complete" in again.stdout
 
     local = tmp_path / "local"
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    result = subprocess.run([sys.executable, "-m", "flows.cli", "build", "--out", str(local), *BUILD],
-                            cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    env = {k: v for k, v in env_with(code).items() if k != "RAY_ADDRESS"}
+    result = mcie(code, "build", "--out", str(local), *BUILD, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "local ray" in result.stderr
     assert pq.read_table(out / "manifest.parquet").to_pylist() == \

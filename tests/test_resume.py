@@ -22,6 +22,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.shards import is_temp_name
+from code_snapshot import env_with, snapshot
 
 ROOT = Path(__file__).resolve().parents[1]
 BUILD = ["--count", "48", "--resolution", "256", "--shard-size", "4", "--seed", "11",
@@ -30,13 +31,16 @@ UNITS = 12
 NOT_COMPARED = {"report.html"}  # names OUT's own path
 
 
+CODE: Path = ROOT  # replaced by a frozen copy of the code in the test
+
+
 def env_for(prefect_home: Path) -> dict[str, str]:
     prefect_home.mkdir(parents=True, exist_ok=True)
-    return {**os.environ, "PYTHONUNBUFFERED": "1", "PREFECT_HOME": str(prefect_home)}
+    return env_with(CODE, PYTHONUNBUFFERED="1", PREFECT_HOME=str(prefect_home))
 
 
 def mcie(args: list[str], prefect_home: Path, timeout: int = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "flows.cli", *args], cwd=ROOT, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "flows.cli", *args], cwd=CODE, capture_output=True,
                           text=True, timeout=timeout, env=env_for(prefect_home))
 
 
@@ -72,7 +76,7 @@ def build_killed_at(out: Path, prefect_home: Path, parts: int) -> int:
     """Start `mcie build`, SIGKILL its process group once `parts` unit parts exist. Returns the
     number of parts found at the kill (or -1 if the build finished first)."""
     proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "build", "--out", str(out), *BUILD],
-                            cwd=ROOT, env=env_for(prefect_home), start_new_session=True,
+                            cwd=CODE, env=env_for(prefect_home), start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 240
@@ -108,7 +112,8 @@ def tree(out: Path) -> dict[str, str]:
 
 
 @pytest.mark.slow
-def test_kill_9_at_several_points_then_rerun_gives_the_uninterrupted_build(tmp_path: Path):
+def test_kill_9_at_several_points_then_rerun_gives_the_uninterrupted_build(tmp_path: Path, monkeypatch):
+    monkeypatch.setattr(sys.modules[__name__], "CODE", snapshot(tmp_path / "code"))
     reference = tmp_path / "reference"
     first = mcie(["build", "--out", str(reference), *BUILD], tmp_path / "prefect-ref")
     assert first.returncode == 0, first.stderr[-3000:]

@@ -135,3 +135,16 @@ def test_route_stage_fails_a_sample_without_scores_alone():
     assert unscored.verdict == "error" and unscored.error_stage == "route"
     assert "no judge scores" in unscored.error
     assert scored.verdict == "accept"
+
+
+def test_a_judge_brings_its_own_thresholds_and_build_parameters_override_them():
+    class CalibratedJudge:
+        routing_defaults = {"sub_edit_pass": 0.8, "overall_accept": 0.8}
+
+    policy = RoutingPolicy.for_judge(CalibratedJudge(), {"overall_accept": 0.85})
+    assert policy.sub_edit_pass == 0.8
+    assert policy.overall_accept == 0.85
+    assert policy.background_accept == RoutingPolicy().background_accept
+    assert RoutingPolicy.for_judge(object()) == RoutingPolicy()
+    with pytest.raises(ValueError, match="overall_accept"):
+        RoutingPolicy.for_judge(CalibratedJudge(), {"overall_reject": 0.9})

@@ -180,6 +180,49 @@ def test_closed_background_gate_shuts_the_instruction_out_of_the_background():
         assert not torch.equal(a[0, outside], b[0, outside])
 
 
+@pytest.mark.parametrize("with_source", [True, False])
+def test_optimised_processor_equals_the_plain_reference_computation(with_source):
+    from trainer.attention import reference_mcie_attention
+
+    attn = _attention(2)
+    h, w = 5, 7  # odd sizes: ceil-halving grids, unaligned token count (bias padding path)
+    regions = torch.zeros(2, 3, 2 * h, 2 * w)
+    regions[0, 0, :4, :6] = 1
+    regions[0, 1, 3:, 5:] = 1
+    regions[1, 2, 2:9, 1:12] = 1
+    background = 1 - regions.amax(1, keepdim=True)
+    labels = torch.tensor([[-1, -1, 0, 0, 1, 1, 2, -2, -2], [-1, -1, 2, 2, 2, -2, -2, -2, -2]])
+    features = torch.randn(2, 6, 2 * h, 2 * w) if with_source else None
+    cond = CrossAttnCondition(region_masks=regions, token_regions=labels, background=background,
+                              source_features=features)
+    hidden, context = torch.randn(2, h * w, 16), torch.randn(2, labels.shape[1], 12)
+    with torch.no_grad():
+        attn.processor.gate.fill_(0.3)
+        fast = attn(hidden, context, mcie=cond)
+        slow = reference_mcie_attention(attn, attn.processor, hidden, context, cond)
+    assert torch.allclose(fast, slow, atol=1e-5, rtol=1e-4), (fast - slow).abs().max()
+    # the gate's gradient flows through the fused mix as through the reference
+    if with_source:
+        grads = []
+        for fn in (lambda: attn(hidden, context, mcie=CrossAttnCondition(regions, labels, background, features)),
+                   lambda: reference_mcie_attention(attn, attn.processor, hidden, context, cond)):
+            attn.processor.gate.grad = None
+            fn().square().sum().backward()
+            grads.append(attn.processor.gate.grad.clone())
+        assert torch.allclose(grads[0], grads[1], rtol=1e-4, atol=1e-6) and grads[0] != 0
+
+
+def test_processor_loads_weights_saved_with_separate_source_projections():
+    attn = _attention(3)
+    fused = attn.processor.to_kv_source.weight.detach()
+    k, v = fused.chunk(2)
+    old_style = {"to_k_source.weight": k.clone(), "to_v_source.weight": v.clone(),
+                 "gate": torch.tensor(0.5)}
+    fresh = _attention(4).processor
+    fresh.load_state_dict(old_style)
+    assert torch.equal(fresh.to_kv_source.weight, fused) and fresh.gate.item() == 0.5
+
+
 def test_unet_cross_attentions_are_all_mcie_processors():
     from trainer.attention import mcie_processors
     from trainer.model import build_model
@@ -190,7 +233,7 @@ def test_unet_cross_attentions_are_all_mcie_processors():
     set_background_gate(model.unet, 1.0)
     assert all(torch.sigmoid(p.gate) == 1 for p in mcie_processors(model.unet))
     # the processors' own weights are part of the trained, saved state
-    assert any("to_k_source" in k for k in model.state_dict())
+    assert any("to_kv_source" in k for k in model.state_dict())
     assert not any(k.startswith("frozen") or "language_model" in k for k in model.state_dict())
 
 

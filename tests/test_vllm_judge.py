@@ -114,7 +114,7 @@ def test_verdicts_from_the_judges_scores_never_accept_a_bad_answer(server, judge
         samples.append(EditSample(id=v.id, index=i, seed=0, source=v.source, target=v.target,
                                   instruction=v.instruction, sub_edits=v.sub_edits,
                                   background_mask=v.background_mask))
-    RouteStage(RoutingPolicy())(JudgeStage(judge)(samples))
+    RouteStage(RoutingPolicy.for_judge(judge))(JudgeStage(judge)(samples))
     assert [s.verdict for s in samples] == [
         "accept", "reject", "borderline", "reject", "judge_error", "judge_error"]
     assert samples[2].scores["sub_edit_pass"] == [True, False]

@@ -30,6 +30,7 @@ from torch import nn
 
 GLOBAL_TOKEN = -1
 PADDING_TOKEN = -2
+_BIAS_ALIGN = 16  # the memory-efficient SDPA kernel wants bias rows aligned to 16 elements
 
 
 @dataclass
@@ -62,17 +63,18 @@ class CrossAttnCondition:
             self._cache[key] = pooled.flatten(2) > 0.5
         return self._cache[key]
 
-    def background_at(self, length: int) -> torch.Tensor:
-        """(B, length, 1) float: 1 only where the whole cell is background (conservative)."""
-        key = ("background", length)
+    def background_at(self, length: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """(B, 1, length, 1) 0/1: 1 only where the whole cell is background (conservative).
+        Shaped to broadcast over per-head attention outputs (B, heads, length, dim)."""
+        key = ("background", length, dtype)
         if key not in self._cache:
             h, w = self.grid(length)
             edited = F.adaptive_max_pool2d(1.0 - self.background.float(), (h, w))
-            self._cache[key] = (1.0 - edited).flatten(2).transpose(1, 2)
+            self._cache[key] = (1.0 - edited).flatten(1)[:, None, :, None].to(dtype)
         return self._cache[key]
 
     def token_mask(self, length: int) -> torch.Tensor:
-        """(B, 1, length, T) bool SDPA mask: may position p attend to token t?"""
+        """(B, 1, length, T) bool: may position p attend to token t?"""
         key = ("tokens", length)
         if key not in self._cache:
             regions = self.regions_at(length)  # (B, S, N)
@@ -84,13 +86,32 @@ class CrossAttnCondition:
             self._cache[key] = (is_global | (is_sub & in_region))[:, None]
         return self._cache[key]
 
-    def source_tokens(self, length: int, grid: int) -> torch.Tensor:
+    def token_bias(self, length: int, dtype: torch.dtype) -> torch.Tensor:
+        """`token_mask` as the additive SDPA bias (0 / -inf) in the attention's dtype.
+
+        SDPA would turn a bool mask into exactly this tensor on every call (each attention layer,
+        forward and again for backward); here it is built once per resolution. Its storage is
+        padded to a multiple of 16 tokens so the memory-efficient kernel (the one CUDA picks for a
+        masked attention) takes it as it is instead of padding a copy per call. Every row keeps
+        the global tokens, so no row is all -inf."""
+        key = ("bias", length, dtype)
+        if key not in self._cache:
+            allowed = self.token_mask(length)
+            tokens = allowed.shape[-1]
+            padded = -(-tokens // _BIAS_ALIGN) * _BIAS_ALIGN
+            bias = torch.full((*allowed.shape[:-1], padded), -math.inf, dtype=dtype, device=allowed.device)
+            bias[..., :tokens].masked_fill_(allowed, 0.0)
+            self._cache[key] = bias[..., :tokens]
+        return self._cache[key]
+
+    def source_tokens(self, length: int, grid: int, dtype: torch.dtype | None = None) -> torch.Tensor:
         """(B, M, C) source features average-pooled to this attention's grid (at most grid²)."""
-        key = ("source", length, grid)
+        key = ("source", length, grid, dtype)
         if key not in self._cache:
             h, w = self.grid(length)
             pooled = F.adaptive_avg_pool2d(self.source_features, (min(h, grid), min(w, grid)))
-            self._cache[key] = pooled.flatten(2).transpose(1, 2)
+            pooled = pooled.flatten(2).transpose(1, 2)
+            self._cache[key] = pooled if dtype is None else pooled.to(dtype)
         return self._cache[key]
 
 
@@ -114,14 +135,19 @@ class SelfAttnProcessor(AttnProcessor2_0):
 
 class MCIECrossAttnProcessor(nn.Module):
     """Spatial-aware cross-attention over the instruction context, mixed per position with a
-    background-consistent cross-attention over source-image features."""
+    background-consistent cross-attention over source-image features.
+
+    Written for throughput (the math is `reference_mcie_attention`'s): the text mask is a cached
+    additive bias in the compute dtype, the source keys and values come from one fused projection,
+    and the per-position mix is a single `lerp` on the heads' outputs in the compute dtype (no
+    float32 (B, N, C) temporaries, no dtype round-trips)."""
 
     def __init__(self, inner_dim: int, source_dim: int, grid: int, gate_init: float = -2.0):
         super().__init__()
         self.grid = grid
-        self.to_k_source = nn.Linear(source_dim, inner_dim, bias=False)
-        self.to_v_source = nn.Linear(source_dim, inner_dim, bias=False)
+        self.to_kv_source = nn.Linear(source_dim, 2 * inner_dim, bias=False)  # [K; V] stacked
         self.gate = nn.Parameter(torch.tensor(float(gate_init)))
+        self.register_load_state_dict_pre_hook(_fuse_split_source_projections)
 
     def __call__(self, attn: Attention, hidden_states: torch.Tensor,
                  encoder_hidden_states: torch.Tensor | None = None,
@@ -139,21 +165,63 @@ class MCIECrossAttnProcessor(nn.Module):
         query = _heads(attn, attn.to_q(hidden_states))
         key = _heads(attn, attn.to_k(encoder_hidden_states))
         value = _heads(attn, attn.to_v(encoder_hidden_states))
-        text = _merge(F.scaled_dot_product_attention(query, key, value,
-                                                     attn_mask=mcie.token_mask(length)))
-        mixed = text
+        # (B, heads, N, d); a mask rules out flash, CUDA runs the memory-efficient kernel here
+        text = F.scaled_dot_product_attention(query, key, value,
+                                              attn_mask=mcie.token_bias(length, query.dtype))
         if mcie.source_features is not None:
-            source = mcie.source_tokens(length, self.grid).to(query.dtype)
-            k_src = _heads(attn, self.to_k_source(source))
-            v_src = _heads(attn, self.to_v_source(source))
-            from_source = _merge(F.scaled_dot_product_attention(query, k_src, v_src))
-            closed = torch.sigmoid(self.gate) * mcie.background_at(length).to(text.dtype)
-            mixed = (1 - closed) * text + closed * from_source
+            source = mcie.source_tokens(length, self.grid, query.dtype)
+            k_src, v_src = self.to_kv_source(source).chunk(2, dim=-1)
+            # no mask: the flash kernel on CUDA
+            from_source = F.scaled_dot_product_attention(query, _heads(attn, k_src), _heads(attn, v_src))
+            closed = mcie.background_at(length, text.dtype) * torch.sigmoid(self.gate).to(text.dtype)
+            text = torch.lerp(text, from_source, closed)  # (1 - closed)·text + closed·source
 
-        out = attn.to_out[1](attn.to_out[0](mixed.to(query.dtype)))
+        out = attn.to_out[1](attn.to_out[0](_merge(text)))
         if attn.residual_connection:
             out = out + residual
         return out / attn.rescale_output_factor
+
+
+def _fuse_split_source_projections(module, state_dict, prefix, *args) -> None:
+    """Load weights saved with separate `to_k_source` / `to_v_source` into `to_kv_source`."""
+    k, v = prefix + "to_k_source.weight", prefix + "to_v_source.weight"
+    if k in state_dict and v in state_dict:
+        state_dict[prefix + "to_kv_source.weight"] = torch.cat([state_dict.pop(k), state_dict.pop(v)])
+
+
+def reference_mcie_attention(attn: Attention, processor: MCIECrossAttnProcessor,
+                             hidden_states: torch.Tensor, context: torch.Tensor,
+                             condition: CrossAttnCondition) -> torch.Tensor:
+    """The MCIE cross-attention written out plainly (explicit softmax, boolean mask, float32 mix):
+    what the optimised processor must equal. Tests compare against it; not used in training."""
+    length = hidden_states.shape[1]
+    if attn.norm_cross:
+        context = attn.norm_encoder_hidden_states(context)
+    query = _heads(attn, attn.to_q(hidden_states))
+    scale = query.shape[-1] ** -0.5
+
+    def attend(keys, values, allowed=None):
+        scores = query @ keys.transpose(-1, -2) * scale
+        if allowed is not None:
+            scores = scores.masked_fill(~allowed, float("-inf"))
+        return _merge(scores.softmax(-1) @ values)
+
+    text = attend(_heads(attn, attn.to_k(context)), _heads(attn, attn.to_v(context)),
+                  condition.token_mask(length))
+    mixed = text
+    if condition.source_features is not None:
+        h, w = condition.grid(length)
+        grid = (min(h, processor.grid), min(w, processor.grid))
+        source = F.adaptive_avg_pool2d(condition.source_features, grid).flatten(2).transpose(1, 2)
+        k_weight, v_weight = processor.to_kv_source.weight.chunk(2)
+        from_source = attend(_heads(attn, source @ k_weight.T), _heads(attn, source @ v_weight.T))
+        background = 1.0 - F.adaptive_max_pool2d(1.0 - condition.background.float(), (h, w))
+        closed = torch.sigmoid(processor.gate) * background.flatten(2).transpose(1, 2)  # (B, N, 1)
+        mixed = (1 - closed) * text.float() + closed * from_source.float()
+    out = attn.to_out[1](attn.to_out[0](mixed.to(query.dtype)))
+    if attn.residual_connection:
+        out = out + hidden_states
+    return out / attn.rescale_output_factor
 
 
 def install_mcie_processors(unet: nn.Module, source_dim: int, grid: int) -> None:

@@ -1,0 +1,161 @@
+"""Build throughput and memory, on this machine, in one run (a benchmark that prints figures).
+
+    .venv/bin/python bench/build.py [--count 192] [--rss-count 64] [--resolution 512]
+
+1. bare loop: `UnitPipeline.run` over the units in this process (one core), after one warm-up
+   unit: the stage code's own speed, pairs/s (= pairs/s per core);
+2. `mcie build --workers 1` and `--workers 2`: pairs/s of the processing (first unit start to last
+   unit end), steady-state pairs/s (after each worker's first unit), and start-up (Prefect + Ray +
+   actors) apart;
+3. peak RSS of a whole `mcie build` (driver, Prefect's API, Ray's processes and workers, summed
+   over its session, sampled every 0.1 s) for N and for 10·N samples.
+Targets: flow 1 worker ≥ 0.9× bare loop; 2 workers ≥ 1.8× 1 worker; RSS(10·N) ≤ 1.2× RSS(N).
+The load average before and after is printed: on a shared machine, figures are only comparable
+when it is low.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+STEADY = re.compile(r"steady state\s+([\d.]+) pairs/s")
+THIS_RUN = re.compile(r"this run\s+(\d+) samples in ([\d.]+) s = ([\d.]+) pairs/s \(\+ ([\d.]+) s Ray")
+
+
+def bare_loop(count: int, resolution: int, shard_size: int, seed: int, out: Path) -> dict:
+    from pipeline.config import BuildConfig
+    from pipeline.unit import UnitPipeline
+
+    config = BuildConfig(count=count, seed=seed, resolution=resolution, shard_size=shard_size)
+    started = time.perf_counter()
+    pipeline = UnitPipeline(config, out)
+    pipeline.run(0)  # warm-up: imports, caches, first allocations
+    warm = time.perf_counter()
+    samples = 0
+    for unit in range(1, config.num_units):
+        samples += pipeline.run(unit).samples
+    seconds = time.perf_counter() - warm
+    return {"pairs_per_s": samples / seconds, "samples": samples, "seconds": seconds,
+            "startup_s": warm - started}
+
+
+def session_rss(sid: int) -> int:
+    import psutil
+
+    total = 0
+    for proc in psutil.process_iter(["pid"]):
+        try:
+            if os.getsid(proc.pid) == sid:
+                total += proc.memory_info().rss
+        except (psutil.Error, ProcessLookupError, PermissionError):
+            continue
+    return total
+
+
+def mcie_build(out: Path, count: int, resolution: int, shard_size: int, seed: int, workers: int,
+               env: dict) -> dict:
+    args = [sys.executable, "-m", "flows.cli", "build", "--out", str(out), "--count", str(count),
+            "--resolution", str(resolution), "--shard-size", str(shard_size), "--seed", str(seed),
+            "--workers", str(workers)]
+    started = time.perf_counter()
+    proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    peak = 0
+    stop = threading.Event()
+
+    def sample() -> None:
+        nonlocal peak
+        while not stop.is_set():
+            peak = max(peak, session_rss(proc.pid))
+            time.sleep(0.1)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    stdout, stderr = proc.communicate()
+    stop.set()
+    sampler.join()
+    wall = time.perf_counter() - started
+    if proc.returncode != 0:
+        raise RuntimeError(f"mcie build failed ({proc.returncode}): {stderr[-2000:]}")
+    run = THIS_RUN.search(stdout)
+    steady = STEADY.search(stdout)
+    samples, seconds, pairs = int(run.group(1)), float(run.group(2)), float(run.group(3))
+    return {"pairs_per_s": pairs, "steady_pairs_per_s": float(steady.group(1)) if steady else None,
+            "processing_s": seconds, "wall_s": wall, "startup_s": wall - seconds,
+            "ray_start_s": float(run.group(4)), "peak_rss_mib": peak / 2**20, "samples": samples}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--count", type=int, default=192, help="samples per throughput run")
+    parser.add_argument("--rss-count", type=int, default=64, help="N of the RSS runs (and 10·N)")
+    parser.add_argument("--resolution", type=int, default=512)
+    parser.add_argument("--shard-size", type=int, default=16)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--skip", nargs="*", default=[], choices=["bare", "flow", "rss"])
+    args = parser.parse_args()
+
+    work = Path(tempfile.mkdtemp(prefix="mcie-bench-"))
+    env = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "RAY_AUTH_MODE": "disabled",
+           "PREFECT_HOME": str(work / "prefect"), "TQDM_DISABLE": "1"}
+    env.pop("RAY_ADDRESS", None)
+    (work / "prefect").mkdir()
+    print(f"machine: {os.cpu_count()} cores; load average before: "
+          f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    print(f"{args.count} samples at {args.resolution} px, shard size {args.shard_size}")
+    results = {}
+    try:
+        if "bare" not in args.skip:
+            bare = results["bare"] = bare_loop(args.count, args.resolution, args.shard_size, args.seed,
+                                               work / "bare")
+            print(f"bare loop (1 process)  {bare['pairs_per_s']:7.2f} pairs/s  (= per core; "
+                  f"{bare['samples']} samples in {bare['seconds']:.1f} s after {bare['startup_s']:.1f} s warm-up)")
+        if "flow" not in args.skip:
+            for workers in (1, 2):
+                run = results[f"flow{workers}"] = mcie_build(
+                    work / f"flow{workers}", args.count, args.resolution, args.shard_size, args.seed,
+                    workers, env)
+                steady = run["steady_pairs_per_s"]
+                print(f"mcie build, {workers} worker{'s' if workers > 1 else ' '} {run['pairs_per_s']:7.2f} pairs/s"
+                      f"  steady {steady if steady is None else f'{steady:.2f}'} pairs/s;"
+                      f" start-up {run['startup_s']:.1f} s (Ray {run['ray_start_s']:.1f} s), wall {run['wall_s']:.1f} s,"
+                      f" peak RSS {run['peak_rss_mib']:.0f} MiB")
+        if "rss" not in args.skip:
+            for n in (args.rss_count, 10 * args.rss_count):
+                run = results[f"rss{n}"] = mcie_build(work / f"rss{n}", n, args.resolution,
+                                                      args.shard_size, args.seed, 2, env)
+                print(f"peak RSS, {n:5d} samples  {run['peak_rss_mib']:7.0f} MiB (whole build, 2 workers;"
+                      f" {run['pairs_per_s']:.2f} pairs/s)")
+        print("ratios:")
+        if "bare" in results and "flow1" in results:
+            f1 = results["flow1"]
+            print(f"  flow 1 worker / bare loop   {f1['pairs_per_s'] / results['bare']['pairs_per_s']:.2f}"
+                  f" (steady {(f1['steady_pairs_per_s'] or 0) / results['bare']['pairs_per_s']:.2f}; target >= 0.9)")
+        if "flow1" in results and "flow2" in results:
+            f1, f2 = results["flow1"], results["flow2"]
+            print(f"  flow 2 workers / 1 worker   {f2['pairs_per_s'] / f1['pairs_per_s']:.2f}"
+                  f" (steady {(f2['steady_pairs_per_s'] or 0) / (f1['steady_pairs_per_s'] or 1):.2f}; target >= 1.8)")
+        n = args.rss_count
+        if f"rss{n}" in results:
+            print(f"  peak RSS 10·N / N           "
+                  f"{results[f'rss{10 * n}']['peak_rss_mib'] / results[f'rss{n}']['peak_rss_mib']:.2f} (target <= 1.2)")
+    finally:
+        print(f"load average after: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+        shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
