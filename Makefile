@@ -10,7 +10,7 @@ DEMO_COUNT ?= 300
 export PREFECT_HOME ?= $(CURDIR)/.prefect
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 
-.PHONY: demo test install clean
+.PHONY: demo test install deploy bench clean
 
 install: $(STAMP)
 
@@ -27,6 +27,14 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest
+
+# Needs PREFECT_API_URL pointing at a running `prefect server start --host 127.0.0.1`.
+deploy: $(STAMP)
+	$(VENV)/bin/prefect work-pool create mcie-process --type process --overwrite
+	$(VENV)/bin/prefect --no-prompt deploy --all
+
+bench: $(STAMP)
+	$(PY) bench/build.py
 
 clean:
 	rm -rf out .prefect .ray .pytest_cache

@@ -37,8 +37,9 @@ class BuildConfig:
     def __post_init__(self) -> None:
         if not isinstance(self.count, int) or self.count < 1:
             raise ConfigError(f"count must be a positive integer, got {self.count!r}")
-        if not isinstance(self.seed, int) or self.seed < 0:
-            raise ConfigError(f"seed must be a non-negative integer, got {self.seed!r}")
+        if not isinstance(self.seed, int) or not 0 <= self.seed < 2**63:
+            # int64 in the manifest; CIE-Bench relies on builds never reaching 2**63
+            raise ConfigError(f"seed must be an integer within 0..2**63-1, got {self.seed!r}")
         if self.resolution < 64 or self.resolution > 4096:
             raise ConfigError(f"resolution must be within 64..4096 px, got {self.resolution}")
         if self.shard_size < 1:

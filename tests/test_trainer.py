@@ -337,3 +337,36 @@ def test_components_load_from_local_weight_directories(build, tmp_path):
     assert all(a.down.weight.grad is not None for a in model.lora.values())  # LoRA is trained
     with pytest.raises(ConfigError, match="missing-vae"):
         build_model(replace(config, vae_path=str(tmp_path / "missing-vae")))
+
+
+# ---- throughput benchmark (bench/train.py), smoke-sized ----------------------------------------
+
+def _bench_module():
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "train.py"
+    spec = importlib.util.spec_from_file_location("bench_train", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bench_runs_every_variant_on_both_models_and_names_the_attention_kernels(capsys):
+    bench = _bench_module()
+    assert bench.main(["--device", "cpu", "--size", "tiny", "--steps", "1", "--warmup", "0",
+                       "--variants", "eager,cl+tune", "--skip", "loader"]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [(f["model"], f["variant"]) for f in lines] == [
+        ("ip2p", "eager"), ("mcie-e1", "eager"),
+        ("ip2p", "channels_last+cudnn_benchmark"), ("mcie-e1", "channels_last+cudnn_benchmark")]
+    assert all("error" not in f and f["samples_per_s"] > 0 and f["tflops_per_step"] > 0 for f in lines)
+    plain, mcie = lines[0], lines[1]
+    assert mcie["tflops_per_step"] > plain["tflops_per_step"]  # the added modules are counted
+    assert "vs_ip2p_same_variant" in mcie and "vs_ip2p_eager" in lines[3]
+    # plain: unmasked cross-attention; MCIE: masked text branch + unmasked source branch
+    assert not any(k.endswith("+mask") for k in plain["sdpa"]["attn2"])
+    kernels = mcie["sdpa"]["attn2"]
+    assert any(k.endswith("+mask") for k in kernels) and any(not k.endswith("+mask") for k in kernels)
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main(["--device", "cpu", "--variants", "eager,fast"])
+    assert exit_info.value.code == 2
