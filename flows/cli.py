@@ -9,6 +9,9 @@ import os
 import sys
 from pathlib import Path
 
+from pipeline.cli_args import (add_judge_arguments, judge_options, non_negative_int,
+                               positive_int, rate, resolution)
+
 # Modules that add subcommands with `register(subparsers)`, in the order `mcie --help` lists them.
 COMMAND_MODULES = (
     "pipeline.verify",
@@ -31,27 +34,6 @@ class Parser(argparse.ArgumentParser):
         raise UsageError(f"{self.prog}: error: {message}")
 
 
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
-
-
-def non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be a non-negative integer, got {text}")
-    return value
-
-
-def rate(text: str) -> float:
-    value = float(text)
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"must be within 0..1, got {text}")
-    return value
-
-
 def writable_dir(text: str) -> str:
     path = Path(text)
     try:
@@ -64,34 +46,12 @@ def writable_dir(text: str) -> str:
     return str(path)
 
 
-def add_judge_arguments(parser: argparse.ArgumentParser) -> None:
-    """Judge selection shared by build, rejudge and judge-bench."""
-    parser.add_argument("--judge", default="pixel", help="judge backend: pixel (embedded) or vllm")
-    parser.add_argument("--judge-url", help="vLLM OpenAI-compatible base URL, e.g. http://HOST:8000/v1")
-    parser.add_argument("--judge-model", help="model name served by vLLM")
-    parser.add_argument("--judge-max-in-flight", type=positive_int,
-                        help="concurrent judge requests per worker")
-
-
-def judge_options(args: argparse.Namespace) -> dict:
-    options = {}
-    if args.judge_url:
-        options["url"] = args.judge_url
-    if args.judge_model:
-        options["model"] = args.judge_model
-    if args.judge_max_in_flight:
-        options["max_in_flight"] = args.judge_max_in_flight
-    if args.judge != "pixel" and options.get("url") is None:
-        raise UsageError(f"mcie: error: --judge {args.judge} needs --judge-url")
-    return options
-
-
 def register_build(subparsers) -> None:
     p = subparsers.add_parser("build", help="build a complex-edit dataset (Prefect flow on Ray)")
     p.add_argument("--out", required=True, type=writable_dir, help="output directory")
     p.add_argument("--count", required=True, type=positive_int, help="number of samples")
     p.add_argument("--seed", type=non_negative_int, default=0)
-    p.add_argument("--resolution", type=positive_int, default=512, help="image side in px")
+    p.add_argument("--resolution", type=resolution, default=512, help="image side in px")
     p.add_argument("--workers", type=positive_int, default=2, help="Ray workers (actors)")
     p.add_argument("--shard-size", type=positive_int, default=64,
                    help="samples per work unit; each unit writes one train and one negatives shard")
@@ -106,8 +66,13 @@ def register_build(subparsers) -> None:
 
 def run_build(args: argparse.Namespace) -> int:
     from pipeline.config import BuildConfig, ConfigError, save_config
+    from pipeline.judge import make_judge
 
-    options = judge_options(args)
+    try:
+        options = judge_options(args)
+        make_judge(args.judge, **options)  # checks the name and options; opens no connection
+    except (ValueError, TypeError) as exc:
+        raise UsageError(f"mcie build: error: {exc}") from None
     try:  # validate, and check a resumed OUT, before paying for Prefect and Ray start-up
         config = BuildConfig(
             count=args.count, seed=args.seed, resolution=args.resolution,

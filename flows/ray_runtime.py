@@ -18,6 +18,7 @@ log = logging.getLogger(__name__)
 # Project-local, and short: Ray puts unix sockets under it (path length is limited).
 DEFAULT_TEMP_DIR = Path(__file__).resolve().parents[1] / ".ray"
 ADDRESS_ENV = "RAY_ADDRESS"
+LOCAL_NODE_IP = "127.0.0.2"
 
 
 def cluster_address(address: str | None) -> str | None:
@@ -42,8 +43,11 @@ def start_ray(address: str | None, workers: int) -> str:
     if ray.is_initialized():
         return "ray (already initialised)"
     if address:
+        host = address.rsplit(":", 1)[0]
+        # A cluster on this machine's loopback: the driver joins on the head's own address.
+        node_ip = host if host.startswith("127.") else None  # (never for a ray:// client)
         ray.init(address=address, runtime_env=code_runtime_env(), log_to_driver=True,
-                 logging_level=logging.WARNING)
+                 logging_level=logging.WARNING, _node_ip_address=node_ip)
         nodes = [n for n in ray.nodes() if n.get("Alive")]
         cpus = sum(n.get("Resources", {}).get("CPU", 0) for n in nodes)
         return f"ray cluster at {address} ({len(nodes)} nodes, {cpus:g} CPUs)"
@@ -56,7 +60,9 @@ def start_ray(address: str | None, workers: int) -> str:
         num_cpus=workers,
         include_dashboard=False,
         _temp_dir=str(temp_dir),
-        _node_ip_address="127.0.0.1",
+        # Ray rewrites 127.0.0.1 to the machine's external address; another loopback address
+        # keeps all of a local Ray's traffic on loopback.
+        _node_ip_address=LOCAL_NODE_IP,
         logging_level=logging.WARNING,
     )
     return f"local ray ({workers} CPUs)"

@@ -55,6 +55,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from pipeline import __version__
+from pipeline.cli_args import add_judge_arguments, judge_options, positive_int
 from pipeline.compose import MAX_EDITS, Composer
 from pipeline.edit import ProceduralEditor
 from pipeline.record import EDIT_TYPES, EditSample, dumps
@@ -311,8 +312,8 @@ def register(subparsers) -> None:
     commands = bench.add_subparsers(dest="bench_command", required=True)
     build = commands.add_parser("build", help="write the benchmark (disjoint from every build)")
     build.add_argument("--out", required=True, help="benchmark directory")
-    build.add_argument("--count", type=_positive_int, default=400, help="number of cases")
-    build.add_argument("--resolution", type=_positive_int, default=512, help="image side in px")
+    build.add_argument("--count", type=positive_int, default=400, help="number of cases")
+    build.add_argument("--resolution", type=positive_int, default=512, help="image side in px")
     build.set_defaults(func=run_bench_build)
 
     ev = subparsers.add_parser("eval", help="score an editor on CIE-Bench (compliance, consistency)")
@@ -321,26 +322,13 @@ def register(subparsers) -> None:
     what.add_argument("--checkpoint", help="MCIE-E1 checkpoint to run on every case")
     what.add_argument("--predictions", help="directory of another system's outputs: {case_id}.png")
     ev.add_argument("--out", help="report directory (default BENCH/reports/<name>)")
-    ev.add_argument("--limit", type=_positive_int, help="score only the first N cases")
-    ev.add_argument("--judge", default="pixel", help="judge backend: pixel (embedded) or vllm")
-    ev.add_argument("--judge-url", help="vLLM OpenAI-compatible base URL, e.g. http://HOST:8000/v1")
-    ev.add_argument("--judge-model", help="model name served by vLLM")
-    ev.add_argument("--judge-max-in-flight", type=_positive_int, help="concurrent judge requests")
+    ev.add_argument("--limit", type=positive_int, help="score only the first N cases")
+    add_judge_arguments(ev)
     ev.add_argument("--examples", type=int, default=24, help="cases shown in the HTML report")
     ev.add_argument("--device", help="--checkpoint: torch device (default cuda if available)")
-    ev.add_argument("--steps", type=_positive_int, default=20, help="--checkpoint: sampling steps")
+    ev.add_argument("--steps", type=positive_int, default=20, help="--checkpoint: sampling steps")
     ev.add_argument("--seed", type=int, default=0, help="--checkpoint: sampling seed")
     ev.set_defaults(func=run_eval)
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
 
 
 def _fail(message: str) -> int:
@@ -367,15 +355,10 @@ def run_bench_build(args: argparse.Namespace) -> int:
 def run_eval(args: argparse.Namespace) -> int:
     from pipeline.evaluate import EvalError, evaluate
 
-    options: dict[str, Any] = {}
-    if args.judge_url:
-        options["url"] = args.judge_url
-    if args.judge_model:
-        options["model"] = args.judge_model
-    if args.judge_max_in_flight:
-        options["max_in_flight"] = args.judge_max_in_flight
-    if args.judge != "pixel" and "url" not in options:
-        return _fail(f"mcie eval: error: --judge {args.judge} needs --judge-url")
+    try:
+        options = judge_options(args)
+    except ValueError as exc:
+        return _fail(f"mcie eval: error: {exc}")
     if args.examples < 0:
         return _fail("mcie eval: error: --examples must be >= 0")
     try:

@@ -22,6 +22,7 @@ import time
 from collections import defaultdict
 from typing import Any
 
+from pipeline.cli_args import add_judge_arguments, judge_options, non_negative_int, positive_int, rate, resolution
 from pipeline.compose import Composer
 from pipeline.edit import ProceduralEditor
 from pipeline.judge import JudgeStage, make_judge
@@ -174,43 +175,6 @@ def _miss(sample: EditSample, what: str) -> dict[str, Any]:
 
 # ---- CLI ----------------------------------------------------------------------------------------
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
-
-
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {value}")
-    return value
-
-
-def _rate(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a rate within 0..1, got {text!r}") from None
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"expected a rate within 0..1, got {value}")
-    return value
-
-
-def _resolution(text: str) -> int:
-    value = _positive_int(text)
-    if not 64 <= value <= 4096:
-        raise argparse.ArgumentTypeError(f"resolution must be within 64..4096 px, got {value}")
-    return value
-
-
 def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
         "judge-bench",
@@ -218,11 +182,11 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
         description="Build fault-injected pairs in-process, judge and route them, and compare the "
                     "verdicts with the editor's hidden defect log. Prints JSON.",
     )
-    parser.add_argument("--count", type=_positive_int, required=True, help="pairs to build")
-    parser.add_argument("--defect-rate", type=_rate, required=True, help="share of spoiled pairs")
-    parser.add_argument("--seed", type=_non_negative_int, default=0)
-    parser.add_argument("--judge", default="pixel", help="judge name (default: pixel)")
-    parser.add_argument("--resolution", type=_resolution, default=512)
+    parser.add_argument("--count", type=positive_int, required=True, help="pairs to build")
+    parser.add_argument("--defect-rate", type=rate, required=True, help="share of spoiled pairs")
+    parser.add_argument("--seed", type=non_negative_int, default=0)
+    parser.add_argument("--resolution", type=resolution, default=512)
+    add_judge_arguments(parser)
     parser.set_defaults(func=_run)
     return parser
 
@@ -230,7 +194,7 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
 def _run(args: argparse.Namespace) -> int:
     try:
         report = judge_bench(args.count, args.defect_rate, seed=args.seed, judge=args.judge,
-                             resolution=args.resolution)
+                             resolution=args.resolution, judge_options=judge_options(args))
     except ValueError as exc:  # an unknown judge, bad judge options
         print(f"judge-bench: error: {exc}", file=sys.stderr)
         return 2

@@ -92,6 +92,8 @@ def test_resuming_with_other_parameters_is_refused(built: Path):
         (["build", "--out", "x", "--count", "3", "--defect-rate", "2"], "within 0..1"),
         (["build", "--out", "x", "--count", "3", "--min-edits", "6", "--max-edits", "9"],
          "max edits"),
+        (["build", "--out", "x", "--count", "3", "--judge", "nope"], "unknown judge"),
+        (["build", "--out", "x", "--count", "3", "--judge", "vllm"], "needs --judge-url"),
     ],
 )
 def test_bad_arguments_get_one_line_and_exit_2(tmp_path: Path, args, message):

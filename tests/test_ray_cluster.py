@@ -24,6 +24,7 @@ import pytest
 from code_snapshot import env_with, snapshot
 
 RAY = str(Path(sys.executable).with_name("ray"))
+HEAD_IP, WORKER_IP = "127.0.0.2", "127.0.0.3"
 BUILD = ["--count", "24", "--resolution", "128", "--shard-size", "3", "--seed", "5", "--workers", "2"]
 
 
@@ -73,14 +74,16 @@ def cluster():
     # `ray.init` of another test ever finds this cluster
     temp_dir = Path(tempfile.mkdtemp(prefix="mcie-rc-"))
     port = free_port()
-    address = f"127.0.0.1:{port}"
+    # Each node on its own loopback address (Ray rewrites 127.0.0.1 to the external one), so every
+    # byte between the nodes stays on loopback.
+    address = f"{HEAD_IP}:{port}"
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
     env.pop("RAY_ADDRESS", None)
-    common = ["--block", "--node-ip-address", "127.0.0.1", "--num-cpus", "1", "--disable-usage-stats"]
+    common = ["--block", "--num-cpus", "1", "--disable-usage-stats"]
     logs = [open(temp_dir / f"node{i}.log", "w") for i in range(2)]
     head = subprocess.Popen(
         [RAY, "start", "--head", "--port", str(port), "--temp-dir", str(temp_dir),
-         "--include-dashboard", "false", *common],
+         "--include-dashboard", "false", "--node-ip-address", HEAD_IP, *common],
         env=env, start_new_session=True, stdout=logs[0], stderr=subprocess.STDOUT)
     nodes = [head]
     try:
@@ -89,7 +92,8 @@ def cluster():
             assert head.poll() is None and time.monotonic() < deadline, (temp_dir / "node0.log").read_text()
             time.sleep(1)
         worker = subprocess.Popen(
-            [RAY, "start", "--address", address, "--resources", '{"second_node": 1}', *common],
+            [RAY, "start", "--address", address, "--resources", '{"second_node": 1}',
+             "--node-ip-address", WORKER_IP, *common],
             env=env, start_new_session=True, stdout=logs[1], stderr=subprocess.STDOUT)
         nodes.append(worker)
         while alive_nodes(address) < 2:

@@ -1,0 +1,66 @@
+"""Argument types and the judge options shared by every `mcie` subcommand.
+
+argparse turns an `ArgumentTypeError` into a one-line usage error (exit 2)."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+
+def _number(text: str, kind: type, what: str):
+    try:
+        return kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}") from None
+
+
+def positive_int(text: str) -> int:
+    value = _number(text, int, "a positive integer")
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    value = _number(text, int, "a non-negative integer")
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be a non-negative integer, got {text}")
+    return value
+
+
+def rate(text: str) -> float:
+    value = _number(text, float, "within 0..1")
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be within 0..1, got {text}")
+    return value
+
+
+def resolution(text: str) -> int:
+    value = positive_int(text)
+    if not 64 <= value <= 4096:
+        raise argparse.ArgumentTypeError(f"resolution must be within 64..4096 px, got {value}")
+    return value
+
+
+def add_judge_arguments(parser: argparse.ArgumentParser) -> None:
+    """Judge selection shared by build, eval and judge-bench."""
+    parser.add_argument("--judge", default="pixel", help="judge backend: pixel (embedded) or vllm")
+    parser.add_argument("--judge-url", help="vLLM OpenAI-compatible base URL, e.g. http://HOST:8000/v1")
+    parser.add_argument("--judge-model", help="model name served by vLLM")
+    parser.add_argument("--judge-max-in-flight", type=positive_int,
+                        help="concurrent judge requests per worker")
+
+
+def judge_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The judge's keyword options from `add_judge_arguments`' flags; ValueError if incomplete."""
+    options: dict[str, Any] = {}
+    if args.judge_url:
+        options["url"] = args.judge_url
+    if args.judge_model:
+        options["model"] = args.judge_model
+    if args.judge_max_in_flight:
+        options["max_in_flight"] = args.judge_max_in_flight
+    if args.judge == "vllm" and "url" not in options:
+        raise ValueError(f"--judge {args.judge} needs --judge-url")
+    return options
