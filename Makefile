@@ -24,6 +24,13 @@ demo: $(STAMP)
 	rm -rf $(DEMO_OUT)
 	$(VENV)/bin/mcie build --out $(DEMO_OUT) --count $(DEMO_COUNT) --workers 2 --shard-size 50
 	$(VENV)/bin/mcie verify $(DEMO_OUT)
+	$(VENV)/bin/mcie train --data $(DEMO_OUT) --config tiny --steps 30 --out $(DEMO_OUT)/ckpt
+	mkdir -p $(DEMO_OUT)/edit
+	tar -xf $(DEMO_OUT)/shards/train-000000.tar -C $(DEMO_OUT)/edit --wildcards '*.source.png'
+	$(VENV)/bin/mcie edit --checkpoint $(DEMO_OUT)/ckpt --steps 10 --out $(DEMO_OUT)/edit/edited.png \
+		--image $$(ls $(DEMO_OUT)/edit/*.source.png | head -1) \
+		--instruction "Make the circle blue, then remove the star, and also add the word SALE."
+	@echo "demo: dataset, report, tiny checkpoint and an edit are in $(DEMO_OUT)/"
 
 test: $(STAMP)
 	$(PY) -m pytest
