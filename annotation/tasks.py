@@ -98,9 +98,11 @@ def build_task(meta: dict[str, Any], members: dict[str, bytes], image_ref: Image
     data: dict[str, Any] = {
         "sample_id": sample_id,
         "instruction": meta.get("instruction", ""),
-        "source": image_ref("source", members["source.png"]),
-        "target": image_ref("target", members["target.png"]),
-        "overlay": image_ref("overlay", overlay_png(members)),
+        # not plain "source": Label Studio's data manager sets a task field `source` (the task as
+        # JSON) that shadows a data key of that name, so `$source` would load no image
+        "source_image": image_ref("source", members["source.png"]),
+        "target_image": image_ref("target", members["target.png"]),
+        "overlay_image": image_ref("overlay", overlay_png(members)),
         "num_sub_instructions": len(sub_edits),
     }
     for n in range(1, MAX_SUB_INSTRUCTIONS + 1):

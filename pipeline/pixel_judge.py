@@ -114,6 +114,8 @@ class _Pair:
     """The two images of one view, with the per-pixel helpers the checks share."""
 
     def __init__(self, view: JudgeView, color_tolerance: int, change_tolerance: int):
+        self.view = view
+        self._palette: np.ndarray | None = None
         self.source = view.source
         self.target = view.target
         self.height, self.width = view.source.shape[:2]
@@ -137,6 +139,23 @@ class _Pair:
     def is_object(self, image: np.ndarray, rgb: RGB) -> np.ndarray:
         """Plain colour or its pattern shade: both are the object's paint."""
         return self.is_color(image, rgb) | self.is_color(image, pattern_color(rgb))
+
+    def palette(self) -> np.ndarray:
+        if self._palette is None:
+            self._palette = _palette(self.view)
+        return self._palette
+
+    def is_paint_color(self, colors: np.ndarray) -> np.ndarray:
+        """For (k, 3) int16 colours: does each show something this world paints (an object,
+        background or asked colour, or a tone of an asked gradient)? Noise does not."""
+        near = (np.abs(colors[:, None, :] - self.palette()[None, :, :]).max(axis=2)
+                <= self.color_tol).any(axis=1)
+        return near | _on_gradient(self.view, colors, self.color_tol)
+
+    def is_paint(self, image: np.ndarray) -> np.ndarray:
+        """Bool mask of the pixels of a uint8 crop that `is_paint_color`."""
+        values, inverse = np.unique(_pack(image.reshape(-1, 3)), return_inverse=True)
+        return self.is_paint_color(_unpack(values))[inverse].reshape(image.shape[:2])
 
 
 class _Region:
@@ -205,7 +224,9 @@ def _remove(judge: "PixelJudge", pair: _Pair, region: _Region, edit: SubEdit) ->
     obj = region.own & pair.is_object(region.src, rgb)
     if np.count_nonzero(obj) < MIN_PIXELS:
         obj = region.own
-    gone = region.changed & ~pair.is_object(region.tgt, rgb)
+    # Gone means: changed, no longer the object's paint, and showing something this world paints
+    # (the background or what stood behind), not noise or a smear.
+    gone = region.changed & ~pair.is_object(region.tgt, rgb) & pair.is_paint(region.tgt)
     share = _share(gone, obj)
     if share is None:
         return 0.0, "region too small to see the object"
@@ -725,28 +746,35 @@ class PixelJudge:
         if pixels.shape[0] < MIN_PIXELS:
             return None
         # Only the distinct colours need the palette test: painted images hold a handful.
-        packed = (pixels[:, 0] << 16) | (pixels[:, 1] << 8) | pixels[:, 2]
-        values, counts = np.unique(packed, return_counts=True)
-        distinct = np.stack([values >> 16, (values >> 8) & 255, values & 255], axis=1).astype(np.int16)
-        palette = _palette(view)
-        near = (np.abs(distinct[:, None, :] - palette[None, :, :]).max(axis=2) <= self.color_tolerance).any(axis=1)
-        near |= self._on_gradient(view, distinct)
+        values, counts = np.unique(_pack(pixels), return_counts=True)
+        near = pair.is_paint_color(_unpack(values))
         return float(counts[near].sum()) / float(counts.sum())
 
-    def _on_gradient(self, view: JudgeView, colors: np.ndarray) -> np.ndarray:
-        """Colours on the segment between two asked gradient tones (a gradient background)."""
-        on = np.zeros(colors.shape[0], dtype=bool)
-        for edit in view.sub_edits:
-            p = edit.params
-            if edit.type != "background" or p.get("to_kind") != "gradient":
-                continue
-            rgbs = [_rgb(c) for c in p["to_rgbs"]] if p.get("to_rgbs") else [
-                BACKGROUND_COLORS[n] for n in p.get("to_colors", [])]
-            if len(rgbs) != 2:
-                continue
-            a, b = np.asarray(rgbs[0], np.float32), np.asarray(rgbs[1], np.float32)
-            d = b - a
-            t = np.clip(((colors - a) @ d) / max(float(d @ d), 1e-6), 0, 1)
-            closest = a + t[:, None] * d
-            on |= np.abs(colors - closest).max(axis=1) <= self.color_tolerance + 1
-        return on
+
+def _pack(pixels: np.ndarray) -> np.ndarray:
+    """(n, 3) colours as one int each, so np.unique finds the distinct ones fast."""
+    pixels = pixels.astype(np.int32)
+    return (pixels[:, 0] << 16) | (pixels[:, 1] << 8) | pixels[:, 2]
+
+
+def _unpack(values: np.ndarray) -> np.ndarray:
+    return np.stack([values >> 16, (values >> 8) & 255, values & 255], axis=1).astype(np.int16)
+
+
+def _on_gradient(view: JudgeView, colors: np.ndarray, tolerance: int) -> np.ndarray:
+    """Colours on the segment between two asked gradient tones (a gradient background)."""
+    on = np.zeros(colors.shape[0], dtype=bool)
+    for edit in view.sub_edits:
+        p = edit.params
+        if edit.type != "background" or p.get("to_kind") != "gradient":
+            continue
+        rgbs = [_rgb(c) for c in p["to_rgbs"]] if p.get("to_rgbs") else [
+            BACKGROUND_COLORS[n] for n in p.get("to_colors", [])]
+        if len(rgbs) != 2:
+            continue
+        a, b = np.asarray(rgbs[0], np.float32), np.asarray(rgbs[1], np.float32)
+        d = b - a
+        t = np.clip(((colors - a) @ d) / max(float(d @ d), 1e-6), 0, 1)
+        closest = a + t[:, None] * d
+        on |= np.abs(colors - closest).max(axis=1) <= tolerance + 1
+    return on

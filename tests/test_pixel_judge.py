@@ -138,3 +138,15 @@ def test_fast_at_512_px(judge):
     per_pair = (time.perf_counter() - started) / len(views)
     # A few ms on an idle core; generous here, the machine is shared.
     assert per_pair < 0.05, f"{per_pair * 1000:.1f} ms per pair"
+
+
+def test_an_object_drowned_in_noise_is_not_removed(judge):
+    clean = single("remove", 700)
+    assert judge.score(clean.judge_view())["sub_edits"][0] >= 0.9
+    noisy = clean.judge_view()
+    region = noisy.sub_edits[0].mask
+    target = noisy.target.copy()
+    target[region] = np.random.default_rng(0).integers(0, 256, (int(region.sum()), 3), dtype=np.uint8)
+    noisy.target = target
+    scores = judge.score(noisy)
+    assert scores["sub_edits"][0] < 0.2, scores["sub_edit_reasons"][0]
