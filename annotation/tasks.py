@@ -130,17 +130,20 @@ def build_task(meta: dict[str, Any], members: dict[str, bytes], image_ref: Image
 
 
 def _judge_summary(meta: dict[str, Any], scores: dict[str, Any], lean: str | None) -> str:
+    """The judge's scores as lines: its lean and overall scores, then one line per sub-instruction
+    (the labeling interface shows the newlines)."""
     judge = (meta.get("provenance") or {}).get("judge") or "judge"
-    parts = [f"{judge} leans {lean or 'nowhere'}"]
+    head = [f"{judge} leans {lean or 'nowhere'}"]
     for key in ("overall", "background", "quality"):
         if scores.get(key) is not None:
-            parts.append(f"{key} {float(scores[key]):.2f}")
+            head.append(f"{key} {float(scores[key]):.2f}")
+    lines = [" · ".join(head)]
     reasons = scores.get("sub_edit_reasons") or []
     subs = scores.get("sub_edits") or []
     for n, score in enumerate(subs, start=1):
         reason = reasons[n - 1] if n - 1 < len(reasons) else ""
-        parts.append(f"#{n} {float(score):.2f}{' ' + reason if reason else ''}")
-    return " | ".join(parts)
+        lines.append(f"#{n} {float(score):.2f}{' ' + reason if reason else ''}")
+    return "\n".join(lines)
 
 
 def judge_prediction(meta: dict[str, Any], lean: str | None) -> dict[str, Any] | None:

@@ -94,6 +94,26 @@ def test_labeling_config_has_the_controls():
     assert root.find(".//TextArea[@name='comment']") is not None
 
 
+# Task fields of Label Studio's data manager that shadow a data key of the same name: with
+# `$source` the Image loaded the whole task as JSON as its URL (seen in the labeling UI).
+DATA_MANAGER_TASK_FIELDS = {"source", "id", "data", "annotations", "predictions", "drafts"}
+
+
+def test_labeling_config_reads_only_task_data_keys(out_dir):  # noqa: F811
+    ids = make_build(out_dir, borderline=1)
+    item = queue.read_review(out_dir, ids[0])
+    data = build_task(item.meta, item.members, lambda name, png: data_url(png), lean_threshold=0.5)["data"]
+    root = ET.fromstring(labeling_config())
+    variables = {el.get("value")[1:] for el in root.iter() if (el.get("value") or "").startswith("$")}
+    assert {"source_image", "target_image", "overlay_image", "instruction", "judge_summary"} <= variables
+    assert variables <= set(data)
+    assert not variables & DATA_MANAGER_TASK_FIELDS
+    # each sub-instruction row is a `mcie-sub` view, which the style hides when it has no options
+    rows = [v for v in root.iter("View") if v.get("className") == "mcie-sub"]
+    assert [r.find("Choices").get("value") for r in rows] == [f"$sub_{n}_options" for n in range(1, 9)]
+    assert ".mcie-sub:not(:has(input)) { display: none; }" in root.find("Style").text
+
+
 def test_task_carries_sample_prediction_and_hotkeys(out_dir):  # noqa: F811
     ids = make_build(out_dir, borderline=3)
     item = queue.read_review(out_dir, ids[2])  # 4 sub-edits, overall 0.7 → leans accept
@@ -111,7 +131,11 @@ def test_task_carries_sample_prediction_and_hotkeys(out_dir):  # noqa: F811
     assert by_name["verdict"] == "Accept"
     passes = item.meta["scores"]["sub_edit_pass"]
     assert [by_name[f"sub_{n}"] for n in range(1, 5)] == ["pass" if p else "fail" for p in passes]
-    assert data["source"] == data_url(item.members["source.png"])
+    assert data["source_image"] == data_url(item.members["source.png"])
+    # the judge's opinion: a head line, then one line per sub-instruction
+    summary = data["judge_summary"].splitlines()
+    assert summary[0].startswith("test@1 leans accept") and len(summary) == 1 + 4
+    assert [line.split()[0] for line in summary[1:]] == ["#1", "#2", "#3", "#4"]
     overlay = np.asarray(Image.open(io.BytesIO(overlay_png(item.members))))
     target = np.asarray(Image.open(io.BytesIO(item.members["target.png"])).convert("RGB"))
     assert overlay.shape == target.shape and (overlay != target).any()

@@ -78,7 +78,7 @@ def test_push_is_idempotent_and_images_are_served(ls_conn, out_dir):  # noqa: F8
     pred = prediction if isinstance(prediction, dict) else prediction.model_dump()
     assert pred["model_version"] == "test@1" and pred["score"] == pytest.approx(0.7)
     # the server serves the very bytes of the review queue
-    image = httpx.get(ls_conn.url + task.data["source"], headers={"Authorization": f"Token {ls_conn.api_key}"})
+    image = httpx.get(ls_conn.url + task.data["source_image"], headers={"Authorization": f"Token {ls_conn.api_key}"})
     assert image.status_code == 200
     assert image.content == (out_dir / "review" / queued[0] / "source.png").read_bytes()
 
@@ -89,8 +89,8 @@ def test_inline_images_work_with_any_server(ls_conn, out_dir):  # noqa: F811
     assert result.image_mode == "inline"
     task = project_tasks(connect(ls_conn), result.project_id, False)[0]
     prefix = "data:image/png;base64,"
-    assert task.data["target"].startswith(prefix)
-    assert base64.b64decode(task.data["target"][len(prefix):]) == (out_dir / "review" / queued[0] / "target.png").read_bytes()
+    assert task.data["target_image"].startswith(prefix)
+    assert base64.b64decode(task.data["target_image"][len(prefix):]) == (out_dir / "review" / queued[0] / "target.png").read_bytes()
 
 
 def test_annotate_disagree_pull_and_status(ls_conn, out_dir):  # noqa: F811
