@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import secrets
 import shutil
-import socket
 from pathlib import Path
 
 import pytest
@@ -20,17 +19,12 @@ import pytest
 from annotation.client import Connection
 from annotation.server import LabelStudioServer, ServerConfig, ServerError, ensure_ls_venv
 from pipeline.output import finalize, write_unit
+from processes import free_port
 from shard_samples import finished_sample
 
 ROOT = Path(__file__).resolve().parents[1]
 TMP_ROOT = ROOT / "tmp"  # ignored by git; the server's local-files document root in tests
 SHARD_SIZE = 4
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="session")

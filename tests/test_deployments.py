@@ -10,8 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,39 +19,11 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 from code_snapshot import env_with, snapshot
+from processes import free_port, stop_session
 
 PREFECT = str(Path(sys.executable).with_name("prefect"))
 PARAMS = {"count": 20, "resolution": 128, "shard_size": 4, "seed": 21, "workers": 2}
 DEPLOYMENTS = {"build-dataset/build-dataset", "review-sync/review-sync", "train/train"}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def session_processes(sid: int) -> list[int]:
-    lines = subprocess.run(["ps", "-eo", "pid=,sid="], capture_output=True, text=True).stdout
-    return [int(pid) for pid, s in (line.split() for line in lines.splitlines() if line.strip())
-            if int(s) == sid]
-
-
-def stop_session(proc: subprocess.Popen, grace_s: float = 15.0) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=grace_s)
-        except subprocess.TimeoutExpired:
-            pass
-    for pid in session_processes(proc.pid):
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    if proc.poll() is None:
-        proc.kill()
-        proc.wait()
 
 
 def tree(out: Path) -> dict[str, str]:

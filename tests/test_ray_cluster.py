@@ -11,8 +11,6 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -22,43 +20,11 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 from code_snapshot import env_with, snapshot
+from processes import free_port, stop_session
 
 RAY = str(Path(sys.executable).with_name("ray"))
 HEAD_IP, WORKER_IP = "127.0.0.2", "127.0.0.3"
 BUILD = ["--count", "24", "--resolution", "128", "--shard-size", "3", "--seed", "5", "--workers", "2"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def session_processes(sid: int) -> list[int]:
-    lines = subprocess.run(["ps", "-eo", "pid=,sid="], capture_output=True, text=True).stdout
-    return [int(pid) for pid, s in (line.split() for line in lines.splitlines() if line.strip())
-            if int(s) == sid]
-
-
-def stop_session(proc: subprocess.Popen, grace_s: float = 15.0) -> None:
-    """SIGTERM the `ray start --block` (it stops its node), then SIGKILL what is left of its session."""
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=grace_s)
-        except subprocess.TimeoutExpired:
-            pass
-    deadline = time.monotonic() + grace_s
-    while session_processes(proc.pid) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    for pid in session_processes(proc.pid):
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    if proc.poll() is None:
-        proc.kill()
-        proc.wait()
 
 
 def alive_nodes(address: str) -> int:

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from trainer.config import Config, ConfigError
+from trainer.config import Config
 from trainer.data import to_tensor
 from trainer.model import MCIEE1, build_model
 from trainer.train import CONFIG_FILE, latest_checkpoint

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from trainer.config import Config, ConfigError, load_config, with_train
+from trainer.config import Config, ConfigError
 from trainer.data import LoaderState, make_loader
 
 log = logging.getLogger(__name__)
