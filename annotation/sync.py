@@ -153,9 +153,21 @@ def ensure_project(client, title: str, settings: ReviewSettings):
             show_skip_button=True,
         )
         log.info("created Label Studio project %r (id %d)", title, project.id)
-    elif project.maximum_annotations != settings.annotations_per_task:
-        client.projects.update(id=project.id, maximum_annotations=settings.annotations_per_task)
+        return project
+    changes = {}
+    if project.maximum_annotations != settings.annotations_per_task:
+        changes["maximum_annotations"] = settings.annotations_per_task
+    if _normalised(project.label_config) != _normalised(labeling_config()):
+        # A project made by an older version: its config reads task keys new tasks no longer carry.
+        changes["label_config"] = labeling_config()
+    if changes:
+        client.projects.update(id=project.id, **changes)
+        log.info("updated Label Studio project %r (id %d): %s", title, project.id, sorted(changes))
     return project
+
+
+def _normalised(xml: str | None) -> str:
+    return " ".join((xml or "").split())
 
 
 def project_tasks(client, project_id: int, with_annotations: bool) -> list[Any]:

@@ -16,6 +16,7 @@ import pytest
 from annotation import queue
 from annotation.client import LabelStudioUnavailable, connect
 from annotation.sync import ReviewSettings, find_project, project_tasks, pull, push, status
+from annotation.tasks import labeling_config
 from labelstudio_fixtures import ROOT, TMP_ROOT, ls_conn, ls_server, make_build, out_dir  # noqa: F401
 from pipeline.output import read_manifest
 from pipeline.shards import checksum, iter_tar_groups
@@ -194,3 +195,16 @@ def test_wrong_token_is_one_clear_line(ls_server, out_dir):  # noqa: F811
     )
     assert done.returncode == 0 and "queued:    1" in done.stdout
     assert "cannot reach Label Studio" in done.stdout and "Traceback" not in done.stderr
+
+
+def test_a_project_made_with_an_older_labeling_config_is_brought_up_to_date(ls_conn, out_dir):  # noqa: F811
+    make_build(out_dir, borderline=1)
+    settings = _settings("old-config")
+    client = connect(ls_conn)
+    old = labeling_config().replace("$source_image", "$source").replace("$target_image", "$target")
+    created = client.projects.create(title=settings.project, label_config=old,
+                                     maximum_annotations=settings.annotations_per_task)
+    result = push(out_dir, ls_conn, settings)
+    assert result.project_id == created.id and result.imported == 1
+    config = client.projects.get(id=created.id).label_config
+    assert "$source_image" in config and "$source\"" not in config
