@@ -56,6 +56,9 @@ def sub_edit_passes(scores: dict[str, Any]) -> list[bool | None]:
     return [None if s is None else float(s) >= 0.5 for s in scores.get("sub_edits", [])]
 
 
+LARGE_REGION = 0.3  # share of the image above which a region's tint is light
+
+
 def overlay_png(members: dict[str, bytes]) -> bytes:
     """The target with each sub-edit's region tinted and outlined in its own colour, numbered."""
     target = decode_png(members["target.png"]).astype(np.float32)
@@ -65,7 +68,10 @@ def overlay_png(members: dict[str, bytes]) -> bytes:
     while f"mask_{i}.png" in members:
         mask = decode_mask(members[f"mask_{i}.png"])
         color = np.array(OVERLAY_COLORS[i % len(OVERLAY_COLORS)], np.float32)
-        canvas[mask] = 0.55 * canvas[mask] + 0.45 * color
+        # A background edit's region covers most of the frame: tint it lightly, so the objects
+        # and the other regions stay readable through it.
+        tint = 0.45 if mask.mean() < LARGE_REGION else 0.15
+        canvas[mask] = (1 - tint) * canvas[mask] + tint * color
         edge = mask & ~(np.roll(mask, 1, 0) & np.roll(mask, -1, 0) & np.roll(mask, 1, 1) & np.roll(mask, -1, 1))
         canvas[edge] = color
         ys, xs = np.nonzero(mask)

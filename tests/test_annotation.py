@@ -188,3 +188,20 @@ def test_commit_decision_moves_sample_once_even_after_a_crash(out_dir, monkeypat
     assert human_decisions(out_dir) == [("accept", "reject")]  # overrode the judge's lean
     # the other rows are untouched
     assert sum(r["verdict"] == "borderline" for r in read_manifest(out_dir).to_pylist()) == 1
+
+
+def test_overlay_tints_a_frame_filling_region_lightly_and_a_small_one_strongly():
+    from pipeline.shards import encode_mask, encode_png
+
+    target = np.full((64, 64, 3), 100, np.uint8)
+    large = np.zeros((64, 64), bool)
+    large[:, :52] = True  # most of the frame, like a background edit
+    small = np.zeros((64, 64), bool)
+    small[20:40, 54:62] = True
+    members = {"target.png": encode_png(target), "mask_0.png": encode_mask(large),
+               "mask_1.png": encode_mask(small)}
+    overlay = np.asarray(Image.open(io.BytesIO(overlay_png(members)))).astype(int)
+    shift_large = np.abs(overlay[40, 30] - 100).max()  # inside, away from edges and labels
+    shift_small = np.abs(overlay[30, 58] - 100).max()
+    assert 0 < shift_large < 0.25 * 155
+    assert shift_small > 0.35 * 100
