@@ -372,17 +372,22 @@ def _fits_after(
     return all(fits(after, after.get(i), ignore=ignore) for i in ids)
 
 
+def _free_spots(plan: _Plan, rng: np.random.Generator, size: str, tries: int = 30):
+    """Up to `tries` random (region name, cx, cy) spots where an object of `size` stays inside
+    the frame; the caller takes the first that suits it."""
+    w, h = plan.scene.width, plan.scene.height
+    margin = (SIZES[size] * min(w, h) + 3) / min(w, h)
+    for _ in range(tries):
+        point = _cell_point(rng, margin)
+        if point is not None:
+            yield point
+
+
 def _draft_add(plan: _Plan, rng: np.random.Generator) -> SubEdit | None:
     kind = _choice(rng, KINDS)
     color = _choice(rng, list(COLORS))
     size = _choice(rng, list(SIZES))
-    w, h = plan.scene.width, plan.scene.height
-    margin = (SIZES[size] * min(w, h) + 3) / min(w, h)
-    for _ in range(30):
-        point = _cell_point(rng, margin)
-        if point is None:
-            continue
-        region, cx, cy = point
+    for region, cx, cy in _free_spots(plan, rng, size):
         params = {"kind": kind, "color": color, "rgb": _rgb(color), "size": size,
                   "cx": cx, "cy": cy, "position": region}
         sub = SubEdit("add", "", object_ids=[plan.next_id], params=params)
@@ -551,12 +556,7 @@ def _draft_free_text(plan: _Plan, rng: np.random.Generator, word: str) -> SubEdi
     w, h = plan.scene.width, plan.scene.height
     color = _choice(rng, list(COLORS))
     size = _choice(rng, list(SIZES))
-    margin = (SIZES[size] * min(w, h) + 3) / min(w, h)
-    for _ in range(30):
-        point = _cell_point(rng, margin)
-        if point is None:
-            continue
-        region, cx, cy = point
+    for region, cx, cy in _free_spots(plan, rng, size):
         obj = _text_object(plan, word, color, size, cx, cy)
         tx0, ty0, tx1, ty1 = _text_box(obj, w, h)
         if tx0 < 3 or ty0 < 3 or tx1 > w - 3 or ty1 > h - 3:
