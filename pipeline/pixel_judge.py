@@ -204,13 +204,18 @@ def _check(edit_type: str) -> Callable[[Check], Check]:
     return wrap
 
 
+def _source_object(pair: _Pair, region: _Region, rgb: RGB) -> np.ndarray:
+    """The region's own pixels that show the object's paint in the source (all of the own part
+    when too few do, e.g. an object mostly hidden)."""
+    obj = region.own & pair.is_object(region.src, rgb)
+    return obj if np.count_nonzero(obj) >= MIN_PIXELS else region.own
+
+
 @_check("recolor")
 def _recolor(judge: "PixelJudge", pair: _Pair, region: _Region, edit: SubEdit) -> tuple[float, str]:
     p = edit.params
     old, new = _color(p, "from_rgb", "from_color"), _color(p, "to_rgb", "to_color")
-    obj = region.own & pair.is_object(region.src, old)
-    if np.count_nonzero(obj) < MIN_PIXELS:
-        obj = region.own
+    obj = _source_object(pair, region, old)
     share = _share(pair.is_object(region.tgt, new), obj)
     if share is None:
         return 0.0, "region too small to see the object"
@@ -221,9 +226,7 @@ def _recolor(judge: "PixelJudge", pair: _Pair, region: _Region, edit: SubEdit) -
 def _remove(judge: "PixelJudge", pair: _Pair, region: _Region, edit: SubEdit) -> tuple[float, str]:
     p = edit.params
     rgb = _color(p, "rgb", "color")
-    obj = region.own & pair.is_object(region.src, rgb)
-    if np.count_nonzero(obj) < MIN_PIXELS:
-        obj = region.own
+    obj = _source_object(pair, region, rgb)
     # Gone means: changed, no longer the object's paint, and showing something this world paints
     # (the background or what stood behind), not noise or a smear.
     gone = region.changed & ~pair.is_object(region.tgt, rgb) & pair.is_paint(region.tgt)
