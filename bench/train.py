@@ -1,17 +1,19 @@
 """Training throughput of MCIE-E1's denoiser vs a plain InstructPix2Pix UNet, and the shard loader's.
 
     python bench/train.py --device cuda --steps 10 --variants eager,cl+tune,cl+tune+compile
-    python bench/train.py --device cuda --skip loader --compile --channels-last
+    python bench/train.py --device cuda --skip loader --models mcie-e1 --variants cl+tune+compile+cudnn_attn
+    python bench/train.py --flops-only --size base     # FLOPs per sample, no GPU needed (meta tensors)
     python bench/train.py --device cpu --steps 2        # tiny smoke run
 
 Prints one JSON line per figure. The denoiser benchmark is random-init (throughput needs no
 weights) with a precomputed instruction context of the connector's shape, so it needs only torch
 and diffusers (no transformers, no VAE): both models get the same 8-channel latents, timesteps,
-bf16 autocast and fused AdamW, and every variant is applied to BOTH models identically: `eager`,
-`cl` = channels-last weights and inputs, `tune` = cudnn.benchmark conv algorithm search,
-`compile` = torch.compile of the whole denoiser forward (default mode, static shapes), joined
-with `+`. Compilation happens in the warm-up steps (reported as `warmup_s`), never in the timed
-ones (`recompiled_in_timing` says if it did).
+bf16 autocast and fused AdamW, and every variant is applied to BOTH models identically, with the
+trainer's own functions (`trainer.kernels`): `eager`, `cl` = channels-last weights and inputs,
+`tune` = cudnn.benchmark conv algorithm search, `cudnn_attn` = cuDNN's SDPA kernel tried first,
+`compile` = `nn.Module.compile` of the UNet (and MCIE-E1's source encoder) as `train.compile`
+does, in `--compile-mode`; joined with `+`. Compilation happens in the warm-up steps (reported
+as `warmup_s`), never in the timed ones (`recompiled_in_timing` says if it did).
 MFU = counted FLOPs per step (torch's FlopCounterMode over one eager step, forward + backward;
 the FLOPs are the model's whatever the kernels) × steps/s ÷ the device's dense bf16 peak. `sdpa`
 names the SDPA kernel each attention kind ran (attn1 self, attn2 cross; `+mask` = with a bias).
@@ -40,6 +42,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from trainer.config import COMPILE_MODES  # noqa: E402  (after the path insert)
+
 PEAK_BF16_TFLOPS = {"H100": 989.4, "H200": 989.4, "H800": 989.4, "A100": 312.0, "L40S": 362.0,
                     "A10": 125.0, "L4": 121.0, "4090": 165.2}
 
@@ -61,8 +65,10 @@ def peak_tflops(device: torch.device, given: float | None) -> float | None:
 
 VARIANT_OPTIONS = {"eager": frozenset(), "compile": frozenset({"compile"}),
                    "cl": frozenset({"channels_last"}), "channels_last": frozenset({"channels_last"}),
-                   "tune": frozenset({"cudnn_benchmark"}), "cudnn_benchmark": frozenset({"cudnn_benchmark"})}
-OPTION_ORDER = ("channels_last", "cudnn_benchmark", "compile")
+                   "tune": frozenset({"cudnn_benchmark"}), "cudnn_benchmark": frozenset({"cudnn_benchmark"}),
+                   "cudnn_attn": frozenset({"cudnn_attn"})}
+OPTION_ORDER = ("channels_last", "cudnn_benchmark", "cudnn_attn", "compile")
+MODELS = ("ip2p", "mcie-e1")
 
 
 def parse_variants(text: str, compile_all: bool = False, channels_last_all: bool = False) -> list[tuple[str, frozenset]]:
@@ -72,7 +78,8 @@ def parse_variants(text: str, compile_all: bool = False, channels_last_all: bool
         options = set()
         for token in item.split("+"):
             if token not in VARIANT_OPTIONS:
-                raise ValueError(f"unknown variant option {token!r} in {item!r} (eager, cl, tune, compile)")
+                raise ValueError(f"unknown variant option {token!r} in {item!r} "
+                                 "(eager, cl, tune, cudnn_attn, compile)")
             options |= VARIANT_OPTIONS[token]
         options |= {"compile"} if compile_all else set()
         options |= {"channels_last"} if channels_last_all else set()
@@ -84,7 +91,9 @@ def parse_variants(text: str, compile_all: bool = False, channels_last_all: bool
     return variants
 
 
-def make_models(size: str):
+def make_models(size: str, **overrides):
+    """(model config, plain UNet, MCIE-E1 UNet, source encoder); `overrides` replace model config
+    fields (e.g. background_grid, source_feature_dim)."""
     from diffusers import UNet2DConditionModel
     from diffusers.models.attention_processor import AttnProcessor2_0
 
@@ -92,7 +101,7 @@ def make_models(size: str):
     from trainer.config import preset
     from trainer.model import SourceEncoder, build_unet
 
-    model_cfg = replace(preset(size).model, unet_path=None)
+    model_cfg = replace(preset(size).model, unet_path=None, **overrides)
     plain = UNet2DConditionModel(**model_cfg.unet)
     plain.set_attn_processor(AttnProcessor2_0())
     mcie = build_unet(model_cfg)
@@ -125,13 +134,16 @@ class PlainDenoiser(torch.nn.Module):
         self.unet = unet
         self.register_buffer("context", context, persistent=False)
 
+    def compiled_parts(self):
+        return (self.unet,)
+
     def forward(self, noisy, timesteps, source):
         return self.unet(torch.cat([noisy, source], 1), timesteps, encoder_hidden_states=self.context).sample
 
 
 class MCIEDenoiser(torch.nn.Module):
-    """MCIE-E1's denoiser: source encoder + UNet with both MCIE cross-attentions. The condition is
-    built inside forward, so a compiled forward covers the masks and the source encoder too."""
+    """MCIE-E1's denoiser: source encoder + UNet with both MCIE cross-attentions; the condition
+    reaches the UNet's processors through `cross_attention_kwargs`, as in `MCIEE1.denoise`."""
 
     def __init__(self, unet, source_encoder, context, regions, labels, background):
         super().__init__()
@@ -139,6 +151,9 @@ class MCIEDenoiser(torch.nn.Module):
         for name, tensor in (("context", context), ("regions", regions), ("labels", labels),
                              ("background", background)):
             self.register_buffer(name, tensor, persistent=False)
+
+    def compiled_parts(self):
+        return self.unet, self.source_encoder  # what the trainer compiles
 
     def forward(self, noisy, timesteps, source):
         from trainer.attention import CrossAttnCondition
@@ -194,56 +209,83 @@ class SDPARecorder:
         return {kind: sorted(k) or ["math"] for kind, k in sorted(self.kernels.items())}
 
 
-def _set_compile_defaults() -> None:
-    import torch._inductor.config as inductor
+def model_overrides(args) -> dict:
+    return {k: v for k, v in (("background_grid", args.background_grid),
+                              ("source_feature_dim", args.source_feature_dim)) if v is not None}
 
-    inductor.conv_1x1_as_mm = True  # the transformer blocks' 1x1 proj_in/proj_out convs as GEMMs
-    for name in ("recompile_limit", "cache_size_limit"):
-        if hasattr(torch._dynamo.config, name):
-            setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), 16))
+
+def build_denoisers(size: str, batch: int, latent: int, device, overrides: dict):
+    cfg, plain, mcie, source_encoder = make_models(size, **overrides)
+    context, regions, labels, background = mcie_inputs(cfg, batch, latent, device)
+    plain_context = torch.randn(batch, 77, cfg.unet["cross_attention_dim"], device=device)
+    return cfg, {"ip2p": PlainDenoiser(plain, plain_context),
+                 "mcie-e1": MCIEDenoiser(mcie, source_encoder, context, regions, labels, background)}
+
+
+def training_step_flops(module, batch: int, latent: int, device) -> int:
+    """FLOPs of one forward + backward, counted by torch (shapes only: works on meta tensors)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    noisy = torch.randn(batch, 4, latent, latent, device=device)
+    t = torch.randint(0, 1000, (batch,), device=device)
+    with FlopCounterMode(display=False) as counter:
+        module(noisy, t, noisy.clone()).float().pow(2).mean().backward()
+    return counter.get_total_flops()
+
+
+def count_flops(args) -> None:
+    """FLOPs per training sample of both denoisers, on meta tensors: no memory, no GPU."""
+    size = args.size or "base"
+    resolution = args.resolution or (512 if size == "base" else 32)
+    latent = resolution // (8 if size == "base" else 2)
+    device = torch.device("meta")
+    _, models = build_denoisers(size, 1, latent, device, model_overrides(args))
+    per_sample = {}
+    for name in args.models:
+        per_sample[name] = training_step_flops(models[name].to(device), 1, latent, device)
+        figures = dict(bench="flops", model=name, size=size, resolution=resolution,
+                       gflops_per_sample=round(per_sample[name] / 1e9, 3), **model_overrides(args))
+        if name != "ip2p" and "ip2p" in per_sample:
+            figures["vs_ip2p"] = round(per_sample[name] / per_sample["ip2p"], 4)
+        emit(**figures)
 
 
 def bench_denoiser(args, device) -> None:
     import torch._dynamo.utils
     from torch.utils.flop_counter import FlopCounterMode
 
+    from trainer import kernels
+
     variants = parse_variants(args.variants, args.compile, args.channels_last)
     size = "base" if device.type == "cuda" or args.size == "base" else "tiny"
-    cfg, plain, mcie, source_encoder = make_models(size)
     batch = args.batch or (32 if size == "base" else 2)
-    resolution = args.resolution or cfg.resolution
+    resolution = args.resolution or (512 if size == "base" else 32)
     latent = resolution // (8 if size == "base" else 2)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     fused = device.type == "cuda"
-    context, regions, labels, background = mcie_inputs(cfg, batch, latent, device)
-    plain_context = torch.randn(batch, 77, cfg.unet["cross_attention_dim"], device=device)
-    models = {"ip2p": PlainDenoiser(plain, plain_context),
-              "mcie-e1": MCIEDenoiser(mcie, source_encoder, context, regions, labels, background)}
+    _, models = build_denoisers(size, batch, latent, device, model_overrides(args))
     peak = peak_tflops(device, args.peak_tflops)
     flops: dict[str, int] = {}
-    backends: dict[str, dict] = {}
     speed: dict[tuple[str, str], float] = {}
-    if any("compile" in options for _, options in variants):
-        _set_compile_defaults()
 
     def run(name: str, variant: str, options: frozenset) -> None:
         module = models[name]
         layout = torch.channels_last if "channels_last" in options else torch.contiguous_format
         module.to(device=device, memory_format=layout)
-        torch.backends.cudnn.benchmark = "cudnn_benchmark" in options  # conv algorithm search
+        kernels.set_conv_autotune("cudnn_benchmark" in options)
         module.train()
         params = list(module.parameters())
         optimizer = torch.optim.AdamW(params, lr=1e-5, fused=fused)
         generator = torch.Generator(device=device).manual_seed(0)
-        forward = torch.compile(module) if "compile" in options else module
 
-        def step(fn=forward):
+        def step():
             latents = torch.randn(batch, 4, latent, latent, device=device, generator=generator)
             src = torch.randn(batch, 4, latent, latent, device=device, generator=generator)
             t = torch.randint(0, 1000, (batch,), device=device, generator=generator)
             latents, src = latents.contiguous(memory_format=layout), src.contiguous(memory_format=layout)
-            with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-                pred = fn(latents, t, src)
+            with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32), \
+                    kernels.attention_backends("cudnn_attn" in options):
+                pred = module(latents, t, src)
                 loss = torch.nn.functional.mse_loss(pred.float(), latents)
             loss.backward()
             optimizer.step()
@@ -253,11 +295,14 @@ def bench_denoiser(args, device) -> None:
             if device.type == "cuda":
                 torch.cuda.synchronize()
 
-        if name not in flops:  # FLOPs are the model's, whatever the kernels: count once, eagerly
-            with FlopCounterMode(display=False) as counter, SDPARecorder() as recorder:
-                step(module)
-            flops[name] = counter.get_total_flops()
-            backends[name] = recorder.summary()
+        # One eager step names the attention kernels of this variant; FLOPs are the model's,
+        # whatever the kernels, so they are counted once.
+        with FlopCounterMode(display=False) as counter, SDPARecorder() as recorder:
+            step()
+        flops.setdefault(name, counter.get_total_flops())
+        kernels_used = recorder.summary()
+        if "compile" in options:
+            kernels.compile_modules(args.compile_mode, *module.compiled_parts())
         counters = torch._dynamo.utils.counters
         graphs_before, breaks_before = counters["stats"]["unique_graphs"], sum(counters["graph_break"].values())
         sync()
@@ -286,9 +331,9 @@ def bench_denoiser(args, device) -> None:
             mfu=round(achieved / peak, 4) if peak else None,
             peak_mem_gib=round(torch.cuda.max_memory_allocated(device) / 2**30, 1)
             if device.type == "cuda" else None,
-            warmup_s=round(warmup_s, 1), sdpa=backends[name])
+            warmup_s=round(warmup_s, 1), sdpa=kernels_used, **model_overrides(args))
         if "compile" in options:
-            figures.update(graphs=graphs_warm - graphs_before,
+            figures.update(compile_mode=args.compile_mode, graphs=graphs_warm - graphs_before,
                            recompiled_in_timing=counters["stats"]["unique_graphs"] - graphs_warm,
                            graph_breaks=sum(counters["graph_break"].values()) - breaks_before)
         if name != "ip2p":
@@ -297,23 +342,25 @@ def bench_denoiser(args, device) -> None:
             if ("ip2p", "eager") in speed:
                 figures["vs_ip2p_eager"] = round(speed[(name, variant)] / speed[("ip2p", "eager")], 3)
         emit(**figures)
-        del forward, step, optimizer, params
-        module.to("cpu")
-        if "compile" in options:
-            torch._dynamo.reset()
+
+    def reset(name: str) -> None:
+        """Back to an eager module on the host, so the next variant starts from the same place."""
+        for part in models[name].compiled_parts():
+            part._compiled_call_impl = None  # undoes nn.Module.compile (torch keeps it there)
+        models[name].to("cpu")
+        torch._dynamo.reset()
         if device.type == "cuda":
             torch.cuda.empty_cache()
 
     for variant, options in variants:
-        for name in models:
+        for name in args.models:
             try:
                 run(name, variant, options)
-            except (RuntimeError, torch.OutOfMemoryError, AssertionError, ValueError) as exc:
-                # one failing variant (a compiler error, OOM) must not cost the other figures
+            except Exception as exc:  # noqa: BLE001  a compiler error or an OOM in one variant
+                # must not cost the other figures; the error is printed as that variant's figure
                 emit(bench="denoiser", model=name, variant=variant, error=f"{type(exc).__name__}: {exc}"[:2000])
-                models[name].to("cpu")
-                if device.type == "cuda":
-                    torch.cuda.empty_cache()
+            finally:
+                reset(name)
 
 
 # ---- loader -----------------------------------------------------------------------------------
@@ -406,10 +453,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--loader-samples", type=int, default=256, help="samples written for the loader run")
     parser.add_argument("--loader-batches", type=int, default=12)
     parser.add_argument("--variants", default="eager",
-                        help="comma list of kernel settings run for BOTH models, each a '+' join of "
-                             "eager, cl (channels-last), tune (cudnn.benchmark), compile; "
+                        help="comma list of kernel settings run for each model, each a '+' join of "
+                             "eager, cl (channels-last), tune (cudnn.benchmark), cudnn_attn, compile; "
                              "e.g. eager,cl+tune,cl+tune+compile")
     parser.add_argument("--compile", action="store_true", help="torch.compile every variant")
+    parser.add_argument("--compile-mode", default="default", choices=[m for m in COMPILE_MODES if m != "off"])
+    parser.add_argument("--models", default=",".join(MODELS),
+                        help=f"comma list of {', '.join(MODELS)} (ip2p first gives the ratios)")
+    parser.add_argument("--background-grid", type=int, help="MCIE-E1 model override")
+    parser.add_argument("--source-feature-dim", type=int, help="MCIE-E1 model override")
+    parser.add_argument("--flops-only", action="store_true",
+                        help="only count FLOPs per sample (meta tensors: any machine, no GPU)")
     parser.add_argument("--channels-last", action="store_true", help="channels-last for every variant")
     parser.add_argument("--skip", choices=["denoiser", "loader"], action="append", default=[])
     args = parser.parse_args(argv)
@@ -417,6 +471,12 @@ def main(argv: list[str] | None = None) -> int:
         parse_variants(args.variants)
     except ValueError as exc:
         parser.error(str(exc))
+    args.models = [m.strip() for m in args.models.split(",") if m.strip()]
+    if not args.models or set(args.models) - set(MODELS):
+        parser.error(f"--models takes a comma list of {', '.join(MODELS)}")
+    if args.flops_only:
+        count_flops(args)
+        return 0
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         print("bench/train.py: error: --device cuda but no GPU is available", file=sys.stderr)

@@ -39,13 +39,16 @@ def train_flow(
     checkpoint_every: int | None = None,
     mixed_precision: str | None = None,
     seed: int | None = None,
+    compile_mode: str | None = None,
 ) -> dict[str, Any]:
-    """Train MCIE-E1 on DATA (a build OUT) up to `steps` steps; checkpoints in `out`."""
+    """Train MCIE-E1 on DATA (a build OUT) up to `steps` steps; checkpoints in `out`.
+    `compile_mode`: off or a torch.compile mode for the UNet (else the config's `train.compile`)."""
     logger = get_run_logger()
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
     overrides = {"batch_size": batch_size, "learning_rate": learning_rate,
-                 "checkpoint_every": checkpoint_every, "mixed_precision": mixed_precision, "seed": seed}
+                 "checkpoint_every": checkpoint_every, "mixed_precision": mixed_precision, "seed": seed,
+                 "compile": compile_mode}
     result = train_model(data, config, out, steps, {k: v for k, v in overrides.items() if v is not None})
     logger.info("trained to step %d (resumed from %s), last loss %s", result["step"],
                 result["resumed_from"], result["last_loss"])

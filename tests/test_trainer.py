@@ -261,6 +261,25 @@ def test_resume_gives_the_same_next_losses_as_an_uninterrupted_run(build, tmp_pa
     assert train(build, config, tmp_path / "b", 6).losses == {}  # already there: nothing to do
 
 
+def test_compiled_channels_last_training_matches_eager_and_its_checkpoint_loads_eagerly(build, tmp_path):
+    import torch._dynamo.utils
+
+    config = tiny(checkpoint_every=2, batch_size=2)
+    eager = train(build, config, tmp_path / "eager", 2).losses
+    fast = with_train(config, compile="default", channels_last=True)
+    counters = torch._dynamo.utils.counters
+    graphs, breaks = counters["stats"]["unique_graphs"], sum(counters["graph_break"].values())
+    compiled = train(build, fast, tmp_path / "fast", 2).losses
+    assert counters["stats"]["unique_graphs"] - graphs == 2  # the UNet and the source encoder
+    assert sum(counters["graph_break"].values()) == breaks
+    assert sorted(compiled) == [1, 2]
+    assert compiled == pytest.approx(eager, rel=1e-4)  # same draws, same math, other kernels
+    # compiled per module: the checkpoint has the eager parameter names, so an eager run resumes it
+    resumed = train(build, config, tmp_path / "fast", 3)
+    assert resumed.resumed_from == 2 and sorted(resumed.losses) == [3]
+    assert resumed.losses[3] == pytest.approx(train(build, config, tmp_path / "eager", 3).losses[3], rel=1e-3)
+
+
 def _cli(argv):
     parser = argparse.ArgumentParser()
     register(parser.add_subparsers())
@@ -370,3 +389,18 @@ def test_bench_runs_every_variant_on_both_models_and_names_the_attention_kernels
     with pytest.raises(SystemExit) as exit_info:
         bench.main(["--device", "cpu", "--variants", "eager,fast"])
     assert exit_info.value.code == 2
+
+
+def test_bench_runs_one_model_with_cudnn_attention_preferred_and_counts_flops_without_running(capsys):
+    bench = _bench_module()
+    assert bench.main(["--device", "cpu", "--size", "tiny", "--steps", "1", "--warmup", "0",
+                       "--models", "mcie-e1", "--variants", "cudnn_attn", "--skip", "loader"]) == 0
+    [line] = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert line["model"] == "mcie-e1" and line["variant"] == "cudnn_attn" and "error" not in line
+    assert line["sdpa"]["attn1"]  # no cuDNN attention on a CPU: the next kernel in the list ran
+    # FLOPs on meta tensors: a smaller background grid means fewer source keys, so fewer FLOPs
+    assert bench.main(["--flops-only", "--size", "tiny"]) == 0
+    assert bench.main(["--flops-only", "--size", "tiny", "--models", "mcie-e1", "--background-grid", "2"]) == 0
+    plain, mcie, small = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert plain["model"] == "ip2p" and mcie["vs_ip2p"] > 1
+    assert small["background_grid"] == 2 and small["gflops_per_sample"] < mcie["gflops_per_sample"]

@@ -8,6 +8,8 @@ import json
 import sys
 from pathlib import Path
 
+from trainer.config import COMPILE_MODES  # trainer.config imports no torch
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     train = subparsers.add_parser("train", help="train MCIE-E1 on a build's train shards")
@@ -23,6 +25,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     train.add_argument("--num-workers", type=int)
     train.add_argument("--mixed-precision", choices=["auto", "no", "bf16", "fp16"])
     train.add_argument("--seed", type=int)
+    train.add_argument("--compile", choices=COMPILE_MODES, help="torch.compile the UNet (base: default)")
+    train.add_argument("--channels-last", action="store_true", default=None,
+                       help="channels-last convolution weights (base: on)")
     train.set_defaults(func=run_train)
 
     edit = subparsers.add_parser("edit", help="edit an image with a trained MCIE-E1 checkpoint")
@@ -51,7 +56,8 @@ def run_train(args: argparse.Namespace) -> int:
                             grad_accum=args.grad_accum, learning_rate=args.learning_rate,
                             checkpoint_every=args.checkpoint_every,
                             checkpoint_limit=args.checkpoint_limit, num_workers=args.num_workers,
-                            mixed_precision=args.mixed_precision, seed=args.seed)
+                            mixed_precision=args.mixed_precision, seed=args.seed,
+                            compile=args.compile, channels_last=args.channels_last)
         config.model.check_paths()
         result = train(args.data, config, args.out, args.steps)
     except (ConfigError, FileNotFoundError, ValueError) as exc:

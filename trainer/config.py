@@ -14,6 +14,7 @@ from typing import Any
 
 MLLM_TUNING = ("frozen", "lora")
 MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
+COMPILE_MODES = ("off", "default", "max-autotune-no-cudagraphs", "max-autotune")  # torch.compile modes
 
 
 class ConfigError(ValueError):
@@ -162,6 +163,9 @@ class TrainConfig:
     image_drop: float = 0.05  # ... of the source image
     both_drop: float = 0.05  # ... of both together
     mixed_precision: str = "auto"  # auto = bf16 on GPU, none on CPU
+    channels_last: bool = False  # NHWC convolution weights (tensor-core convs without transposes)
+    compile: str = "off"  # torch.compile the UNet and source encoder: off or a compile mode
+    cudnn_attention: bool = False  # try cuDNN's SDPA kernel first (Hopper)
     log_every: int = 10
     seed: int = 0
 
@@ -179,6 +183,8 @@ class TrainConfig:
             raise ConfigError("train.*_drop must be >= 0 and sum to at most 1")
         if self.mixed_precision not in MIXED_PRECISION:
             raise ConfigError(f"train.mixed_precision must be one of {MIXED_PRECISION}")
+        if self.compile not in COMPILE_MODES:
+            raise ConfigError(f"train.compile must be one of {COMPILE_MODES}, got {self.compile!r}")
 
 
 @dataclass(frozen=True)
@@ -223,13 +229,13 @@ def preset(name: str) -> Config:
             sub_queries=8,
             connector_layers=2,
             connector_heads=12,
-            source_feature_dim=320,
+            source_feature_dim=128,
             background_grid=32,
             mask_head_dim=128,
             unet_path="weights/sd15/unet",
         )
         train = TrainConfig(batch_size=32, learning_rate=5e-5, checkpoint_every=1000,
-                            shuffle_buffer=1000, num_workers=4)
+                            shuffle_buffer=1000, num_workers=4, channels_last=True, compile="default")
         return Config(model, train)
     raise ConfigError(f"unknown preset {name!r} (tiny, base, or a JSON file)")
 

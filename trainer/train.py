@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from trainer import kernels
 from trainer.config import Config, ConfigError
 from trainer.data import LoaderState, make_loader
 
@@ -33,7 +34,7 @@ class TrainResult:
     step: int
     losses: dict[int, float] = field(default_factory=dict)  # step → loss, for steps run now
     resumed_from: int | None = None
-    samples_per_s: float = 0.0
+    samples_per_s: float = 0.0  # from the second step of this run on (the first compiles); 0 for one
 
 
 def checkpoints(out: Path) -> list[tuple[int, Path]]:
@@ -80,6 +81,7 @@ class Trainer:
 
         frozen_dtype = torch.bfloat16 if self.accelerator.mixed_precision == "bf16" else torch.float32
         model = build_model(config.model, frozen_dtype)
+        self._speed_up(model)
         params = [p for p in model.parameters() if p.requires_grad]
         fused = self.accelerator.device.type == "cuda"
         optimizer = torch.optim.AdamW(params, lr=train.learning_rate, weight_decay=train.weight_decay,
@@ -90,6 +92,17 @@ class Trainer:
         self.step = 0
         self.loader_state: LoaderState | None = None
         self.resumed_from: int | None = None
+
+    def _speed_up(self, model) -> None:
+        """The kernel settings `bench/train.py` measures (see `trainer.kernels`)."""
+        train = self.config.train
+        if train.channels_last:
+            kernels.to_channels_last(model.unet, model.source_encoder, model.region_head)
+        if self.accelerator.device.type == "cuda":
+            kernels.set_conv_autotune(True)  # fixed shapes: every batch has the same size
+            torch.backends.cuda.matmul.allow_tf32 = True  # the parts autocast leaves in float32
+            torch.backends.cudnn.allow_tf32 = True
+        kernels.compile_modules(train.compile, model.unet, model.source_encoder)
 
     # ---- checkpoints --------------------------------------------------------------------------
 
@@ -145,7 +158,8 @@ class Trainer:
         drops = (train.text_drop, train.image_drop, train.both_drop)
         self.model.train()
         bar = tqdm(total=steps, initial=self.step, disable=not acc.is_local_main_process, desc="train")
-        started, samples = time.perf_counter(), 0
+        # Throughput counts from the end of this run's first step, which compiles and autotunes.
+        started, samples, first = time.perf_counter(), 0, True
         while self.step < steps:
             total = 0.0
             for micro in range(train.grad_accum):
@@ -154,7 +168,7 @@ class Trainer:
                 batch = _to_device(batch, acc.device)
                 last = micro == train.grad_accum - 1
                 sync = acc.no_sync(self.model) if not last and acc.num_processes > 1 else _nullcontext()
-                with sync, acc.autocast():
+                with sync, acc.autocast(), kernels.attention_backends(train.cudnn_attention):
                     losses = self.model(batch, edit_weight=train.edit_weight,
                                         mask_loss_weight=train.mask_loss_weight, drops=drops)
                     loss = losses["loss"] / train.grad_accum
@@ -169,6 +183,8 @@ class Trainer:
             if not math.isfinite(total):
                 raise FloatingPointError(f"loss is {total} at step {self.step}")
             result.losses[self.step] = total
+            if first:
+                started, samples, first = time.perf_counter(), 0, False
             throughput = samples / max(time.perf_counter() - started, 1e-9)
             bar.update(1)
             bar.set_postfix(loss=f"{total:.4f}", samples_s=f"{throughput:.1f}")
