@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -278,6 +281,30 @@ def test_compiled_channels_last_training_matches_eager_and_its_checkpoint_loads_
     resumed = train(build, config, tmp_path / "fast", 3)
     assert resumed.resumed_from == 2 and sorted(resumed.losses) == [3]
     assert resumed.losses[3] == pytest.approx(train(build, config, tmp_path / "eager", 3).losses[3], rel=1e-3)
+
+
+def test_two_process_data_parallel_training_checkpoints_and_resumes(build, tmp_path):
+    """The multi-GPU path (`accelerate launch` = torch.distributed.run + DDP) with two CPU processes
+    talking gloo: DDP needs a gradient for every parameter on every step (null_context used to get
+    none on steps without a dropped instruction), the checkpoint keeps both ranks' loader
+    positions, a rerun resumes from it, and only rank 0 prints the summary."""
+    env = dict(os.environ, ACCELERATE_USE_CPU="true", OMP_NUM_THREADS="1")
+
+    def launch(steps: int) -> list[dict]:
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                   "-m", "flows.cli", "train", "--data", str(build), "--out", str(tmp_path / "ckpt"),
+                   "--steps", str(steps), "--batch-size", "2", "--checkpoint-every", "2"]
+        done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600,
+                              cwd=Path(__file__).resolve().parents[1])
+        assert done.returncode == 0, done.stderr[-4000:]
+        return [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+
+    [first] = launch(4)
+    assert (first["step"], first["resumed_from"]) == (4, None)
+    state = json.loads((tmp_path / "ckpt" / "checkpoint-4" / "trainer_state.json").read_text())
+    assert [position["batches"] for position in state["loader"]] == [4, 4]  # one per rank
+    [again] = launch(6)
+    assert (again["step"], again["resumed_from"]) == (6, 4)
 
 
 def _cli(argv):

@@ -63,6 +63,8 @@ def run_train(args: argparse.Namespace) -> int:
     except (ConfigError, FileNotFoundError, ValueError) as exc:
         print(f"mcie train: error: {exc}", file=sys.stderr)
         return 2
+    if not result.main_process:
+        return 0  # one summary per run, from rank 0
     last = result.losses[max(result.losses)] if result.losses else float("nan")
     print(json.dumps({"step": result.step, "resumed_from": result.resumed_from, "last_loss": last,
                       "samples_per_s": round(result.samples_per_s, 2),

@@ -237,7 +237,10 @@ class MCIEE1(nn.Module):
         if drop_image is not None:
             source_latents = source_latents * (~drop_image).to(source_latents.dtype)[:, None, None, None]
         context, labels = self.encode_instruction(source_uint8, sub_texts)
-        if drop_text is not None and drop_text.any():
+        # Always built when training, even if no sample drops its text this step: null_context
+        # must be in every step's graph (DDP expects a gradient for every parameter), and
+        # `drop_text.any()` would wait for the GPU.
+        if drop_text is not None:
             null = torch.full_like(labels, PADDING_TOKEN)
             null[:, : self.config.global_queries] = GLOBAL_TOKEN
             null_context = torch.zeros_like(context)

@@ -35,6 +35,7 @@ class TrainResult:
     losses: dict[int, float] = field(default_factory=dict)  # step → loss, for steps run now
     resumed_from: int | None = None
     samples_per_s: float = 0.0  # from the second step of this run on (the first compiles); 0 for one
+    main_process: bool = True  # False on the other ranks of a multi-process run
 
 
 def checkpoints(out: Path) -> list[tuple[int, Path]]:
@@ -148,7 +149,8 @@ class Trainer:
         acc, train = self.accelerator, self.config.train
         self.out.mkdir(parents=True, exist_ok=True)
         self.resume()
-        result = TrainResult(step=self.step, resumed_from=self.resumed_from)
+        result = TrainResult(step=self.step, resumed_from=self.resumed_from,
+                             main_process=acc.is_main_process)
         if self.step >= steps:
             log.info("already at step %d >= %d: nothing to do", self.step, steps)
             return result
