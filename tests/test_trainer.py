@@ -22,7 +22,7 @@ from trainer.attention import MCIECrossAttnProcessor, CrossAttnCondition, set_ba
 from trainer.config import ConfigError, load_config, preset, with_train
 from trainer.data import decode_sample, find_shards, make_loader
 from trainer.cli import register
-from trainer.edit import fallback_split
+from trainer.edit import fallback_split, parse_split_answer
 from trainer.train import checkpoints, train
 
 UNITS, PER_UNIT = 3, 8
@@ -330,6 +330,20 @@ def test_edit_writes_an_image_of_the_source_size(trained, tmp_path, capsys):
     assert Image.open(tmp_path / "b.png").size == (70, 45)
     assert _cli(common + ["--out", str(tmp_path / "c.png"), "--regions", "0,0,5,5"]) == 2
     assert "3 sub-instructions" in capsys.readouterr().err
+    # the tiny MLLM is random: it is really asked, its answer is no JSON list, the grammar takes over
+    assert _cli(common + ["--out", str(tmp_path / "d.png"), "--split", "mllm"]) == 0
+    info = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert info["split_by"] == "grammar (the MLLM's answer was unusable)"
+    assert info["sub_instructions"] == ["make the red cup blue", "remove the star", "add a tree"]
+
+
+def test_mllm_split_answers_are_parsed_or_refused():
+    assert parse_split_answer('```json\n["Make the cup red.", " remove the star"]\n```') == [
+        "Make the cup red", "remove the star"]
+    assert parse_split_answer('Edits [1]: ["add a tree"] done') == ["add a tree"]  # first usable list
+    for unusable in ("make the cup red", "[]", '["a", ""]', "[1, 2]", '["a", ', '{"edits": "a"}',
+                     json.dumps([f"edit {i}" for i in range(9)])):
+        assert parse_split_answer(unusable) is None, unusable
 
 
 def test_fallback_splitter_on_connectives():

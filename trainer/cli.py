@@ -41,6 +41,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     edit.add_argument("--text-guidance", type=float, default=7.5)
     edit.add_argument("--image-guidance", type=float, default=1.5)
     edit.add_argument("--seed", type=int, default=0)
+    edit.add_argument("--split", choices=["grammar", "mllm"], default="grammar",
+                      help="split the instruction by the composer's grammar or by asking the MLLM")
     edit.add_argument("--device", default=None, help="cuda when available, else cpu")
     edit.set_defaults(func=run_edit)
 
@@ -88,7 +90,7 @@ def run_edit(args: argparse.Namespace) -> int:
         model = load_model(args.checkpoint, device)
         with Image.open(args.image) as image:
             result, info = edit_image(model, image, args.instruction, args.regions, args.steps,
-                                      args.text_guidance, args.image_guidance, args.seed)
+                                      args.text_guidance, args.image_guidance, args.seed, args.split)
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         result.save(args.out)
     except (ConfigError, FileNotFoundError, ValueError, OSError) as exc:

@@ -2,7 +2,8 @@
 
 The complex instruction is split into sub-instructions by the composer's own connective grammar
 (`pipeline.compose.split_instruction`; a small splitter on the same connectives if that module is
-absent); each sub-instruction's region is predicted by the model's region head unless `--regions`
+absent) or, with `--split mllm`, by the checkpoint's MLLM (asked for a JSON list; the grammar
+takes over when its answer is not one); each sub-instruction's region is predicted by the model's region head unless `--regions`
 gives it (a mask image or a pixel box `x0,y0,x1,y1`, one per sub-instruction). Sampling is DDIM with
 InstructPix2Pix's two guidance scales (text and image).
 """
@@ -47,6 +48,42 @@ def split_instruction(text: str) -> list[str]:
     except ImportError:
         return fallback_split(text)
     return composer_split(text) or fallback_split(text)
+
+
+MAX_SPLIT_PARTS = 8  # the most sub-instructions a complex instruction has (the composer's range)
+
+
+def parse_split_answer(answer: str) -> list[str] | None:
+    """The sub-instructions in an MLLM's answer: the first JSON list in it whose items are 1 to
+    MAX_SPLIT_PARTS non-empty strings (a ```json fence or words around it are fine), else None."""
+    decoder = json.JSONDecoder()
+    start = answer.find("[")
+    while start != -1:
+        try:
+            value, _ = decoder.raw_decode(answer, start)
+        except json.JSONDecodeError:
+            value = None
+        if isinstance(value, list) and 1 <= len(value) <= MAX_SPLIT_PARTS and all(
+                isinstance(item, str) and item.strip() for item in value):
+            return [item.strip().rstrip(".") for item in value]
+        start = answer.find("[", start + 1)
+    return None
+
+
+def split_with(model: MCIEE1, instruction: str, splitter: str) -> tuple[list[str], str]:
+    """(sub-instructions, how they were split). `mllm` asks the model's MLLM and falls back to the
+    grammar when its answer is not a usable JSON list (a random or untuned MLLM)."""
+    if splitter == "mllm":
+        answer = model.frozen.mllm.answer_split(instruction)
+        parts = parse_split_answer(answer)
+        if parts:
+            return parts, "mllm"
+        log.warning("the MLLM's split was not a JSON list of sub-instructions (%r); using the grammar",
+                    answer[:200])
+        return split_instruction(instruction), "grammar (the MLLM's answer was unusable)"
+    if splitter != "grammar":
+        raise ValueError(f"splitter must be grammar or mllm, got {splitter!r}")
+    return split_instruction(instruction), "grammar"
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
@@ -96,11 +133,11 @@ def region_masks(specs: list[str], size: tuple[int, int]) -> torch.Tensor:
 @torch.no_grad()
 def edit_image(model: MCIEE1, image: Image.Image, instruction: str, regions: list[str] | None = None,
                steps: int = 20, text_guidance: float = 7.5, image_guidance: float = 1.5,
-               seed: int = 0) -> tuple[Image.Image, dict]:
+               seed: int = 0, splitter: str = "grammar") -> tuple[Image.Image, dict]:
     from diffusers import DDIMScheduler
 
     config = model.config
-    subs = split_instruction(instruction)
+    subs, split_by = split_with(model, instruction, splitter)
     if not subs:
         raise ValueError("the instruction is empty")
     if len(subs) > config.max_sub_edits:  # the last slot takes the rest, as in training
@@ -143,6 +180,7 @@ def edit_image(model: MCIEE1, image: Image.Image, instruction: str, regions: lis
     result = Image.fromarray(pixels).resize(rgb.size, Image.BICUBIC)
     info = {
         "sub_instructions": subs,
+        "split_by": split_by,
         "region_fractions": [round(float(slots[0, i].mean()), 4) for i in range(len(subs))],
         "regions_from": "given" if regions else "predicted",
     }

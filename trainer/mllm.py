@@ -26,6 +26,11 @@ log = logging.getLogger(__name__)
 SPECIAL_TOKENS = ["<|endoftext|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>",
                   "<|video_pad|>"]
 SEPARATOR = " ; "  # between sub-instructions in the prompt (belongs to no span)
+SPLIT_PROMPT = (
+    "Split this image-editing instruction into its separate edits, in order, each a short imperative "
+    "phrase that keeps the instruction's own words. Answer with a JSON list of strings and nothing "
+    "else.\nInstruction: {instruction}"
+)
 
 
 def _image_processor_class():
@@ -181,6 +186,23 @@ class MLLMEncoder:
         )
         return Encoded(hidden=outputs.last_hidden_state, valid=valid, spans=spans.to(device),
                        sub_valid=spans.any(-1).to(device))
+
+
+    @torch.no_grad()
+    def answer_split(self, instruction: str, max_new_tokens: int = 256) -> str:
+        """The MLLM's own answer (greedy, text only) to SPLIT_PROMPT for `instruction`."""
+        content = SPLIT_PROMPT.format(instruction=instruction)
+        if getattr(self.tokenizer, "chat_template", None):
+            prompt = self.tokenizer.apply_chat_template([{"role": "user", "content": content}],
+                                                        tokenize=False, add_generation_prompt=True)
+        else:  # a tokenizer without a template (the tiny model's): Qwen's chat layout by hand
+            prompt = f"<|im_start|>user\n{content}<|im_end|>\n<|im_start|>assistant\n"
+        input_ids = torch.tensor([self.tokenizer(prompt, add_special_tokens=False)["input_ids"]],
+                                 device=self.device)
+        output = self.model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
+                                     max_new_tokens=max_new_tokens, do_sample=False,
+                                     pad_token_id=self.pad)
+        return self.tokenizer.decode(output[0, input_ids.shape[1]:], skip_special_tokens=True)
 
 
 class LoRA(nn.Module):
