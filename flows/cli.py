@@ -35,6 +35,18 @@ class Parser(argparse.ArgumentParser):
 
 
 def writable_dir(text: str) -> str:
+    """A directory that exists or can be made there: checked, not created — `run_build` creates it
+    once every argument is valid, so a refused command leaves nothing behind."""
+    path = Path(text)
+    if path.exists() and not path.is_dir():
+        raise argparse.ArgumentTypeError(f"cannot write to {text}: not a directory")
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise argparse.ArgumentTypeError(f"cannot write to {text}: permission denied")
+    return str(path)
+
+
+def make_out_dir(text: str) -> Path:
     path = Path(text)
     try:
         path.mkdir(parents=True, exist_ok=True)
@@ -42,8 +54,8 @@ def writable_dir(text: str) -> str:
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as exc:
-        raise argparse.ArgumentTypeError(f"cannot write to {text}: {exc.strerror or exc}")
-    return str(path)
+        raise UsageError(f"mcie build: error: cannot write to {text}: {exc.strerror or exc}") from None
+    return path
 
 
 def register_build(subparsers) -> None:
@@ -79,7 +91,7 @@ def run_build(args: argparse.Namespace) -> int:
             shard_size=args.shard_size, defect_rate=args.defect_rate, min_edits=args.min_edits,
             max_edits=args.max_edits, judge=args.judge, judge_options=options,
         )
-        save_config(Path(args.out), config)
+        save_config(make_out_dir(args.out), config)
     except ConfigError as exc:
         raise UsageError(f"mcie build: error: {exc}") from None
     from flows.plan import is_complete

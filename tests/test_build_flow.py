@@ -102,3 +102,4 @@ def test_bad_arguments_get_one_line_and_exit_2(tmp_path: Path, args, message):
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0], result.stderr
+    assert not (tmp_path / "x").exists()  # a refused command leaves no OUT behind
