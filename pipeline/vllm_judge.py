@@ -4,7 +4,8 @@ Per pair, one chat-completions request carries the source and target images (PNG
 resized to `max_side`), the complex instruction with its numbered sub-instructions and their regions
 (boxes as fractions of width/height), and a rubric. The answer is constrained by a JSON schema
 (`response_format` json_schema, vLLM structured outputs) and validated again on arrival: a judge
-answer is data from outside and never trusted. Decoding is greedy (temperature 0) with a fixed seed;
+answer is data from outside and never trusted. Decoding is greedy (temperature 0) with a fixed seed
+(a retry after a bad answer samples at `retry_temperature`, seed + try, so it can differ);
 the model and the prompt version are the judge's `name`/`version`, hence the sample's provenance.
 
 Throughput: the judge lives in a long-lived worker (a Ray actor) and `score_batch` is called once per
@@ -97,6 +98,7 @@ class VllmJudgeConfig:
     connect_timeout_s: float = 10.0
     max_retries: int = 5  # transport errors, 429 and 5xx
     bad_answer_retries: int = 1  # answers that fail the schema
+    retry_temperature: float = 0.4  # a bad answer's retry samples (seed + try): greedy would repeat it
     backoff_s: float = 0.5  # first back-off; doubles per retry, jittered
     backoff_max_s: float = 30.0
     max_side: int = 768  # images are downscaled so that max(width, height) <= max_side
@@ -126,6 +128,10 @@ class VllmJudgeConfig:
                      and math.isfinite(value) and value > 0,
                      f"{name} must be a positive number of seconds, got {value!r}")
         _require(self.backoff_max_s >= self.backoff_s, "backoff_max_s must be >= backoff_s")
+        temperature = self.retry_temperature
+        _require(isinstance(temperature, (int, float)) and not isinstance(temperature, bool)
+                 and 0 <= temperature <= 2,
+                 f"retry_temperature must be within 0..2, got {self.retry_temperature!r}")
         _require(self.image_format in ("png", "jpeg"),
                  f"image_format must be png or jpeg, got {self.image_format!r}")
         _require(isinstance(self.api_key_env, str) and self.api_key_env.isidentifier(),
@@ -233,7 +239,10 @@ def instruction_text(view: JudgeView) -> str:
     return "\n".join(lines)
 
 
-def build_request(view: JudgeView, config: VllmJudgeConfig, max_tokens: int | None = None) -> dict:
+def build_request(view: JudgeView, config: VllmJudgeConfig, max_tokens: int | None = None,
+                  attempt: int = 0) -> dict:
+    """The chat-completions body. Attempt 0 is greedy; a retry after a bad answer samples at
+    `retry_temperature` with seed + attempt, so it can answer differently and is still reproducible."""
     if not view.sub_edits:
         raise ValueError(f"sample {view.id} has no sub-instructions to judge")
     n = len(view.sub_edits)
@@ -259,8 +268,8 @@ def build_request(view: JudgeView, config: VllmJudgeConfig, max_tokens: int | No
             "type": "json_schema",
             "json_schema": {"name": "edit_judgement", "schema": answer_schema(n), "strict": True},
         },
-        "temperature": 0.0,
-        "seed": config.seed,
+        "temperature": 0.0 if attempt == 0 else config.retry_temperature,
+        "seed": (config.seed + attempt) % 2**63,
         "max_tokens": max_tokens or config.max_tokens or default_max_tokens(n),
     }
 
@@ -503,10 +512,9 @@ class VllmJudge:
                     log.warning("vllm judge: sample %s: bad answer, giving up: %s", view.id, exc)
                     return JudgeError(f"bad answer after {bad} tries: {exc}")
                 log.info("vllm judge: sample %s: bad answer, asking again: %s", view.id, exc)
-                if isinstance(exc, TruncatedAnswer):
-                    tokens = 2 * json.loads(body)["max_tokens"]
-                    body, encode_s = await asyncio.to_thread(self._encode, view, tokens)
-                    self.stats.encode_cpu_s += encode_s
+                tokens = json.loads(body)["max_tokens"] * (2 if isinstance(exc, TruncatedAnswer) else 1)
+                body, encode_s = await asyncio.to_thread(self._encode, view, tokens, bad)
+                self.stats.encode_cpu_s += encode_s
             except _Retryable as exc:
                 failures += 1
                 if failures > self.config.max_retries:
@@ -522,9 +530,9 @@ class VllmJudge:
                 log.warning("vllm judge: sample %s: %s", view.id, exc)
                 return JudgeError(str(exc))
 
-    def _encode(self, view: JudgeView, max_tokens: int | None) -> tuple[bytes, float]:
+    def _encode(self, view: JudgeView, max_tokens: int | None, attempt: int = 0) -> tuple[bytes, float]:
         started = time.thread_time()
-        body = json.dumps(build_request(view, self.config, max_tokens)).encode()
+        body = json.dumps(build_request(view, self.config, max_tokens, attempt)).encode()
         return body, time.thread_time() - started
 
     async def _ask(self, session, body: bytes, num_sub_edits: int) -> dict[str, Any]:

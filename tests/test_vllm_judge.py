@@ -131,6 +131,8 @@ def test_bad_answer_gets_one_retry_then_judge_error(server, judge, bad):
     assert isinstance(first, JudgeError) and "bad answer after 2 tries" in str(first)
     assert isinstance(second, dict)  # the one retry rescued it
     assert server.stats()["requests"] == 4
+    retry = server.stats()["last_request"]  # greedy would repeat the bad answer: the retry samples
+    assert (retry["temperature"], retry["seed"]) == (0.4, 1)
 
 
 def test_truncated_answer_retry_gets_more_tokens(server, judge):
@@ -290,6 +292,7 @@ def test_options_are_validated():
         ({"url": url, "model": "m", "max_in_flight": "many"}, "must be a number"),
         ({"url": url, "model": "m", "timeout_s": -1}, "timeout_s"),
         ({"url": url, "model": "m", "image_format": "gif"}, "image_format"),
+        ({"url": url, "model": "m", "retry_temperature": "3"}, "retry_temperature"),
         ({"url": url, "model": "m", "api_key": "sk-x"}, "unknown vllm judge options ['api_key']"),
     ]
     for options, message in bad:
