@@ -3,7 +3,8 @@
 #   1. both denoisers eager and with channels-last + cudnn benchmark + cuDNN attention (≈ 1 min);
 #   2. MCIE-E1 with channels-last + cudnn benchmark + torch.compile, what `base` trains with (≈ 3 min);
 #   3. the same with cuDNN attention preferred (≈ 3 min).
-# Figures go to stdout and to ${OUT:-out}/device_check.jsonl, one JSON line each (see bench/train.py).
+# Figures go to stdout and to ${OUT:-out}/device_check.jsonl, one JSON line each (see bench/train.py),
+# with the 12 GPU kernels that take the most time (`top_ops`): what to optimise next.
 # Where diffusers / webdataset are missing, put their wheels in .whl/ (`pip download` them on a
 # machine with an index) and they are installed to a scratch dir first.
 set -uo pipefail
@@ -16,7 +17,7 @@ if compgen -G ".whl/*.whl" > /dev/null; then
   export PYTHONPATH="/tmp/mcie-site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
 fi
 python3 -c 'import torch; print("torch", torch.__version__, torch.cuda.get_device_name())' || exit 1
-bench() { timeout "$1" python3 bench/train.py --device cuda --skip loader --steps 10 "${@:2}" \
+bench() { timeout "$1" python3 bench/train.py --device cuda --skip loader --steps 10 --profile 12 "${@:2}" \
             2> >(tail -n 20 >&2) | tee -a "$out/device_check.jsonl"; }
 bench 150 --warmup 2 --variants eager,cl+tune+cudnn_attn
 bench 200 --warmup 3 --models mcie-e1 --variants cl+tune+compile

@@ -250,6 +250,23 @@ def count_flops(args) -> None:
         emit(**figures)
 
 
+def top_ops(step, sync, device, count: int) -> list[dict]:
+    """Where two steps' time goes: the `count` ops (kernels, on a GPU) with the most self time,
+    as shares of the total — what to optimise next."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as profiler:
+        for _ in range(2):
+            step()
+        sync()
+    events = profiler.key_averages()
+    attr = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    total = sum(getattr(e, attr) for e in events) or 1
+    ranked = sorted(events, key=lambda e: getattr(e, attr), reverse=True)[:count]
+    return [{"op": e.key[:100], "share": round(getattr(e, attr) / total, 4), "calls": e.count} for e in ranked]
+
+
 def bench_denoiser(args, device) -> None:
     import torch._dynamo.utils
     from torch.utils.flop_counter import FlopCounterMode
@@ -341,6 +358,8 @@ def bench_denoiser(args, device) -> None:
                 figures["vs_ip2p_same_variant"] = round(speed[(name, variant)] / speed[("ip2p", variant)], 3)
             if ("ip2p", "eager") in speed:
                 figures["vs_ip2p_eager"] = round(speed[(name, variant)] / speed[("ip2p", "eager")], 3)
+        if args.profile:
+            figures["top_ops"] = top_ops(step, sync, device, args.profile)
         emit(**figures)
 
     def reset(name: str) -> None:
@@ -462,6 +481,8 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"comma list of {', '.join(MODELS)} (ip2p first gives the ratios)")
     parser.add_argument("--background-grid", type=int, help="MCIE-E1 model override")
     parser.add_argument("--source-feature-dim", type=int, help="MCIE-E1 model override")
+    parser.add_argument("--profile", type=int, default=0, metavar="N",
+                        help="also list the N ops with the most self time (GPU kernels on a GPU)")
     parser.add_argument("--flops-only", action="store_true",
                         help="only count FLOPs per sample (meta tensors: any machine, no GPU)")
     parser.add_argument("--channels-last", action="store_true", help="channels-last for every variant")

@@ -435,9 +435,11 @@ def test_bench_runs_every_variant_on_both_models_and_names_the_attention_kernels
 def test_bench_runs_one_model_with_cudnn_attention_preferred_and_counts_flops_without_running(capsys):
     bench = _bench_module()
     assert bench.main(["--device", "cpu", "--size", "tiny", "--steps", "1", "--warmup", "0",
-                       "--models", "mcie-e1", "--variants", "cudnn_attn", "--skip", "loader"]) == 0
+                       "--models", "mcie-e1", "--variants", "cudnn_attn", "--skip", "loader",
+                       "--profile", "3"]) == 0
     [line] = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert line["model"] == "mcie-e1" and line["variant"] == "cudnn_attn" and "error" not in line
+    assert len(line["top_ops"]) == 3 and 0 < sum(op["share"] for op in line["top_ops"]) <= 1
     assert line["sdpa"]["attn1"]  # no cuDNN attention on a CPU: the next kernel in the list ran
     # FLOPs on meta tensors: a smaller background grid means fewer source keys, so fewer FLOPs
     assert bench.main(["--flops-only", "--size", "tiny"]) == 0

@@ -2,5 +2,6 @@
 
 config (presets + JSON files) · mllm (Qwen-VL encoder, LoRA) · attention (the two diffusers
 attention processors) · model (MCIEE1: UNet, connector, source encoder, region head) · data (the
-positionable webdataset loader) · train (accelerate loop, `mcie train`) · edit (`mcie edit`).
+positionable webdataset loader) · kernels (channels-last, compile, cuDNN settings) · train
+(accelerate loop, `mcie train`) · edit (`mcie edit`).
 """
