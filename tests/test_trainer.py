@@ -251,14 +251,24 @@ def test_loss_goes_down(trained):
     assert last < 0.8 * first, (first, last)
 
 
+def _metrics(out: Path) -> dict[int, dict]:
+    return {m["step"]: m for m in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())}
+
+
 def test_resume_gives_the_same_next_losses_as_an_uninterrupted_run(build, tmp_path):
-    config = tiny(checkpoint_every=3, checkpoint_limit=1, num_workers=2, batch_size=3, shuffle_buffer=5)
+    config = tiny(checkpoint_every=3, checkpoint_limit=1, num_workers=2, batch_size=3, shuffle_buffer=5,
+                  lr_schedule="cosine", lr_warmup_steps=2, lr_decay_steps=6, log_every=1)
     straight = train(build, config, tmp_path / "a", 6).losses
+    lrs = {step: m["lr"] for step, m in _metrics(tmp_path / "a").items()}
+    base = config.train.learning_rate  # warm-up to it in 2 steps, then cosine down to 0 at step 6
+    assert lrs[1] == pytest.approx(base / 2) and lrs[2] == pytest.approx(base) and lrs[6] == pytest.approx(0)
+    assert lrs[3] > lrs[4] > lrs[5] > 0
     first = train(build, config, tmp_path / "b", 3)
     assert [s for s, _ in checkpoints(tmp_path / "b")] == [3]
     resumed = train(build, config, tmp_path / "b", 6)
     assert resumed.resumed_from == 3
     assert resumed.losses == {s: straight[s] for s in (4, 5, 6)}  # bit-identical
+    assert {step: m["lr"] for step, m in _metrics(tmp_path / "b").items()} == lrs  # schedule resumed
     assert first.losses == {s: straight[s] for s in (1, 2, 3)}
     assert [s for s, _ in checkpoints(tmp_path / "b")] == [6]  # retention limit 1
     assert train(build, config, tmp_path / "b", 6).losses == {}  # already there: nothing to do

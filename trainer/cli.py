@@ -8,7 +8,7 @@ import json
 import sys
 from pathlib import Path
 
-from trainer.config import COMPILE_MODES  # trainer.config imports no torch
+from trainer.config import COMPILE_MODES, LR_SCHEDULES  # trainer.config imports no torch
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -20,6 +20,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     train.add_argument("--batch-size", type=int)
     train.add_argument("--grad-accum", type=int)
     train.add_argument("--lr", type=float, dest="learning_rate")
+    train.add_argument("--lr-schedule", choices=LR_SCHEDULES)
+    train.add_argument("--lr-warmup-steps", type=int)
     train.add_argument("--checkpoint-every", type=int)
     train.add_argument("--checkpoint-limit", type=int)
     train.add_argument("--num-workers", type=int)
@@ -56,6 +58,7 @@ def run_train(args: argparse.Namespace) -> int:
             raise ConfigError("--steps must be >= 1")
         config = with_train(load_config(args.config), batch_size=args.batch_size,
                             grad_accum=args.grad_accum, learning_rate=args.learning_rate,
+                            lr_schedule=args.lr_schedule, lr_warmup_steps=args.lr_warmup_steps,
                             checkpoint_every=args.checkpoint_every,
                             checkpoint_limit=args.checkpoint_limit, num_workers=args.num_workers,
                             mixed_precision=args.mixed_precision, seed=args.seed,

@@ -15,6 +15,7 @@ from typing import Any
 MLLM_TUNING = ("frozen", "lora")
 MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
 COMPILE_MODES = ("off", "default", "max-autotune-no-cudagraphs", "max-autotune")  # torch.compile modes
+LR_SCHEDULES = ("constant", "constant_with_warmup", "cosine", "linear")  # diffusers' get_scheduler names
 
 
 class ConfigError(ValueError):
@@ -150,6 +151,9 @@ class TrainConfig:
     batch_size: int = 4
     grad_accum: int = 1
     learning_rate: float = 1e-3
+    lr_schedule: str = "constant"  # cosine / linear decay to 0 at lr_decay_steps
+    lr_warmup_steps: int = 0  # linear warm-up (constant_with_warmup, cosine, linear)
+    lr_decay_steps: int = 0  # where cosine / linear reach 0; 0 = the run's --steps
     weight_decay: float = 1e-2
     max_grad_norm: float = 1.0
     checkpoint_every: int = 50
@@ -183,6 +187,11 @@ class TrainConfig:
             raise ConfigError("train.*_drop must be >= 0 and sum to at most 1")
         if self.mixed_precision not in MIXED_PRECISION:
             raise ConfigError(f"train.mixed_precision must be one of {MIXED_PRECISION}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ConfigError(f"train.lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
+        for name in ("lr_warmup_steps", "lr_decay_steps"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"train.{name} must be >= 0, got {getattr(self, name)}")
         if self.compile not in COMPILE_MODES:
             raise ConfigError(f"train.compile must be one of {COMPILE_MODES}, got {self.compile!r}")
 
@@ -234,7 +243,8 @@ def preset(name: str) -> Config:
             mask_head_dim=128,
             unet_path="weights/sd15/unet",
         )
-        train = TrainConfig(batch_size=32, learning_rate=5e-5, checkpoint_every=1000,
+        train = TrainConfig(batch_size=32, learning_rate=5e-5, lr_schedule="constant_with_warmup",
+                            lr_warmup_steps=500, checkpoint_every=1000,
                             shuffle_buffer=1000, num_workers=4, channels_last=True, compile="default")
         return Config(model, train)
     raise ConfigError(f"unknown preset {name!r} (tiny, base, or a JSON file)")

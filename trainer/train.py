@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 
 STATE_FILE = "trainer_state.json"
 CONFIG_FILE = "config.json"
+METRICS_FILE = "metrics.jsonl"  # one line per logged step; after a resume a step may appear again
 
 
 @dataclass
@@ -148,6 +149,7 @@ class Trainer:
 
         acc, train = self.accelerator, self.config.train
         self.out.mkdir(parents=True, exist_ok=True)
+        self.lr_schedule = self._lr_schedule(steps)
         self.resume()
         result = TrainResult(step=self.step, resumed_from=self.resumed_from,
                              main_process=acc.is_main_process)
@@ -180,6 +182,7 @@ class Trainer:
             if train.max_grad_norm > 0:
                 acc.clip_grad_norm_(self.model.parameters(), train.max_grad_norm)
             self.optimizer.step()
+            self.lr_schedule.step()
             self.optimizer.zero_grad(set_to_none=True)
             self.step += 1
             if not math.isfinite(total):
@@ -191,14 +194,37 @@ class Trainer:
             bar.update(1)
             bar.set_postfix(loss=f"{total:.4f}", samples_s=f"{throughput:.1f}")
             if self.step % train.log_every == 0 or self.step == steps:
-                log.info("step %d loss %.5f (diffusion %.5f, regions %.5f) %.1f samples/s", self.step,
-                         total, losses["diffusion"].item(), losses["regions"].item(), throughput)
+                self._log_metrics(total, losses, throughput)
             if self.step % train.checkpoint_every == 0 or self.step == steps:
                 self.save(state)
         bar.close()
         result.step = self.step
         result.samples_per_s = samples / max(time.perf_counter() - started, 1e-9)
         return result
+
+
+    def _lr_schedule(self, steps: int):
+        """diffusers' schedule (warm-up, then constant, or cosine / linear down to 0 at
+        `lr_decay_steps`, else at this run's `steps`), stepped once per optimiser step and saved
+        with the checkpoints. Set `lr_decay_steps` to extend a decaying run later with a larger
+        --steps and keep its schedule."""
+        from diffusers.optimization import get_scheduler
+
+        train = self.config.train
+        schedule = get_scheduler(train.lr_schedule, self.optimizer, num_warmup_steps=train.lr_warmup_steps,
+                                 num_training_steps=train.lr_decay_steps or steps)
+        self.accelerator.register_for_checkpointing(schedule)
+        return schedule
+
+    def _log_metrics(self, total: float, losses: dict, throughput: float) -> None:
+        figures = {"step": self.step, "loss": round(total, 6), "diffusion": round(losses["diffusion"].item(), 6),
+                   "regions": round(losses["regions"].item(), 6),
+                   "lr": self.lr_schedule.get_last_lr()[0], "samples_per_s": round(throughput, 2)}
+        log.info("step %(step)d loss %(loss).5f (diffusion %(diffusion).5f, regions %(regions).5f) "
+                 "lr %(lr).3g %(samples_per_s).1f samples/s", figures)
+        if self.accelerator.is_main_process:
+            with open(self.out / METRICS_FILE, "a") as metrics:
+                metrics.write(json.dumps(figures) + "\n")
 
 
 class _nullcontext:
