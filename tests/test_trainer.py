@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from safetensors.torch import load_file
 
 from pipeline.compose import Composer
 from pipeline.edit import ProceduralEditor
@@ -22,7 +23,7 @@ from trainer.attention import MCIECrossAttnProcessor, CrossAttnCondition, set_ba
 from trainer.config import ConfigError, load_config, preset, with_train
 from trainer.data import decode_sample, find_shards, make_loader
 from trainer.cli import register
-from trainer.edit import fallback_split, parse_split_answer
+from trainer.edit import fallback_split, load_model, parse_split_answer
 from trainer.train import checkpoints, train
 
 UNITS, PER_UNIT = 3, 8
@@ -257,7 +258,7 @@ def _metrics(out: Path) -> dict[int, dict]:
 
 def test_resume_gives_the_same_next_losses_as_an_uninterrupted_run(build, tmp_path):
     config = tiny(checkpoint_every=3, checkpoint_limit=1, num_workers=2, batch_size=3, shuffle_buffer=5,
-                  lr_schedule="cosine", lr_warmup_steps=2, lr_decay_steps=6, log_every=1)
+                  lr_schedule="cosine", lr_warmup_steps=2, lr_decay_steps=6, log_every=1, ema_decay=0.9)
     straight = train(build, config, tmp_path / "a", 6).losses
     lrs = {step: m["lr"] for step, m in _metrics(tmp_path / "a").items()}
     base = config.train.learning_rate  # warm-up to it in 2 steps, then cosine down to 0 at step 6
@@ -269,6 +270,16 @@ def test_resume_gives_the_same_next_losses_as_an_uninterrupted_run(build, tmp_pa
     assert resumed.resumed_from == 3
     assert resumed.losses == {s: straight[s] for s in (4, 5, 6)}  # bit-identical
     assert {step: m["lr"] for step, m in _metrics(tmp_path / "b").items()} == lrs  # schedule resumed
+    ema_a, ema_b = (load_file(str(tmp_path / run / "checkpoint-6" / "ema.safetensors")) for run in "ab")
+    assert ema_a.keys() == ema_b.keys() and all(torch.equal(ema_a[k], ema_b[k]) for k in ema_a)
+    # inference takes the EMA weights by default, the trained ones on request
+    trained = load_file(str(tmp_path / "a" / "checkpoint-6" / "model.safetensors"))
+    name = "connector.global_queries"
+    assert not torch.equal(ema_a[name], trained[name])
+    ema_model, trained_model = load_model(tmp_path / "a"), load_model(tmp_path / "a", weights="trained")
+    assert (ema_model.weights_used, trained_model.weights_used) == ("ema", "trained")
+    assert torch.equal(ema_model.connector.global_queries, ema_a[name])
+    assert torch.equal(trained_model.connector.global_queries, trained[name])
     assert first.losses == {s: straight[s] for s in (1, 2, 3)}
     assert [s for s, _ in checkpoints(tmp_path / "b")] == [6]  # retention limit 1
     assert train(build, config, tmp_path / "b", 6).losses == {}  # already there: nothing to do
@@ -334,6 +345,7 @@ def test_edit_writes_an_image_of_the_source_size(trained, tmp_path, capsys):
     info = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert info["sub_instructions"] == ["make the red cup blue", "remove the star", "add a tree"]
     assert info["regions_from"] == "predicted"
+    assert info["weights"] == "trained"  # this checkpoint was trained without an EMA
     assert Image.open(tmp_path / "a.png").size == (70, 45)
     boxes = ["0,0,20,20", "30,10,60,40", "0,30,10,45"]
     assert _cli(common + ["--out", str(tmp_path / "b.png"), "--regions", *boxes]) == 0

@@ -45,6 +45,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     edit.add_argument("--seed", type=int, default=0)
     edit.add_argument("--split", choices=["grammar", "mllm"], default="grammar",
                       help="split the instruction by the composer's grammar or by asking the MLLM")
+    edit.add_argument("--weights", choices=["ema", "trained"], default="ema",
+                      help="the EMA weights where the checkpoint has them (default), or the trained ones")
     edit.add_argument("--device", default=None, help="cuda when available, else cpu")
     edit.set_defaults(func=run_edit)
 
@@ -90,7 +92,7 @@ def run_edit(args: argparse.Namespace) -> int:
             raise ValueError("--steps must be >= 1")
         if not Path(args.image).is_file():
             raise FileNotFoundError(f"image {args.image} does not exist")
-        model = load_model(args.checkpoint, device)
+        model = load_model(args.checkpoint, device, args.weights)
         with Image.open(args.image) as image:
             result, info = edit_image(model, image, args.instruction, args.regions, args.steps,
                                       args.text_guidance, args.image_guidance, args.seed, args.split)

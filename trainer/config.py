@@ -167,6 +167,7 @@ class TrainConfig:
     image_drop: float = 0.05  # ... of the source image
     both_drop: float = 0.05  # ... of both together
     mixed_precision: str = "auto"  # auto = bf16 on GPU, none on CPU
+    ema_decay: float = 0.0  # > 0: keep an EMA of the trained weights (what `mcie edit` uses)
     channels_last: bool = False  # NHWC convolution weights (tensor-core convs without transposes)
     compile: str = "off"  # torch.compile the UNet and source encoder: off or a compile mode
     cudnn_attention: bool = False  # try cuDNN's SDPA kernel first (Hopper)
@@ -187,6 +188,8 @@ class TrainConfig:
             raise ConfigError("train.*_drop must be >= 0 and sum to at most 1")
         if self.mixed_precision not in MIXED_PRECISION:
             raise ConfigError(f"train.mixed_precision must be one of {MIXED_PRECISION}")
+        if not 0 <= self.ema_decay < 1:
+            raise ConfigError(f"train.ema_decay must be in [0, 1), got {self.ema_decay}")
         if self.lr_schedule not in LR_SCHEDULES:
             raise ConfigError(f"train.lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
         for name in ("lr_warmup_steps", "lr_decay_steps"):
@@ -244,7 +247,7 @@ def preset(name: str) -> Config:
             unet_path="weights/sd15/unet",
         )
         train = TrainConfig(batch_size=32, learning_rate=5e-5, lr_schedule="constant_with_warmup",
-                            lr_warmup_steps=500, checkpoint_every=1000,
+                            lr_warmup_steps=500, ema_decay=0.9999, checkpoint_every=1000,
                             shuffle_buffer=1000, num_workers=4, channels_last=True, compile="default")
         return Config(model, train)
     raise ConfigError(f"unknown preset {name!r} (tiny, base, or a JSON file)")

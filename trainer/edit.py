@@ -23,7 +23,7 @@ from PIL import Image
 from trainer.config import Config
 from trainer.data import to_tensor
 from trainer.model import MCIEE1, build_model
-from trainer.train import CONFIG_FILE, latest_checkpoint
+from trainer.train import CONFIG_FILE, EMA_FILE, latest_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -97,13 +97,26 @@ def resolve_checkpoint(path: str | Path) -> Path:
     return latest
 
 
-def load_model(checkpoint: str | Path, device: str | torch.device = "cpu") -> MCIEE1:
+def load_model(checkpoint: str | Path, device: str | torch.device = "cpu", weights: str = "ema") -> MCIEE1:
+    """The checkpoint's model; `weights="ema"` takes the EMA weights where training kept them
+    (`model.weights_used` says which were loaded), "trained" the optimiser's own."""
     from safetensors.torch import load_file
 
+    if weights not in ("ema", "trained"):
+        raise ValueError(f"weights must be ema or trained, got {weights!r}")
     path = resolve_checkpoint(checkpoint)
     config = Config.from_json(json.loads((path / CONFIG_FILE).read_text()))
     model = build_model(config.model)
     model.load_state_dict(load_file(str(path / "model.safetensors")))
+    model.weights_used = "trained"
+    if weights == "ema" and (path / EMA_FILE).is_file():
+        ema = load_file(str(path / EMA_FILE))
+        missing = {name for name, p in model.named_parameters() if p.requires_grad} - set(ema)
+        if missing:
+            raise ValueError(f"{path / EMA_FILE} lacks {len(missing)} trained weights, "
+                             f"e.g. {sorted(missing)[0]}")
+        model.load_state_dict(ema, strict=False)
+        model.weights_used = "ema"
     model.eval().to(device)
     model.frozen.to(torch.device(device))
     return model
@@ -183,5 +196,6 @@ def edit_image(model: MCIEE1, image: Image.Image, instruction: str, regions: lis
         "split_by": split_by,
         "region_fractions": [round(float(slots[0, i].mean()), 4) for i in range(len(subs))],
         "regions_from": "given" if regions else "predicted",
+        "weights": model.weights_used,
     }
     return result, info

@@ -198,6 +198,8 @@ class Conditioning:
 
 
 class MCIEE1(nn.Module):
+    weights_used = "trained"  # which weights `trainer.edit.load_model` put in: trained or ema
+
     def __init__(self, config: ModelConfig, frozen: Frozen):
         super().__init__()
         self.config = config

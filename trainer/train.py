@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 STATE_FILE = "trainer_state.json"
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"  # one line per logged step; after a resume a step may appear again
+EMA_FILE = "ema.safetensors"  # the EMA of the trained weights, by parameter name (for inference)
 
 
 @dataclass
@@ -133,6 +134,8 @@ class Trainer:
 
             positions = gather_object(positions)
         if acc.is_main_process:
+            if self.ema is not None:
+                self._save_ema_weights(path)
             (path / CONFIG_FILE).write_text(json.dumps(self.config.to_json(), indent=2))
             (path / STATE_FILE).write_text(json.dumps({"step": self.step, "loader": positions}))
             (self.out / CONFIG_FILE).write_text(json.dumps(self.config.to_json(), indent=2))
@@ -149,6 +152,7 @@ class Trainer:
 
         acc, train = self.accelerator, self.config.train
         self.out.mkdir(parents=True, exist_ok=True)
+        self.ema = self._ema()  # registered for checkpointing before the schedule: keep this order
         self.lr_schedule = self._lr_schedule(steps)
         self.resume()
         result = TrainResult(step=self.step, resumed_from=self.resumed_from,
@@ -183,6 +187,8 @@ class Trainer:
                 acc.clip_grad_norm_(self.model.parameters(), train.max_grad_norm)
             self.optimizer.step()
             self.lr_schedule.step()
+            if self.ema is not None:
+                self.ema.step(self._trained_parameters())
             self.optimizer.zero_grad(set_to_none=True)
             self.step += 1
             if not math.isfinite(total):
@@ -202,6 +208,28 @@ class Trainer:
         result.samples_per_s = samples / max(time.perf_counter() - started, 1e-9)
         return result
 
+
+    def _trained_parameters(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.raw_model.parameters() if p.requires_grad]
+
+    def _ema(self):
+        """diffusers' EMAModel over the trained weights (its decay warms up as (1+n)/(10+n)),
+        checkpointed with the rest; None when train.ema_decay is 0."""
+        if self.config.train.ema_decay <= 0:
+            return None
+        from diffusers.training_utils import EMAModel
+
+        ema = EMAModel(self._trained_parameters(), decay=self.config.train.ema_decay, foreach=True)
+        ema.to(self.accelerator.device)
+        self.accelerator.register_for_checkpointing(ema)
+        return ema
+
+    def _save_ema_weights(self, path: Path) -> None:
+        from safetensors.torch import save_file
+
+        names = [name for name, p in self.raw_model.named_parameters() if p.requires_grad]
+        save_file({name: shadow.detach().cpu().contiguous()
+                   for name, shadow in zip(names, self.ema.shadow_params)}, str(path / EMA_FILE))
 
     def _lr_schedule(self, steps: int):
         """diffusers' schedule (warm-up, then constant, or cosine / linear down to 0 at
