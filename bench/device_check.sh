@@ -7,8 +7,11 @@
 #   3. the same with cuDNN attention preferred (≈ 3 min).
 # Figures go to stdout and to ${OUT:-out}/device_check.jsonl, one JSON line each (see bench/train.py),
 # with the 12 GPU kernels that take the most time (`top_ops`): what to optimise next.
-# Where diffusers / webdataset are missing, put their wheels in .whl/ (`pip download` them on a
-# machine with an index) and they are installed to a scratch dir first.
+# Where diffusers / webdataset are missing, put their wheels in .whl/ and they are installed to a
+# scratch dir first (≈ 25 MB; a session passes `.whl` in the device tool's `carry`), made with
+#   pip download --no-deps --python-version 3.12 --platform manylinux2014_x86_64 --platform any \
+#     --only-binary=:all: -d .whl diffusers==0.42.* webdataset==1.0.* braceexpand importlib_metadata \
+#     transformers==5.24.* accelerate==1.15.* safetensors tokenizers huggingface_hub tqdm regex
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${OUT:-out}"
