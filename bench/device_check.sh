@@ -21,13 +21,14 @@ if compgen -G ".whl/*.whl" > /dev/null; then
     --target /tmp/mcie-site .whl/*.whl || exit 1
   export PYTHONPATH="/tmp/mcie-site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
 fi
-python3 -c 'import torch; print("torch", torch.__version__, torch.cuda.get_device_name())' || exit 1
+device="${DEVICE:-cuda}"  # DEVICE=cpu: a dry run of this script with the tiny sizes
+python3 -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name() if '$device' == 'cuda' else 'cpu')" || exit 1
 if python3 -c 'import transformers, accelerate, safetensors' 2>/dev/null; then
   timeout 90 python3 bench/trainer_smoke.py 2> >(tail -n 20 >&2) | tee -a "$out/device_check.jsonl"
 else
   echo '{"check": "trainer_smoke", "skipped": "transformers / accelerate / safetensors not installed"}'
 fi
-bench() { timeout "$1" python3 bench/train.py --device cuda --skip loader --steps 10 --profile 12 "${@:2}" \
+bench() { timeout "$1" python3 bench/train.py --device "$device" --skip loader --steps 10 --profile 12 "${@:2}" \
             2> >(tail -n 20 >&2) | tee -a "$out/device_check.jsonl"; }
 bench 120 --warmup 2 --variants eager,cl+tune+cudnn_attn
 bench 180 --warmup 3 --models mcie-e1 --variants cl+tune+compile
