@@ -187,7 +187,6 @@ class MLLMEncoder:
         return Encoded(hidden=outputs.last_hidden_state, valid=valid, spans=spans.to(device),
                        sub_valid=spans.any(-1).to(device))
 
-
     @torch.no_grad()
     def answer_split(self, instruction: str, max_new_tokens: int = 256) -> str:
         """The MLLM's own answer (greedy, text only) to SPLIT_PROMPT for `instruction`."""

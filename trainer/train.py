@@ -95,6 +95,8 @@ class Trainer:
         self.step = 0
         self.loader_state: LoaderState | None = None
         self.resumed_from: int | None = None
+        self.ema = None  # set up by fit, with the learning-rate schedule
+        self.lr_schedule = None
 
     def _speed_up(self, model) -> None:
         """The kernel settings `bench/train.py` measures (see `trainer.kernels`)."""
@@ -208,7 +210,6 @@ class Trainer:
         result.samples_per_s = samples / max(time.perf_counter() - started, 1e-9)
         return result
 
-
     def _trained_parameters(self) -> list[torch.nn.Parameter]:
         return [p for p in self.raw_model.parameters() if p.requires_grad]
 
@@ -239,13 +240,15 @@ class Trainer:
         from diffusers.optimization import get_scheduler
 
         train = self.config.train
-        schedule = get_scheduler(train.lr_schedule, self.optimizer, num_warmup_steps=train.lr_warmup_steps,
+        schedule = get_scheduler(train.lr_schedule, self.optimizer,
+                                 num_warmup_steps=train.lr_warmup_steps,
                                  num_training_steps=train.lr_decay_steps or steps)
         self.accelerator.register_for_checkpointing(schedule)
         return schedule
 
     def _log_metrics(self, total: float, losses: dict, throughput: float) -> None:
-        figures = {"step": self.step, "loss": round(total, 6), "diffusion": round(losses["diffusion"].item(), 6),
+        figures = {"step": self.step, "loss": round(total, 6),
+                   "diffusion": round(losses["diffusion"].item(), 6),
                    "regions": round(losses["regions"].item(), 6),
                    "lr": self.lr_schedule.get_last_lr()[0], "samples_per_s": round(throughput, 2)}
         log.info("step %(step)d loss %(loss).5f (diffusion %(diffusion).5f, regions %(regions).5f) "
