@@ -469,3 +469,25 @@ def test_bench_runs_one_model_with_cudnn_attention_preferred_and_counts_flops_wi
     plain, mcie, small = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert plain["model"] == "ip2p" and mcie["vs_ip2p"] > 1
     assert small["background_grid"] == 2 and small["gflops_per_sample"] < mcie["gflops_per_sample"]
+
+
+def test_device_check_script_dry_runs_on_the_cpu(tmp_path):
+    """bench/device_check.sh is what a GPU session runs in its few minutes: it must not have rotted.
+    DEVICE=cpu runs every step of it (trainer smoke, each bench variant) at the tiny size."""
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, DEVICE="cpu", OUT=str(tmp_path),
+               PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    done = subprocess.run(["bash", "bench/device_check.sh"], cwd=root, env=env, capture_output=True,
+                          text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = [json.loads(line) for line in (tmp_path / "device_check.jsonl").read_text().splitlines()]
+    smoke, *figures = lines
+    assert smoke["check"] == "trainer_smoke" and smoke["ok"] and smoke["weights_loaded"] == "ema"
+    assert [(f["model"], f["variant"]) for f in figures] == [
+        ("ip2p", "eager"), ("mcie-e1", "eager"),
+        ("ip2p", "channels_last+cudnn_benchmark+cudnn_attn"),
+        ("mcie-e1", "channels_last+cudnn_benchmark+cudnn_attn"),
+        ("mcie-e1", "channels_last+cudnn_benchmark+compile"),
+        ("mcie-e1", "channels_last+cudnn_benchmark+cudnn_attn+compile")]
+    assert all("error" not in f and f["top_ops"] for f in figures)
+    assert all(f["graph_breaks"] == 0 for f in figures if "compile" in f["variant"])
