@@ -328,6 +328,20 @@ def test_two_process_data_parallel_training_checkpoints_and_resumes(build, tmp_p
     assert (again["step"], again["resumed_from"]) == (6, 4)
 
 
+def test_an_ema_can_be_switched_on_when_resuming(build, tmp_path):
+    config = tiny(checkpoint_every=2, batch_size=2)
+    train(build, config, tmp_path, 2)
+    resumed = train(build, with_train(config, ema_decay=0.5, checkpoint_every=1), tmp_path, 4)
+    assert resumed.resumed_from == 2 and sorted(resumed.losses) == [3, 4]
+    name = "connector.global_queries"
+    weights = {step: load_file(str(tmp_path / f"checkpoint-{step}" / "model.safetensors"))[name]
+               for step in (3, 4)}
+    ema = {step: load_file(str(tmp_path / f"checkpoint-{step}" / "ema.safetensors"))[name] for step in (3, 4)}
+    assert torch.allclose(ema[3], weights[3], atol=1e-7)  # diffusers' EMA copies on its first step
+    decay = 2 / 11  # then warms up as (1 + n) / (10 + n), here below the configured 0.5
+    assert torch.allclose(ema[4], decay * weights[3] + (1 - decay) * weights[4], atol=1e-7)
+
+
 def _cli(argv):
     parser = argparse.ArgumentParser()
     register(parser.add_subparsers())

@@ -1,7 +1,9 @@
 """The MCIE-E1 training loop (accelerate) and the `mcie train` subcommand.
 
 `OUT_CKPT/checkpoint-{step}/` holds accelerate's state (trained weights, optimiser, RNG states),
-`trainer_state.json` (step and the loader's position) and `config.json`. Re-running with the same
+`ema.safetensors` (with `train.ema_decay`), `config.json` and, written last as the completion mark,
+`trainer_state.json` (step, every rank's loader position, the EMA's step). The learning-rate
+schedule is a function of the step, so it needs no state. Re-running with the same
 `--out` resumes from the newest checkpoint and trains up to `--steps` in total; only the newest
 `checkpoint_limit` checkpoints are kept. The loader resumes by position (see `trainer.data`).
 """
@@ -13,6 +15,7 @@ import logging
 import math
 import shutil
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -95,7 +98,7 @@ class Trainer:
         self.step = 0
         self.loader_state: LoaderState | None = None
         self.resumed_from: int | None = None
-        self.ema = None  # set up by fit, with the learning-rate schedule
+        self.ema = None  # set up by fit: the schedule needs the run's steps, the EMA the resumed weights
         self.lr_schedule = None
 
     def _speed_up(self, model) -> None:
@@ -111,10 +114,11 @@ class Trainer:
 
     # ---- checkpoints --------------------------------------------------------------------------
 
-    def resume(self) -> None:
+    def resume(self) -> dict | None:
+        """Load the newest checkpoint, if any; returns its trainer state."""
         path = latest_checkpoint(self.out)
         if path is None:
-            return
+            return None
         saved = json.loads((path / CONFIG_FILE).read_text())
         if saved["model"] != self.config.to_json()["model"]:
             raise ConfigError(f"{path} was trained with a different model config; use another --out")
@@ -123,7 +127,9 @@ class Trainer:
         self.step = int(state["step"])
         self.loader_state = LoaderState.from_json(state["loader"][self.accelerator.process_index])
         self.resumed_from = self.step
+        state["path"] = str(path)
         log.info("resumed from %s (step %d)", path, self.step)
+        return state
 
     def save(self, loader_state: LoaderState) -> Path:
         acc = self.accelerator
@@ -136,10 +142,12 @@ class Trainer:
 
             positions = gather_object(positions)
         if acc.is_main_process:
+            state = {"step": self.step, "loader": positions}
             if self.ema is not None:
                 self._save_ema_weights(path)
+                state["ema_step"] = self.ema.optimization_step
             (path / CONFIG_FILE).write_text(json.dumps(self.config.to_json(), indent=2))
-            (path / STATE_FILE).write_text(json.dumps({"step": self.step, "loader": positions}))
+            (path / STATE_FILE).write_text(json.dumps(state))  # last: marks the checkpoint complete
             (self.out / CONFIG_FILE).write_text(json.dumps(self.config.to_json(), indent=2))
             for _, old in checkpoints(self.out)[: -self.config.train.checkpoint_limit]:
                 shutil.rmtree(old)
@@ -154,9 +162,10 @@ class Trainer:
 
         acc, train = self.accelerator, self.config.train
         self.out.mkdir(parents=True, exist_ok=True)
-        self.ema = self._ema()  # registered for checkpointing before the schedule: keep this order
         self.lr_schedule = self._lr_schedule(steps)
-        self.resume()
+        resumed = self.resume()
+        self._fast_forward_schedule()
+        self.ema = self._ema(resumed)
         result = TrainResult(step=self.step, resumed_from=self.resumed_from,
                              main_process=acc.is_main_process)
         if self.step >= steps:
@@ -213,16 +222,28 @@ class Trainer:
     def _trained_parameters(self) -> list[torch.nn.Parameter]:
         return [p for p in self.raw_model.parameters() if p.requires_grad]
 
-    def _ema(self):
-        """diffusers' EMAModel over the trained weights (its decay warms up as (1+n)/(10+n)),
-        checkpointed with the rest; None when train.ema_decay is 0."""
+    def _ema(self, resumed: dict | None):
+        """diffusers' EMAModel over the trained weights (its decay warms up as (1+n)/(10+n)), None
+        when train.ema_decay is 0. It resumes from the checkpoint's `ema.safetensors` (by parameter
+        name) and `ema_step`; a checkpoint without them (EMA switched on later) starts it from the
+        resumed weights."""
         if self.config.train.ema_decay <= 0:
             return None
         from diffusers.training_utils import EMAModel
+        from safetensors.torch import load_file
 
         ema = EMAModel(self._trained_parameters(), decay=self.config.train.ema_decay, foreach=True)
         ema.to(self.accelerator.device)
-        self.accelerator.register_for_checkpointing(ema)
+        saved = Path(resumed["path"]) / EMA_FILE if resumed else None
+        if saved is not None and saved.is_file() and "ema_step" in resumed:
+            weights = load_file(str(saved), device=str(self.accelerator.device))
+            names = [name for name, p in self.raw_model.named_parameters() if p.requires_grad]
+            if set(names) != set(weights):
+                raise ConfigError(f"{saved} does not hold this model's trained weights")
+            ema.shadow_params = [weights[name] for name in names]
+            ema.optimization_step = int(resumed["ema_step"])
+        elif resumed:
+            log.info("no EMA in %s: the EMA starts from the resumed weights", resumed["path"])
         return ema
 
     def _save_ema_weights(self, path: Path) -> None:
@@ -234,17 +255,22 @@ class Trainer:
 
     def _lr_schedule(self, steps: int):
         """diffusers' schedule (warm-up, then constant, or cosine / linear down to 0 at
-        `lr_decay_steps`, else at this run's `steps`), stepped once per optimiser step and saved
-        with the checkpoints. Set `lr_decay_steps` to extend a decaying run later with a larger
-        --steps and keep its schedule."""
+        `lr_decay_steps`, else at this run's `steps`), stepped once per optimiser step. Set
+        `lr_decay_steps` to extend a decaying run later with a larger --steps and keep its schedule."""
         from diffusers.optimization import get_scheduler
 
         train = self.config.train
-        schedule = get_scheduler(train.lr_schedule, self.optimizer,
-                                 num_warmup_steps=train.lr_warmup_steps,
-                                 num_training_steps=train.lr_decay_steps or steps)
-        self.accelerator.register_for_checkpointing(schedule)
-        return schedule
+        return get_scheduler(train.lr_schedule, self.optimizer, num_warmup_steps=train.lr_warmup_steps,
+                             num_training_steps=train.lr_decay_steps or steps)
+
+    def _fast_forward_schedule(self) -> None:
+        """The schedule is a function of the step alone: after a resume, set it to the step (the
+        config's learning rate and schedule apply, whatever the checkpoint was trained with)."""
+        if self.step:
+            self.lr_schedule.last_epoch = self.step - 1
+            with warnings.catch_warnings():  # "scheduler.step() before optimizer.step()": intended
+                warnings.simplefilter("ignore", UserWarning)
+                self.lr_schedule.step()
 
     def _log_metrics(self, total: float, losses: dict, throughput: float) -> None:
         figures = {"step": self.step, "loss": round(total, 6),
