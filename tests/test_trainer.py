@@ -24,7 +24,7 @@ from trainer.config import ConfigError, load_config, preset, with_train
 from trainer.data import decode_sample, find_shards, make_loader
 from trainer.cli import register
 from trainer.edit import fallback_split, load_model, parse_split_answer
-from trainer.train import checkpoints, train
+from trainer.train import Trainer, checkpoints, train
 
 UNITS, PER_UNIT = 3, 8
 
@@ -326,6 +326,21 @@ def test_two_process_data_parallel_training_checkpoints_and_resumes(build, tmp_p
     assert [position["batches"] for position in state["loader"]] == [4, 4]  # one per rank
     [again] = launch(6)
     assert (again["step"], again["resumed_from"]) == (6, 4)
+
+
+def test_validation_loss_is_fixed_and_leaves_training_untouched(build, tmp_path):
+    config = tiny(checkpoint_every=4, batch_size=2)
+    plain = train(build, config, tmp_path / "plain", 4).losses
+    validated = train(build, with_train(config, eval_every=2, eval_batches=2), tmp_path / "val", 4,
+                      val_data=build).losses
+    assert validated == plain  # the evaluation draws in a forked RNG: training is bit-identical
+    lines = [json.loads(line) for line in (tmp_path / "val" / "metrics.jsonl").read_text().splitlines()]
+    val = {m["step"]: m for m in lines if "val_loss" in m}
+    assert sorted(val) == [2, 4] and all(np.isfinite(m["val_loss"]) for m in val.values())
+    assert val[2]["val_loss"] != val[4]["val_loss"]  # the weights changed, the samples did not
+    again = Trainer(build, with_train(config, eval_batches=2), tmp_path / "val", val_data=build)
+    again.resume()
+    assert again.validate()["val_loss"] == val[4]["val_loss"]  # same samples, noise and timesteps
 
 
 def test_an_ema_can_be_switched_on_when_resuming(build, tmp_path):

@@ -14,6 +14,8 @@ from trainer.config import COMPILE_MODES, LR_SCHEDULES  # trainer.config imports
 def register(subparsers: argparse._SubParsersAction) -> None:
     train = subparsers.add_parser("train", help="train MCIE-E1 on a build's train shards")
     train.add_argument("--data", required=True, help="a build OUT (reads OUT/shards/train-*.tar)")
+    train.add_argument("--val-data", help="a build OUT whose train shards give the validation loss "
+                                          "(every train.eval_every steps, else at each checkpoint)")
     train.add_argument("--config", default="tiny", help="tiny | base | a JSON config file")
     train.add_argument("--steps", type=int, default=100, help="train up to this many steps in total")
     train.add_argument("--out", default="checkpoints", help="checkpoint dir (re-run to resume)")
@@ -66,7 +68,7 @@ def run_train(args: argparse.Namespace) -> int:
                             mixed_precision=args.mixed_precision, seed=args.seed,
                             compile=args.compile, channels_last=args.channels_last)
         config.model.check_paths()
-        result = train(args.data, config, args.out, args.steps)
+        result = train(args.data, config, args.out, args.steps, args.val_data)
     except (ConfigError, FileNotFoundError, ValueError) as exc:
         print(f"mcie train: error: {exc}", file=sys.stderr)
         return 2

@@ -172,13 +172,17 @@ class TrainConfig:
     compile: str = "off"  # torch.compile the UNet and source encoder: off or a compile mode
     cudnn_attention: bool = False  # try cuDNN's SDPA kernel first (Hopper)
     log_every: int = 10
+    eval_every: int = 0  # validation loss on --val-data every N steps; 0 = at each checkpoint
+    eval_batches: int = 4  # validation batches (the same ones every time)
     seed: int = 0
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "grad_accum", "checkpoint_every", "checkpoint_limit",
-                     "shuffle_buffer", "log_every"):
+                     "shuffle_buffer", "log_every", "eval_batches"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+        if self.eval_every < 0:
+            raise ConfigError(f"train.eval_every must be >= 0, got {self.eval_every}")
         if self.num_workers < 0:
             raise ConfigError(f"train.num_workers must be >= 0, got {self.num_workers}")
         if not 0 < self.crop_min_scale <= 1:

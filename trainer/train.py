@@ -16,7 +16,7 @@ import math
 import shutil
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -70,10 +70,12 @@ def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
 
 
 class Trainer:
-    def __init__(self, data: str | Path, config: Config, out: str | Path):
+    def __init__(self, data: str | Path, config: Config, out: str | Path,
+                 val_data: str | Path | None = None):
         from accelerate import Accelerator
 
         self.data = Path(data)
+        self.val_data = Path(val_data) if val_data is not None else None
         self.config = config
         self.out = Path(out)
         train = config.train
@@ -212,12 +214,42 @@ class Trainer:
             bar.set_postfix(loss=f"{total:.4f}", samples_s=f"{throughput:.1f}")
             if self.step % train.log_every == 0 or self.step == steps:
                 self._log_metrics(total, losses, throughput)
+            if self.val_data is not None and self.step % (train.eval_every or train.checkpoint_every) == 0:
+                self.validate()
             if self.step % train.checkpoint_every == 0 or self.step == steps:
                 self.save(state)
         bar.close()
         result.step = self.step
         result.samples_per_s = samples / max(time.perf_counter() - started, 1e-9)
         return result
+
+    @torch.no_grad()
+    def validate(self) -> dict[str, float] | None:
+        """Mean losses over the first `eval_batches` batches of --val-data, on the main process.
+        Every evaluation sees the same samples, noise and timesteps (a fixed seed, no dropout), in
+        a forked RNG, so the figures are comparable across steps and training's own draws — hence
+        an exact resume — are untouched."""
+        acc, train = self.accelerator, self.config.train
+        figures = None
+        if acc.is_main_process:
+            loader, _ = make_loader(self.val_data, replace(train, num_workers=0), self.config.model)
+            devices = [acc.device] if acc.device.type == "cuda" else []
+            sums = {"loss": 0.0, "diffusion": 0.0, "regions": 0.0}
+            with torch.random.fork_rng(devices=devices):
+                torch.manual_seed(train.seed)
+                for batch, _ in zip(loader, range(train.eval_batches)):
+                    with acc.autocast(), kernels.attention_backends(train.cudnn_attention):
+                        losses = self.raw_model(_to_device(batch, acc.device), edit_weight=train.edit_weight,
+                                                mask_loss_weight=train.mask_loss_weight)
+                    for key in sums:
+                        sums[key] += losses[key].float().item() / train.eval_batches
+            figures = {"step": self.step, **{f"val_{k}": round(v, 6) for k, v in sums.items()}}
+            log.info("step %(step)d validation loss %(val_loss).5f (diffusion %(val_diffusion).5f, "
+                     "regions %(val_regions).5f)", figures)
+            with open(self.out / METRICS_FILE, "a") as metrics:
+                metrics.write(json.dumps(figures) + "\n")
+        acc.wait_for_everyone()
+        return figures
 
     def _trained_parameters(self) -> list[torch.nn.Parameter]:
         return [p for p in self.raw_model.parameters() if p.requires_grad]
@@ -292,5 +324,6 @@ class _nullcontext:
         return False
 
 
-def train(data: str | Path, config: Config, out: str | Path, steps: int) -> TrainResult:
-    return Trainer(data, config, out).fit(steps)
+def train(data: str | Path, config: Config, out: str | Path, steps: int,
+          val_data: str | Path | None = None) -> TrainResult:
+    return Trainer(data, config, out, val_data).fit(steps)
