@@ -23,12 +23,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-SD_VAE = {"in_channels": 3, "out_channels": 3, "latent_channels": 4,
-          "block_out_channels": [128, 256, 512, 512], "down_block_types": ["DownEncoderBlock2D"] * 4,
-          "up_block_types": ["UpDecoderBlock2D"] * 4, "layers_per_block": 2, "norm_num_groups": 32,
-          "sample_size": 512}
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", required=True, help="a build OUT with train shards (any resolution)")
@@ -37,12 +31,12 @@ def main(argv: list[str] | None = None) -> int:
     import numpy as np
     from PIL import Image
 
-    from trainer.config import Config, preset, with_train
+    from trainer.config import Config, preset, sd_vae, with_train
     from trainer.edit import edit_image, load_model
     from trainer.train import train
 
     base, tiny = preset("base"), preset("tiny")
-    model = replace(base.model, unet_path=None, vae=SD_VAE, vae_path=None, mllm=tiny.model.mllm,
+    model = replace(base.model, unet_path=None, vae=sd_vae(), vae_path=None, mllm=tiny.model.mllm,
                     mllm_path=None)
     # no EMA: its fp32 copy of the UNet (3.4 GiB) would not leave room on a 24 GiB machine
     config = with_train(Config(model, base.train), batch_size=1, num_workers=0, compile="off",

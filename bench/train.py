@@ -233,8 +233,23 @@ def training_step_flops(module, batch: int, latent: int, device) -> int:
     return counter.get_total_flops()
 
 
+def vae_encode_flops(resolution: int) -> int:
+    """FLOPs of one SD-1.5 VAE encode (the trainer encodes source and target every step)."""
+    from diffusers import AutoencoderKL
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from trainer.config import sd_vae
+
+    with torch.device("meta"):
+        vae = AutoencoderKL(**sd_vae())
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        vae.encode(torch.randn(1, 3, resolution, resolution, device="meta")).latent_dist.mode()
+    return counter.get_total_flops()
+
+
 def count_flops(args) -> None:
-    """FLOPs per training sample of both denoisers, on meta tensors: no memory, no GPU."""
+    """FLOPs per training sample of both denoisers, on meta tensors: no memory, no GPU. At the
+    base size also the frozen VAE's encode of one image, which the trainer does twice per sample."""
     size = args.size or "base"
     resolution = args.resolution or (512 if size == "base" else 32)
     latent = resolution // (8 if size == "base" else 2)
@@ -248,6 +263,9 @@ def count_flops(args) -> None:
         if name != "ip2p" and "ip2p" in per_sample:
             figures["vs_ip2p"] = round(per_sample[name] / per_sample["ip2p"], 4)
         emit(**figures)
+    if size == "base":
+        emit(bench="flops", model="sd-vae-encode", size=size, resolution=resolution,
+             gflops_per_image=round(vae_encode_flops(resolution) / 1e9, 3))
 
 
 def top_ops(step, sync, device, count: int) -> list[dict]:

@@ -53,6 +53,21 @@ def base_unet() -> dict[str, Any]:
     }
 
 
+def sd_vae() -> dict[str, Any]:
+    """Stable Diffusion 1.5's VAE architecture (`base` loads its weights from `vae_path`)."""
+    return {
+        "in_channels": 3,
+        "out_channels": 3,
+        "latent_channels": 4,
+        "block_out_channels": [128, 256, 512, 512],
+        "down_block_types": ["DownEncoderBlock2D"] * 4,
+        "up_block_types": ["UpDecoderBlock2D"] * 4,
+        "layers_per_block": 2,
+        "norm_num_groups": 32,
+        "sample_size": 512,
+    }
+
+
 def _tiny_vae() -> dict[str, Any]:
     return {
         "in_channels": 3,
