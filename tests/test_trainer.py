@@ -419,6 +419,9 @@ def test_configs_and_cli_errors(build, tmp_path, capsys):
     assert _cli(["train", "--data", str(tmp_path / "empty"), "--out", str(tmp_path / "y"),
                                  "--steps", "1"]) == 2
     assert "no train-*.tar" in capsys.readouterr().err
+    assert _cli(["train", "--data", str(build), "--val-data", str(tmp_path / "none"), "--out",
+                 str(tmp_path / "z"), "--steps", "1"]) == 2
+    assert "no train-*.tar" in capsys.readouterr().err and not (tmp_path / "z").exists()
 
 
 def test_components_load_from_local_weight_directories(build, tmp_path):

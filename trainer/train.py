@@ -24,7 +24,7 @@ import torch
 
 from trainer import kernels
 from trainer.config import Config, ConfigError
-from trainer.data import LoaderState, make_loader
+from trainer.data import LoaderState, find_shards, make_loader
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +76,8 @@ class Trainer:
 
         self.data = Path(data)
         self.val_data = Path(val_data) if val_data is not None else None
+        if self.val_data is not None:
+            find_shards(self.val_data)  # a wrong --val-data fails now, not at the first evaluation
         self.config = config
         self.out = Path(out)
         train = config.train
