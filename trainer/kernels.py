@@ -4,8 +4,8 @@ these same functions, so the benchmark's figures are the trainer's.
 
 Compilation is per module (`nn.Module.compile`): the parameter names, and so the checkpoints,
 stay those of the eager model, and a checkpoint trained compiled loads for an eager `mcie edit`.
-The MLLM side is not compiled (its processor works on numpy images); the UNet holds almost all of
-the step's FLOPs.
+The trainer compiles the UNet, the source encoder and the frozen VAE's encoder; not the MLLM (its
+prompts vary in length from batch to batch, so it would recompile).
 """
 
 from __future__ import annotations
