@@ -343,6 +343,39 @@ def test_validation_loss_is_fixed_and_leaves_training_untouched(build, tmp_path)
     assert again.validate()["val_loss"] == val[4]["val_loss"]  # same samples, noise and timesteps
 
 
+def test_train_cache_skips_the_frozen_encoders_and_trains_the_same(build, tmp_path, capsys, monkeypatch):
+    from dataclasses import replace
+
+    from trainer.config import Config
+    from trainer.data import count_samples
+
+    command = ["train-cache", "--data", str(build), "--out", str(tmp_path / "cache"), "--batch-size", "5"]
+    assert _cli(command) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["shards"] == UNITS and summary["skipped"] == 0
+    assert summary["samples"] == sum(count_samples(s) for s in find_shards(build))
+    # cached samples are encoded whole: the same as training the build without random crops
+    config = tiny(batch_size=2, checkpoint_every=3, crop_min_scale=1.0)
+    raw = train(build, config, tmp_path / "raw", 3).losses
+
+    def unused(*args, **kwargs):
+        raise AssertionError("a frozen encoder ran although the data is cached")
+
+    with monkeypatch.context() as patch:
+        patch.setattr("trainer.model.Frozen.latents", unused)
+        patch.setattr("trainer.mllm.MLLMEncoder.encode", unused)
+        cached = train(tmp_path / "cache", config, tmp_path / "cached", 3).losses
+    assert cached == pytest.approx(raw, rel=1e-5)
+    assert _cli(command) == 0  # a rerun keeps the finished shards
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["kept"] == UNITS
+    other = Config(replace(config.model, mllm_image_size=28), config.train)
+    with pytest.raises(ConfigError, match="another model config"):
+        train(tmp_path / "cache", other, tmp_path / "other", 1)
+    lora = Config(replace(config.model, mllm_tuning="lora"), config.train)
+    with pytest.raises(ConfigError, match="LoRA"):
+        train(tmp_path / "cache", lora, tmp_path / "lora", 1)
+
+
 def test_an_ema_can_be_switched_on_when_resuming(build, tmp_path):
     config = tiny(checkpoint_every=2, batch_size=2)
     train(build, config, tmp_path, 2)

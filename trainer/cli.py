@@ -34,6 +34,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                        help="channels-last convolution weights (base: on)")
     train.set_defaults(func=run_train)
 
+    cache = subparsers.add_parser("train-cache", help="run the frozen VAE and MLLM over a build's train "
+                                                       "shards once, so `mcie train` skips them")
+    cache.add_argument("--data", required=True, help="a build OUT (reads OUT/shards/train-*.tar)")
+    cache.add_argument("--out", required=True, help="the cache: train on it with mcie train --data OUT")
+    cache.add_argument("--config", default="tiny", help="the config training will use (tiny | base | FILE)")
+    cache.add_argument("--batch-size", type=int, default=16)
+    cache.add_argument("--device", default=None, help="cuda when available, else cpu")
+    cache.set_defaults(func=run_cache)
+
     edit = subparsers.add_parser("edit", help="edit an image with a trained MCIE-E1 checkpoint")
     edit.add_argument("--checkpoint", required=True, help="checkpoint-N dir or a training --out dir")
     edit.add_argument("--image", required=True)
@@ -78,6 +87,21 @@ def run_train(args: argparse.Namespace) -> int:
     print(json.dumps({"step": result.step, "resumed_from": result.resumed_from, "last_loss": last,
                       "samples_per_s": round(result.samples_per_s, 2),
                       "checkpoint": str(latest_checkpoint(Path(args.out)))}))
+    return 0
+
+
+def run_cache(args: argparse.Namespace) -> int:
+    from trainer.cache import encode_build
+    from trainer.config import ConfigError, load_config
+
+    try:
+        if args.batch_size < 1:
+            raise ConfigError("--batch-size must be >= 1")
+        summary = encode_build(args.data, load_config(args.config), args.out, args.batch_size, args.device)
+    except (ConfigError, FileNotFoundError, ValueError) as exc:
+        print(f"mcie train-cache: error: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps({"out": args.out, **summary}))
     return 0
 
 

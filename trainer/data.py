@@ -39,6 +39,7 @@ from trainer.config import ModelConfig, TrainConfig
 log = logging.getLogger(__name__)
 
 POSITION = "__position__"
+FROZEN_MEMBER = "frozen.safetensors"  # a cached sample's frozen encodings (see trainer.cache)
 
 
 def find_shards(data: str | Path) -> list[Path]:
@@ -110,7 +111,7 @@ def decode_sample(raw: dict[str, Any], resolution: int, max_subs: int, crop_min_
     sub_masks = np.zeros((max_subs, resolution, resolution), dtype=np.float32)
     sub_masks[: len(regions)] = np.stack(regions)
     source_uint8 = image(source)
-    return {
+    sample = {
         "key": raw["__key__"],
         "instruction": meta.get("instruction", ""),
         "sub_texts": texts,
@@ -121,6 +122,11 @@ def decode_sample(raw: dict[str, Any], resolution: int, max_subs: int, crop_min_
         "sub_masks": torch.from_numpy(sub_masks),
         "sub_valid": torch.arange(max_subs) < len(texts),
     }
+    if FROZEN_MEMBER in raw:
+        from safetensors.torch import load
+
+        sample["frozen"] = load(raw[FROZEN_MEMBER])
+    return sample
 
 
 def to_tensor(image: np.ndarray) -> torch.Tensor:
@@ -132,13 +138,30 @@ def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
     batch: dict[str, Any] = {}
     for key, value in samples[0].items():
         values = [s[key] for s in samples]
-        if isinstance(value, torch.Tensor):
+        if key == "frozen":
+            batch[key] = collate_frozen(values)
+        elif isinstance(value, torch.Tensor):
             batch[key] = torch.stack(values)
         elif isinstance(value, np.ndarray):
             batch[key] = np.stack(values)
         else:
             batch[key] = values
     return batch
+
+
+def collate_frozen(items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Cached encodings: stack the latents, right-pad the tokens (hidden, spans), mark them in `valid`."""
+    length = max(item["hidden"].shape[0] for item in items)
+    first = items[0]
+    hidden = torch.zeros(len(items), length, first["hidden"].shape[1], dtype=first["hidden"].dtype)
+    spans = torch.zeros(len(items), first["spans"].shape[0], length, dtype=torch.bool)
+    valid = torch.zeros(len(items), length, dtype=torch.bool)
+    for i, item in enumerate(items):
+        n = item["hidden"].shape[0]
+        hidden[i, :n], spans[i, :, :n], valid[i, :n] = item["hidden"], item["spans"], True
+    return {"source_latents": torch.stack([item["source_latents"] for item in items]),
+            "target_latents": torch.stack([item["target_latents"] for item in items]),
+            "hidden": hidden, "spans": spans, "valid": valid}
 
 
 # ---- the positionable stream -------------------------------------------------------------------
@@ -241,8 +264,10 @@ class ShardStream(IterableDataset):
             return None
         key = raw.get("__key__", "?")
         rng = np.random.default_rng([self.train.seed, epoch, zlib.crc32(key.encode())])
+        # cached encodings are of the whole image: no random crop for those samples
+        crop = 1.0 if FROZEN_MEMBER in raw else self.train.crop_min_scale
         try:
-            return decode_sample(raw, self.resolution, self.max_subs, self.train.crop_min_scale, rng)
+            return decode_sample(raw, self.resolution, self.max_subs, crop, rng)
         except (KeyError, ValueError, OSError, json.JSONDecodeError) as exc:
             log.warning("skipping sample %s of %s: %s: %s", key, raw.get("__url__", "?"),
                         type(exc).__name__, exc)

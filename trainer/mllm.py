@@ -10,6 +10,7 @@ so the span of sub-instruction i is known exactly (no processor class, which nee
 
 from __future__ import annotations
 
+import copy
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,6 +56,7 @@ def build_tiny_mllm(spec: dict[str, Any], seed: int):
     """(model, tokenizer, image processor), random-initialised from `spec`, same for a same seed."""
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
+    spec = copy.deepcopy(spec)  # transformers fills in nested dicts (rope_scaling): not the config's
     tokenizer = byte_tokenizer()
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
     text = dict(spec["text"], vocab_size=len(tokenizer), bos_token_id=ids["<|endoftext|>"],

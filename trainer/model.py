@@ -224,21 +224,27 @@ class MCIEE1(nn.Module):
 
     # ---- conditioning -----------------------------------------------------------------------
 
-    def encode_instruction(self, source_uint8: np.ndarray, sub_texts: list[list[str]]) -> tuple[torch.Tensor, torch.Tensor]:
-        mllm = self.frozen.mllm
-        with torch.set_grad_enabled(self.lora is not None and self.training):
-            encoded = mllm.encode(source_uint8, sub_texts)
+    def encode_instruction(self, source_uint8: np.ndarray, sub_texts: list[list[str]],
+                           cached: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        if cached is not None:  # the MLLM's encodings from `mcie train-cache`
+            encoded = Encoded(hidden=cached["hidden"], valid=cached["valid"], spans=cached["spans"],
+                              sub_valid=cached["spans"].any(-1))
+        else:
+            with torch.set_grad_enabled(self.lora is not None and self.training):
+                encoded = self.frozen.mllm.encode(source_uint8, sub_texts)
         return self.connector(encoded)
 
     def condition(self, source: torch.Tensor, sub_texts: list[list[str]], source_uint8: np.ndarray,
                   background: torch.Tensor | None, region_masks: torch.Tensor | None,
-                  drop_text: torch.Tensor | None = None, drop_image: torch.Tensor | None = None) -> Conditioning:
+                  drop_text: torch.Tensor | None = None, drop_image: torch.Tensor | None = None,
+                  cached: dict | None = None) -> Conditioning:
         """Everything the UNet is conditioned on. `background`/`region_masks` at any resolution;
-        None = predicted by the region head. `drop_*`: (B,) bool for classifier-free guidance."""
-        source_latents = self.frozen.latents(source)
+        None = predicted by the region head. `drop_*`: (B,) bool for classifier-free guidance.
+        `cached`: the frozen encoders' outputs from `mcie train-cache`, used instead of running them."""
+        source_latents = cached["source_latents"] if cached is not None else self.frozen.latents(source)
         if drop_image is not None:
             source_latents = source_latents * (~drop_image).to(source_latents.dtype)[:, None, None, None]
-        context, labels = self.encode_instruction(source_uint8, sub_texts)
+        context, labels = self.encode_instruction(source_uint8, sub_texts, cached)
         # Always built when training, even if no sample drops its text this step: null_context
         # must be in every step's graph (DDP expects a gradient for every parameter), and
         # `drop_text.any()` would wait for the GPU.
@@ -282,11 +288,14 @@ class MCIEE1(nn.Module):
         p_text, p_image, p_both = drops
         drop_text = (draw < p_text) | ((draw >= p_text + p_image) & (draw < p_text + p_image + p_both))
         drop_image = (draw >= p_text) & (draw < p_text + p_image + p_both)
+        cached = batch.get("frozen")
         cond = self.condition(source, batch["sub_texts"], batch["source_uint8"],
                               background=1.0 - batch["edit_mask"], region_masks=batch["sub_masks"],
-                              drop_text=drop_text, drop_image=drop_image)
-        latents = self.frozen.latents(target)
-        noise = torch.randn_like(latents)
+                              drop_text=drop_text, drop_image=drop_image, cached=cached)
+        latents = cached["target_latents"] if cached is not None else self.frozen.latents(target)
+        # drawn contiguous: randn_like would follow the latents' memory layout (the VAE's output
+        # may be channels-last), and the same seed would give other noise per layout
+        noise = torch.randn(latents.shape, device=latents.device, dtype=latents.dtype)
         timesteps = torch.randint(0, self.scheduler.config.num_train_timesteps, (size,), device=device)
         noisy = self.scheduler.add_noise(latents, noise, timesteps)
         prediction = self.denoise(noisy, timesteps, cond)

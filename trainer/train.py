@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from trainer import kernels
+from trainer.cache import check_cache
 from trainer.config import Config, ConfigError
 from trainer.data import LoaderState, find_shards, make_loader
 
@@ -64,9 +65,16 @@ def _mixed_precision(setting: str) -> str:
 
 
 def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    """Tensors to the device, except the uint8 source that the MLLM's image processor reads on CPU."""
-    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) and k != "source_uint8" else v
-            for k, v in batch.items()}
+    """Tensors (and the cached encodings) to the device, except the uint8 source that the MLLM's
+    image processor reads on CPU."""
+    moved = {}
+    for key, value in batch.items():
+        if isinstance(value, dict):
+            value = _to_device(value, device)
+        elif isinstance(value, torch.Tensor) and key != "source_uint8":
+            value = value.to(device, non_blocking=True)
+        moved[key] = value
+    return moved
 
 
 class Trainer:
@@ -78,6 +86,9 @@ class Trainer:
         self.val_data = Path(val_data) if val_data is not None else None
         if self.val_data is not None:
             find_shards(self.val_data)  # a wrong --val-data fails now, not at the first evaluation
+        for folder in filter(None, (self.data, self.val_data)):
+            if check_cache(folder, config):  # refuses a cache made for another model
+                log.info("%s holds cached frozen encodings: the VAE and MLLM are skipped", folder)
         self.config = config
         self.out = Path(out)
         train = config.train
