@@ -86,9 +86,12 @@ class Trainer:
         self.val_data = Path(val_data) if val_data is not None else None
         if self.val_data is not None:
             find_shards(self.val_data)  # a wrong --val-data fails now, not at the first evaluation
-        for folder in filter(None, (self.data, self.val_data)):
-            if check_cache(folder, config):  # refuses a cache made for another model
-                log.info("%s holds cached frozen encodings: the VAE and MLLM are skipped", folder)
+        # check_cache refuses a cache made for another model; with every input cached, the frozen
+        # VAE and MLLM never run and stay off the GPU
+        inputs = [folder for folder in (self.data, self.val_data) if folder is not None]
+        self.cached = all([check_cache(folder, config) for folder in inputs])
+        if self.cached:
+            log.info("training on cached frozen encodings: the VAE and the MLLM are skipped")
         self.config = config
         self.out = Path(out)
         train = config.train
@@ -109,7 +112,8 @@ class Trainer:
                                       fused=fused)
         self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
         self.raw_model = self.accelerator.unwrap_model(self.model)
-        self.raw_model.frozen.to(self.accelerator.device, frozen_dtype)
+        if not self.cached:
+            self.raw_model.frozen.to(self.accelerator.device, frozen_dtype)
         self.step = 0
         self.loader_state: LoaderState | None = None
         self.resumed_from: int | None = None
