@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Issue 6's GPU measurements in one run of at most ≈ 9 min on an H100 (torch with CUDA installed):
-#   0. the trainer's own GPU path (bench/trainer_smoke.py, ≈ 1 min), where transformers and
-#      accelerate are importable;
+#   0. the trainer's own GPU path, train-cache included (bench/trainer_smoke.py, ≤ 2 min), where
+#      transformers and accelerate are importable;
 #   1. both denoisers eager and with channels-last + cudnn benchmark + cuDNN attention (≈ 1 min);
 #   2. MCIE-E1 with channels-last + cudnn benchmark + torch.compile, what `base` trains with (≈ 3 min);
 #   3. the same with cuDNN attention preferred (≈ 3 min).
@@ -24,12 +24,12 @@ fi
 device="${DEVICE:-cuda}"  # DEVICE=cpu: a dry run of this script with the tiny sizes
 python3 -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name() if '$device' == 'cuda' else 'cpu')" || exit 1
 if python3 -c 'import transformers, accelerate, safetensors' 2>/dev/null; then
-  timeout 90 python3 bench/trainer_smoke.py 2> >(tail -n 20 >&2) | tee -a "$out/device_check.jsonl"
+  timeout 120 python3 bench/trainer_smoke.py 2> >(tail -n 20 >&2) | tee -a "$out/device_check.jsonl"
 else
   echo '{"check": "trainer_smoke", "skipped": "transformers / accelerate / safetensors not installed"}'
 fi
 bench() { timeout "$1" python3 bench/train.py --device "$device" --skip loader --steps 10 --profile 12 "${@:2}" \
             2> >(tail -n 20 >&2) | tee -a "$out/device_check.jsonl"; }
-bench 120 --warmup 2 --variants eager,cl+tune+cudnn_attn
-bench 180 --warmup 3 --models mcie-e1 --variants cl+tune+compile
-bench 180 --warmup 3 --models mcie-e1 --variants cl+tune+cudnn_attn+compile
+bench 110 --warmup 2 --variants eager,cl+tune+cudnn_attn
+bench 170 --warmup 3 --models mcie-e1 --variants cl+tune+compile
+bench 170 --warmup 3 --models mcie-e1 --variants cl+tune+cudnn_attn+compile

@@ -1,6 +1,6 @@
 """The trainer's own GPU path in about a minute: tiny MCIE-E1 with bf16 autocast, fused AdamW,
 channels-last, torch.compile, cuDNN attention and an EMA, trained 3 steps, checkpointed, resumed to
-6, and the checkpoint loaded back for inference.
+6, the checkpoint loaded back for inference; then `mcie train-cache` and 2 steps on the cache.
 
     python bench/trainer_smoke.py                 # cuda when available, else the CPU (float32)
 
@@ -32,6 +32,7 @@ def _bench_train():
 
 
 def main() -> int:
+    from trainer.cache import encode_build
     from trainer.config import preset, with_train
     from trainer.edit import load_model
     from trainer.train import train
@@ -49,12 +50,18 @@ def main() -> int:
         resumed = train(tmp, config, Path(tmp) / "ckpt", 6)
         resumed_s = time.perf_counter() - started
         model = load_model(Path(tmp) / "ckpt", "cuda" if cuda else "cpu")
+        started = time.perf_counter()
+        cache = encode_build(tmp, config, Path(tmp) / "cache", batch_size=8)
+        on_cache = train(Path(tmp) / "cache", config, Path(tmp) / "ckpt-cached", 2)
+        cached_s = time.perf_counter() - started
     losses = {**first.losses, **resumed.losses}
     ok = sorted(losses) == list(range(1, 7)) and all(map(math.isfinite, losses.values())) \
-        and resumed.resumed_from == 3 and model.weights_used == "ema"
+        and resumed.resumed_from == 3 and model.weights_used == "ema" \
+        and cache["samples"] == 32 and all(map(math.isfinite, on_cache.losses.values()))
     print(json.dumps({"check": "trainer_smoke", "ok": ok, "device": torch.cuda.get_device_name() if cuda else "cpu",
                       "torch": torch.__version__, "losses": losses, "first_run_s": round(first_s, 1),
-                      "resumed_run_s": round(resumed_s, 1), "weights_loaded": model.weights_used}))
+                      "resumed_run_s": round(resumed_s, 1), "weights_loaded": model.weights_used,
+                      "cached_samples": cache["samples"], "cache_and_2_steps_s": round(cached_s, 1)}))
     return 0 if ok else 1
 
 
