@@ -36,13 +36,14 @@ log = logging.getLogger(__name__)
 
 FINGERPRINT_FILE = "frozen.json"
 _FINGERPRINT_FIELDS = ("resolution", "vae", "vae_path", "vae_scaling", "mllm", "mllm_path",
-                       "mllm_image_size", "max_sub_edits", "seed")
+                       "mllm_image_size", "max_sub_edits")
 
 
 def fingerprint(model: ModelConfig, dtype: torch.dtype) -> dict[str, Any]:
-    """What the cached encodings depend on."""
+    """What the cached encodings depend on (the seed only where a frozen part is random-init)."""
+    random_init = model.vae_path is None or model.mllm_path is None
     return {**{name: getattr(model, name) for name in _FINGERPRINT_FIELDS},
-            "dtype": str(dtype).removeprefix("torch.")}
+            "seed": model.seed if random_init else None, "dtype": str(dtype).removeprefix("torch.")}
 
 
 def cached_fingerprint(data: str | Path) -> dict[str, Any] | None:
