@@ -10,17 +10,15 @@ would compute them in. `mcie train --data CACHE` then skips the frozen encoders.
 The price: no random crop for cached samples (the encodings are of the whole image at the model's
 resolution), about 1.2 MB per sample at 448 px in bf16, and a frozen MLLM (LoRA tuning needs it
 live). `CACHE/frozen.json` records what the encodings depend on; the trainer refuses a cache made
-for another model config. Shards are written to a temporary name and renamed, so a killed run
-resumes with the shards it has not finished.
+for another model config. Shards are written like a build's (`pipeline.shards.write_tar_members`:
+a temporary name, renamed once complete), so a killed run resumes with the shards it has not
+finished.
 """
 
 from __future__ import annotations
 
-import io
 import json
 import logging
-import os
-import tarfile
 import time
 from pathlib import Path
 from typing import Any
@@ -29,6 +27,7 @@ import numpy as np
 import torch
 import webdataset as wds
 
+from pipeline.shards import write_tar_members
 from trainer.config import Config, ConfigError, ModelConfig
 from trainer.data import FROZEN_MEMBER, decode_sample, find_shards
 
@@ -91,17 +90,9 @@ def _encode_chunk(frozen, samples: list[dict[str, Any]], device: torch.device) -
     return members
 
 
-def _write_shard(path: Path, raws: list[dict[str, Any]], frozen_members: list[bytes]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with tarfile.open(tmp, "w") as tar:
-        for raw, member in zip(raws, frozen_members):
-            items = {k: v for k, v in raw.items() if not k.startswith("__")}
-            items[FROZEN_MEMBER] = member
-            for suffix, data in items.items():
-                info = tarfile.TarInfo(f"{raw['__key__']}.{suffix}")
-                info.size = len(data)
-                tar.addfile(info, io.BytesIO(data))
-    os.replace(tmp, path)
+def _members(raw: dict[str, Any]) -> dict[str, bytes]:
+    """A webdataset sample's members (without its `__key__`, `__url__`, ... fields)."""
+    return {suffix: data for suffix, data in raw.items() if not suffix.startswith("__")}
 
 
 def encode_build(data: str | Path, config: Config, out: str | Path, batch_size: int = 16,
@@ -143,10 +134,11 @@ def encode_build(data: str | Path, config: Config, out: str | Path, batch_size: 
                 summary["skipped"] += 1
                 continue
             raws.append(raw)
-        members = []
+        encodings = []
         for lo in range(0, len(decoded), batch_size):
-            members += _encode_chunk(frozen, decoded[lo:lo + batch_size], target)
-        _write_shard(destination, raws, members)
+            encodings += _encode_chunk(frozen, decoded[lo:lo + batch_size], target)
+        write_tar_members(destination, [(raw["__key__"], {**_members(raw), FROZEN_MEMBER: encoding})
+                                        for raw, encoding in zip(raws, encodings)])
         summary["shards"] += 1
         summary["samples"] += len(raws)
         log.info("cached %s (%d samples)", destination, len(raws))
