@@ -272,6 +272,10 @@ class Trainer:
     def _trained_parameters(self) -> list[torch.nn.Parameter]:
         return [p for p in self.raw_model.parameters() if p.requires_grad]
 
+    def _trained_names(self) -> list[str]:
+        """The names of `_trained_parameters`, in the same order (the EMA's shadow order)."""
+        return [name for name, p in self.raw_model.named_parameters() if p.requires_grad]
+
     def _ema(self, resumed: dict | None):
         """diffusers' EMAModel over the trained weights (its decay warms up as (1+n)/(10+n)), None
         when train.ema_decay is 0. It resumes from the checkpoint's `ema.safetensors` (by parameter
@@ -287,7 +291,7 @@ class Trainer:
         saved = Path(resumed["path"]) / EMA_FILE if resumed else None
         if saved is not None and saved.is_file() and "ema_step" in resumed:
             weights = load_file(str(saved), device=str(self.accelerator.device))
-            names = [name for name, p in self.raw_model.named_parameters() if p.requires_grad]
+            names = self._trained_names()
             if set(names) != set(weights):
                 raise ConfigError(f"{saved} does not hold this model's trained weights")
             ema.shadow_params = [weights[name] for name in names]
@@ -299,7 +303,7 @@ class Trainer:
     def _save_ema_weights(self, path: Path) -> None:
         from safetensors.torch import save_file
 
-        names = [name for name, p in self.raw_model.named_parameters() if p.requires_grad]
+        names = self._trained_names()
         save_file({name: shadow.detach().cpu().contiguous()
                    for name, shadow in zip(names, self.ema.shadow_params)}, str(path / EMA_FILE))
 
