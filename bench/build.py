@@ -2,6 +2,8 @@
 
     .venv/bin/python bench/build.py [--count 192] [--rss-count 64] [--resolution 512]
 
+0. stages: ms per pair of the procedural source, compose + edit, and the pixel judge, in this
+   process after a warm-up (the figures the README's per-stage breakdown quotes);
 1. bare loop: `UnitPipeline.run` over the units in this process (one core), after one warm-up
    unit: the stage code's own speed, pairs/s (= pairs/s per core);
 2. `mcie build --workers 1` and `--workers 2`: pairs/s of the processing (first unit start to last
@@ -49,6 +51,32 @@ def bare_loop(count: int, resolution: int, shard_size: int, seed: int, out: Path
     seconds = time.perf_counter() - warm
     return {"pairs_per_s": samples / seconds, "samples": samples, "seconds": seconds,
             "startup_s": warm - started}
+
+
+def stage_times(count: int, resolution: int, seed: int) -> dict:
+    from pipeline.compose import Composer
+    from pipeline.edit import ProceduralEditor
+    from pipeline.judge import make_judge
+    from pipeline.source import ProceduralSource
+
+    source, composer, editor, judge = (ProceduralSource(resolution=resolution), Composer(),
+                                       ProceduralEditor(), make_judge("pixel"))
+
+    def one_round(indices: range) -> dict:
+        started = time.perf_counter()
+        samples = [source.make(seed, i) for i in indices]
+        sourced = time.perf_counter()
+        composer(samples)
+        editor(samples)
+        edited = time.perf_counter()
+        judge.score_batch([s.judge_view() for s in samples if not s.failed])
+        judged = time.perf_counter()
+        n = len(samples)
+        return {"source_ms": (sourced - started) / n * 1e3, "compose_edit_ms": (edited - sourced) / n * 1e3,
+                "judge_ms": (judged - edited) / n * 1e3}
+
+    one_round(range(count, count + 4))  # warm-up: imports and shape caches
+    return one_round(range(count))
 
 
 def session_rss(sid: int) -> int:
@@ -104,7 +132,7 @@ def main() -> int:
     parser.add_argument("--resolution", type=int, default=512)
     parser.add_argument("--shard-size", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--skip", nargs="*", default=[], choices=["bare", "flow", "rss"])
+    parser.add_argument("--skip", nargs="*", default=[], choices=["stages", "bare", "flow", "rss"])
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="mcie-bench-"))
@@ -117,6 +145,10 @@ def main() -> int:
     print(f"{args.count} samples at {args.resolution} px, shard size {args.shard_size}")
     results = {}
     try:
+        if "stages" not in args.skip:
+            stages = stage_times(min(args.count, 48), args.resolution, args.seed)
+            print(f"stages, ms per pair    source {stages['source_ms']:.1f}, compose + edit "
+                  f"{stages['compose_edit_ms']:.1f}, pixel judge {stages['judge_ms']:.1f}")
         if "bare" not in args.skip:
             bare = results["bare"] = bare_loop(args.count, args.resolution, args.shard_size, args.seed,
                                                work / "bare")

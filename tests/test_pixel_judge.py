@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 
 import numpy as np
 import pytest
@@ -126,18 +125,6 @@ def test_options_are_validated():
     with pytest.raises(ValueError, match="budget"):
         PixelJudge(background_budget=0)
     assert make_judge("pixel", background_budget=0.01).background_budget == 0.01
-
-
-def test_fast_at_512_px(judge):
-    samples = [build_pair(seed, ["move", "recolor", "add", "resize"], resolution=512)[0]
-               for seed in range(6)]
-    views = [s.judge_view() for s in samples]
-    judge.score_batch(views)  # warm the shape caches
-    started = time.perf_counter()
-    judge.score_batch(views)
-    per_pair = (time.perf_counter() - started) / len(views)
-    # A few ms on an idle core; generous here, the machine is shared.
-    assert per_pair < 0.05, f"{per_pair * 1000:.1f} ms per pair"
 
 
 def test_an_object_drowned_in_noise_is_not_removed(judge):

