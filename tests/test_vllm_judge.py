@@ -197,9 +197,10 @@ def test_unjudgeable_view_fails_alone(judge, server):
 
 @pytest.mark.parametrize("bound", [3, 8])
 def test_in_flight_bound_holds_and_is_reached(server, bound):
-    server.script(service_time_s=0.1)
+    # 0.5 s of service: long enough for a busy client to fill the window before the first answer.
+    server.script(service_time_s=0.5)
     with make_judge("vllm", url=server.url, model=MODEL, max_in_flight=bound) as judge:
-        results = judge.score_batch([view(i) for i in range(4 * bound)])
+        results = judge.score_batch([view(i) for i in range(3 * bound)])
     assert all(isinstance(r, dict) for r in results)
     # Reached (the requests overlap, not one after another) and held; throughput is bench/judge.py's.
     assert server.stats()["max_concurrency"] == bound
