@@ -111,7 +111,7 @@ def load_model(checkpoint: str | Path, device: str | torch.device = "cpu", weigh
     model.weights_used = "trained"
     if weights == "ema" and (path / EMA_FILE).is_file():
         ema = load_file(str(path / EMA_FILE))
-        missing = {name for name, p in model.named_parameters() if p.requires_grad} - set(ema)
+        missing = {name for name, _ in model.trained_named_parameters()} - set(ema)
         if missing:
             raise ValueError(f"{path / EMA_FILE} lacks {len(missing)} trained weights, "
                              f"e.g. {sorted(missing)[0]}")

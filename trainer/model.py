@@ -222,6 +222,11 @@ class MCIEE1(nn.Module):
 
         _seeded(config.seed + 3, build)
 
+    def trained_named_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        """The weights training updates (everything but the frozen parts), in a fixed order: the
+        optimiser's, the EMA's, and the names of a checkpoint's `ema.safetensors`."""
+        return [(name, p) for name, p in self.named_parameters() if p.requires_grad]
+
     # ---- conditioning -----------------------------------------------------------------------
 
     def encode_instruction(self, source_uint8: np.ndarray, sub_texts: list[list[str]],
@@ -315,5 +320,5 @@ def build_model(config: ModelConfig, dtype: torch.dtype = torch.float32) -> MCIE
     frozen = build_frozen(config, dtype)
     model = MCIEE1(config, frozen)
     log.info("MCIE-E1 %s: %.1f M trained parameters", config.name,
-             sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6)
+             sum(p.numel() for _, p in model.trained_named_parameters()) / 1e6)
     return model

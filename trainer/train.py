@@ -106,7 +106,7 @@ class Trainer:
         frozen_dtype = torch.bfloat16 if self.accelerator.mixed_precision == "bf16" else torch.float32
         model = build_model(config.model, frozen_dtype)
         self._speed_up(model)
-        params = [p for p in model.parameters() if p.requires_grad]
+        params = [p for _, p in model.trained_named_parameters()]
         fused = self.accelerator.device.type == "cuda"
         optimizer = torch.optim.AdamW(params, lr=train.learning_rate, weight_decay=train.weight_decay,
                                       fused=fused)
@@ -270,11 +270,11 @@ class Trainer:
         return figures
 
     def _trained_parameters(self) -> list[torch.nn.Parameter]:
-        return [p for p in self.raw_model.parameters() if p.requires_grad]
+        return [p for _, p in self.raw_model.trained_named_parameters()]
 
     def _trained_names(self) -> list[str]:
         """The names of `_trained_parameters`, in the same order (the EMA's shadow order)."""
-        return [name for name, p in self.raw_model.named_parameters() if p.requires_grad]
+        return [name for name, _ in self.raw_model.trained_named_parameters()]
 
     def _ema(self, resumed: dict | None):
         """diffusers' EMAModel over the trained weights (its decay warms up as (1+n)/(10+n)), None
