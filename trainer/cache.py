@@ -29,7 +29,7 @@ import webdataset as wds
 
 from pipeline.shards import write_tar_members
 from trainer.config import Config, ConfigError, ModelConfig
-from trainer.data import FROZEN_MEMBER, decode_sample, find_shards
+from trainer.data import BAD_SAMPLE_ERRORS, FROZEN_MEMBER, decode_sample, find_shards
 
 log = logging.getLogger(__name__)
 
@@ -129,7 +129,7 @@ def encode_build(data: str | Path, config: Config, out: str | Path, batch_size: 
             rng = np.random.default_rng(0)  # crop_min_scale 1: the whole (square) image
             try:
                 decoded.append(decode_sample(raw, model.resolution, model.max_sub_edits, 1.0, rng))
-            except (KeyError, ValueError, OSError, json.JSONDecodeError) as exc:
+            except BAD_SAMPLE_ERRORS as exc:
                 log.warning("not cached: sample %s of %s: %s", raw.get("__key__"), shard, exc)
                 summary["skipped"] += 1
                 continue

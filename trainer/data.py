@@ -40,6 +40,8 @@ log = logging.getLogger(__name__)
 
 POSITION = "__position__"
 FROZEN_MEMBER = "frozen.safetensors"  # a cached sample's frozen encodings (see trainer.cache)
+# What `decode_sample` raises for a broken sample (missing member, bad image or JSON): skip it.
+BAD_SAMPLE_ERRORS = (KeyError, ValueError, OSError, json.JSONDecodeError)
 
 
 def find_shards(data: str | Path) -> list[Path]:
@@ -268,7 +270,7 @@ class ShardStream(IterableDataset):
         crop = 1.0 if FROZEN_MEMBER in raw else self.train.crop_min_scale
         try:
             return decode_sample(raw, self.resolution, self.max_subs, crop, rng)
-        except (KeyError, ValueError, OSError, json.JSONDecodeError) as exc:
+        except BAD_SAMPLE_ERRORS as exc:
             log.warning("skipping sample %s of %s: %s: %s", key, raw.get("__url__", "?"),
                         type(exc).__name__, exc)
             return None

@@ -10,6 +10,7 @@ schedule is a function of the step, so it needs no state. Re-running with the sa
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -206,7 +207,7 @@ class Trainer:
                 state.advance(batch)
                 batch = _to_device(batch, acc.device)
                 last = micro == train.grad_accum - 1
-                sync = acc.no_sync(self.model) if not last and acc.num_processes > 1 else _nullcontext()
+                sync = acc.no_sync(self.model) if not last and acc.num_processes > 1 else contextlib.nullcontext()
                 with sync, acc.autocast(), kernels.attention_backends(train.cudnn_attention):
                     losses = self.model(batch, edit_weight=train.edit_weight,
                                         mask_loss_weight=train.mask_loss_weight, drops=drops)
@@ -264,8 +265,7 @@ class Trainer:
             figures = {"step": self.step, **{f"val_{k}": round(v, 6) for k, v in sums.items()}}
             log.info("step %(step)d validation loss %(val_loss).5f (diffusion %(val_diffusion).5f, "
                      "regions %(val_regions).5f)", figures)
-            with open(self.out / METRICS_FILE, "a") as metrics:
-                metrics.write(json.dumps(figures) + "\n")
+            self._append_metrics(figures)
         acc.wait_for_everyone()
         return figures
 
@@ -334,16 +334,11 @@ class Trainer:
         log.info("step %(step)d loss %(loss).5f (diffusion %(diffusion).5f, regions %(regions).5f) "
                  "lr %(lr).3g %(samples_per_s).1f samples/s", figures)
         if self.accelerator.is_main_process:
-            with open(self.out / METRICS_FILE, "a") as metrics:
-                metrics.write(json.dumps(figures) + "\n")
+            self._append_metrics(figures)
 
-
-class _nullcontext:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
+    def _append_metrics(self, figures: dict) -> None:
+        with open(self.out / METRICS_FILE, "a") as metrics:
+            metrics.write(json.dumps(figures) + "\n")
 
 
 def train(data: str | Path, config: Config, out: str | Path, steps: int,
