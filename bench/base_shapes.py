@@ -1,6 +1,6 @@
 """The `base` model's shapes end to end without weights: 2 training steps and a 1-step `mcie edit`.
 
-    python bench/base_shapes.py --data OUT [--device cpu]
+    python bench/base_shapes.py --data OUT
 
 `base` needs local SD-1.5 and Qwen2.5-VL weights; this check keeps everything of `base` (512 px,
 the SD-1.5-size UNet with both MCIE modules, connector, region head, channels-last) but builds the
@@ -22,6 +22,7 @@ from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
