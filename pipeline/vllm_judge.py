@@ -268,9 +268,17 @@ def build_request(view: JudgeView, config: VllmJudgeConfig, max_tokens: int | No
             "type": "json_schema",
             "json_schema": {"name": "edit_judgement", "schema": answer_schema(n), "strict": True},
         },
+        **sampling(config, n, max_tokens, attempt),
+    }
+
+
+def sampling(config: VllmJudgeConfig, num_sub_edits: int, max_tokens: int | None = None,
+             attempt: int = 0) -> dict:
+    """The request fields a retry changes; the rest of the body (the images) stays as encoded."""
+    return {
         "temperature": 0.0 if attempt == 0 else config.retry_temperature,
         "seed": (config.seed + attempt) % 2**63,
-        "max_tokens": max_tokens or config.max_tokens or default_max_tokens(n),
+        "max_tokens": max_tokens or config.max_tokens or default_max_tokens(num_sub_edits),
     }
 
 
@@ -498,7 +506,7 @@ class VllmJudge:
 
     async def _judge(self, view: JudgeView, session) -> dict[str, Any] | JudgeError:
         n = len(view.sub_edits)
-        body, encode_s = await asyncio.to_thread(self._encode, view, None)
+        request, body, encode_s = await asyncio.to_thread(self._encode, view)
         self.stats.encode_cpu_s += encode_s
         failures = 0
         bad = 0
@@ -512,9 +520,10 @@ class VllmJudge:
                     log.warning("vllm judge: sample %s: bad answer, giving up: %s", view.id, exc)
                     return JudgeError(f"bad answer after {bad} tries: {exc}")
                 log.info("vllm judge: sample %s: bad answer, asking again: %s", view.id, exc)
-                tokens = json.loads(body)["max_tokens"] * (2 if isinstance(exc, TruncatedAnswer) else 1)
-                body, encode_s = await asyncio.to_thread(self._encode, view, tokens, bad)
-                self.stats.encode_cpu_s += encode_s
+                tokens = request["max_tokens"] * (2 if isinstance(exc, TruncatedAnswer) else 1)
+                # only the sampling changes: the encoded images are reused, not encoded again
+                request = {**request, **sampling(self.config, n, tokens, attempt=bad)}
+                body = json.dumps(request).encode()
             except _Retryable as exc:
                 failures += 1
                 if failures > self.config.max_retries:
@@ -530,10 +539,11 @@ class VllmJudge:
                 log.warning("vllm judge: sample %s: %s", view.id, exc)
                 return JudgeError(str(exc))
 
-    def _encode(self, view: JudgeView, max_tokens: int | None, attempt: int = 0) -> tuple[bytes, float]:
+    def _encode(self, view: JudgeView) -> tuple[dict, bytes, float]:
         started = time.thread_time()
-        body = json.dumps(build_request(view, self.config, max_tokens, attempt)).encode()
-        return body, time.thread_time() - started
+        request = build_request(view, self.config)
+        body = json.dumps(request).encode()
+        return request, body, time.thread_time() - started
 
     async def _ask(self, session, body: bytes, num_sub_edits: int) -> dict[str, Any]:
         import aiohttp

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from openai_server import OpenAIServer
+from pipeline import vllm_judge
 from pipeline.judge import JudgeError, JudgeStage, make_judge
 from pipeline.record import EditSample, JudgeView, SubEdit
 from pipeline.vllm_judge import PROMPT_VERSION, VllmJudge, answer_schema, parse_answer
@@ -135,10 +136,15 @@ def test_bad_answer_gets_one_retry_then_judge_error(server, judge, bad):
     assert (retry["temperature"], retry["seed"]) == (0.4, 1)
 
 
-def test_truncated_answer_retry_gets_more_tokens(server, judge):
+def test_truncated_answer_retry_gets_more_tokens(server, judge, monkeypatch):
+    encoded = []
+    real_encode = vllm_judge.encode_image
+    monkeypatch.setattr(vllm_judge, "encode_image", lambda *a: encoded.append(1) or real_encode(*a))
     server.script(rules=[rule(0, "truncated", "good")])
     assert isinstance(judge.score_batch([view(0)])[0], dict)
-    assert server.stats()["last_request"]["max_tokens"] == 2 * (96 + 96 * 2)
+    last = server.stats()["last_request"]
+    assert last["max_tokens"] == 2 * (96 + 96 * 2) and last["images"] == 2
+    assert server.stats()["requests"] == 2 and len(encoded) == 2  # the retry reuses the images
 
 
 def test_429_and_5xx_are_retried_with_backoff(server, judge):
