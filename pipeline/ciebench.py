@@ -55,7 +55,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from pipeline import __version__
-from pipeline.cli_args import add_judge_arguments, judge_options, positive_int
+from pipeline.cli_args import add_judge_arguments, judge_options, positive_int, resolution
 from pipeline.compose import MAX_EDITS, Composer
 from pipeline.edit import ProceduralEditor
 from pipeline.record import EDIT_TYPES, EditSample, dumps
@@ -313,7 +313,7 @@ def register(subparsers) -> None:
     build = commands.add_parser("build", help="write the benchmark (disjoint from every build)")
     build.add_argument("--out", required=True, help="benchmark directory")
     build.add_argument("--count", type=positive_int, default=400, help="number of cases")
-    build.add_argument("--resolution", type=positive_int, default=512, help="image side in px")
+    build.add_argument("--resolution", type=resolution, default=512, help="image side in px")
     build.set_defaults(func=run_bench_build)
 
     ev = subparsers.add_parser("eval", help="score an editor on CIE-Bench (compliance, consistency)")

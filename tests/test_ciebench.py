@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 import zlib
 from collections import Counter
 
@@ -201,7 +202,8 @@ def _run(argv: list[str]) -> int:
     ciebench.register(parser.add_subparsers(dest="command", required=True, parser_class=Parser))
     try:
         args = parser.parse_args(argv)
-    except UsageError:
+    except UsageError as exc:
+        print(exc, file=sys.stderr)  # as `mcie` does
         return 2
     return args.func(args)
 
@@ -212,9 +214,10 @@ def test_cli_builds_and_refuses_bad_arguments(tmp_path, capsys):
     assert len(read_index(tmp_path / "b")["cases"]) == 7
     assert "7 cases" in capsys.readouterr().out
     assert _run(["bench", "build", "--out", str(tmp_path / "c"), "--count", "0"]) == 2
+    assert "--count" in capsys.readouterr().err
     assert _run(["bench", "build", "--out", str(tmp_path / "c"), "--resolution", "16"]) == 2
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "resolution" in err
+    assert len(err.splitlines()) == 1 and "resolution must be within 64..4096" in err
     assert _run(["eval", "--bench", str(tmp_path / "nope"), "--predictions", str(tmp_path)]) == 2
     assert "not a benchmark" in capsys.readouterr().err
     assert _run(["eval", "--bench", str(tmp_path / "b")]) == 2  # neither --predictions nor --checkpoint
