@@ -23,7 +23,7 @@ from trainer.attention import MCIECrossAttnProcessor, CrossAttnCondition, set_ba
 from trainer.config import ConfigError, load_config, preset, with_train
 from trainer.data import decode_sample, find_shards, make_loader
 from trainer.cli import register
-from trainer.edit import fallback_split, load_model, parse_split_answer
+from trainer.edit import fallback_split, load_model, parse_split_answer, split_instruction
 from trainer.train import Trainer, checkpoints, train
 
 UNITS, PER_UNIT = 3, 8
@@ -434,6 +434,26 @@ def test_fallback_splitter_on_connectives():
     text = "First make the cup red, then remove the star; after that add a tree and also move the car. Finally, write SALE."
     assert fallback_split(text) == ["make the cup red", "remove the star", "add a tree", "move the car",
                                     "write SALE"]
+
+
+def test_edit_splits_a_bare_and_only_before_an_edit_verb():
+    assert split_instruction("Make the circle blue and remove the star.") == [
+        "make the circle blue", "remove the star"]
+    assert split_instruction("Swap the cup and the tree, then paint the car red and also Add a tree") == [
+        "swap the cup and the tree", "paint the car red", "add a tree"]
+    assert split_instruction("Make the cup red and blue and then erase the sky and mint") == [
+        "make the cup red and blue", "erase the sky and mint"]
+
+
+def test_edit_split_recovers_every_composed_sub_instruction():
+    # the "and <verb>" rule must not cut the composer's own sub-instructions ("move the ring up and
+    # to the left", "change the background to sand on top and mint at the bottom")
+    samples = [ProceduralSource(resolution=128).make(5, i) for i in range(300)]
+    Composer(min_edits=2, max_edits=8)(samples)
+    composed = [s for s in samples if not s.failed]
+    assert len(composed) > 200
+    for sample in composed:
+        assert split_instruction(sample.instruction) == [s.text for s in sample.sub_edits]
 
 
 def test_configs_and_cli_errors(build, tmp_path, capsys):

@@ -2,7 +2,7 @@
 
 The complex instruction is split into sub-instructions by the composer's own connective grammar
 (`pipeline.compose.split_instruction`; a small splitter on the same connectives if that module is
-absent) or, with `--split mllm`, by the checkpoint's MLLM (asked for a JSON list; the grammar
+absent), plus a bare "and" before an edit verb, or, with `--split mllm`, by the checkpoint's MLLM (asked for a JSON list; the grammar
 takes over when its answer is not one); each sub-instruction's region is predicted by the model's
 region head unless `--regions` gives it (a mask image or a pixel box `x0,y0,x1,y1`, one per
 sub-instruction). Sampling is DDIM with InstructPix2Pix's two guidance scales (text and image).
@@ -42,12 +42,26 @@ def fallback_split(text: str) -> list[str]:
     return [p[0].lower() + p[1:] for p in pieces if p]
 
 
+# People also join edits with a bare "and" ("make the circle blue and remove the star"); it is a
+# connective only before an edit verb, since "and" also joins colours and objects inside one edit
+# ("swap the cup and the tree"). The verbs are the composer's (it never writes "and <verb>" inside
+# a sub-instruction) and a few common synonyms.
+EDIT_VERBS = ("add", "change", "color", "colour", "cover", "delete", "draw", "enlarge", "erase",
+              "exchange", "fill", "get", "give", "insert", "let", "make", "move", "paint", "place",
+              "put", "recolor", "remove", "replace", "resize", "rotate", "scale", "shift", "shrink",
+              "slide", "swap", "take", "turn", "write")
+_AND_VERB = re.compile(r"\s+and\s+(?:also\s+|then\s+)?(?=(?:%s)\b)" % "|".join(EDIT_VERBS),
+                       re.IGNORECASE)
+
+
 def split_instruction(text: str) -> list[str]:
     try:
         from pipeline.compose import split_instruction as composer_split
     except ImportError:
-        return fallback_split(text)
-    return composer_split(text) or fallback_split(text)
+        pieces = fallback_split(text)
+    else:
+        pieces = composer_split(text) or fallback_split(text)
+    return [part[0].lower() + part[1:] for piece in pieces for part in _AND_VERB.split(piece) if part]
 
 
 MAX_SPLIT_PARTS = 8  # the most sub-instructions a complex instruction has (the composer's range)
