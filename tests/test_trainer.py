@@ -23,7 +23,8 @@ from trainer.attention import MCIECrossAttnProcessor, CrossAttnCondition, set_ba
 from trainer.config import ConfigError, load_config, preset, with_train
 from trainer.data import decode_sample, find_shards, make_loader
 from trainer.cli import register
-from trainer.edit import fallback_split, load_model, parse_split_answer, split_instruction
+from trainer.edit import (fallback_split, load_model, parse_split_answer, predicted_regions,
+                          split_instruction)
 from trainer.train import Trainer, checkpoints, train
 
 UNITS, PER_UNIT = 3, 8
@@ -407,6 +408,7 @@ def test_edit_writes_an_image_of_the_source_size(trained, tmp_path, capsys):
     info = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert info["sub_instructions"] == ["make the red cup blue", "remove the star", "add a tree"]
     assert info["regions_from"] == "predicted"
+    assert all(fraction > 0 for fraction in info["region_fractions"])  # every sub-edit acts somewhere
     assert info["weights"] == "trained"  # this checkpoint was trained without an EMA
     assert Image.open(tmp_path / "a.png").size == (70, 45)
     boxes = ["0,0,20,20", "30,10,60,40", "0,30,10,45"]
@@ -419,6 +421,17 @@ def test_edit_writes_an_image_of_the_source_size(trained, tmp_path, capsys):
     info = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert info["split_by"] == "grammar (the MLLM's answer was unusable)"
     assert info["sub_instructions"] == ["make the red cup blue", "remove the star", "add a tree"]
+
+
+def test_predicted_regions_are_never_empty():
+    logits = torch.full((3, 4, 4), -6.0)
+    logits[0, 1:3, 1:3] = 2.0  # confident: p > 0.5 there
+    logits[1, 0, 0], logits[1, 0, 1] = -2.0, -2.5  # unsure: nothing passes 0.5; the peak is at (0, 0)
+    regions, relaxed = predicted_regions(logits)
+    assert relaxed == [1, 2]
+    assert regions[0].nonzero().tolist() == [[1, 1], [1, 2], [2, 1], [2, 2]]
+    assert regions[1].nonzero().tolist() == [[0, 0], [0, 1]]  # p >= half of p(-2.0)
+    assert regions[2].all()  # a flat prediction: everywhere, i.e. no spatial restriction
 
 
 def test_mllm_split_answers_are_parsed_or_refused():
