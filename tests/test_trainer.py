@@ -19,12 +19,13 @@ from pipeline.compose import Composer
 from pipeline.edit import ProceduralEditor
 from pipeline.shards import write_tar
 from pipeline.source import ProceduralSource
-from trainer.attention import MCIECrossAttnProcessor, CrossAttnCondition, set_background_gate
+from trainer.attention import (GLOBAL_TOKEN, PADDING_TOKEN, MCIECrossAttnProcessor, CrossAttnCondition,
+                               set_background_gate)
 from trainer.config import ConfigError, load_config, preset, with_train
 from trainer.data import decode_sample, find_shards, make_loader
 from trainer.cli import register
-from trainer.edit import (fallback_split, load_model, parse_split_answer, predicted_regions,
-                          split_instruction)
+from trainer.edit import fallback_split, load_model, parse_split_answer, split_instruction
+from trainer.model import predicted_regions
 from trainer.train import Trainer, checkpoints, train
 
 UNITS, PER_UNIT = 3, 8
@@ -424,14 +425,17 @@ def test_edit_writes_an_image_of_the_source_size(trained, tmp_path, capsys):
 
 
 def test_predicted_regions_are_never_empty():
-    logits = torch.full((3, 4, 4), -6.0)
-    logits[0, 1:3, 1:3] = 2.0  # confident: p > 0.5 there
-    logits[1, 0, 0], logits[1, 0, 1] = -2.0, -2.5  # unsure: nothing passes 0.5; the peak is at (0, 0)
-    regions, relaxed = predicted_regions(logits)
-    assert relaxed == [1, 2]
-    assert regions[0].nonzero().tolist() == [[1, 1], [1, 2], [2, 1], [2, 2]]
-    assert regions[1].nonzero().tolist() == [[0, 0], [0, 1]]  # p >= half of p(-2.0)
-    assert regions[2].all()  # a flat prediction: everywhere, i.e. no spatial restriction
+    logits = torch.full((1, 4, 4, 4), -6.0)
+    logits[0, 0, 1:3, 1:3] = 2.0  # confident: p > 0.5 there
+    logits[0, 1, 0, 0], logits[0, 1, 0, 1] = -2.0, -2.5  # unsure: nothing passes 0.5; peak at (0, 0)
+    logits[0, 3, 0, 0] = 5.0  # slot 3 holds no sub-instruction
+    tokens = torch.tensor([[GLOBAL_TOKEN, 0, 0, 1, 2, PADDING_TOKEN]])
+    regions, relaxed = predicted_regions(logits, tokens)
+    assert relaxed.tolist() == [[False, True, True, False]]
+    assert regions[0, 0].nonzero().tolist() == [[1, 1], [1, 2], [2, 1], [2, 2]]
+    assert regions[0, 1].nonzero().tolist() == [[0, 0], [0, 1]]  # p >= half of p(-2.0)
+    assert regions[0, 2].all()  # a flat prediction: everywhere, i.e. no spatial restriction
+    assert not regions[0, 3].any()  # a padding slot stays empty, whatever its logits
 
 
 def test_mllm_split_answers_are_parsed_or_refused():

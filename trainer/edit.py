@@ -5,8 +5,9 @@ The complex instruction is split into sub-instructions by the composer's own con
 absent), plus a bare "and" before an edit verb, or, with `--split mllm`, by the checkpoint's MLLM
 (asked for a JSON list; the grammar takes over when its answer is not one); each
 sub-instruction's region is predicted by the model's region head (never empty: see
-`predicted_regions`) unless `--regions` gives it (a mask image or a pixel box `x0,y0,x1,y1`, one
-per sub-instruction). Sampling is DDIM with InstructPix2Pix's two guidance scales (text and image).
+`trainer.model.predicted_regions`) unless `--regions` gives it (a mask image or a pixel box
+`x0,y0,x1,y1`, one per sub-instruction). Sampling is DDIM with InstructPix2Pix's two guidance
+scales (text and image).
 """
 
 from __future__ import annotations
@@ -158,21 +159,6 @@ def region_masks(specs: list[str], size: tuple[int, int]) -> torch.Tensor:
     return torch.from_numpy(np.stack(masks)).float()
 
 
-def predicted_regions(logits: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
-    """(S, h, w) 0/1 regions from the region head's logits (S, h, w): probability > 0.5. A
-    sub-instruction with no such position gets the positions at >= half its peak probability
-    instead — an empty region would keep its tokens from every position, so it could not act at
-    all; the indices of those sub-instructions are returned with the regions."""
-    probs = logits.float().sigmoid()
-    regions = (probs > 0.5).float()
-    relaxed = []
-    for i, prob in enumerate(probs):
-        if not regions[i].any():
-            regions[i] = (prob >= prob.max() / 2).float()
-            relaxed.append(i)
-    return regions, relaxed
-
-
 @torch.no_grad()
 def edit_image(model: MCIEE1, image: Image.Image, instruction: str, regions: list[str] | None = None,
                steps: int = 20, text_guidance: float = 7.5, image_guidance: float = 1.5,
@@ -200,8 +186,9 @@ def edit_image(model: MCIEE1, image: Image.Image, instruction: str, regions: lis
         slots[0, : len(subs)] = F.interpolate(given, size=size, mode="nearest")[0]
     else:  # the region head's prediction, from the full condition
         cond = model.condition(source, [subs], source_uint8[None], background=None, region_masks=None)
-        predicted, relaxed = predicted_regions(cond.region_logits[0, : len(subs)])
-        slots[0, : len(subs)] = F.interpolate(predicted[None], size=size, mode="nearest")[0]
+        predicted = cond.condition.region_masks[:, : len(subs)]
+        slots[0, : len(subs)] = F.interpolate(predicted, size=size, mode="nearest")[0]
+        relaxed = cond.relaxed_regions[0].nonzero().flatten().tolist()
 
     # Three conditions at once: full, image only (text dropped), none (both dropped).
     three = source.expand(3, -1, -1, -1)

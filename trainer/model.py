@@ -125,6 +125,23 @@ class RegionHead(nn.Module):
         return torch.einsum("bchw,bsc->bshw", maps, queries) / math.sqrt(maps.shape[1]) + self.bias
 
 
+def predicted_regions(logits: torch.Tensor,
+                      token_regions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, S, h, w) 0/1 regions from the region head's logits: probability > 0.5. A sub-instruction
+    with no such position takes the positions at >= half its peak probability instead — an empty
+    region would keep its tokens from every position, so it could not act at all; those are marked
+    in the (B, S) bool returned beside. Slots without a sub-instruction (no token in
+    `token_regions` names them) stay empty."""
+    probs = logits.detach().float().sigmoid()
+    slots = torch.arange(probs.shape[1], device=probs.device)
+    valid = (token_regions[:, :, None] == slots).any(1)  # (B, S)
+    strict = probs > 0.5
+    relaxed = valid & ~strict.flatten(2).any(-1)
+    half_peak = probs >= probs.amax((-2, -1), keepdim=True) / 2
+    regions = torch.where(relaxed[..., None, None], half_peak, strict) & valid[..., None, None]
+    return regions.float(), relaxed
+
+
 @dataclass
 class Frozen:
     """The parts that are loaded (or seeded) and never trained."""
@@ -195,6 +212,7 @@ class Conditioning:
     condition: CrossAttnCondition
     source_latents: torch.Tensor
     region_logits: torch.Tensor  # (B, S, h, w)
+    relaxed_regions: torch.Tensor | None = None  # (B, S) bool, see predicted_regions; None if given
 
 
 class MCIEE1(nn.Module):
@@ -264,8 +282,9 @@ class MCIEE1(nn.Module):
         features = self.source_encoder(source_latents)
         logits = self.region_head(features, self.connector.sub_embeddings(context))
         latent_size = source_latents.shape[-2:]
+        relaxed = None
         if region_masks is None:
-            region_masks = (logits.detach() > 0).float()
+            region_masks, relaxed = predicted_regions(logits, labels)
         else:
             region_masks = F.adaptive_max_pool2d(region_masks.float(), latent_size)
         if background is None:
@@ -274,7 +293,7 @@ class MCIEE1(nn.Module):
             background = 1.0 - F.adaptive_max_pool2d(1.0 - background.float(), latent_size)
         condition = CrossAttnCondition(region_masks=region_masks, token_regions=labels,
                                        background=background, source_features=features)
-        return Conditioning(context, condition, source_latents, logits)
+        return Conditioning(context, condition, source_latents, logits, relaxed)
 
     def denoise(self, noisy: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         sample = torch.cat([noisy, cond.source_latents.to(noisy.dtype)], 1)
