@@ -3,9 +3,9 @@
 # installed), most important first, each step cut to the time left so a slow compile costs only
 # the steps after it. The headline figures (both denoisers eager and compiled, batch 32) were
 # measured on 2026-11-27 and are in the README; what is still open:
-#   1. the trainer's own GPU path, train-cache included (bench/trainer_smoke.py; it was cut off
-#      by the time budget in its compile on 2026-11-27, so it has never finished on a GPU), where
-#      transformers and accelerate are importable;
+#   1. the trainer's own GPU path, train-cache included (bench/trainer_smoke.py, ≤ 5 min), where
+#      transformers and accelerate are importable: on 2026-11-27 the time budget cut it off while
+#      it compiled, so it has never finished on a GPU;
 #   2. MFU at a larger batch: MCIE-E1 compiled (channels-last + cudnn benchmark + torch.compile)
 #      at batch 48 (≈ 51 GiB), against 30.2 % at batch 32 (≈ 4 min, compilation included);
 #   3. the plain UNet the same way, if time is left.
@@ -34,7 +34,7 @@ batch=(); [[ $device == cuda ]] && batch=(--batch 48)
 bench() { timeout "$(limit "$1")" python3 bench/train.py --device "$device" --skip loader --steps 10 --profile 12 \
             "${batch[@]}" "${@:2}" 2> >(tail -n 20 >&2) | tee -a "$out/device_check.jsonl"; }
 if python3 -c 'import transformers, accelerate, safetensors' 2>/dev/null; then
-  timeout "$(limit 240)" python3 bench/trainer_smoke.py 2> >(tail -n 20 >&2) | tee -a "$out/device_check.jsonl"
+  timeout "$(limit 300)" python3 bench/trainer_smoke.py 2> >(tail -n 20 >&2) | tee -a "$out/device_check.jsonl"
 else
   echo '{"check": "trainer_smoke", "skipped": "transformers / accelerate / safetensors not installed"}'
 fi

@@ -306,6 +306,19 @@ def test_compiled_channels_last_training_matches_eager_and_its_checkpoint_loads_
     assert resumed.losses[3] == pytest.approx(train(build, config, tmp_path / "eager", 3).losses[3], rel=1e-3)
 
 
+def test_bf16_mixed_precision_trains_like_float32_and_keeps_float32_weights(build, tmp_path):
+    """The GPU's dtype path (bf16 autocast, the frozen VAE and MLLM held in bf16) run under CPU
+    autocast: a dtype mix-up there would otherwise show only on a GPU."""
+    config = tiny(checkpoint_every=2, batch_size=2)
+    full = train(build, config, tmp_path / "fp32", 2).losses
+    half = train(build, with_train(config, mixed_precision="bf16"), tmp_path / "bf16", 2).losses
+    assert sorted(half) == [1, 2] and half != full  # other arithmetic, same draws
+    assert half == pytest.approx(full, rel=1e-2)
+    weights = load_file(str(tmp_path / "bf16" / "checkpoint-2" / "model.safetensors"))
+    assert {w.dtype for w in weights.values()} == {torch.float32}  # autocast keeps master weights
+    assert load_model(tmp_path / "bf16").weights_used == "trained"
+
+
 def test_two_process_data_parallel_training_checkpoints_and_resumes(build, tmp_path):
     """The multi-GPU path (`accelerate launch` = torch.distributed.run + DDP) with two CPU processes
     talking gloo: DDP needs a gradient for every parameter on every step (null_context used to get

@@ -82,6 +82,7 @@ class Trainer:
     def __init__(self, data: str | Path, config: Config, out: str | Path,
                  val_data: str | Path | None = None):
         from accelerate import Accelerator
+        from accelerate.state import AcceleratorState
 
         self.data = Path(data)
         self.val_data = Path(val_data) if val_data is not None else None
@@ -96,6 +97,10 @@ class Trainer:
         self.config = config
         self.out = Path(out)
         train = config.train
+        # accelerate keeps one AcceleratorState per process and refuses an Accelerator with another
+        # mixed precision; a process that trains twice (a notebook, a sweep) starts it anew. The
+        # process group (PartialState) is kept.
+        AcceleratorState._reset_state()
         self.accelerator = Accelerator(mixed_precision=_mixed_precision(train.mixed_precision),
                                        gradient_accumulation_steps=train.grad_accum)
         from accelerate.utils import set_seed
