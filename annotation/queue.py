@@ -1,6 +1,6 @@
 """The review queue on disk, and moving a decided sample out of it.
 
-`OUT/review/{id}/` holds one borderline sample (member files, see `pipeline.shards`). A human
+`OUT/review/{id}/` holds one borderline sample (member files, see `pipeline.dataset.shards`). A human
 decision moves it, in this order, each step atomic and each safe to repeat:
 
 1. the sample (json member updated: verdict, verdict_by, human) is written into its unit's
@@ -29,7 +29,7 @@ from typing import Any, Iterator
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.output import (
+from pipeline.dataset.output import (
     MANIFEST,
     conform,
     negatives_shard_name,
@@ -39,7 +39,7 @@ from pipeline.output import (
     train_shard_name,
 )
 from pipeline.record import MANIFEST_SCHEMA, dumps, manifest_row
-from pipeline.shards import (
+from pipeline.dataset.shards import (
     atomic_file,
     checksum,
     decode_sample,

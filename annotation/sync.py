@@ -35,7 +35,7 @@ from annotation.tasks import (
     local_files_url,
     parse_annotation,
 )
-from pipeline.shards import atomic_write_bytes
+from pipeline.dataset.shards import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 

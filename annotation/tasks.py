@@ -20,7 +20,7 @@ from urllib.parse import quote
 import numpy as np
 from PIL import Image, ImageDraw
 
-from pipeline.shards import decode_mask, decode_png
+from pipeline.dataset.shards import decode_mask, decode_png
 
 log = logging.getLogger(__name__)
 

@@ -54,10 +54,10 @@ def bare_loop(count: int, resolution: int, shard_size: int, seed: int, out: Path
 
 
 def stage_times(count: int, resolution: int, seed: int) -> dict:
-    from pipeline.compose import Composer
-    from pipeline.edit import ProceduralEditor
-    from pipeline.judge import make_judge
-    from pipeline.source import ProceduralSource
+    from pipeline.compose.procedural import Composer
+    from pipeline.editors.procedural import ProceduralEditor
+    from pipeline.judges.base import make_judge
+    from pipeline.sources.procedural import ProceduralSource
 
     source, composer, editor, judge = (ProceduralSource(resolution=resolution), Composer(),
                                        ProceduralEditor(), make_judge("pixel"))

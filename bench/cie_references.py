@@ -19,9 +19,9 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.ciebench import iter_bench  # noqa: E402
-from pipeline.edit import apply_chain  # noqa: E402
-from pipeline.scene import Scene, render  # noqa: E402
+from pipeline.ciebench.cases import iter_bench  # noqa: E402
+from pipeline.editors.procedural import apply_chain  # noqa: E402
+from pipeline.sources.scene import Scene, render  # noqa: E402
 
 MCIE = [sys.executable, "-m", "flows.cli"]
 REFERENCES = ("reference", "source", "noise", "skip-half")

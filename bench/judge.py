@@ -25,10 +25,10 @@ sys.path.insert(0, str(ROOT / "tests"))
 import numpy as np  # noqa: E402
 
 from openai_server import OpenAIServer  # noqa: E402
-from pipeline.judge import JudgeError, make_judge  # noqa: E402
+from pipeline.judges.base import JudgeError, make_judge  # noqa: E402
 from pipeline.record import JudgeView, SubEdit  # noqa: E402
-from pipeline.source import ProceduralSource  # noqa: E402
-from pipeline.vllm_judge import encode_image  # noqa: E402
+from pipeline.sources.procedural import ProceduralSource  # noqa: E402
+from pipeline.judges.vllm import encode_image  # noqa: E402
 
 MODEL = "bench-vlm"
 

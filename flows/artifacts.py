@@ -13,7 +13,7 @@ from typing import Any
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 
 from pipeline.record import EDIT_TYPES, VERDICTS
-from pipeline.stats import BuildStats
+from pipeline.dataset.stats import BuildStats
 
 
 def verdict_table(stats: BuildStats) -> list[dict[str, Any]]:

@@ -20,9 +20,9 @@ from flows.execute import run_units
 from flows.plan import is_complete, pending_units
 from flows.ray_runtime import cluster_address, start_ray, stop_ray
 from pipeline.config import BuildConfig, save_config
-from pipeline.output import finalize, read_manifest
-from pipeline.report import write_report
-from pipeline.stats import BuildStats, stats_from_manifest
+from pipeline.dataset.output import finalize, read_manifest
+from pipeline.dataset.report import write_report
+from pipeline.dataset.stats import BuildStats, stats_from_manifest
 
 
 @task(name="plan-build")

@@ -14,12 +14,13 @@ from pipeline.cli_args import (add_judge_arguments, judge_options, non_negative_
 
 # Modules that add subcommands with `register(subparsers)`, in the order `mcie --help` lists them.
 COMMAND_MODULES = (
-    "pipeline.verify",
-    "pipeline.rejudge",
-    "pipeline.judge_bench",
+    "pipeline.dataset.verify",
+    "pipeline.dataset.rejudge",
+    "pipeline.judges.bench",
     "annotation.cli",
     "trainer.cli",
-    "pipeline.ciebench",
+    "pipeline.ciebench.cases",
+    "trainer.evaluate",
 )
 
 
@@ -78,7 +79,7 @@ def register_build(subparsers) -> None:
 
 def run_build(args: argparse.Namespace) -> int:
     from pipeline.config import BuildConfig, ConfigError, save_config
-    from pipeline.judge import make_judge
+    from pipeline.judges.base import make_judge
 
     try:
         options = judge_options(args)

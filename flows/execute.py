@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Callable
 
 from pipeline.config import BuildConfig
-from pipeline.stats import BuildStats
+from pipeline.dataset.stats import BuildStats
 
 log = logging.getLogger(__name__)
 

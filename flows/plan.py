@@ -8,8 +8,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from pipeline.config import BuildConfig
-from pipeline.output import DEFECTS, MANIFEST, part_path, unit_done
-from pipeline.report import REPORT
+from pipeline.dataset.output import DEFECTS, MANIFEST, part_path, unit_done
+from pipeline.dataset.report import REPORT
 
 
 def pending_units(out: Path, config: BuildConfig) -> list[int]:

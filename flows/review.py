@@ -58,7 +58,7 @@ def pull_verdicts(out: str, project: str | None, image_mode: str, annotations_pe
 
 @task(name="write-report")
 def refresh_report(out: str) -> str:
-    from pipeline.report import write_report
+    from pipeline.dataset.report import write_report
 
     return str(write_report(Path(out)).resolve())
 

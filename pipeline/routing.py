@@ -1,6 +1,6 @@
 """Routing: turn a judge's scores into a verdict (accept / borderline / reject).
 
-The policy is three pairs of thresholds over the judge's scores (see `pipeline.judge`):
+The policy is three pairs of thresholds over the judge's scores (see `pipeline.judges.base`):
 
 - a sub-edit counts as carried out when its score is >= `sub_edit_pass`;
 - reject when the background score is < `background_reject`, or the overall score is

@@ -10,15 +10,15 @@ import logging
 import time
 from pathlib import Path
 
-from pipeline.compose import Composer
+from pipeline.compose.procedural import Composer
 from pipeline.config import BuildConfig
-from pipeline.edit import ProceduralEditor
-from pipeline.judge import JudgeStage, make_judge
-from pipeline.output import write_unit
+from pipeline.editors.procedural import ProceduralEditor
+from pipeline.judges.base import JudgeStage, make_judge
+from pipeline.dataset.output import write_unit
 from pipeline.record import EditSample, sample_id
 from pipeline.routing import RouteStage, RoutingPolicy
-from pipeline.source import ProceduralSource
-from pipeline.stats import BuildStats
+from pipeline.sources.procedural import ProceduralSource
+from pipeline.dataset.stats import BuildStats
 
 log = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ from typing import Callable
 import numpy as np
 
 from pipeline.record import EditSample, SubEdit, sample_id
-from pipeline.scene import (
+from pipeline.sources.scene import (
     BACKGROUND_COLORS,
     COLORS,
     SIZES,

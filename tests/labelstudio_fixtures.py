@@ -18,7 +18,7 @@ import pytest
 
 from annotation.client import Connection
 from annotation.server import LabelStudioServer, ServerConfig, ServerError, ensure_ls_venv
-from pipeline.output import finalize, write_unit
+from pipeline.dataset.output import finalize, write_unit
 from processes import free_port
 from shard_samples import finished_sample
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 
 from pipeline.record import EditSample, SubEdit
-from pipeline.source import ProceduralSource
+from pipeline.sources.procedural import ProceduralSource
 
 RESOLUTION = 64
 SEED = 7

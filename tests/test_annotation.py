@@ -26,8 +26,8 @@ from annotation.tasks import (
     parse_annotation,
 )
 from labelstudio_fixtures import make_build, out_dir  # noqa: F401  (fixture)
-from pipeline.output import read_manifest
-from pipeline.shards import checksum, iter_tar_groups
+from pipeline.dataset.output import read_manifest
+from pipeline.dataset.shards import checksum, iter_tar_groups
 
 
 def test_policy_majority_ties_and_minimum():
@@ -191,7 +191,7 @@ def test_commit_decision_moves_sample_once_even_after_a_crash(out_dir, monkeypat
 
 
 def test_overlay_tints_a_frame_filling_region_lightly_and_a_small_one_strongly():
-    from pipeline.shards import encode_mask, encode_png
+    from pipeline.dataset.shards import encode_mask, encode_png
 
     target = np.full((64, 64, 3), 100, np.uint8)
     large = np.zeros((64, 64), bool)

@@ -18,8 +18,8 @@ from annotation.client import LabelStudioUnavailable, connect
 from annotation.sync import ReviewSettings, find_project, project_tasks, pull, push, status
 from annotation.tasks import labeling_config
 from labelstudio_fixtures import ROOT, TMP_ROOT, ls_conn, ls_server, make_build, out_dir  # noqa: F401
-from pipeline.output import read_manifest
-from pipeline.shards import checksum, iter_tar_groups
+from pipeline.dataset.output import read_manifest
+from pipeline.dataset.shards import checksum, iter_tar_groups
 
 pytestmark = pytest.mark.slow
 

@@ -13,7 +13,7 @@ import pyarrow as pa
 import pytest
 
 from pipeline import ciebench
-from pipeline.ciebench import (
+from pipeline.ciebench.cases import (
     BENCH_SEED,
     BenchConfig,
     BenchError,
@@ -23,8 +23,8 @@ from pipeline.ciebench import (
     read_index,
 )
 from pipeline.record import EDIT_TYPES, MANIFEST_SCHEMA, sample_id
-from pipeline.scene import Scene, render
-from pipeline.source import ProceduralSource
+from pipeline.sources.scene import Scene, render
+from pipeline.sources.procedural import ProceduralSource
 
 RESOLUTION = 96
 COUNT = 70  # 10 cases per sub-edit count 2..8

@@ -5,7 +5,7 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from pipeline.compose import (
+from pipeline.compose.procedural import (
     Composer,
     describe,
     join_instruction,
@@ -13,10 +13,10 @@ from pipeline.compose import (
     resolve_reference,
     split_instruction,
 )
-from pipeline.edit import apply_sub_edit
+from pipeline.editors.procedural import apply_sub_edit
 from pipeline.record import EDIT_TYPES, EditSample, SubEdit
-from pipeline.scene import TEXT_KIND, Background, Scene, SceneObject, fits
-from pipeline.source import ProceduralSource
+from pipeline.sources.scene import TEXT_KIND, Background, Scene, SceneObject, fits
+from pipeline.sources.procedural import ProceduralSource
 
 SEEDS = range(120)
 

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from pipeline import __version__
-from pipeline.compose import Composer
-from pipeline.defects import (
+from pipeline.compose.procedural import Composer
+from pipeline.editors.defects import (
     ARTIFACT_MIN_AREA,
     DEFECT_TYPES,
     SUB_EDIT_DEFECTS,
@@ -17,10 +17,10 @@ from pipeline.defects import (
     inject_defect,
     measurable,
 )
-from pipeline.edit import ProceduralEditor, apply_chain, apply_sub_edit
+from pipeline.editors.procedural import ProceduralEditor, apply_chain, apply_sub_edit
 from pipeline.record import EditSample, SubEdit, dumps
-from pipeline.scene import Background, Scene, SceneObject, bbox, render
-from pipeline.source import ProceduralSource
+from pipeline.sources.scene import Background, Scene, SceneObject, bbox, render
+from pipeline.sources.procedural import ProceduralSource
 
 RESOLUTION = 256
 

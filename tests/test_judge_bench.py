@@ -7,13 +7,13 @@ import json
 
 import pytest
 
-from pipeline.compose import Composer
-from pipeline.defects import DEFECT_TYPES
-from pipeline.edit import ProceduralEditor
-from pipeline.judge import JudgeStage, make_judge
-from pipeline.judge_bench import judge_bench, register
+from pipeline.compose.procedural import Composer
+from pipeline.editors.defects import DEFECT_TYPES
+from pipeline.editors.procedural import ProceduralEditor
+from pipeline.judges.base import JudgeStage, make_judge
+from pipeline.judges.bench import judge_bench, register
 from pipeline.routing import RouteStage, RoutingPolicy
-from pipeline.source import ProceduralSource
+from pipeline.sources.procedural import ProceduralSource
 
 FIXED_SET = range(8)  # sample indices of build seed 0
 RESOLUTION = 256

@@ -11,11 +11,11 @@ import pytest
 from PIL import Image
 
 from pipeline import ciebench
-from pipeline.ciebench import BenchConfig, build_bench, read_bench
-from pipeline.edit import ProceduralEditor, apply_chain
-from pipeline.evaluate import EvalError, evaluate
-from pipeline.judge import JudgeError, make_judge
-from pipeline.metrics import (
+from pipeline.ciebench.cases import BenchConfig, build_bench, read_bench
+from pipeline.editors.procedural import ProceduralEditor, apply_chain
+from trainer.evaluate import EvalError, evaluate
+from pipeline.judges.base import JudgeError, make_judge
+from pipeline.ciebench.metrics import (
     CaseResult,
     PredictionError,
     compliance,
@@ -25,7 +25,7 @@ from pipeline.metrics import (
 )
 from pipeline.record import EditSample
 from pipeline.routing import RoutingPolicy
-from pipeline.scene import Scene, render
+from pipeline.sources.scene import Scene, render
 
 # 256 px: at 128 px the pixel judge misses a few exact sub-edits whose objects are mostly hidden
 # behind others (reference compliance 0.976 there, 0.993 here at the 0.92 pass bar).
@@ -290,9 +290,9 @@ def test_eval_of_an_mcie_checkpoint(bench, tmp_path):
     meaningless; the path, its saved predictions and its report are what is checked)."""
     torch = pytest.importorskip("torch")
     pytest.importorskip("trainer.edit")
-    from pipeline.compose import Composer
-    from pipeline.shards import write_tar
-    from pipeline.source import ProceduralSource
+    from pipeline.compose.procedural import Composer
+    from pipeline.dataset.shards import write_tar
+    from pipeline.sources.procedural import ProceduralSource
     from trainer.config import preset, with_train
     from trainer.train import train
 

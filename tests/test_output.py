@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline import output
-from pipeline.output import (
+from pipeline.dataset.output import (
     finalize,
     read_manifest,
     read_quarantine,
@@ -20,9 +20,9 @@ from pipeline.output import (
     write_unit,
 )
 from pipeline.record import MANIFEST_SCHEMA
-from pipeline.shards import is_temp_name, read_sample_dir, read_shard
-from pipeline.stats import BuildStats, stats_from_manifest
-from pipeline.verify import verify
+from pipeline.dataset.shards import is_temp_name, read_sample_dir, read_shard
+from pipeline.dataset.stats import BuildStats, stats_from_manifest
+from pipeline.dataset.verify import verify
 from shard_samples import failed_sample, finished_sample, unit_samples
 
 

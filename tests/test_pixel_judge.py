@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from judge_pairs import build_pair, half_done, spill
-from pipeline.judge import JudgeError, JudgeStage, make_judge
-from pipeline.pixel_judge import PixelJudge
+from pipeline.judges.base import JudgeError, JudgeStage, make_judge
+from pipeline.judges.pixel import PixelJudge
 from pipeline.record import EDIT_TYPES
 
 PASS = 0.85  # below the default routing bar (0.92) for "sub-edit carried out"

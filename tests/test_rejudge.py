@@ -10,11 +10,11 @@ import pytest
 from openai_server import OpenAIServer
 from pipeline import rejudge as rejudge_module
 from pipeline.config import BuildConfig, save_config
-from pipeline.judge import make_judge
-from pipeline.output import finalize, read_manifest, read_parts, write_unit
-from pipeline.rejudge import rejudge
-from pipeline.shards import iter_tar_groups, read_sample_dir
-from pipeline.verify import verify
+from pipeline.judges.base import make_judge
+from pipeline.dataset.output import finalize, read_manifest, read_parts, write_unit
+from pipeline.dataset.rejudge import rejudge
+from pipeline.dataset.shards import iter_tar_groups, read_sample_dir
+from pipeline.dataset.verify import verify
 from shard_samples import SEED, finished_sample
 
 MODEL = "qwen2.5-vl-test"

@@ -13,8 +13,8 @@ import pytest
 from PIL import Image
 
 from pipeline.config import BuildConfig
-from pipeline.output import finalize, write_unit
-from pipeline.report import REPORT, THUMB_PX, mask_overlay, render_report, write_report
+from pipeline.dataset.output import finalize, write_unit
+from pipeline.dataset.report import REPORT, THUMB_PX, mask_overlay, render_report, write_report
 from pipeline.unit import UnitPipeline
 
 BROKEN = 13  # this sample's edit "fails": it must show up in quarantine, with its reason
@@ -72,7 +72,7 @@ def test_contact_sheet_shows_thumbnails_of_every_verdict(build: Path):
 
 
 def test_mask_overlay_tints_each_sub_edit_region(build: Path):
-    from pipeline.shards import read_shard
+    from pipeline.dataset.shards import read_shard
 
     sample = next(read_shard(next((build / "shards").glob("train-*.tar"))))
     overlay = mask_overlay(sample)

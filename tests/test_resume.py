@@ -21,7 +21,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.shards import is_temp_name
+from pipeline.dataset.shards import is_temp_name
 from code_snapshot import env_with, snapshot
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -13,7 +13,7 @@ import webdataset as wds
 from PIL import Image
 
 from pipeline import shards
-from pipeline.shards import (
+from pipeline.dataset.shards import (
     checksum,
     decode_mask,
     decode_sample,

@@ -15,10 +15,10 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from pipeline.compose import Composer
-from pipeline.edit import ProceduralEditor
-from pipeline.shards import write_tar
-from pipeline.source import ProceduralSource
+from pipeline.compose.procedural import Composer
+from pipeline.editors.procedural import ProceduralEditor
+from pipeline.dataset.shards import write_tar
+from pipeline.sources.procedural import ProceduralSource
 from trainer.attention import (GLOBAL_TOKEN, PADDING_TOKEN, MCIECrossAttnProcessor, CrossAttnCondition,
                                set_background_gate)
 from trainer.config import ConfigError, load_config, preset, with_train

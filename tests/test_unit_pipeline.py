@@ -6,12 +6,12 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.compose import Composer
+from pipeline.compose.procedural import Composer
 from pipeline.config import BuildConfig
-from pipeline.output import finalize, part_path
-from pipeline.source import ProceduralSource
+from pipeline.dataset.output import finalize, part_path
+from pipeline.sources.procedural import ProceduralSource
 from pipeline.unit import UnitPipeline
-from pipeline.verify import verify
+from pipeline.dataset.verify import verify
 
 CONFIG = BuildConfig(count=6, shard_size=6, resolution=128, seed=3, defect_rate=0.3)
 

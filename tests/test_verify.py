@@ -11,10 +11,10 @@ import tarfile
 import pyarrow as pa
 import pytest
 
-from pipeline.output import finalize, read_manifest, write_manifest, write_unit
+from pipeline.dataset.output import finalize, read_manifest, write_manifest, write_unit
 from pipeline.record import MANIFEST_SCHEMA
-from pipeline.shards import write_tar
-from pipeline.verify import register, verify
+from pipeline.dataset.shards import write_tar
+from pipeline.dataset.verify import register, verify
 from shard_samples import finished_sample, unit_samples
 
 
@@ -148,7 +148,7 @@ def test_queue_and_quarantine_damage_is_caught(build):
     shutil.rmtree(build / "rejudge" / rejudge)
     (build / "quarantine" / f"{bad}.json").unlink()
     stray = finished_sample(99, "borderline")
-    from pipeline.shards import write_sample_dir
+    from pipeline.dataset.shards import write_sample_dir
 
     write_sample_dir(build / "review" / stray.id, stray)
     problems = verify(build)
@@ -185,9 +185,9 @@ def test_cli_bad_arguments_exit_2(tmp_path, capsys):
 
 
 def test_moving_a_decided_review_sample_into_a_new_shard_keeps_the_build_valid(build):
-    from pipeline.output import update_rows
+    from pipeline.dataset.output import update_rows
     from pipeline.record import manifest_row
-    from pipeline.shards import read_sample_dir, remove_path
+    from pipeline.dataset.shards import read_sample_dir, remove_path
 
     decided = []
     for sample_id in [i for i, r in rows(build).items() if r["verdict"] == "borderline"]:

@@ -13,9 +13,9 @@ import pytest
 
 from openai_server import OpenAIServer
 from pipeline import vllm_judge
-from pipeline.judge import JudgeError, JudgeStage, make_judge
+from pipeline.judges.base import JudgeError, JudgeStage, make_judge
 from pipeline.record import EditSample, JudgeView, SubEdit
-from pipeline.vllm_judge import PROMPT_VERSION, VllmJudge, answer_schema, parse_answer
+from pipeline.judges.vllm import PROMPT_VERSION, VllmJudge, answer_schema, parse_answer
 
 MODEL = "qwen2.5-vl-test"
 FAST = {"backoff_s": 0.01, "backoff_max_s": 0.05}  # keep retry tests quick

@@ -10,7 +10,7 @@ would compute them in. `mcie train --data CACHE` then skips the frozen encoders.
 The price: no random crop for cached samples (the encodings are of the whole image at the model's
 resolution), about 1.2 MB per sample at 448 px in bf16, and a frozen MLLM (LoRA tuning needs it
 live). `CACHE/frozen.json` records what the encodings depend on; the trainer refuses a cache made
-for another model config. Shards are written like a build's (`pipeline.shards.write_tar_members`:
+for another model config. Shards are written like a build's (`pipeline.dataset.shards.write_tar_members`:
 a temporary name, renamed once complete), so a killed run resumes with the shards it has not
 finished.
 """
@@ -27,7 +27,7 @@ import numpy as np
 import torch
 import webdataset as wds
 
-from pipeline.shards import write_tar_members
+from pipeline.dataset.shards import write_tar_members
 from trainer.config import Config, ConfigError, ModelConfig
 from trainer.data import BAD_SAMPLE_ERRORS, FROZEN_MEMBER, decode_sample, find_shards
 

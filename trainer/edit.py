@@ -1,7 +1,7 @@
 """Inference with a trained MCIE-E1 checkpoint, and the `mcie edit` subcommand.
 
 The complex instruction is split into sub-instructions by the composer's own connective grammar
-(`pipeline.compose.split_instruction`; a small splitter on the same connectives if that module is
+(`pipeline.compose.procedural.split_instruction`; a small splitter on the same connectives if that module is
 absent), plus a bare "and" before an edit verb, or, with `--split mllm`, by the checkpoint's MLLM
 (asked for a JSON list; the grammar takes over when its answer is not one); each
 sub-instruction's region is predicted by the model's region head (never empty: see
@@ -58,7 +58,7 @@ _AND_VERB = re.compile(r"\s+and\s+(?:also\s+|then\s+)?(?=(?:%s)\b)" % "|".join(E
 
 def split_instruction(text: str) -> list[str]:
     try:
-        from pipeline.compose import split_instruction as composer_split
+        from pipeline.compose.procedural import split_instruction as composer_split
     except ImportError:
         pieces = fallback_split(text)
     else:

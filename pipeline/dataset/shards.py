@@ -14,7 +14,7 @@ in three kinds of container, all with the same member bytes:
 
     tar shard     `KEY.{suffix}` (KEY = sample id), samples in index order   `write_tar`/`read_shard`
     sample dir    `{suffix}` files, with `json` named `sample.json`           `write_sample_dir`/...
-    quarantine    `{id}.{suffix}` files beside each other (any images present) see pipeline.output
+    quarantine    `{id}.{suffix}` files beside each other (any images present) see pipeline.dataset.output
 
 `checksum(members)` is the sha256 of, for each member in that order, the bytes
 `f"{suffix}\\n{len(data)}\\n"` followed by the data. It does not depend on the container, so a tar

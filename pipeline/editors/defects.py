@@ -32,7 +32,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from pipeline.record import SubEdit
-from pipeline.scene import BACKGROUND_COLORS, COLORS, TEXT_KIND, Scene, SceneObject
+from pipeline.sources.scene import BACKGROUND_COLORS, COLORS, TEXT_KIND, Scene, SceneObject
 
 DEFECT_TYPES = (
     "skip",

@@ -96,7 +96,7 @@ def make_judge(name: str, **options: Any) -> Judge:
 def _load_builtin_judges() -> None:
     import importlib
 
-    for module in ("pipeline.pixel_judge", "pipeline.vllm_judge"):
+    for module in ("pipeline.judges.pixel", "pipeline.judges.vllm"):
         try:
             importlib.import_module(module)
         except ModuleNotFoundError as exc:

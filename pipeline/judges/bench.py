@@ -23,12 +23,12 @@ from collections import defaultdict
 from typing import Any
 
 from pipeline.cli_args import add_judge_arguments, judge_options, non_negative_int, positive_int, rate, resolution
-from pipeline.compose import Composer
-from pipeline.edit import ProceduralEditor
-from pipeline.judge import JudgeStage, make_judge
+from pipeline.compose.procedural import Composer
+from pipeline.editors.procedural import ProceduralEditor
+from pipeline.judges.base import JudgeStage, make_judge
 from pipeline.record import EditSample
 from pipeline.routing import RouteStage, RoutingPolicy
-from pipeline.source import ProceduralSource
+from pipeline.sources.procedural import ProceduralSource
 
 log = logging.getLogger(__name__)
 

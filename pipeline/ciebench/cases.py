@@ -2,7 +2,7 @@
 
 `mcie bench build --out BENCH [--count 400] [--resolution 512]` writes the benchmark;
 `mcie eval --bench BENCH (--checkpoint CKPT | --predictions DIR) [--judge ...] [--out REPORT]`
-scores an editor on it (metrics: `pipeline.metrics`; report: `pipeline.eval_report`).
+scores an editor on it (metrics: `pipeline.ciebench.metrics`; report: `trainer.eval_report`).
 
 Layout (one directory per case; every file written under a temporary name, then renamed):
 
@@ -17,7 +17,7 @@ Layout (one directory per case; every file written under a temporary name, then 
     BENCH/cases/{case_id}/edit_mask.png     union of the sub-edit regions, L 0/255
     BENCH/cases/{case_id}/mask_{i}.png      region of sub-edit i, L 0/255, in sub-edit order
 
-The pixel members are byte-compatible with a build's sample dirs (`pipeline.shards`), so
+The pixel members are byte-compatible with a build's sample dirs (`pipeline.dataset.shards`), so
 `read_case` is `decode_sample` over them.
 
 **Disjoint from every training build, by construction.**
@@ -55,12 +55,12 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from pipeline import __version__
-from pipeline.cli_args import add_judge_arguments, judge_options, positive_int, resolution
-from pipeline.compose import MAX_EDITS, Composer
-from pipeline.edit import ProceduralEditor
+from pipeline.cli_args import positive_int, resolution
+from pipeline.compose.procedural import MAX_EDITS, Composer
+from pipeline.editors.procedural import ProceduralEditor
 from pipeline.record import EDIT_TYPES, EditSample, dumps
-from pipeline.shards import decode_sample, encode_mask, encode_png, remove_path, temp_path
-from pipeline.source import ProceduralSource
+from pipeline.dataset.shards import decode_sample, encode_mask, encode_png, remove_path, temp_path
+from pipeline.sources.procedural import ProceduralSource
 
 log = logging.getLogger(__name__)
 
@@ -307,7 +307,7 @@ def read_bench(bench: Path, limit: int | None = None) -> list[EditSample]:
 # ---- the commands -------------------------------------------------------------------------------
 
 def register(subparsers) -> None:
-    """`mcie bench build ...` and `mcie eval ...`."""
+    """`mcie bench build ...` (`mcie eval`, which runs a checkpoint, lives in trainer.evaluate)."""
     bench = subparsers.add_parser("bench", help="the CIE-Bench held-apart benchmark")
     commands = bench.add_subparsers(dest="bench_command", required=True)
     build = commands.add_parser("build", help="write the benchmark (disjoint from every build)")
@@ -316,19 +316,6 @@ def register(subparsers) -> None:
     build.add_argument("--resolution", type=resolution, default=512, help="image side in px")
     build.set_defaults(func=run_bench_build)
 
-    ev = subparsers.add_parser("eval", help="score an editor on CIE-Bench (compliance, consistency)")
-    ev.add_argument("--bench", required=True, help="benchmark directory (mcie bench build)")
-    what = ev.add_mutually_exclusive_group(required=True)
-    what.add_argument("--checkpoint", help="MCIE-E1 checkpoint to run on every case")
-    what.add_argument("--predictions", help="directory of another system's outputs: {case_id}.png")
-    ev.add_argument("--out", help="report directory (default BENCH/reports/<name>)")
-    ev.add_argument("--limit", type=positive_int, help="score only the first N cases")
-    add_judge_arguments(ev)
-    ev.add_argument("--examples", type=int, default=24, help="cases shown in the HTML report")
-    ev.add_argument("--device", help="--checkpoint: torch device (default cuda if available)")
-    ev.add_argument("--steps", type=positive_int, default=20, help="--checkpoint: sampling steps")
-    ev.add_argument("--seed", type=int, default=0, help="--checkpoint: sampling seed")
-    ev.set_defaults(func=run_eval)
 
 
 def _fail(message: str) -> int:
@@ -349,29 +336,4 @@ def run_bench_build(args: argparse.Namespace) -> int:
         return _fail(f"mcie bench build: error: cannot write {args.out}: {exc}")
     print(f"{args.out}: {len(index['cases'])} cases at {config.resolution} px; "
           f"sub-edit counts {index['sub_edit_counts']}; edit types {index['edit_types']}")
-    return 0
-
-
-def run_eval(args: argparse.Namespace) -> int:
-    from pipeline.evaluate import EvalError, evaluate
-
-    try:
-        options = judge_options(args)
-    except ValueError as exc:
-        return _fail(f"mcie eval: error: {exc}")
-    if args.examples < 0:
-        return _fail("mcie eval: error: --examples must be >= 0")
-    try:
-        summary, out = evaluate(
-            bench=Path(args.bench), predictions=args.predictions, checkpoint=args.checkpoint,
-            judge=args.judge, judge_options=options, out=Path(args.out) if args.out else None,
-            limit=args.limit, examples=args.examples,
-            checkpoint_options={"device": args.device, "steps": args.steps, "seed": args.seed},
-        )
-    except (BenchError, EvalError) as exc:
-        return _fail(f"mcie eval: error: {exc}")
-    ic, bc = summary["instruction_compliance"], summary["background_consistency"]
-    bc_text = "n/a" if bc is None else f"{bc:.4f}"
-    print(f"{summary['cases']} cases ({summary['failed_cases']} failed): "
-          f"instruction_compliance {ic:.4f}, background_consistency {bc_text}; report in {out}")
     return 0

@@ -3,7 +3,7 @@
 A case is an `EditSample` of the benchmark (source, instruction, sub-edits with their region masks,
 background mask, reference target); a prediction is the edited image some system returned for it.
 
-**Instruction Compliance (IC).** The judge (any `pipeline.judge` backend, the same as a build uses)
+**Instruction Compliance (IC).** The judge (any `pipeline.judges.base` backend, the same as a build uses)
 scores the pair (source, prediction) per sub-edit, s_i in [0, 1]. Sub-edit i counts as carried out
 when s_i >= tau, tau being the routing policy's sub-edit pass threshold (the bar a build uses to
 decide `scores["sub_edit_pass"]`). For a case with n sub-edits
@@ -43,7 +43,7 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from pipeline.judge import Judge, JudgeError
+from pipeline.judges.base import Judge, JudgeError
 from pipeline.record import EditSample, JudgeView
 from pipeline.routing import RoutingPolicy
 

@@ -32,7 +32,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from pipeline.output import (
+from pipeline.dataset.output import (
     DEFECTS,
     PARTS,
     QUARANTINE,
@@ -43,7 +43,7 @@ from pipeline.output import (
     read_manifest,
     read_parts,
 )
-from pipeline.shards import (
+from pipeline.dataset.shards import (
     checksum,
     decode_sample,
     expected_suffixes,

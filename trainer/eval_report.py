@@ -1,6 +1,6 @@
 """The files of a CIE-Bench evaluation: REPORT/report.json and a self-contained REPORT/report.html.
 
-report.json: the summary of `pipeline.metrics.summarize` (keys `instruction_compliance`,
+report.json: the summary of `pipeline.ciebench.metrics.summarize` (keys `instruction_compliance`,
 `background_consistency`, `by_sub_edit_count`, `by_edit_type`, `failed`, ...), `meta` (bench,
 judge, pass threshold, predictions, time) and `per_case` (every case's scores, passes, reasons and
 error). report.html: the figures, their definitions, the breakdowns, the failed cases and example
@@ -21,9 +21,9 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from pipeline.metrics import CaseResult, PredictionError
+from pipeline.ciebench.metrics import CaseResult, PredictionError
 from pipeline.record import EditSample
-from pipeline.shards import temp_path
+from pipeline.dataset.shards import temp_path
 
 THUMB_SIDE = 256
 REPORT_JSON = "report.json"
@@ -69,8 +69,8 @@ def write_report(
     meta: dict[str, Any],
     examples: int = 24,
 ) -> None:
-    from pipeline.ciebench import read_case
-    from pipeline.evaluate import prediction_path, read_prediction
+    from pipeline.ciebench.cases import read_case
+    from trainer.evaluate import prediction_path, read_prediction
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

@@ -34,8 +34,8 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.judge import Judge, JudgeStage
-from pipeline.output import (
+from pipeline.judges.base import Judge, JudgeStage
+from pipeline.dataset.output import (
     REJUDGE,
     REVIEW,
     SHARDS,
@@ -48,7 +48,7 @@ from pipeline.output import (
 )
 from pipeline.record import MANIFEST_SCHEMA, EditSample, manifest_row
 from pipeline.routing import RouteStage, RoutingPolicy
-from pipeline.shards import (
+from pipeline.dataset.shards import (
     atomic_file,
     is_temp_name,
     iter_tar_groups,
@@ -242,7 +242,7 @@ def register(subparsers: Any) -> None:
 
 
 def run_rejudge(args: argparse.Namespace) -> int:
-    from pipeline.judge import make_judge
+    from pipeline.judges.base import make_judge
 
     out = Path(args.out)
     try:

@@ -20,10 +20,10 @@ from typing import Any, Iterable
 import numpy as np
 from PIL import Image
 
-from pipeline.output import QUARANTINE, location_path, read_manifest, read_quarantine
+from pipeline.dataset.output import QUARANTINE, location_path, read_manifest, read_quarantine
 from pipeline.record import EDIT_TYPES, VERDICTS, EditSample
-from pipeline.shards import atomic_write_bytes, decode_sample, iter_tar_groups, read_sample_dir
-from pipeline.stats import quarantine_reason, stats_from_manifest
+from pipeline.dataset.shards import atomic_write_bytes, decode_sample, iter_tar_groups, read_sample_dir
+from pipeline.dataset.stats import quarantine_reason, stats_from_manifest
 
 log = logging.getLogger(__name__)
 

@@ -59,9 +59,9 @@ from typing import Any, Callable
 
 import numpy as np
 
-from pipeline.judge import JudgeError, register_judge
+from pipeline.judges.base import JudgeError, register_judge
 from pipeline.record import JudgeView, SubEdit
-from pipeline.scene import (
+from pipeline.sources.scene import (
     BACKGROUND_COLORS,
     COLORS,
     KINDS,

@@ -4,7 +4,7 @@ Each intermediate scene is rendered once. Sub-edit i's region is derived from th
 and after it: the affected objects' visible pixels (the background's, for a background change)
 in either render, OR-ed with every pixel the two renders differ in, so the masks cover exactly what
 changed. With probability `defect_rate` the editor then spoils the target on purpose, the way
-generative editors fail (see `pipeline.defects`); the record keeps the INTENDED sub-edits and
+generative editors fail (see `pipeline.editors.defects`); the record keeps the INTENDED sub-edits and
 regions, and what was injected goes to `sample.defects`, which no judge sees.
 """
 
@@ -16,9 +16,9 @@ from typing import Sequence
 import numpy as np
 
 from pipeline import __version__
-from pipeline.defects import DEFECT_TYPES, EditTrace, inject_defect
+from pipeline.editors.defects import DEFECT_TYPES, EditTrace, inject_defect
 from pipeline.record import EditSample, SubEdit
-from pipeline.scene import TEXT_KIND, Background, Scene, SceneObject, bbox, render
+from pipeline.sources.scene import TEXT_KIND, Background, Scene, SceneObject, bbox, render
 from pipeline.stage import RecordStage, sample_rng
 
 log = logging.getLogger(__name__)

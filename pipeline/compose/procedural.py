@@ -26,9 +26,9 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
-from pipeline.edit import apply_sub_edit
+from pipeline.editors.procedural import apply_sub_edit
 from pipeline.record import EDIT_TYPES, EditSample, SubEdit
-from pipeline.scene import (
+from pipeline.sources.scene import (
     BACKGROUND_COLORS,
     BACKGROUND_KINDS,
     COLORS,

@@ -38,7 +38,7 @@ from urllib.parse import urlsplit
 
 import numpy as np
 
-from pipeline.judge import JudgeError, register_judge
+from pipeline.judges.base import JudgeError, register_judge
 from pipeline.record import JudgeView
 
 log = logging.getLogger(__name__)

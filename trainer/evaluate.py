@@ -9,13 +9,15 @@ Two kinds of editor:
   `REPORT/predictions/{case_id}.png` (re-scorable with `--predictions`), then scored the same way.
   A case the model fails on is a failed case, not a crash.
 
-Figures and their definitions: `pipeline.metrics`; files: `pipeline.eval_report`.
+Figures and their definitions: `pipeline.ciebench.metrics`; files: `trainer.eval_report`.
 """
 
 from __future__ import annotations
 
+import argparse
 import logging
 import re
+import sys
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
@@ -23,12 +25,13 @@ from typing import Any, Callable, Iterable, Iterator
 import numpy as np
 from PIL import Image
 
-from pipeline.ciebench import case_ids, iter_bench, read_index
-from pipeline.judge import make_judge
-from pipeline.metrics import PredictionError, score_cases, summarize
+from pipeline import cli_args
+from pipeline.ciebench.cases import BenchError, case_ids, iter_bench, read_index
+from pipeline.judges.base import make_judge
+from pipeline.ciebench.metrics import PredictionError, score_cases, summarize
 from pipeline.record import EditSample
 from pipeline.routing import RoutingPolicy
-from pipeline.shards import atomic_write_bytes, encode_png
+from pipeline.dataset.shards import atomic_write_bytes, encode_png
 
 log = logging.getLogger(__name__)
 
@@ -131,7 +134,7 @@ def evaluate(
 
     Exactly one of `predictions` (a directory), `checkpoint` or `editor` (a function, for tests
     and other in-process editors) names what is scored. Returns (summary, report directory)."""
-    from pipeline.eval_report import write_report
+    from trainer.eval_report import write_report
 
     if sum(x is not None for x in (predictions, checkpoint, editor)) != 1:
         raise EvalError("give exactly one of --predictions and --checkpoint")
@@ -173,3 +176,50 @@ def evaluate(
     }
     write_report(out, summary, results, Path(bench), predictions, meta, examples)
     return summary, out
+
+
+# ---- the command ------------------------------------------------------------------------------
+
+def register(subparsers) -> None:
+    """`mcie eval ...`."""
+    ev = subparsers.add_parser("eval", help="score an editor on CIE-Bench (compliance, consistency)")
+    ev.add_argument("--bench", required=True, help="benchmark directory (mcie bench build)")
+    what = ev.add_mutually_exclusive_group(required=True)
+    what.add_argument("--checkpoint", help="MCIE-E1 checkpoint to run on every case")
+    what.add_argument("--predictions", help="directory of another system's outputs: {case_id}.png")
+    ev.add_argument("--out", help="report directory (default BENCH/reports/<name>)")
+    ev.add_argument("--limit", type=cli_args.positive_int, help="score only the first N cases")
+    cli_args.add_judge_arguments(ev)
+    ev.add_argument("--examples", type=int, default=24, help="cases shown in the HTML report")
+    ev.add_argument("--device", help="--checkpoint: torch device (default cuda if available)")
+    ev.add_argument("--steps", type=cli_args.positive_int, default=20, help="--checkpoint: sampling steps")
+    ev.add_argument("--seed", type=int, default=0, help="--checkpoint: sampling seed")
+    ev.set_defaults(func=run_eval)
+
+
+def _fail(message: str) -> int:
+    print(message, file=sys.stderr)
+    return 2
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    try:
+        options = cli_args.judge_options(args)
+    except ValueError as exc:
+        return _fail(f"mcie eval: error: {exc}")
+    if args.examples < 0:
+        return _fail("mcie eval: error: --examples must be >= 0")
+    try:
+        summary, out = evaluate(
+            bench=Path(args.bench), predictions=args.predictions, checkpoint=args.checkpoint,
+            judge=args.judge, judge_options=options, out=Path(args.out) if args.out else None,
+            limit=args.limit, examples=args.examples,
+            checkpoint_options={"device": args.device, "steps": args.steps, "seed": args.seed},
+        )
+    except (BenchError, EvalError) as exc:
+        return _fail(f"mcie eval: error: {exc}")
+    ic, bc = summary["instruction_compliance"], summary["background_consistency"]
+    bc_text = "n/a" if bc is None else f"{bc:.4f}"
+    print(f"{summary['cases']} cases ({summary['failed_cases']} failed): "
+          f"instruction_compliance {ic:.4f}, background_consistency {bc_text}; report in {out}")
+    return 0

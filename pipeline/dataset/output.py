@@ -2,7 +2,7 @@
 
 `write_unit` routes each finished sample by verdict:
 
-    accept       → shards/train-{unit:06d}.tar       (webdataset tar, see pipeline.shards)
+    accept       → shards/train-{unit:06d}.tar       (webdataset tar, see pipeline.dataset.shards)
     reject       → shards/negatives-{unit:06d}.tar   (not written when the unit has none)
     borderline   → review/{id}/                      (a sample dir)
     judge_error  → rejudge/{id}/                     (a sample dir)
@@ -30,7 +30,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.record import MANIFEST_SCHEMA, EditSample, dumps, manifest_row
-from pipeline.shards import (
+from pipeline.dataset.shards import (
     atomic_file,
     atomic_write_bytes,
     check_key,
@@ -43,7 +43,7 @@ from pipeline.shards import (
     write_members_dir,
     write_tar_members,
 )
-from pipeline.stats import BuildStats
+from pipeline.dataset.stats import BuildStats
 
 log = logging.getLogger(__name__)
 

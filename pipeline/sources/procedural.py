@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pipeline import __version__
 from pipeline.record import EditSample, sample_id
-from pipeline.scene import random_scene, render
+from pipeline.sources.scene import random_scene, render
 from pipeline.stage import sample_rng
 
 
