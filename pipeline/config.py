@@ -1,8 +1,14 @@
 """The build configuration: one frozen, validated dataclass, saved as OUT/config.json.
 
-What decides the bytes of the dataset (seed, count, resolution, shard size, edit and defect
-settings, judge and thresholds) is the build's identity: resuming into an OUT whose saved config
-differs is refused. How the build runs (workers, Ray address) is not part of it.
+What decides the bytes of the dataset (seed, count, resolution, shard size, the four front seats
+— source, grounder, composer, editor — with their options, edit and defect settings, judge and
+thresholds) is the build's identity: resuming into an OUT whose saved config differs is refused.
+How the build runs (workers, Ray address) is not part of it.
+
+Each seat is chosen by name with an options dict, as the judge is. Unnamed seats follow the
+source: a procedural source is grounded by what it knows (`given`), phrased against its scene
+graph (`scene`) and edited exactly (`procedural`); any other source gets the `classical` grounder,
+the `inventory` composer and the `photo` editor.
 """
 
 from __future__ import annotations
@@ -14,16 +20,21 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-MAX_SUB_EDITS = 8
+from pipeline.record import check_edit_bounds
+
 
 
 class ConfigError(ValueError):
     """A bad build parameter: the CLI prints it as one line and exits 2."""
 
 
+# What a backend may take from the build itself (by parameter name), never from its options.
+BUILD_CONTEXT = ("seed", "resolution", "defect_rate", "min_edits", "max_edits")
+
+
 @dataclass(frozen=True)
 class BuildConfig:
-    count: int
+    count: int | None = None  # samples; None: every key of the source × edits_per_image
     seed: int = 0
     resolution: int = 512
     shard_size: int = 64
@@ -33,10 +44,30 @@ class BuildConfig:
     judge: str = "pixel"
     judge_options: dict[str, Any] = field(default_factory=dict)  # e.g. url/model for "vllm"
     routing: dict[str, float] = field(default_factory=dict)  # RoutingPolicy overrides
+    source: str = "procedural"
+    source_options: dict[str, Any] = field(default_factory=dict)  # e.g. {"path": DIR}
+    grounder: str = ""  # "" = the source's default (see the module docstring)
+    grounder_options: dict[str, Any] = field(default_factory=dict)
+    composer: str = ""
+    composer_options: dict[str, Any] = field(default_factory=dict)
+    editor: str = ""
+    editor_options: dict[str, Any] = field(default_factory=dict)
+    edits_per_image: int = 1  # different complex instructions per source image
 
     def __post_init__(self) -> None:
-        if not isinstance(self.count, int) or self.count < 1:
+        procedural = self.source == "procedural"
+        defaults = {"grounder": "given" if procedural else "classical",
+                    "editor": "procedural" if procedural else "photo"}
+        defaults["composer"] = "scene" if (self.editor or defaults["editor"]) == "procedural" else "inventory"
+        for seat, name in defaults.items():
+            if not getattr(self, seat):
+                object.__setattr__(self, seat, name)
+        if self.count is not None and (not isinstance(self.count, int) or self.count < 1):
             raise ConfigError(f"count must be a positive integer, got {self.count!r}")
+        if self.count is None and procedural:
+            raise ConfigError("a procedural build needs --count")
+        if not isinstance(self.edits_per_image, int) or not 1 <= self.edits_per_image <= 64:
+            raise ConfigError(f"edits per image must be within 1..64, got {self.edits_per_image!r}")
         if not isinstance(self.seed, int) or not 0 <= self.seed < 2**63:
             # int64 in the manifest; CIE-Bench relies on builds never reaching 2**63
             raise ConfigError(f"seed must be an integer within 0..2**63-1, got {self.seed!r}")
@@ -46,20 +77,59 @@ class BuildConfig:
             raise ConfigError(f"shard size must be at least 1, got {self.shard_size}")
         if not 0.0 <= self.defect_rate <= 1.0:
             raise ConfigError(f"defect rate must be within 0..1, got {self.defect_rate}")
-        if not 1 <= self.min_edits <= self.max_edits <= MAX_SUB_EDITS:
-            raise ConfigError(
-                f"need 1 <= min edits <= max edits <= {MAX_SUB_EDITS}, "
-                f"got {self.min_edits}..{self.max_edits}"
-            )
+        try:
+            check_edit_bounds(self.min_edits, self.max_edits)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        self._check_seats()
 
-    @property
-    def num_units(self) -> int:
-        return math.ceil(self.count / self.shard_size)
+    def _check_seats(self) -> None:
+        """Every seat's backend exists and takes the options given (nothing is built)."""
+        from pipeline.compose.base import COMPOSERS
+        from pipeline.editors.base import EDITORS
+        from pipeline.grounders.base import GROUNDERS
+        from pipeline.sources.base import SOURCES
 
-    def unit_indices(self, unit: int) -> range:
+        for registry, name, options in ((SOURCES, self.source, self.source_options),
+                                        (GROUNDERS, self.grounder, self.grounder_options),
+                                        (COMPOSERS, self.composer, self.composer_options),
+                                        (EDITORS, self.editor, self.editor_options)):
+            if not isinstance(options, dict):
+                raise ConfigError(f"{registry.seat} options must be a mapping, got {options!r}")
+            clash = sorted(set(options) & set(BUILD_CONTEXT))
+            if clash:
+                raise ConfigError(f"{registry.seat} option {clash[0]!r} is a build parameter, "
+                                  "not a backend option")
+            try:
+                registry.check_options(name, options)
+            except ValueError as exc:
+                raise ConfigError(str(exc)) from None
+
+    def context(self) -> dict[str, Any]:
+        """What backends may take from the build (`Registry.make(..., context=...)`)."""
+        return {name: getattr(self, name) for name in BUILD_CONTEXT}
+
+    def total_samples(self, num_keys: int | None) -> int:
+        """Samples of the build for a source with `num_keys` keys (None: a generator source)."""
+        available = None if num_keys is None else num_keys * self.edits_per_image
+        if self.count is None:
+            return int(available)
+        if available is not None and self.count > available:
+            raise ConfigError(f"--count {self.count} is more than the source's {num_keys} images "
+                              f"× {self.edits_per_image} edits per image")
+        return self.count
+
+    def num_units(self, total: int) -> int:
+        return math.ceil(total / self.shard_size)
+
+    def unit_indices(self, unit: int, total: int) -> range:
         """Sample indices of work unit `unit` (the unit of work, retry and resume)."""
         start = unit * self.shard_size
-        return range(start, min(self.count, start + self.shard_size))
+        return range(start, min(total, start + self.shard_size))
+
+    def key_of(self, index: int) -> tuple[int, int]:
+        """(position in the source's key list, edit index) of sample `index`."""
+        return divmod(index, self.edits_per_image)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -75,10 +145,14 @@ class BuildConfig:
     # The judge's secrets never reach config.json: they come from the environment.
     def public_dict(self) -> dict[str, Any]:
         data = self.to_dict()
-        data["judge_options"] = {
-            k: v for k, v in self.judge_options.items() if "key" not in k and "token" not in k
-        }
+        for name in ("judge_options", "source_options", "grounder_options", "composer_options",
+                     "editor_options"):
+            data[name] = {k: v for k, v in data[name].items() if not _is_secret(k)}
         return data
+
+
+def _is_secret(option: str) -> bool:
+    return option in ("key", "token") or option.endswith(("api_key", "_token"))
 
 
 def save_config(out: Path, config: BuildConfig) -> None:

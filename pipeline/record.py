@@ -1,9 +1,13 @@
 """The one record every stage passes along: `EditSample`, and the manifest schema derived from it.
 
-A sample grows as it flows: the source fills `source`/`scene`, the composer fills `instruction`
-and `sub_edits`, the editor fills `target`, the masks and (hidden from judges) `defects`, the judge
-fills `scores`, routing fills `verdict`. Any stage may instead fill `error`, after which later
-stages pass the sample through untouched and it ends in quarantine.
+A sample grows as it flows: the source fills `source` (and what it knows: `source_meta`, maybe
+`objects`), the grounder fills the object inventory `objects`, the composer fills `instruction`
+and `sub_edits` with their regions, the editor fills `target`, the changed-pixel masks and (hidden
+from judges) `defects`, the judge fills `scores`, routing fills `verdict`. Any stage may instead
+fill `error`, after which later stages pass the sample through untouched and it ends in quarantine.
+
+What only one backend knows (the procedural scene graph, an editor's donor cut-outs) lives in
+`private`: never written to shards, never shown to a judge.
 """
 
 from __future__ import annotations
@@ -36,13 +40,72 @@ EDIT_TYPES = (
 VERDICTS = ("accept", "reject", "borderline", "error", "judge_error")
 VERDICT_SOURCES = ("judge", "human", "both")
 
+# A complex instruction has this many sub-edits at most (the product's 2–8; 1 allowed for tests
+# and single edits). The one place this bound is written.
+MAX_SUB_EDITS = 8
+
+
+
+def check_edit_bounds(min_edits: int, max_edits: int) -> None:
+    """ValueError unless 1 <= min_edits <= max_edits <= MAX_SUB_EDITS."""
+    if not 1 <= min_edits <= max_edits <= MAX_SUB_EDITS:
+        raise ValueError(f"need 1 <= min edits <= max edits <= {MAX_SUB_EDITS}, "
+                         f"got {min_edits}..{max_edits}")
+
+
 ERROR_MAX_CHARS = 500  # error strings are capped so logs and manifests stay readable
 
 
-def sample_id(seed: int, key: int | str) -> str:
-    """Stable id from the build seed and the sample's index or source key: resume depends on it."""
-    digest = hashlib.sha256(f"mcie:{seed}:{key}".encode()).hexdigest()
+def sample_id(seed: int, key: int | str, edit_index: int = 0) -> str:
+    """Stable id from the build seed, the source key and the edit index: resume depends on it.
+    (Edit 0 hashes as the key alone, so procedural ids are what they always were.)"""
+    name = f"mcie:{seed}:{key}" if edit_index == 0 else f"mcie:{seed}:{key}#{edit_index}"
+    digest = hashlib.sha256(name.encode()).hexdigest()
     return f"s{seed}-{digest[:16]}"
+
+
+@dataclass(slots=True)
+class InventoryObject:
+    """One object the grounder found (or the source knew): what the composer is told.
+
+    `attributes` hold what is known of it in words and numbers (`color` name, `rgb`, `size` word,
+    `position` word, ...); `producer` names the grounder/source that found it."""
+
+    id: int
+    label: str
+    box: list[int]  # [x0, y0, x1, y1], exclusive upper bounds
+    mask: np.ndarray | None = None  # bool HxW
+    attributes: dict[str, Any] = field(default_factory=dict)
+    confidence: float = 1.0
+    producer: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        from pipeline import rle
+
+        return {
+            "id": self.id,
+            "label": self.label,
+            "box": [int(v) for v in self.box],
+            "mask_rle": None if self.mask is None else rle.encode(self.mask),
+            "attributes": self.attributes,
+            "confidence": float(self.confidence),
+            "producer": self.producer,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "InventoryObject":
+        from pipeline import rle
+
+        mask = data.get("mask_rle")
+        return cls(
+            id=int(data["id"]),
+            label=str(data["label"]),
+            box=[int(v) for v in data["box"]],
+            mask=None if mask is None else rle.decode(mask),
+            attributes=dict(data.get("attributes", {})),
+            confidence=float(data.get("confidence", 1.0)),
+            producer=str(data.get("producer", "")),
+        )
 
 
 @dataclass(slots=True)
@@ -52,7 +115,9 @@ class SubEdit:
     `params` is the structured form of the edit, the same information the text states (colours as
     names and RGB, kinds, directions, sizes): a judge may read it, since a real instruction says it.
     `box` is [x0, y0, x1, y1] in pixels (exclusive upper bounds) of `mask`'s true pixels.
-    `mask` is the pixels this sub-edit may change (bool HxW); it is filled by the editor.
+    `mask` (bool HxW) is first the region the composer allows this sub-edit to change; the editor
+    then narrows it to the pixels the sub-edit actually changed (it never grows it).
+    `object_ids` name objects of the sample's inventory (`EditSample.objects`).
     """
 
     type: str
@@ -108,12 +173,14 @@ class EditSample:
     index: int
     seed: int
     source: np.ndarray | None = None  # uint8 HxWx3
-    scene: dict[str, Any] | None = None  # the source's scene graph (procedural sources only)
+    source_key: str = ""  # the source's own key for the image (relative path, tar key, row id)
+    edit_index: int = 0  # which of the image's complex instructions this is (--edits-per-image)
+    source_meta: dict[str, Any] = field(default_factory=dict)  # caption, url, license, notes
+    objects: list[InventoryObject] = field(default_factory=list)  # the grounder's inventory
     instruction: str = ""
     sub_edits: list[SubEdit] = field(default_factory=list)
     background_mask: np.ndarray | None = None  # bool HxW: pixels no sub-edit may change
     target: np.ndarray | None = None  # uint8 HxWx3
-    target_scene: dict[str, Any] | None = None
     # Ground truth of the editor's injected faults. Never given to a judge (see `judge_view`),
     # never written into shards; it goes to OUT/defects.jsonl only.
     defects: list[dict[str, Any]] = field(default_factory=list)
@@ -124,6 +191,8 @@ class EditSample:
     error: str | None = None
     error_stage: str | None = None
     provenance: dict[str, Any] = field(default_factory=dict)
+    # Backend-private data (procedural scene graphs, donor cut-outs): never in shards or judges.
+    private: dict[str, Any] = field(default_factory=dict)
 
     @property
     def failed(self) -> bool:
@@ -169,8 +238,10 @@ class EditSample:
             "human": self.human,
             "error": self.error,
             "error_stage": self.error_stage,
-            "scene": self.scene,
-            "target_scene": self.target_scene,
+            "source_key": self.source_key,
+            "edit_index": self.edit_index,
+            "source_meta": self.source_meta,
+            "objects": [o.to_json() for o in self.objects],
             "provenance": self.provenance,
         }
 

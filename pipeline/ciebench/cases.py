@@ -56,9 +56,9 @@ from typing import Any, Iterator
 
 from pipeline import __version__
 from pipeline.cli_args import positive_int, resolution
-from pipeline.compose.procedural import MAX_EDITS, Composer
+from pipeline.compose.procedural import Composer
 from pipeline.editors.procedural import ProceduralEditor
-from pipeline.record import EDIT_TYPES, EditSample, dumps
+from pipeline.record import EDIT_TYPES, MAX_SUB_EDITS, EditSample, check_edit_bounds, dumps
 from pipeline.dataset.shards import decode_sample, encode_mask, encode_png, remove_path, temp_path
 from pipeline.sources.procedural import ProceduralSource
 
@@ -86,15 +86,17 @@ class BenchConfig:
     count: int = 400
     resolution: int = 512
     min_sub_edits: int = MIN_SUB_EDITS
-    max_sub_edits: int = MAX_EDITS
+    max_sub_edits: int = MAX_SUB_EDITS
 
     def __post_init__(self) -> None:
         if not isinstance(self.count, int) or self.count < 1:
             raise BenchError(f"count must be a positive integer, got {self.count!r}")
         if not 64 <= self.resolution <= 4096:
             raise BenchError(f"resolution must be within 64..4096 px, got {self.resolution}")
-        if not 1 <= self.min_sub_edits <= self.max_sub_edits <= MAX_EDITS:
-            raise BenchError(f"need 1 <= min sub-edits <= max sub-edits <= {MAX_EDITS}")
+        try:
+            check_edit_bounds(self.min_sub_edits, self.max_sub_edits)
+        except ValueError as exc:
+            raise BenchError(str(exc)) from None
 
     @property
     def sub_edit_counts(self) -> list[int]:

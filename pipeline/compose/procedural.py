@@ -26,8 +26,9 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
-from pipeline.editors.procedural import apply_sub_edit
-from pipeline.record import EDIT_TYPES, EditSample, SubEdit
+from pipeline.compose.base import COMPOSERS
+from pipeline.editors.procedural import apply_sub_edit, exact_regions
+from pipeline.record import EDIT_TYPES, EditSample, SubEdit, check_edit_bounds
 from pipeline.sources.scene import (
     BACKGROUND_COLORS,
     BACKGROUND_KINDS,
@@ -38,6 +39,7 @@ from pipeline.sources.scene import (
     TEXT_KIND,
     Scene,
     SceneObject,
+    bbox,
     fits,
     font,
     pattern_color,
@@ -47,8 +49,6 @@ from pipeline.sources.scene import (
 from pipeline.stage import RecordStage, sample_rng
 
 log = logging.getLogger(__name__)
-
-MAX_EDITS = 8
 
 # ---- referring expressions ------------------------------------------------------------------
 
@@ -631,23 +631,25 @@ if set(DRAFTERS) != set(EDIT_TYPES):  # a new edit type must come with its draft
     raise RuntimeError(f"composer drafts {sorted(DRAFTERS)}, record knows {sorted(EDIT_TYPES)}")
 
 
+@COMPOSERS.register("scene")
 class Composer(RecordStage):
-    """Writes the complex instruction and its ordered sub-edits for a procedural sample."""
+    """Writes the complex instruction and its ordered sub-edits for a procedural sample, and fixes
+    each sub-edit's region exactly from the renders before and after it (`exact_regions`)."""
 
     name = "compose"
 
     def __init__(self, min_edits: int = 2, max_edits: int = 5):
-        if not 1 <= min_edits <= max_edits <= MAX_EDITS:
-            raise ValueError(
-                f"need 1 <= min_edits <= max_edits <= {MAX_EDITS}, got {min_edits}, {max_edits}")
+        check_edit_bounds(min_edits, max_edits)
         self.min_edits = min_edits
         self.max_edits = max_edits
 
     def process(self, sample: EditSample) -> None:
-        if sample.scene is None:
-            raise ValueError("the composer needs the source's scene graph (a procedural source)")
+        scene = sample.private.get("scene")
+        if scene is None:
+            raise ValueError("the scene composer needs the source's scene graph (a procedural "
+                             "source); photos take the inventory composer")
         rng = sample_rng(sample, self.name)
-        plan = _Plan(Scene.from_dict(sample.scene))
+        plan = _Plan(Scene.from_dict(scene))
         wanted = int(rng.integers(self.min_edits, self.max_edits + 1))
         used: Counter[str] = Counter()
         sub_edits: list[SubEdit] = []
@@ -668,5 +670,7 @@ class Composer(RecordStage):
         if len(sub_edits) < self.min_edits:
             raise ValueError(f"could only place {len(sub_edits)} of the {self.min_edits} "
                              "sub-edits asked for in this scene")
+        for sub, region in zip(sub_edits, exact_regions(Scene.from_dict(scene), sub_edits)):
+            sub.mask, sub.box = region, bbox(region)
         sample.sub_edits = sub_edits
         sample.instruction = join_instruction([s.text for s in sub_edits], rng)

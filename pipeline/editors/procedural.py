@@ -1,9 +1,10 @@
 """The procedural editor: applies the sub-edits to the scene graph and renders the exact target.
 
-Each intermediate scene is rendered once. Sub-edit i's region is derived from the renders before
-and after it: the affected objects' visible pixels (the background's, for a background change)
-in either render, OR-ed with every pixel the two renders differ in, so the masks cover exactly what
-changed. With probability `defect_rate` the editor then spoils the target on purpose, the way
+Each intermediate scene is rendered once. Sub-edit i's region (`exact_regions`, which the scene
+composer calls to fix the regions before editing) is derived from the renders before and after
+it: the affected objects' visible pixels (the background's, for a background change) in either
+render, OR-ed with every pixel the two renders differ in, so the masks cover exactly what
+changed; the editor checks that its renders change nothing outside them. With probability `defect_rate` the editor then spoils the target on purpose, the way
 generative editors fail (see `pipeline.editors.defects`); the record keeps the INTENDED sub-edits and
 regions, and what was injected goes to `sample.defects`, which no judge sees.
 """
@@ -17,6 +18,7 @@ import numpy as np
 
 from pipeline import __version__
 from pipeline.editors.defects import DEFECT_TYPES, EditTrace, inject_defect
+from pipeline.editors.base import EDITORS
 from pipeline.record import EditSample, SubEdit
 from pipeline.sources.scene import TEXT_KIND, Background, Scene, SceneObject, bbox, render
 from pipeline.stage import RecordStage, sample_rng
@@ -108,6 +110,22 @@ def sub_edit_region(
     return lookup[ids_b] | lookup[ids_a] | changed
 
 
+def exact_regions(scene: Scene, sub_edits: Sequence[SubEdit]) -> list[np.ndarray]:
+    """Each sub-edit's exact region, played forward from `scene`; ValueError for a sub-edit that
+    changes no visible pixel (an object hidden behind others: nothing to see, or learn)."""
+    before = render(scene)
+    regions = []
+    for i, sub in enumerate(sub_edits):
+        scene = apply_sub_edit(scene, sub)
+        after = render(scene)
+        changed = changed_pixels(before[0], after[0])
+        if not changed.any():
+            raise ValueError(f"sub-edit {i} ({sub.text!r}) changes no visible pixel")
+        regions.append(sub_edit_region(sub, before, after, changed))
+        before = after
+    return regions
+
+
 def apply_chain(scene: Scene, sub_edits: Sequence[SubEdit | None]) -> Scene:
     """`scene` after the sub-edits in order (None entries are skipped)."""
     for sub in sub_edits:
@@ -116,6 +134,7 @@ def apply_chain(scene: Scene, sub_edits: Sequence[SubEdit | None]) -> Scene:
     return scene
 
 
+@EDITORS.register("procedural")
 class ProceduralEditor(RecordStage):
     """Exact edits of procedural scenes, with optional fault injection (hidden defect log)."""
 
@@ -133,11 +152,12 @@ class ProceduralEditor(RecordStage):
         self.defect_types = defect_types
 
     def process(self, sample: EditSample) -> None:
-        if sample.scene is None:
+        scene = sample.private.get("scene")
+        if scene is None:
             raise ValueError("the procedural editor needs the source's scene graph")
         if not sample.sub_edits:
             raise ValueError("no sub-edits to apply (run the composer first)")
-        states = [Scene.from_dict(sample.scene)]
+        states = [Scene.from_dict(scene)]
         for sub in sample.sub_edits:
             states.append(apply_sub_edit(states[-1], sub))
         renders = [render(state) for state in states]
@@ -150,6 +170,9 @@ class ProceduralEditor(RecordStage):
             if not changed.any():  # e.g. an object hidden behind others: nothing to see, or learn
                 raise ValueError(f"sub-edit {i} ({sub.text!r}) changes no visible pixel")
             region = sub_edit_region(sub, renders[i], renders[i + 1], changed)
+            if sub.mask is not None and not np.array_equal(sub.mask, region):
+                raise ValueError(f"sub-edit {i} ({sub.text!r}) changes pixels outside the "
+                                 "composer's region")
             sub.mask = region
             sub.box = bbox(region)
             regions.append(region)
@@ -157,7 +180,7 @@ class ProceduralEditor(RecordStage):
         target = renders[-1][0]
 
         sample.target = target
-        sample.target_scene = states[-1].to_dict()  # the intended edit's scene, like the masks
+        sample.private["target_scene"] = states[-1].to_dict()  # the intended edit's scene
         sample.background_mask = ~union
         sample.defects = []
         sample.provenance["editor"] = f"procedural@{__version__}"

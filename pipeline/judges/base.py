@@ -16,9 +16,10 @@ embedded pixel judge by default, the vLLM-served MLLM judge in production.
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable, Protocol
+from typing import Any, Protocol
 
 from pipeline.record import EditSample, JudgeView
+from pipeline.registry import Registry
 from pipeline.stage import RecordStage
 
 log = logging.getLogger(__name__)
@@ -73,32 +74,11 @@ class JudgeStage(RecordStage):
         return batch
 
 
-JUDGES: dict[str, Callable[..., Judge]] = {}
-
-
-def register_judge(name: str) -> Callable:
-    def wrap(factory: Callable[..., Judge]) -> Callable[..., Judge]:
-        JUDGES[name] = factory
-        return factory
-
-    return wrap
+JUDGES: Registry[Judge] = Registry("judge", ("pipeline.judges.pixel", "pipeline.judges.vllm"))
+register_judge = JUDGES.register
 
 
 def make_judge(name: str, **options: Any) -> Judge:
-    """Build a judge by name. Modules that register judges are imported lazily so the heavy
-    optional ones (network clients) cost nothing when unused."""
-    _load_builtin_judges()
-    if name not in JUDGES:
-        raise ValueError(f"unknown judge {name!r}; known: {sorted(JUDGES)}")
-    return JUDGES[name](**options)
-
-
-def _load_builtin_judges() -> None:
-    import importlib
-
-    for module in ("pipeline.judges.pixel", "pipeline.judges.vllm"):
-        try:
-            importlib.import_module(module)
-        except ModuleNotFoundError as exc:
-            if exc.name != module:
-                raise
+    """Build a judge by name (the registry imports judge modules on first use, so the heavy
+    optional ones cost nothing when unused)."""
+    return JUDGES.make(name, **options)

@@ -1,30 +1,66 @@
-"""Sources make the first form of a record: a source image and what is in it."""
+"""The procedural source: seeded scenes with their exact ground truth.
+
+A generator source: every non-negative integer is a key, scene `key` of build `seed` is drawn
+from its own generator, so any worker makes the same scene. It knows its objects exactly (the id
+map of the render gives each visible object's mask), so the `given` grounder needs no model; the
+scene graph itself stays private to the procedural composer and editor (`private["scene"]`).
+"""
 
 from __future__ import annotations
 
-from pipeline import __version__
-from pipeline.record import EditSample, sample_id
-from pipeline.sources.scene import random_scene, render
-from pipeline.stage import sample_rng
+import zlib
+
+import numpy as np
+
+from pipeline.record import InventoryObject
+from pipeline.sources.base import SOURCES, SourceItem
+from pipeline.sources.scene import Scene, bbox, random_scene, render
 
 
+def scene_objects(scene: Scene, ids: np.ndarray) -> list[InventoryObject]:
+    """The visible objects of a rendered scene as an exact inventory."""
+    from pipeline.compose.procedural import CELLS  # the nine position words
+
+    objects = []
+    for obj in sorted(scene.objects, key=lambda o: o.id):
+        mask = ids == obj.id + 1
+        box = bbox(mask)
+        if box is None:  # hidden behind others
+            continue
+        cell = (min(2, int(obj.cy * 3)), min(2, int(obj.cx * 3)))
+        attributes = {"color": obj.color, "rgb": list(obj.rgb()), "size": obj.size,
+                      "position": CELLS[cell], "area": round(float(mask.mean()), 5),
+                      "pattern": obj.pattern}
+        if obj.text:
+            attributes["text"] = obj.text
+        objects.append(InventoryObject(id=obj.id, label=obj.kind, box=list(box), mask=mask,
+                                       attributes=attributes, producer="procedural"))
+    return objects
+
+
+@SOURCES.register("procedural")
 class ProceduralSource:
-    """Seeded procedural scenes with their scene graph: sample `index` of build `seed`."""
-
     name = "procedural"
 
-    def __init__(self, resolution: int = 512, min_objects: int = 2, max_objects: int = 8):
+    def __init__(self, resolution: int = 512, seed: int = 0, min_objects: int = 2,
+                 max_objects: int = 8):
         if resolution < 64:
             raise ValueError(f"resolution must be at least 64 px, got {resolution}")
+        if not 1 <= min_objects <= max_objects:
+            raise ValueError(f"need 1 <= min_objects <= max_objects, got {min_objects}, {max_objects}")
         self.resolution = resolution
+        self.seed = seed
         self.min_objects = min_objects
         self.max_objects = max_objects
 
-    def make(self, seed: int, index: int) -> EditSample:
-        sample = EditSample(id=sample_id(seed, index), index=index, seed=seed)
-        rng = sample_rng(sample, "source")
-        scene = random_scene(rng, self.resolution, self.resolution, self.min_objects, self.max_objects)
-        sample.source, _ = render(scene)
-        sample.scene = scene.to_dict()
-        sample.provenance = {"source": self.name, "seed": seed, "code_version": __version__}
-        return sample
+    def keys(self) -> None:
+        return None  # a generator: every index is a key
+
+    def read(self, key: str) -> SourceItem:
+        # The same generator the first procedural builds used: (seed, index, "source").
+        rng = np.random.default_rng([self.seed, int(key), zlib.crc32(b"source")])
+        scene = random_scene(rng, self.resolution, self.resolution, self.min_objects,
+                             self.max_objects)
+        image, ids = render(scene)
+        return SourceItem(image=image, objects=scene_objects(scene, ids),
+                          private={"scene": scene.to_dict()})

@@ -1,0 +1,66 @@
+"""The source seat: a reader over stable keys.
+
+A source lists its keys once, in a stable order (`keys()`), and reads one key at a time
+(`read(key)`). A build's work units are slices of that key list, so resume, determinism and
+"same parameters → same manifest" hold whatever the source. A generator source (procedural
+scenes) has no list: `keys()` returns None and every non-negative integer is a key.
+
+`read` returns the image already decoded to RGB uint8 at the build's resolution (the short side
+is `resolution`, the long side follows the aspect, rounded to a multiple of 64) with what the
+source knows about it; an unreadable item raises `SourceError` with a one-line reason, and the
+build quarantines that item alone.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+
+from pipeline.record import InventoryObject
+from pipeline.registry import Registry
+
+
+class SourceError(ValueError):
+    """This item cannot be read (corrupt, too small, a bomb, ...): the reason is one line."""
+
+
+@dataclass
+class SourceItem:
+    image: np.ndarray  # uint8 HxWx3 at the build's resolution
+    meta: dict[str, Any] = field(default_factory=dict)  # caption, url, license, decode notes
+    objects: list[InventoryObject] | None = None  # regions the source knows (given/exact)
+    private: dict[str, Any] = field(default_factory=dict)  # e.g. the procedural scene graph
+
+
+class Source(Protocol):
+    name: str
+
+    def keys(self) -> list[str] | None:
+        """Every key, in a stable order; None for a generator source (any index is a key)."""
+        ...
+
+    def read(self, key: str) -> SourceItem:
+        ...
+
+
+SOURCES: Registry[Source] = Registry("source", (
+    "pipeline.sources.procedural",
+    "pipeline.sources.folder",
+    "pipeline.sources.listfile",
+    "pipeline.sources.webdataset",
+    "pipeline.sources.parquet",
+))
+
+
+def target_size(width: int, height: int, resolution: int) -> tuple[int, int]:
+    """(w, h) with the short side `resolution` and the long side from the aspect ratio,
+    rounded to a multiple of 64 (at least `resolution`)."""
+    if width <= 0 or height <= 0:
+        raise SourceError(f"image has no pixels ({width}x{height})")
+    if width <= height:
+        long = max(resolution, int(round(height * resolution / width / 64)) * 64)
+        return resolution, long
+    long = max(resolution, int(round(width * resolution / height / 64)) * 64)
+    return long, resolution
