@@ -1,4 +1,4 @@
-"""Fault injection: spoil a clean procedural target the way generative editors fail.
+"""Fault injection: spoil a clean target the way generative editors fail, for any editor.
 
 One defect per spoiled sample, its type drawn uniformly from the allowed types; a type that does
 not apply to the sample (no colour-bearing sub-edit for `wrong_color`, nothing else to pick for
@@ -6,6 +6,12 @@ not apply to the sample (no colour-bearing sub-edit for `wrong_color`, nothing e
 over a flat background changes nothing) gives way to another draw. The record's sub-edits and
 regions stay those of the INTENDED edit, so a judge has to catch the difference; what was done is
 returned as {"type", "sub_edit": i or None, "detail": {...}} for the hidden defect log.
+
+The injectors are editor-neutral: they see an `EditTrace` (the images before and after each
+sub-edit, the regions, a `replay` that re-runs the edit from sub-edit i with one sub-edit changed)
+and, for the two defects that change what a sub-edit means, the editor's `EditorHooks` (which
+other object it could wrongly act on, which wrong colour it could use). The procedural editor
+(scene graphs) and the photo editor (real pixels) each supply their own hooks.
 
 Magnitudes (shared with the pixel judge's author):
 - skip: sub-edit i is not applied.
@@ -23,16 +29,14 @@ Magnitudes (shared with the pixel judge's author):
 
 from __future__ import annotations
 
-import copy
 import math
-from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Callable, Protocol, Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw
 
 from pipeline.record import SubEdit
-from pipeline.sources.scene import BACKGROUND_COLORS, COLORS, TEXT_KIND, Scene, SceneObject
 
 DEFECT_TYPES = (
     "skip",
@@ -64,21 +68,56 @@ MIN_CHANGED_PIXELS = 32
 Injected = tuple[np.ndarray, dict[str, Any]]
 
 
+Detail = dict[str, Any]
+
+
+class EditorHooks(Protocol):
+    """What only the editor knows about its sub-edits, asked by `wrong_object` and `wrong_color`.
+
+    A hook returns a sub-edit to replay in place of the intended one (a new object: the record
+    keeps the intended one) with the detail for the defect log, or None where the change would be
+    a no-op (nothing visible to catch)."""
+
+    def wrong_objects(self, trace: "EditTrace", i: int, sub: SubEdit, intended: int) -> list[Any]:
+        """The objects sub-edit i could wrongly act on instead of object `intended` (the editor's
+        own handles, in a stable order; empty: none)."""
+        ...
+
+    def retarget(self, trace: "EditTrace", i: int, sub: SubEdit, intended: int,
+                 other: Any) -> tuple[SubEdit, Detail] | None:
+        """Sub-edit i done to `other` instead of `intended`; the detail names at least
+        "intended_object" and "actual_object"."""
+        ...
+
+    def wrong_colors(self, trace: "EditTrace", i: int, sub: SubEdit) -> list[str]:
+        """Colour names sub-edit i could wrongly use (RGB distance >= WRONG_COLOR_DISTANCE from the
+        asked one, the preferred ones only); empty where it bears no colour."""
+        ...
+
+    def recolor(self, trace: "EditTrace", i: int, sub: SubEdit,
+                color: str) -> tuple[SubEdit, Detail] | None:
+        """Sub-edit i in `color`; the detail names "asked", "used" and "distance"."""
+        ...
+
+
 @dataclass
 class EditTrace:
     """What the editor knows about a clean edit, for the injectors.
 
-    `states[i]`/`images[i]`: the scene and its render before sub-edit i (the last: the target).
-    `replay(sub_edits, start)`: the render of the source scene after `sub_edits` (a full list,
-    None = skipped) whose entries before `start` are the intended ones: it starts at states[start].
+    `images[i]`: the image before sub-edit i (the last: the target). `regions[i]`: the pixels
+    sub-edit i changed. `replay(sub_edits, start)`: the image after `sub_edits` (a full list,
+    None = skipped) whose entries before `start` are the intended ones: it starts at images[start].
+    `states[i]`: the editor's own state before sub-edit i (a scene graph, ...), opaque here and
+    read by its `hooks`; without hooks `wrong_object` and `wrong_color` do not apply.
     """
 
-    states: list[Scene]
     images: list[np.ndarray]
     sub_edits: list[SubEdit]
     regions: list[np.ndarray]
     background_mask: np.ndarray
     replay: Callable[[list[SubEdit | None], int], np.ndarray]
+    states: list[Any] = field(default_factory=list)
+    hooks: EditorHooks | None = None
 
     @property
     def source(self) -> np.ndarray:
@@ -120,84 +159,42 @@ def inject_skip(rng: np.random.Generator, trace: EditTrace) -> Injected | None:
     return trace.with_sub_edit(i, None), {"type": "skip", "sub_edit": i, "detail": {}}
 
 
-def _retarget(sub: SubEdit, intended: int, other: SceneObject) -> SubEdit | None:
-    """`sub` done to `other` instead of object `intended`, or None where it would be a no-op."""
-    p = sub.params
-    wrong = SubEdit(sub.type, sub.text, sub.target, list(sub.object_ids), copy.deepcopy(p))
-    wrong.object_ids = [other.id if k == intended else k for k in sub.object_ids]
-    if sub.type == "recolor" and other.color == p["to_color"]:
-        return None
-    if sub.type == "texture" and other.pattern == p["to_pattern"]:
-        return None
-    if sub.type == "replace" and other.kind == p["to_kind"]:
-        return None
-    if sub.type == "resize" and other.size == p["to_size"]:
-        return None
-    if sub.type == "move":  # the same displacement, kept inside the frame
-        dx, dy = p["to_cx"] - p["from_cx"], p["to_cy"] - p["from_cy"]
-        wrong.params["to_cx"] = float(np.clip(other.cx + dx, 0.1, 0.9))
-        wrong.params["to_cy"] = float(np.clip(other.cy + dy, 0.1, 0.9))
-    return wrong
+# Sub-edit types that act on objects already in the image (the others add or keep objects).
+TARGETED_TYPES = ("remove", "replace", "recolor", "resize", "move", "swap", "texture")
 
 
 def inject_wrong_object(rng: np.random.Generator, trace: EditTrace) -> Injected | None:
-    touched = trace.touched_ids()
-    targeted = ("remove", "replace", "recolor", "resize", "move", "swap", "texture")
+    if trace.hooks is None:
+        return None
     for i in _order(rng, len(trace.sub_edits)):
         sub = trace.sub_edits[i]
-        if sub.type not in targeted:
+        if sub.type not in TARGETED_TYPES:
             continue
-        state = trace.states[i]
         intended = sub.object_ids[int(rng.integers(len(sub.object_ids)))]
-        meant = state.get(intended)
-        others = [o for o in state.objects if o.id not in touched and o.kind != TEXT_KIND
-                  and (o.kind != meant.kind or o.color != meant.color)]
+        others = trace.hooks.wrong_objects(trace, i, sub, intended)
         for k in _order(rng, len(others)):
-            other = others[k]
-            wrong = _retarget(sub, intended, other)
-            if wrong is None:
+            result = trace.hooks.retarget(trace, i, sub, intended, others[k])
+            if result is None:
                 continue
-            detail = {"intended_object": intended, "actual_object": other.id,
-                      "actual_kind": other.kind, "actual_color": other.color}
+            wrong, detail = result
             return trace.with_sub_edit(i, wrong), {"type": "wrong_object", "sub_edit": i,
                                                   "detail": detail}
     return None
 
 
-_COLOR_FIELDS = {"recolor": "to_color", "add": "color", "replace": "to_color",
-                 "add_text": "color", "background": "to_colors"}
-
-
 def inject_wrong_color(rng: np.random.Generator, trace: EditTrace) -> Injected | None:
+    if trace.hooks is None:
+        return None
     for i in _order(rng, len(trace.sub_edits)):
         sub = trace.sub_edits[i]
-        field = _COLOR_FIELDS.get(sub.type)
-        if field is None:
-            continue
-        palette = BACKGROUND_COLORS if sub.type == "background" else COLORS
-        asked = sub.params[field][0] if sub.type == "background" else sub.params[field]
-        far = [c for c in palette if math.dist(palette[c], palette[asked]) >= WRONG_COLOR_DISTANCE]
-        # Prefer a colour that is not simply "no change" (recolor) or invisible (text on a sign).
-        avoid: set[str] = set()
-        if sub.type == "recolor":
-            avoid.add(sub.params["from_color"])
-        if sub.type == "add_text" and sub.params.get("on_object") is not None:
-            sign = trace.states[i].get(sub.params["on_object"])
-            avoid.update(c for c in COLORS if math.dist(COLORS[c], COLORS[sign.color]) < 100)
-        preferred = [c for c in far if c not in avoid] or far
+        preferred = trace.hooks.wrong_colors(trace, i, sub)
         if not preferred:
             continue
         color = preferred[int(rng.integers(len(preferred)))]
-        wrong = SubEdit(sub.type, sub.text, sub.target, list(sub.object_ids),
-                        copy.deepcopy(sub.params))
-        if sub.type == "background":
-            wrong.params[field][0] = color
-            if color in wrong.params[field][1:]:
-                continue
-        else:
-            wrong.params[field] = color
-        detail = {"asked": asked, "used": color,
-                  "distance": round(math.dist(palette[color], palette[asked]), 1)}
+        result = trace.hooks.recolor(trace, i, sub, color)
+        if result is None:
+            continue
+        wrong, detail = result
         return trace.with_sub_edit(i, wrong), {"type": "wrong_color", "sub_edit": i,
                                               "detail": detail}
     return None

@@ -11,16 +11,33 @@ regions, and what was injected goes to `sample.defects`, which no judge sees.
 
 from __future__ import annotations
 
+import copy
 import logging
+import math
 from typing import Sequence
 
 import numpy as np
 
 from pipeline import __version__
-from pipeline.editors.defects import DEFECT_TYPES, EditTrace, inject_defect
+from pipeline.editors.defects import (
+    DEFECT_TYPES,
+    WRONG_COLOR_DISTANCE,
+    Detail,
+    EditTrace,
+    inject_defect,
+)
 from pipeline.editors.base import EDITORS
 from pipeline.record import EditSample, SubEdit
-from pipeline.sources.scene import TEXT_KIND, Background, Scene, SceneObject, bbox, render
+from pipeline.sources.scene import (
+    BACKGROUND_COLORS,
+    COLORS,
+    TEXT_KIND,
+    Background,
+    Scene,
+    SceneObject,
+    bbox,
+    render,
+)
 from pipeline.stage import RecordStage, sample_rng
 
 log = logging.getLogger(__name__)
@@ -126,6 +143,82 @@ def exact_regions(scene: Scene, sub_edits: Sequence[SubEdit]) -> list[np.ndarray
     return regions
 
 
+_COLOR_FIELDS = {"recolor": "to_color", "add": "color", "replace": "to_color",
+                 "add_text": "color", "background": "to_colors"}
+
+
+class SceneHooks:
+    """The procedural editor's answers to the injectors (`defects.EditorHooks`), read off the
+    scene graphs in `trace.states`: another object of another kind or colour to act on, a far
+    colour of the scene's palettes."""
+
+    def wrong_objects(self, trace: EditTrace, i: int, sub: SubEdit, intended: int) -> list[SceneObject]:
+        state = trace.states[i]
+        meant = state.get(intended)
+        touched = trace.touched_ids()
+        return [o for o in state.objects if o.id not in touched and o.kind != TEXT_KIND
+                and (o.kind != meant.kind or o.color != meant.color)]
+
+    def retarget(self, trace: EditTrace, i: int, sub: SubEdit, intended: int,
+                 other: SceneObject) -> tuple[SubEdit, Detail] | None:
+        """`sub` done to `other` instead of object `intended`, or None where it would be a no-op."""
+        p = sub.params
+        wrong = SubEdit(sub.type, sub.text, sub.target, list(sub.object_ids), copy.deepcopy(p))
+        wrong.object_ids = [other.id if k == intended else k for k in sub.object_ids]
+        if sub.type == "recolor" and other.color == p["to_color"]:
+            return None
+        if sub.type == "texture" and other.pattern == p["to_pattern"]:
+            return None
+        if sub.type == "replace" and other.kind == p["to_kind"]:
+            return None
+        if sub.type == "resize" and other.size == p["to_size"]:
+            return None
+        if sub.type == "move":  # the same displacement, kept inside the frame
+            dx, dy = p["to_cx"] - p["from_cx"], p["to_cy"] - p["from_cy"]
+            wrong.params["to_cx"] = float(np.clip(other.cx + dx, 0.1, 0.9))
+            wrong.params["to_cy"] = float(np.clip(other.cy + dy, 0.1, 0.9))
+        detail = {"intended_object": intended, "actual_object": other.id,
+                  "actual_kind": other.kind, "actual_color": other.color}
+        return wrong, detail
+
+    def wrong_colors(self, trace: EditTrace, i: int, sub: SubEdit) -> list[str]:
+        field = _COLOR_FIELDS.get(sub.type)
+        if field is None:
+            return []
+        palette = BACKGROUND_COLORS if sub.type == "background" else COLORS
+        asked = self._asked(sub)
+        far = [c for c in palette if math.dist(palette[c], palette[asked]) >= WRONG_COLOR_DISTANCE]
+        # Prefer a colour that is not simply "no change" (recolor) or invisible (text on a sign).
+        avoid: set[str] = set()
+        if sub.type == "recolor":
+            avoid.add(sub.params["from_color"])
+        if sub.type == "add_text" and sub.params.get("on_object") is not None:
+            sign = trace.states[i].get(sub.params["on_object"])
+            avoid.update(c for c in COLORS if math.dist(COLORS[c], COLORS[sign.color]) < 100)
+        return [c for c in far if c not in avoid] or far
+
+    def recolor(self, trace: EditTrace, i: int, sub: SubEdit, color: str) -> tuple[SubEdit, Detail] | None:
+        field = _COLOR_FIELDS[sub.type]
+        palette = BACKGROUND_COLORS if sub.type == "background" else COLORS
+        asked = self._asked(sub)
+        wrong = SubEdit(sub.type, sub.text, sub.target, list(sub.object_ids),
+                        copy.deepcopy(sub.params))
+        if sub.type == "background":
+            wrong.params[field][0] = color
+            if color in wrong.params[field][1:]:
+                return None
+        else:
+            wrong.params[field] = color
+        detail = {"asked": asked, "used": color,
+                  "distance": round(math.dist(palette[color], palette[asked]), 1)}
+        return wrong, detail
+
+    @staticmethod
+    def _asked(sub: SubEdit) -> str:
+        field = _COLOR_FIELDS[sub.type]
+        return sub.params[field][0] if sub.type == "background" else sub.params[field]
+
+
 def apply_chain(scene: Scene, sub_edits: Sequence[SubEdit | None]) -> Scene:
     """`scene` after the sub-edits in order (None entries are skipped)."""
     for sub in sub_edits:
@@ -188,12 +281,13 @@ class ProceduralEditor(RecordStage):
         rng = sample_rng(sample, "defects")
         if self.defect_rate > 0 and rng.random() < self.defect_rate:
             trace = EditTrace(
-                states=states,
                 images=[image for image, _ in renders],
                 sub_edits=sample.sub_edits,
                 regions=regions,
                 background_mask=sample.background_mask,
                 replay=lambda subs, start: render(apply_chain(states[start], subs[start:]))[0],
+                states=states,
+                hooks=SceneHooks(),
             )
             injected = inject_defect(rng, trace, self.defect_types)
             if injected is None:
