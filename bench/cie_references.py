@@ -52,7 +52,7 @@ def main() -> int:
         drop = set(rng.choice(n, n // 2, replace=False).tolist())
         skipped, total = skipped + len(drop), total + n
         kept = [None if i in drop else edit for i, edit in enumerate(case.sub_edits)]
-        image, _ = render(apply_chain(Scene.from_dict(case.scene), kept))
+        image, _ = render(apply_chain(Scene.from_dict(case.private["scene"]), kept))
         Image.fromarray(image).save(dirs["skip-half"] / f"{case.id}.png")
     print(f"skip-half drops {skipped / total:.1%} of the sub-edits", flush=True)
     for name, directory in dirs.items():

@@ -17,25 +17,27 @@ from prefect import flow, get_run_logger, task
 
 from flows.artifacts import publish_build_artifacts
 from flows.execute import run_units
-from flows.plan import is_complete, pending_units
+from flows.plan import is_complete, pending_units, prepare_build
 from flows.ray_runtime import cluster_address, start_ray, stop_ray
-from pipeline.config import BuildConfig, save_config
+from pipeline.config import BuildConfig
 from pipeline.dataset.output import finalize, read_manifest
 from pipeline.dataset.report import write_report
 from pipeline.dataset.stats import BuildStats, stats_from_manifest
 
 
 @task(name="plan-build")
-def plan_build(out: str, config: BuildConfig) -> list[int]:
+def plan_build(out: str, config: BuildConfig) -> tuple[list[int], int]:
+    """(pending units, number of samples), after fixing OUT's config and key list."""
     root = Path(out)
     root.mkdir(parents=True, exist_ok=True)
-    save_config(root, config)
-    return pending_units(root, config)
+    total = prepare_build(root, config)
+    return pending_units(root, config), total
 
 
 @task(name="process-units")
 def process_units(
-    out: str, config: BuildConfig, units: list[int], workers: int, ray_address: str | None
+    out: str, config: BuildConfig, units: list[int], total: int, workers: int,
+    ray_address: str | None,
 ) -> dict[str, Any]:
     """Run `units` on Ray; returns this run's stats, the node of each unit and the timings
     (start-up of Ray and actors apart from processing)."""
@@ -46,7 +48,7 @@ def process_units(
     target = start_ray(ray_address, workers)
     ray_seconds = time.perf_counter() - started
     logger.info("processing %d work units on %s with %d workers", len(units), target, workers)
-    sizes = {u: len(config.unit_indices(u)) for u in units}
+    sizes = {u: len(config.unit_indices(u, total)) for u in units}
     bar = tqdm(total=sum(sizes.values()), unit="pair", desc="build", file=sys.stderr,
                disable=None, dynamic_ncols=True)
     done: list[tuple[float, int]] = []  # (when, samples) per finished unit
@@ -97,7 +99,7 @@ def build_report(out: str) -> str:
 @flow(name="build-dataset", log_prints=True)
 def build_dataset(
     out: str,
-    count: int,
+    count: int | None = None,
     seed: int = 0,
     resolution: int = 512,
     workers: int = 2,
@@ -108,6 +110,15 @@ def build_dataset(
     judge: str = "pixel",
     judge_options: dict[str, Any] | None = None,
     routing: dict[str, float] | None = None,
+    source: str = "procedural",
+    source_options: dict[str, Any] | None = None,
+    grounder: str = "",
+    grounder_options: dict[str, Any] | None = None,
+    composer: str = "",
+    composer_options: dict[str, Any] | None = None,
+    editor: str = "",
+    editor_options: dict[str, Any] | None = None,
+    edits_per_image: int = 1,
     ray_address: str | None = None,
 ) -> dict[str, Any]:
     """Build a complex-edit dataset into `out` (resumes an interrupted build with the same
@@ -117,20 +128,25 @@ def build_dataset(
     config = BuildConfig(
         count=count, seed=seed, resolution=resolution, shard_size=shard_size,
         defect_rate=defect_rate, min_edits=min_edits, max_edits=max_edits, judge=judge,
-        judge_options=judge_options or {}, routing=routing or {},
+        judge_options=judge_options or {}, routing=routing or {}, source=source,
+        source_options=source_options or {}, grounder=grounder,
+        grounder_options=grounder_options or {}, composer=composer,
+        composer_options=composer_options or {}, editor=editor,
+        editor_options=editor_options or {}, edits_per_image=edits_per_image,
     )
-    pending = plan_build(out, config)
-    run: dict[str, Any] = {"out": out, "units_processed": len(pending), "units_total": config.num_units}
+    pending, total = plan_build(out, config)
+    num_units = config.num_units(total)
+    run: dict[str, Any] = {"out": out, "units_processed": len(pending), "units_total": num_units}
     if is_complete(Path(out), config):
-        logger.info("%s is already complete (%d units): nothing to do", out, config.num_units)
+        logger.info("%s is already complete (%d units): nothing to do", out, num_units)
         run["already_complete"] = True
         totals = stats_from_manifest(read_manifest(Path(out))).to_dict()
     else:
         run["already_complete"] = False
         if pending:
-            logger.info("%d of %d units to do (%d already done)", len(pending), config.num_units,
-                        config.num_units - len(pending))
-            run["this_run"] = process_units(out, config, pending, workers, ray_address)
+            logger.info("%d of %d units to do (%d already done)", len(pending), num_units,
+                        num_units - len(pending))
+            run["this_run"] = process_units(out, config, pending, total, workers, ray_address)
         totals = finalize_build(out)
     run["totals"] = totals
     run["report"] = str((Path(out) / "report.html").resolve()) if run["already_complete"] else build_report(out)

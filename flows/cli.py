@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import logging
 import os
+import shutil
 import sys
 from pathlib import Path
+from typing import Any
 
 from pipeline.cli_args import (add_judge_arguments, judge_options, non_negative_int,
                                positive_int, rate, resolution)
@@ -59,12 +62,47 @@ def make_out_dir(text: str) -> Path:
     return path
 
 
+def key_value(text: str) -> tuple[str, Any]:
+    """KEY=VALUE, the value read as JSON where it parses (3, 0.5, true, [1, 2]), else a string."""
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value
+
+
 def register_build(subparsers) -> None:
-    p = subparsers.add_parser("build", help="build a complex-edit dataset (Prefect flow on Ray)")
+    p = subparsers.add_parser(
+        "build", help="build a complex-edit dataset (Prefect flow on Ray)",
+        description="Build a complex-edit dataset. Examples: mcie build --out OUT --count 1000 "
+                    "(procedural scenes); mcie build --out OUT --source folder --source-path PHOTOS "
+                    "(every photo once, classical grounding, the embedded photo editor)")
     p.add_argument("--out", required=True, type=writable_dir, help="output directory")
-    p.add_argument("--count", required=True, type=positive_int, help="number of samples")
+    p.add_argument("--count", type=positive_int, default=None,
+                   help="number of samples (needed for procedural; default: every image of the "
+                        "source × --edits-per-image)")
     p.add_argument("--seed", type=non_negative_int, default=0)
-    p.add_argument("--resolution", type=resolution, default=512, help="image side in px")
+    p.add_argument("--resolution", type=resolution, default=512,
+                   help="short image side in px (the long side follows the aspect, rounded to 64)")
+    p.add_argument("--source", default="procedural",
+                   help="source backend: procedural (default), folder, list, webdataset, parquet")
+    p.add_argument("--source-path", help="the folder, list file, tar shards or parquet to read")
+    p.add_argument("--edits-per-image", type=positive_int, default=1,
+                   help="different complex instructions per source image")
+    p.add_argument("--min-side", type=positive_int,
+                   help="file sources: quarantine images whose shorter side is under this (px)")
+    p.add_argument("--max-aspect", type=float,
+                   help="file sources: quarantine images longer than this many times their width")
+    p.add_argument("--grounder", default="",
+                   help="grounder backend: given (regions from the source) or classical "
+                        "(default for photos)")
+    p.add_argument("--editor", default="",
+                   help="editor backend: procedural (default for procedural scenes) or photo")
+    for seat in ("source", "grounder", "editor"):
+        p.add_argument(f"--{seat}-option", action="append", type=key_value, default=[],
+                       metavar="KEY=VALUE", help=f"an option of the {seat} backend (repeatable)")
     p.add_argument("--workers", type=positive_int, default=2, help="Ray workers (actors)")
     p.add_argument("--shard-size", type=positive_int, default=64,
                    help="samples per work unit; each unit writes one train and one negatives shard")
@@ -78,7 +116,7 @@ def register_build(subparsers) -> None:
 
 
 def run_build(args: argparse.Namespace) -> int:
-    from pipeline.config import BuildConfig, ConfigError, save_config
+    from pipeline.config import BuildConfig, ConfigError
     from pipeline.judges.base import make_judge
 
     try:
@@ -86,16 +124,34 @@ def run_build(args: argparse.Namespace) -> int:
         make_judge(args.judge, **options)  # checks the name and options; opens no connection
     except (ValueError, TypeError) as exc:
         raise UsageError(f"mcie build: error: {exc}") from None
+    source_options = dict(args.source_option)
+    for name, value in (("path", args.source_path), ("min_side", args.min_side),
+                        ("max_aspect", args.max_aspect)):
+        if value is not None:
+            source_options[name] = value
     try:  # validate, and check a resumed OUT, before paying for Prefect and Ray start-up
         config = BuildConfig(
             count=args.count, seed=args.seed, resolution=args.resolution,
             shard_size=args.shard_size, defect_rate=args.defect_rate, min_edits=args.min_edits,
             max_edits=args.max_edits, judge=args.judge, judge_options=options,
+            source=args.source, source_options=source_options, grounder=args.grounder,
+            grounder_options=dict(args.grounder_option), editor=args.editor,
+            editor_options=dict(args.editor_option), edits_per_image=args.edits_per_image,
         )
-        save_config(make_out_dir(args.out), config)
-    except ConfigError as exc:
+        from pipeline.unit import make_source
+
+        make_source(config)  # opens the source: a missing path is refused before OUT exists
+    except (ConfigError, ValueError, TypeError, OSError) as exc:
         raise UsageError(f"mcie build: error: {exc}") from None
-    from flows.plan import is_complete
+    from flows.plan import is_complete, prepare_build
+
+    existed = Path(args.out).exists()
+    try:
+        prepare_build(make_out_dir(args.out), config)
+    except ConfigError as exc:
+        if not existed:  # a refused command leaves nothing behind
+            shutil.rmtree(args.out, ignore_errors=True)
+        raise UsageError(f"mcie build: error: {exc}") from None
 
     if is_complete(Path(args.out), config):  # decided from OUT alone: no Prefect, no Ray
         print(f"{args.out}: build already complete, nothing to do")

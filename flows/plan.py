@@ -7,13 +7,37 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline.config import BuildConfig
+from pipeline.config import BuildConfig, save_config
 from pipeline.dataset.output import DEFECTS, MANIFEST, part_path, unit_done
 from pipeline.dataset.report import REPORT
+from pipeline.dataset.source_index import SOURCE_INDEX, make_index, read_index, write_index
+
+
+def prepare_build(out: Path, config: BuildConfig) -> int:
+    """Save (or check) OUT/config.json and fix the source's key list (on the first run: list and
+    fingerprint the source); returns the number of samples of the build. ConfigError for
+    parameters that do not fit the source or OUT, before anything is written."""
+    from pipeline.unit import make_source
+
+    out = Path(out)
+    if (out / SOURCE_INDEX).is_file() or (out / "config.json").is_file():
+        save_config(out, config)  # a resume: the saved parameters and key list hold
+        return total_samples(out, config)
+    index, table = make_index(make_source(config))
+    total = config.total_samples(index.size)
+    save_config(out, config)
+    if table is not None:
+        write_index(out, table)
+    return total
+
+
+def total_samples(out: Path, config: BuildConfig) -> int:
+    return config.total_samples(read_index(Path(out)).size)
 
 
 def pending_units(out: Path, config: BuildConfig) -> list[int]:
-    return [u for u in range(config.num_units) if not unit_done(Path(out), u)]
+    units = config.num_units(total_samples(out, config))
+    return [u for u in range(units) if not unit_done(Path(out), u)]
 
 
 def is_complete(out: Path, config: BuildConfig) -> bool:
@@ -25,5 +49,6 @@ def is_complete(out: Path, config: BuildConfig) -> bool:
     finals = [out / MANIFEST, out / DEFECTS, out / REPORT]
     if not all(path.is_file() for path in finals):
         return False
-    newest_part = max(part_path(out, u).stat().st_mtime_ns for u in range(config.num_units))
+    units = config.num_units(total_samples(out, config))
+    newest_part = max(part_path(out, u).stat().st_mtime_ns for u in range(units))
     return min(path.stat().st_mtime_ns for path in finals) >= newest_part

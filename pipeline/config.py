@@ -101,7 +101,7 @@ class BuildConfig:
                 raise ConfigError(f"{registry.seat} option {clash[0]!r} is a build parameter, "
                                   "not a backend option")
             try:
-                registry.check_options(name, options)
+                registry.check_options(name, options, provided=BUILD_CONTEXT)
             except ValueError as exc:
                 raise ConfigError(str(exc)) from None
 

@@ -51,12 +51,19 @@ class Registry(Generic[T]):
             raise ValueError(f"unknown {self.seat} {name!r}; known: {', '.join(self.names())}")
         return self._factories[name]
 
-    def check_options(self, name: str, options: dict[str, Any]) -> None:
-        """ValueError naming the first option the backend does not take."""
+    def check_options(self, name: str, options: dict[str, Any],
+                      provided: tuple[str, ...] = ()) -> None:
+        """ValueError naming the first option the backend does not take, or the first it needs
+        and was not given (`provided`: what the build passes itself)."""
         parameters = inspect.signature(self.factory(name)).parameters
-        if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+        Kind = inspect.Parameter
+        for key, p in parameters.items():
+            required = p.default is Kind.empty and p.kind in (Kind.KEYWORD_ONLY, Kind.POSITIONAL_OR_KEYWORD)
+            if required and key not in options and key not in provided:
+                raise ValueError(f"{self.seat} {name!r} needs option {key!r}")
+        if any(p.kind is Kind.VAR_KEYWORD for p in parameters.values()):
             return
-        known = [p for p, v in parameters.items() if v.kind is not inspect.Parameter.VAR_POSITIONAL]
+        known = [p for p, v in parameters.items() if v.kind is not Kind.VAR_POSITIONAL]
         for key in options:
             if key not in known:
                 raise ValueError(f"{self.seat} {name!r} has no option {key!r}; "
@@ -69,7 +76,7 @@ class Registry(Generic[T]):
         for key in options:
             if key in context:
                 raise ValueError(f"{self.seat} option {key!r} is set by the build, not per backend")
-        self.check_options(name, options)
+        self.check_options(name, options, provided=tuple(context))
         factory = self.factory(name)
         parameters = inspect.signature(factory).parameters
         given = {k: v for k, v in context.items() if k in parameters}

@@ -1,7 +1,9 @@
-"""One work unit, end to end: make its samples, run the stages, write its outputs.
+"""One work unit, end to end: read its images, run the stages, write its outputs.
 
 This is the whole per-sample pipeline, free of orchestration: the Prefect flow runs it inside Ray
-actors, a benchmark runs it in a bare loop, and both produce the same bytes.
+actors, a benchmark runs it in a bare loop, and both produce the same bytes. The four front seats
+(source, grounder, composer, editor) and the judge are built by name from the config's
+registries; nothing here knows which backends they are.
 """
 
 from __future__ import annotations
@@ -10,17 +12,55 @@ import logging
 import time
 from pathlib import Path
 
-from pipeline.compose.procedural import Composer
+from pipeline import __version__
+from pipeline.compose.base import COMPOSERS
 from pipeline.config import BuildConfig
-from pipeline.editors.procedural import ProceduralEditor
-from pipeline.judges.base import JudgeStage, make_judge
 from pipeline.dataset.output import write_unit
+from pipeline.dataset.source_index import KeyIndex, read_index
+from pipeline.dataset.stats import BuildStats
+from pipeline.editors.base import EDITORS
+from pipeline.grounders.base import GROUNDERS
+from pipeline.judges.base import JudgeStage, make_judge
 from pipeline.record import EditSample, sample_id
 from pipeline.routing import RouteStage, RoutingPolicy
-from pipeline.sources.procedural import ProceduralSource
-from pipeline.dataset.stats import BuildStats
+from pipeline.sources.base import SOURCES, Source, SourceError, new_sample
+from pipeline.stage import RecordStage
 
 log = logging.getLogger(__name__)
+
+
+def make_source(config: BuildConfig) -> Source:
+    return SOURCES.make(config.source, context=config.context(), **config.source_options)
+
+
+def front_stages(config: BuildConfig) -> list[RecordStage]:
+    """Grounder, composer and editor of a build, in order."""
+    context = config.context()
+    return [
+        GROUNDERS.make(config.grounder, context=context, **config.grounder_options),
+        COMPOSERS.make(config.composer, context=context, **config.composer_options),
+        EDITORS.make(config.editor, context=context, **config.editor_options),
+    ]
+
+
+def read_sample(source: Source, config: BuildConfig, index: KeyIndex, number: int) -> EditSample:
+    """Sample `number` of the build as the source gives it (failed with the reason if the image
+    cannot be read or repeats an earlier one)."""
+    position, edit = config.key_of(number)
+    key = index.key(position)
+    first = index.duplicate_of.get(key)
+    try:
+        if first is not None:
+            raise SourceError(f"duplicate of {sample_id(config.seed, first, edit)} "
+                              f"({key} repeats {first})")
+        return new_sample(source.read(key), source.name, config.seed, key, number, edit)
+    except Exception as exc:  # the sample still gets its row, in quarantine
+        sample = EditSample(id=sample_id(config.seed, key, edit), index=number, seed=config.seed,
+                            source_key=key, edit_index=edit)
+        sample.provenance = {"source": source.name, "source_id": key, "seed": config.seed,
+                             "code_version": __version__}
+        sample.fail("source", exc)
+        return sample
 
 
 class UnitPipeline:
@@ -29,26 +69,19 @@ class UnitPipeline:
     def __init__(self, config: BuildConfig, out: Path):
         self.config = config
         self.out = Path(out)
-        self.source = ProceduralSource(resolution=config.resolution)
+        self.source = make_source(config)
+        self.index = read_index(self.out)
+        self.total = config.total_samples(self.index.size)
         judge = make_judge(config.judge, **config.judge_options)
         self.stages = [
-            Composer(min_edits=config.min_edits, max_edits=config.max_edits),
-            ProceduralEditor(defect_rate=config.defect_rate),
+            *front_stages(config),
             JudgeStage(judge),
             RouteStage(RoutingPolicy.for_judge(judge, config.routing)),
         ]
 
     def make_sources(self, unit: int) -> list[EditSample]:
-        samples = []
-        for index in self.config.unit_indices(unit):
-            try:
-                samples.append(self.source.make(self.config.seed, index))
-            except Exception as exc:  # the sample still gets its row, in quarantine
-                sample = EditSample(id=sample_id(self.config.seed, index), index=index,
-                                    seed=self.config.seed)
-                sample.fail("source", exc)
-                samples.append(sample)
-        return samples
+        return [read_sample(self.source, self.config, self.index, number)
+                for number in self.config.unit_indices(unit, self.total)]
 
     def process(self, unit: int) -> list[EditSample]:
         samples = self.make_sources(unit)

@@ -12,7 +12,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from pipeline import ciebench
+from pipeline.ciebench import cases as ciebench
 from pipeline.ciebench.cases import (
     BENCH_SEED,
     BenchConfig,
@@ -61,7 +61,7 @@ def test_layout_one_dir_per_case(bench, cases):
 def test_reference_targets_are_exact_and_regions_cover_every_change(cases):
     for case in cases:
         # The reference is the render of the intended final scene: no injected defect.
-        expected, _ = render(Scene.from_dict(case.target_scene))
+        expected, _ = render(Scene.from_dict(case.private["target_scene"]))
         assert np.array_equal(case.target, expected), case.id
         union = np.logical_or.reduce([e.mask for e in case.sub_edits])
         assert np.array_equal(union, ~case.background_mask)

@@ -109,7 +109,7 @@ def _refs(sub: SubEdit):
 def test_each_reference_names_exactly_its_object_when_it_applies(composed):
     checked = 0
     for sample in composed:
-        state = Scene.from_dict(sample.scene)
+        state = Scene.from_dict(sample.private["scene"])
         for sub in sample.sub_edits:
             for ref, object_id in _refs(sub):
                 assert resolve_reference(ref, state) == [object_id], (sample.instruction, ref)
@@ -121,7 +121,7 @@ def test_each_reference_names_exactly_its_object_when_it_applies(composed):
 
 def test_sub_edits_never_contradict_and_placements_fit(composed):
     for sample in composed:
-        state = Scene.from_dict(sample.scene)
+        state = Scene.from_dict(sample.private["scene"])
         touched: list[int] = []
         backgrounds = 0
         for sub in sample.sub_edits:
@@ -226,7 +226,7 @@ def test_references_follow_recolours():
 
 def test_text_objects_are_never_targets(composed):
     for sample in composed:
-        state = Scene.from_dict(sample.scene)
+        state = Scene.from_dict(sample.private["scene"])
         for sub in sample.sub_edits:
             if sub.type not in ("add", "add_text", "background"):
                 assert all(state.get(i).kind != TEXT_KIND for i in sub.object_ids)

@@ -55,9 +55,9 @@ def test_bad_options_are_refused():
 
 def test_clean_target_is_the_exact_render_of_the_edited_scene(clean_samples):
     for sample in clean_samples:
-        scene = apply_chain(Scene.from_dict(sample.scene), sample.sub_edits)
+        scene = apply_chain(Scene.from_dict(sample.private["scene"]), sample.sub_edits)
         assert np.array_equal(sample.target, render(scene)[0])
-        assert sample.target_scene == scene.to_dict()
+        assert sample.private["target_scene"] == scene.to_dict()
         assert sample.defects == []
         assert sample.provenance["editor"] == f"procedural@{__version__}"
 
@@ -70,7 +70,7 @@ def test_masks_cover_exactly_the_changed_pixels(clean_samples):
         assert np.array_equal(sample.background_mask, ~union)
         assert np.array_equal(sample.source[sample.background_mask],
                               sample.target[sample.background_mask])  # bit-identical
-        state = Scene.from_dict(sample.scene)
+        state = Scene.from_dict(sample.private["scene"])
         before = render(state)
         for sub in sample.sub_edits:
             state = apply_sub_edit(state, sub)
@@ -88,7 +88,7 @@ def test_regions_follow_the_objects_touched():
     scene = Scene(64, 64, Background("flat", ["cream"]), [
         SceneObject(0, "square", "red", "small", 0.3, 0.3, 0),
         SceneObject(1, "circle", "blue", "small", 0.7, 0.7, 1)])
-    sample = EditSample(id="t", index=0, seed=0, scene=scene.to_dict(), sub_edits=[
+    sample = EditSample(id="t", index=0, seed=0, private={"scene": scene.to_dict()}, sub_edits=[
         SubEdit("recolor", "make the square green", object_ids=[0],
                 params={"kind": "square", "from_color": "red", "to_color": "green"}),
         SubEdit("move", "move the circle to the left", object_ids=[1],
@@ -111,10 +111,10 @@ def test_an_edit_that_changes_nothing_fails_that_sample_alone():
     Composer()([good])
     scene = Scene(64, 64, Background("flat", ["cream"]),
                   [SceneObject(0, "square", "red", "small", 0.5, 0.5, 0)])
-    bad = EditSample(id="b", index=1, seed=0, scene=scene.to_dict(), sub_edits=[
+    bad = EditSample(id="b", index=1, seed=0, private={"scene": scene.to_dict()}, sub_edits=[
         SubEdit("resize", "make the square small", object_ids=[0],
                 params={"kind": "square", "from_size": "small", "to_size": "small"})])
-    missing = EditSample(id="m", index=2, seed=0, scene=scene.to_dict())
+    missing = EditSample(id="m", index=2, seed=0, private={"scene": scene.to_dict()})
     ProceduralEditor()([bad, missing, good])
     assert bad.failed and "changes no visible pixel" in bad.error
     assert missing.failed and missing.error_stage == "edit"
@@ -127,7 +127,7 @@ def test_editor_is_deterministic_and_defect_rate_zero_is_exact():
     assert np.array_equal(a.target, b.target) and a.defects == b.defects
     clean = edited(base, defect_rate=0.0)
     assert clean.defects == []
-    assert np.array_equal(clean.target, render(Scene.from_dict(clean.target_scene))[0])
+    assert np.array_equal(clean.target, render(Scene.from_dict(clean.private["target_scene"]))[0])
 
 
 def test_defect_rate_is_respected_roughly():
@@ -163,7 +163,7 @@ def test_every_defect_type_can_be_forced_and_shows_where_it_should(defect_type):
         assert all(np.array_equal(a.mask, b.mask) for a, b in zip(spoiled.sub_edits, clean.sub_edits))
         assert np.array_equal(spoiled.background_mask, clean.background_mask)
         assert "defect" not in dumps(spoiled.metadata()).decode()
-        assert spoiled.target_scene == clean.target_scene
+        assert spoiled.private["target_scene"] == clean.private["target_scene"]
 
         diff = changed_mask(clean.target, spoiled.target)
         union = ~clean.background_mask

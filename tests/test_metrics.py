@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline import ciebench
+from pipeline.ciebench import cases as ciebench
 from pipeline.ciebench.cases import BenchConfig, build_bench, read_bench
 from pipeline.editors.procedural import ProceduralEditor, apply_chain
 from trainer.evaluate import EvalError, evaluate
@@ -63,7 +63,7 @@ def figures(cases, predictions, judge):
 
 def skipped_render(case: EditSample, skip: set[int]) -> np.ndarray:
     subs = [None if i in skip else e for i, e in enumerate(case.sub_edits)]
-    return render(apply_chain(Scene.from_dict(case.scene), subs))[0]
+    return render(apply_chain(Scene.from_dict(case.private["scene"]), subs))[0]
 
 
 # ---- reference figures -------------------------------------------------------------------------------
@@ -119,7 +119,7 @@ def test_editor_fault_injection_skip_lowers_compliance_by_one_sub_edit_per_case(
     predictions, skipped = [], []
     for case in cases:
         sample = EditSample(id=case.id, index=case.index, seed=case.seed, source=case.source,
-                            scene=case.scene, sub_edits=copy.deepcopy(case.sub_edits))
+                            private={"scene": case.private["scene"]}, sub_edits=copy.deepcopy(case.sub_edits))
         editor([sample])
         assert not sample.failed and sample.defects[0]["type"] == "skip"
         predictions.append(sample.target)

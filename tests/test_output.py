@@ -10,7 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline import output
+from pipeline.dataset import output
 from pipeline.dataset.output import (
     finalize,
     read_manifest,

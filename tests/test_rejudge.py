@@ -8,7 +8,7 @@ import json
 import pytest
 
 from openai_server import OpenAIServer
-from pipeline import rejudge as rejudge_module
+from pipeline.dataset import rejudge as rejudge_module
 from pipeline.config import BuildConfig, save_config
 from pipeline.judges.base import make_judge
 from pipeline.dataset.output import finalize, read_manifest, read_parts, write_unit

@@ -12,7 +12,7 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
-from pipeline import shards
+from pipeline.dataset import shards
 from pipeline.dataset.shards import (
     checksum,
     decode_mask,

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from openai_server import OpenAIServer
-from pipeline import vllm_judge
+from pipeline.judges import vllm as vllm_judge
 from pipeline.judges.base import JudgeError, JudgeStage, make_judge
 from pipeline.record import EditSample, JudgeView, SubEdit
 from pipeline.judges.vllm import PROMPT_VERSION, VllmJudge, answer_schema, parse_answer

@@ -10,8 +10,8 @@ Layout (one directory per case; every file written under a temporary name, then 
                                      and per case {case_id, num_sub_edits, edit_types}, in order,
                                      plus the histograms of sub-edit counts and edit types
     BENCH/cases/{case_id}/case.json  the case: `EditSample.metadata()` (id = case_id, instruction,
-                                     sub-edits with type/text/target/object_ids/params/box, source
-                                     and target scene graphs) + "bench": {namespace_seed, index}
+                                     sub-edits with type/text/target/object_ids/params/box) +
+                                     "bench": {namespace_seed, index, scene, target_scene}
     BENCH/cases/{case_id}/source.png        the image to edit (uint8 RGB)
     BENCH/cases/{case_id}/target.png        the exact reference target (defect_rate 0)
     BENCH/cases/{case_id}/edit_mask.png     union of the sub-edit regions, L 0/255
@@ -196,8 +196,11 @@ def generate_cases(config: BenchConfig) -> Iterator[EditSample]:
 
 def case_members(sample: EditSample) -> dict[str, bytes]:
     meta = sample.metadata()
+    # The scene graphs are procedural ground truth (private to the build's record); a benchmark
+    # case keeps them, so references and metrics can re-render any sub-edit chain.
     meta["bench"] = {"name": BENCH_NAME, "version": BENCH_VERSION, "namespace_seed": BENCH_SEED,
-                     "index": sample.index}
+                     "index": sample.index, "scene": sample.private.get("scene"),
+                     "target_scene": sample.private.get("target_scene")}
     members = {
         CASE_JSON: dumps(meta),
         "source.png": encode_png(sample.source),
@@ -283,6 +286,8 @@ def read_case(bench: Path, cid: str) -> EditSample:
         sample = decode_sample(members)
     except ValueError as exc:
         raise BenchError(f"case {cid} is corrupt: {exc}") from None
+    bench_meta = json.loads(members["json"]).get("bench") or {}
+    sample.private = {k: bench_meta[k] for k in ("scene", "target_scene") if bench_meta.get(k)}
     if sample.id != cid or sample.source is None or sample.target is None \
             or sample.background_mask is None or any(e.mask is None for e in sample.sub_edits):
         raise BenchError(f"case {cid} is incomplete (images, masks or id)")

@@ -45,7 +45,7 @@ from typing import IO, Any, Iterable, Iterator
 import numpy as np
 from PIL import Image
 
-from pipeline.record import EditSample, SubEdit, dumps
+from pipeline.record import EditSample, InventoryObject, SubEdit, dumps
 
 # zlib level 1, chosen for speed: a 512 px procedural sample (2 RGB images, edit mask + 3 masks,
 # json) encodes in ~7 ms CPU at level 1 vs ~10 ms at 6 (~19 ms at 9 for the images alone), and
@@ -272,8 +272,10 @@ def decode_sample(members: dict[str, bytes]) -> EditSample:
     sample.human = meta.get("human")
     sample.error = meta.get("error")
     sample.error_stage = meta.get("error_stage")
-    sample.scene = meta.get("scene")
-    sample.target_scene = meta.get("target_scene")
+    sample.source_key = str(meta.get("source_key", ""))
+    sample.edit_index = int(meta.get("edit_index", 0))
+    sample.source_meta = meta.get("source_meta") or {}
+    sample.objects = [InventoryObject.from_json(o) for o in meta.get("objects") or []]
     sample.provenance = meta.get("provenance") or {}
     if "source.png" in members:
         sample.source = decode_png(members["source.png"])

@@ -18,7 +18,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from pipeline.record import InventoryObject
+from pipeline import __version__
+from pipeline.record import EditSample, InventoryObject, sample_id
 from pipeline.registry import Registry
 
 
@@ -52,6 +53,21 @@ SOURCES: Registry[Source] = Registry("source", (
     "pipeline.sources.webdataset",
     "pipeline.sources.parquet",
 ))
+
+
+def new_sample(item: SourceItem, source: str, seed: int, key: str, index: int,
+                edit_index: int = 0) -> EditSample:
+    """The first form of a record: what source `source` read for `key`."""
+    sample = EditSample(id=sample_id(seed, key, edit_index), index=index, seed=seed,
+                        source_key=key, edit_index=edit_index, source=item.image,
+                        source_meta=dict(item.meta), objects=list(item.objects or []),
+                        private=dict(item.private))
+    sample.provenance = {"source": source, "source_id": key, "seed": seed,
+                         "code_version": __version__}
+    for name in ("license", "url", "caption"):
+        if item.meta.get(name) is not None:
+            sample.provenance[name] = item.meta[name]
+    return sample
 
 
 def target_size(width: int, height: int, resolution: int) -> tuple[int, int]:

@@ -12,8 +12,8 @@ import zlib
 
 import numpy as np
 
-from pipeline.record import InventoryObject
-from pipeline.sources.base import SOURCES, SourceItem
+from pipeline.record import EditSample, InventoryObject
+from pipeline.sources.base import SOURCES, SourceItem, new_sample
 from pipeline.sources.scene import Scene, bbox, random_scene, render
 
 
@@ -64,3 +64,9 @@ class ProceduralSource:
         image, ids = render(scene)
         return SourceItem(image=image, objects=scene_objects(scene, ids),
                           private={"scene": scene.to_dict()})
+
+    def make(self, seed: int, index: int) -> EditSample:
+        """Scene `index` of build `seed` as a fresh record (benchmarks, CIE-Bench and tests make
+        procedural samples without a build)."""
+        source = ProceduralSource(self.resolution, seed, self.min_objects, self.max_objects)
+        return new_sample(source.read(str(index)), self.name, seed, str(index), index)
