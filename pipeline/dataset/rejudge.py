@@ -26,38 +26,23 @@ import json
 import logging
 import sys
 import tarfile
-from collections import defaultdict
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import pyarrow as pa
-import pyarrow.parquet as pq
-
-from pipeline.judges.base import Judge, JudgeStage
+from pipeline.dataset.move import Move, move_samples, rewrite_tar
 from pipeline.dataset.output import (
     REJUDGE,
     REVIEW,
     SHARDS,
-    conform,
     negatives_shard_name,
-    part_path,
     read_manifest,
     train_shard_name,
-    write_manifest,
 )
-from pipeline.record import MANIFEST_SCHEMA, EditSample, manifest_row
+from pipeline.dataset.shards import is_temp_name, read_sample_dir, remove_path, sample_members
+from pipeline.judges.base import Judge, JudgeStage
+from pipeline.record import EditSample
 from pipeline.routing import RouteStage, RoutingPolicy
-from pipeline.dataset.shards import (
-    atomic_file,
-    is_temp_name,
-    iter_tar_groups,
-    read_sample_dir,
-    remove_path,
-    sample_members,
-    write_sample_dir,
-    write_tar_members,
-)
 
 log = logging.getLogger(__name__)
 
@@ -132,63 +117,13 @@ def _reset(sample: EditSample) -> EditSample:
     return sample
 
 
-def _shard_name(sample: EditSample, shard_size: int) -> str:
-    unit = sample.index // shard_size
-    return train_shard_name(unit) if sample.verdict == "accept" else negatives_shard_name(unit)
-
-
 def _move(out: Path, samples: list[EditSample], rows: list[dict[str, Any]],
           shard_size: int) -> list[dict[str, Any]]:
-    """Write the samples where their verdicts send them, then the parts and the manifest, then
-    drop their rejudge dirs. Returns the new manifest rows."""
-    new_rows: dict[str, dict[str, Any]] = {}
-    to_tar: dict[str, list[EditSample]] = defaultdict(list)
-    for sample in samples:
-        if sample.verdict == "borderline":
-            value = write_sample_dir(out / REVIEW / sample.id, sample)
-            new_rows[sample.id] = manifest_row(sample, f"{REVIEW}/{sample.id}", value)
-        else:
-            to_tar[_shard_name(sample, shard_size)].append(sample)
-    for name, group in sorted(to_tar.items()):
-        sums = _rewrite_tar(out / SHARDS / name, add=group, drop={s.id for s in group})
-        for sample in group:
-            new_rows[sample.id] = manifest_row(sample, name, sums[sample.id])
-
-    units = sorted({row["index"] // shard_size for row in new_rows.values()})
-    for unit in units:
-        _update_part(out, unit, new_rows)
-    rows = [new_rows.get(row["id"], row) for row in rows]
-    write_manifest(out, pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA))
-    for sample_id in new_rows:
-        remove_path(out / REJUDGE / sample_id)
-    return rows
-
-
-def _rewrite_tar(path: Path, add: list[EditSample], drop: set[str]) -> dict[str, str]:
-    """The tar with the samples `drop` taken out and `add` put in, in index order, atomically.
-    The other samples keep their bytes (and so their checksums)."""
-    kept: list[tuple[int, str, dict[str, bytes]]] = []
-    if path.exists():
-        for key, members in iter_tar_groups(path):
-            if key not in drop:
-                kept.append((int(json.loads(members["json"])["index"]), key, members))
-    kept += [(s.index, s.id, sample_members(s)) for s in add]
-    if not kept:
-        path.unlink(missing_ok=True)
-        return {}
-    kept.sort(key=lambda item: (item[0], item[1]))
-    return write_tar_members(path, [(key, members) for _, key, members in kept])
-
-
-def _update_part(out: Path, unit: int, new_rows: dict[str, dict[str, Any]]) -> None:
-    path = part_path(out, unit)
-    if not path.is_file():  # a unit without its part is not done: finalize would not list it
-        log.warning("rejudge: %s is missing; only the manifest records the move", path.name)
-        return
-    rows = conform(pq.read_table(path), str(path)).to_pylist()
-    rows = [new_rows.get(row["id"], row) for row in rows]
-    with atomic_file(path) as handle:
-        pq.write_table(pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA), handle)
+    """Move the re-judged samples where their verdicts send them (`move.move_samples`).
+    Returns the new manifest rows."""
+    moves = [Move(s, sample_members(s), came_from=out / REJUDGE / s.id) for s in samples]
+    move_samples(out, moves, shard_size)
+    return read_manifest(out).to_pylist()
 
 
 def _clean_leftovers(out: Path, rows: list[dict[str, Any]], candidates: list[dict[str, Any]],
@@ -219,7 +154,7 @@ def _clean_leftovers(out: Path, rows: list[dict[str, Any]], candidates: list[dic
                 keys = {member.name.split(".", 1)[0] for member in tar.getmembers()}
             stale = keys & waiting
             if stale:
-                _rewrite_tar(path, add=[], drop=stale)
+                rewrite_tar(path, add={}, drop=stale)
                 cleaned += len(stale)
     return cleaned
 
