@@ -1,0 +1,287 @@
+"""The one safe decoder: bytes from any source → RGB uint8, or a one-line `SourceError`.
+
+Every file source reads an item's bytes and hands them to `decode_image`; nothing else in the
+factory opens an image from outside. What it guarantees:
+
+- only the formats a photo source holds are parsed (JPEG/MPO, PNG, WebP, BMP, TIFF, GIF): no
+  Ghostscript-backed EPS, no exotic plugin reached through a misnamed file;
+- a decompression bomb is refused from the header, before any pixel is decoded (`max_pixels`,
+  and Pillow's own bomb error/warning are turned into the same refusal);
+- truncated data is refused, never padded with grey (`ImageFile.LOAD_TRUNCATED_IMAGES` is left
+  False);
+- EXIF orientation is applied; CMYK, 16-bit/32-bit/float grey, palette, grey, alpha (composited
+  on white) and animated images (first frame) come out RGB, and each normalisation is noted;
+- whatever Pillow raises on hostile data becomes a `SourceError` with a one-line reason.
+
+`check_shape` and `fit_resolution` are the two steps every source applies after decoding, and
+`to_item` runs the three in order; `fit_box`/`fit_mask` carry regions a source knows (COCO
+annotations, parquet box/mask columns) from the original pixels to the resized image.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import stat
+import struct
+import warnings
+import zlib
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import numpy as np
+from PIL import Image, ImageFile, ImageOps
+
+from pipeline.sources.base import SourceError, SourceItem, target_size
+
+MAX_PIXELS = 64_000_000
+MAX_FILE_BYTES = 256 * 1024 * 1024  # a photo file larger than this is refused unread
+FORMATS = ("JPEG", "MPO", "PNG", "WEBP", "BMP", "DIB", "TIFF", "GIF")
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".webp", ".bmp", ".dib",
+                            ".tif", ".tiff", ".gif"})
+REASON_MAX_CHARS = 200
+
+# Everything Pillow and its codecs are known to raise on hostile input.
+_DECODE_ERRORS = (OSError, ValueError, SyntaxError, struct.error, zlib.error, EOFError,
+                  TypeError, IndexError, KeyError, AttributeError, MemoryError, OverflowError,
+                  ZeroDivisionError, RuntimeError, NotImplementedError, Image.DecompressionBombError,
+                  Image.DecompressionBombWarning)
+
+
+@dataclass
+class DecodedImage:
+    image: np.ndarray  # uint8 HxWx3 RGB, EXIF orientation applied
+    notes: list[str] = field(default_factory=list)  # what normalisation it needed
+    original_size: tuple[int, int] = (0, 0)  # (w, h) as decoded, after EXIF orientation
+
+
+def one_line(text: str) -> str:
+    """A reason fit for a manifest row: one line, capped."""
+    line = " ".join(str(text).split())
+    return line if len(line) <= REASON_MAX_CHARS else line[: REASON_MAX_CHARS - 1] + "…"
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, (Image.DecompressionBombError, Image.DecompressionBombWarning)):
+        return f"decompression bomb refused: {exc}"
+    if isinstance(exc, Image.UnidentifiedImageError):
+        return "not an image: unrecognised format or corrupt header"
+    if isinstance(exc, MemoryError):
+        return "image too large to decode (out of memory)"
+    text = str(exc) or type(exc).__name__
+    if "truncated" in text:
+        return f"truncated image: {text}"
+    return f"corrupt image ({type(exc).__name__}: {text})"
+
+
+def decode_image(data: bytes, *, max_pixels: int = MAX_PIXELS,
+                 formats: Sequence[str] = FORMATS) -> DecodedImage:
+    """Decode `data` to RGB uint8 HxWx3, or raise `SourceError` with a one-line reason."""
+    if not data:
+        raise SourceError("empty file (0 bytes)")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")  # Pillow's other warnings become notes, not noise
+            # Pillow warns (then errors) on huge images; that warning must refuse the image.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            decoded = _decode(data, max_pixels, tuple(formats))
+    except SourceError:
+        raise
+    except _DECODE_ERRORS as exc:
+        raise SourceError(one_line(_reason(exc))) from None
+    for warning in caught:
+        note = one_line(f"warning: {warning.message}")
+        if note not in decoded.notes:
+            decoded.notes.append(note)
+    return decoded
+
+
+def _decode(data: bytes, max_pixels: int, formats: tuple[str, ...]) -> DecodedImage:
+    Image.init()  # registers every plugin once, so a format named in `formats` is known
+    formats = tuple(f for f in formats if f in Image.OPEN)
+    with Image.open(io.BytesIO(data), formats=formats) as im:
+        w, h = im.size  # from the header: nothing decoded yet
+        if w <= 0 or h <= 0:
+            raise SourceError(f"image has no pixels ({w}x{h})")
+        if w * h > max_pixels:
+            raise SourceError(f"decompression bomb refused: {w}x{h} = {w * h:,} pixels "
+                              f"over the limit of {max_pixels:,}")
+        notes: list[str] = []
+        frames = int(getattr(im, "n_frames", 1) or 1)
+        if frames > 1:
+            im.seek(0)
+            notes.append(f"first frame of {frames}")
+        if ImageFile.LOAD_TRUNCATED_IMAGES:  # someone set it globally: refuse to pad silently
+            raise SourceError("refusing to decode: PIL.ImageFile.LOAD_TRUNCATED_IMAGES is set")
+        im.load()
+        if im.size != (w, h) and im.size[0] * im.size[1] > max_pixels:  # a frame larger than said
+            raise SourceError(f"decompression bomb refused: frame of {im.size[0]}x{im.size[1]} pixels")
+        try:
+            orientation = int(im.getexif().get(0x0112, 1) or 1)
+        except _DECODE_ERRORS:
+            orientation = 1
+            notes.append("exif unreadable, orientation not applied")
+        oriented = im
+        if 2 <= orientation <= 8:
+            oriented = ImageOps.exif_transpose(im)
+            notes.append("exif-rotated")
+        array = _to_rgb(oriented, notes)
+    return DecodedImage(image=array, notes=notes, original_size=(array.shape[1], array.shape[0]))
+
+
+def _to_rgb(im: Image.Image, notes: list[str]) -> np.ndarray:
+    mode = im.mode
+    if mode.startswith("I;16") or mode in ("I", "F"):
+        grey = _scale_to_8bit(np.asarray(im), mode)
+        notes.append("16-bit scaled" if mode.startswith("I;16") else f"{mode}-mode scaled to 8 bit")
+        return np.ascontiguousarray(np.repeat(grey[:, :, None], 3, axis=2))
+    if mode == "CMYK":
+        notes.append("cmyk converted")
+        im = im.convert("RGB")
+    elif mode in ("P", "PA"):
+        notes.append("palette")
+        has_alpha = mode == "PA" or "transparency" in im.info
+        im = im.convert("RGBA" if has_alpha else "RGB")
+    elif mode in ("1", "L"):
+        notes.append("grey")
+        im = im.convert("RGB")
+    elif mode in ("LA", "La"):
+        notes.append("grey")
+        im = im.convert("RGBA")
+    elif mode not in ("RGB", "RGBA", "RGBa"):
+        notes.append(f"{mode} converted")
+        im = im.convert("RGB")
+    if im.mode in ("RGBA", "RGBa"):
+        rgba = np.asarray(im.convert("RGBA"), dtype=np.float32)
+        alpha = rgba[:, :, 3:4] / 255.0
+        rgb = rgba[:, :, :3] * alpha + 255.0 * (1.0 - alpha)
+        notes.append("alpha composited on white")
+        return np.ascontiguousarray(np.clip(np.rint(rgb), 0, 255).astype(np.uint8))
+    array = np.asarray(im, dtype=np.uint8)
+    if array.ndim != 3 or array.shape[2] != 3:
+        raise SourceError(f"cannot normalise mode {mode} to RGB (got shape {array.shape})")
+    return np.ascontiguousarray(array)
+
+
+def _scale_to_8bit(values: np.ndarray, mode: str) -> np.ndarray:
+    """16-bit grey is scaled by its full range (65535 → 255), never clipped; 32-bit integer and
+    float images by the range their values use."""
+    v = values.astype(np.float64)
+    if mode.startswith("I;16"):
+        out = v / 257.0
+    elif mode == "F" and np.isfinite(v).all() and v.min() >= 0.0 and v.max() <= 1.0:
+        out = v * 255.0
+    else:
+        v = np.nan_to_num(v, nan=0.0, posinf=0.0, neginf=0.0)
+        lo, hi = float(v.min()), float(v.max())
+        if lo >= 0 and hi <= 255 and mode == "I":
+            out = v
+        elif lo >= 0 and hi <= 65535:
+            out = v / 257.0
+        else:
+            out = (v - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(v)
+    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+
+
+def check_options(resolution: int, min_side: int, max_aspect: float) -> None:
+    """ValueError for options no file source can work with (every file source calls it)."""
+    if int(resolution) < 64:
+        raise ValueError(f"resolution must be at least 64 px, got {resolution}")
+    if int(min_side) < 1:
+        raise ValueError(f"min_side must be at least 1, got {min_side}")
+    if float(max_aspect) < 1.0:
+        raise ValueError(f"max_aspect must be at least 1, got {max_aspect}")
+
+
+def check_shape(width: int, height: int, min_side: int, max_aspect: float) -> None:
+    """SourceError when the image is too small or too elongated to edit."""
+    if min(width, height) < min_side:
+        raise SourceError(f"image is {width}x{height} px, under --min-side {min_side}")
+    aspect = max(width, height) / max(1, min(width, height))
+    if aspect > max_aspect:
+        raise SourceError(f"aspect {aspect:.1f} beyond --max-aspect {max_aspect:g}")
+
+
+def fit_resolution(image: np.ndarray, resolution: int) -> np.ndarray:
+    """Resize to `target_size` (short side `resolution`, long side a multiple of 64) with Lanczos."""
+    h, w = image.shape[:2]
+    tw, th = target_size(w, h, resolution)
+    if (tw, th) == (w, h):
+        return image
+    resized = Image.fromarray(image).resize((tw, th), Image.Resampling.LANCZOS, reducing_gap=3.0)
+    return np.asarray(resized, dtype=np.uint8)
+
+
+def read_bytes(path: str | os.PathLike[str], max_bytes: int = MAX_FILE_BYTES) -> bytes:
+    """A regular file's bytes; SourceError for a missing file, a FIFO/device/directory or a file
+    over `max_bytes` (checked on the open descriptor, before reading)."""
+    try:
+        # O_NONBLOCK: opening a FIFO must not hang the worker (no effect on regular files).
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+        with os.fdopen(fd, "rb") as f:
+            st = os.fstat(f.fileno())
+            if not stat.S_ISREG(st.st_mode):
+                raise SourceError("not a regular file")
+            if st.st_size > max_bytes:
+                raise SourceError(f"file is {st.st_size:,} bytes, over the limit of {max_bytes:,}")
+            return f.read(max_bytes + 1)
+    except SourceError:
+        raise
+    except FileNotFoundError:
+        raise SourceError(f"file not found: {one_line(str(path))}") from None
+    except IsADirectoryError:
+        raise SourceError("not a regular file (a directory)") from None
+    except OSError as exc:
+        raise SourceError(one_line(f"cannot read file ({exc.strerror or exc})")) from None
+
+
+def is_regular(path: str | os.PathLike[str]) -> bool:
+    """True for a regular file (after following symlinks): a FIFO is never opened."""
+    try:
+        return stat.S_ISREG(os.stat(path).st_mode)
+    except OSError:
+        return False
+
+
+def to_item(data: bytes, *, resolution: int, min_side: int, max_aspect: float,
+            meta: dict[str, Any] | None = None, max_pixels: int = MAX_PIXELS) -> SourceItem:
+    """decode → check_shape → fit_resolution, with `decode_notes` and `original_size` in meta."""
+    decoded = decode_image(data, max_pixels=max_pixels)
+    w, h = decoded.original_size
+    check_shape(w, h, min_side, max_aspect)
+    item_meta = dict(meta or {})
+    item_meta["decode_notes"] = list(decoded.notes)
+    item_meta["original_size"] = [int(w), int(h)]
+    return SourceItem(image=fit_resolution(decoded.image, resolution), meta=item_meta)
+
+
+def fit_box(box: Sequence[float], from_size: tuple[int, int],
+            to_size: tuple[int, int]) -> list[int]:
+    """[x0, y0, x1, y1] in `from_size` (w, h) pixels → integer box in `to_size`, outward-rounded
+    and clipped (exclusive upper bounds)."""
+    sx, sy = to_size[0] / from_size[0], to_size[1] / from_size[1]
+    x0, y0, x1, y1 = (float(v) for v in box)
+    bx0 = int(np.clip(np.floor(x0 * sx + 1e-6), 0, to_size[0]))
+    by0 = int(np.clip(np.floor(y0 * sy + 1e-6), 0, to_size[1]))
+    bx1 = int(np.clip(np.ceil(x1 * sx - 1e-6), 0, to_size[0]))
+    by1 = int(np.clip(np.ceil(y1 * sy - 1e-6), 0, to_size[1]))
+    return [bx0, by0, bx1, by1]
+
+
+def fit_mask(mask: np.ndarray, to_size: tuple[int, int]) -> np.ndarray:
+    """Bool mask resized to `to_size` (w, h): area-weighted, then thresholded at one half."""
+    mask = np.asarray(mask, dtype=bool)
+    if (mask.shape[1], mask.shape[0]) == tuple(to_size):
+        return mask
+    grey = Image.fromarray(mask.astype(np.uint8) * 255)
+    smaller = to_size[0] <= mask.shape[1] and to_size[1] <= mask.shape[0]
+    resample = Image.Resampling.BOX if smaller else Image.Resampling.BILINEAR
+    return np.asarray(grey.resize(tuple(to_size), resample)) >= 128
+
+
+def mask_box(mask: np.ndarray) -> list[int] | None:
+    """[x0, y0, x1, y1] of the mask's true pixels (exclusive), None when empty."""
+    ys, xs = np.nonzero(mask)
+    if xs.size == 0:
+        return None
+    return [int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1]
