@@ -24,6 +24,7 @@ import io
 import os
 import stat
 import struct
+import threading
 import warnings
 import zlib
 from dataclasses import dataclass, field
@@ -76,56 +77,63 @@ def _reason(exc: BaseException) -> str:
 
 def decode_image(data: bytes, *, max_pixels: int = MAX_PIXELS,
                  formats: Sequence[str] = FORMATS) -> DecodedImage:
-    """Decode `data` to RGB uint8 HxWx3, or raise `SourceError` with a one-line reason."""
+    """Decode `data` to RGB uint8 HxWx3, or raise `SourceError` with a one-line reason.
+    Thread-safe: sources are read from a thread pool (decoding releases the GIL)."""
     if not data:
         raise SourceError("empty file (0 bytes)")
     try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")  # Pillow's other warnings become notes, not noise
-            # Pillow warns (then errors) on huge images; that warning must refuse the image.
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            decoded = _decode(data, max_pixels, tuple(formats))
+        with _open(data, tuple(formats)) as im:
+            return _decode(im, max_pixels)
     except SourceError:
         raise
     except _DECODE_ERRORS as exc:
         raise SourceError(one_line(_reason(exc))) from None
-    for warning in caught:
-        note = one_line(f"warning: {warning.message}")
-        if note not in decoded.notes:
-            decoded.notes.append(note)
-    return decoded
 
 
-def _decode(data: bytes, max_pixels: int, formats: tuple[str, ...]) -> DecodedImage:
+_HEADER_LOCK = threading.Lock()
+
+
+def _open(data: bytes, formats: tuple[str, ...]) -> Image.Image:
+    """Parse the header only. Pillow warns (from 89 M pixels, an error from twice that) when
+    the header declares a huge image; that warning must refuse the image, not scroll past.
+    Warning filters are process-wide, so the (short, pixel-free) header parse holds a lock
+    while they are changed; decoding the pixels happens outside it."""
     Image.init()  # registers every plugin once, so a format named in `formats` is known
-    formats = tuple(f for f in formats if f in Image.OPEN)
-    with Image.open(io.BytesIO(data), formats=formats) as im:
-        w, h = im.size  # from the header: nothing decoded yet
-        if w <= 0 or h <= 0:
-            raise SourceError(f"image has no pixels ({w}x{h})")
-        if w * h > max_pixels:
-            raise SourceError(f"decompression bomb refused: {w}x{h} = {w * h:,} pixels "
-                              f"over the limit of {max_pixels:,}")
-        notes: list[str] = []
-        frames = int(getattr(im, "n_frames", 1) or 1)
-        if frames > 1:
-            im.seek(0)
-            notes.append(f"first frame of {frames}")
-        if ImageFile.LOAD_TRUNCATED_IMAGES:  # someone set it globally: refuse to pad silently
-            raise SourceError("refusing to decode: PIL.ImageFile.LOAD_TRUNCATED_IMAGES is set")
-        im.load()
-        if im.size != (w, h) and im.size[0] * im.size[1] > max_pixels:  # a frame larger than said
-            raise SourceError(f"decompression bomb refused: frame of {im.size[0]}x{im.size[1]} pixels")
-        try:
-            orientation = int(im.getexif().get(0x0112, 1) or 1)
-        except _DECODE_ERRORS:
-            orientation = 1
-            notes.append("exif unreadable, orientation not applied")
-        oriented = im
-        if 2 <= orientation <= 8:
-            oriented = ImageOps.exif_transpose(im)
-            notes.append("exif-rotated")
-        array = _to_rgb(oriented, notes)
+    known = tuple(f for f in formats if f in Image.OPEN)
+    with _HEADER_LOCK, warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        return Image.open(io.BytesIO(data), formats=known)
+
+
+def _decode(im: Image.Image, max_pixels: int) -> DecodedImage:
+    """Size check from the header, then the first frame's pixels, oriented and made RGB."""
+    w, h = im.size  # from the header: nothing decoded yet
+    if w <= 0 or h <= 0:
+        raise SourceError(f"image has no pixels ({w}x{h})")
+    if w * h > max_pixels:
+        raise SourceError(f"decompression bomb refused: {w}x{h} = {w * h:,} pixels "
+                          f"over the limit of {max_pixels:,}")
+    notes: list[str] = []
+    frames = int(getattr(im, "n_frames", 1) or 1)
+    if frames > 1:
+        im.seek(0)
+        notes.append(f"first frame of {frames}")
+    if ImageFile.LOAD_TRUNCATED_IMAGES:  # someone set it globally: refuse to pad silently
+        raise SourceError("refusing to decode: PIL.ImageFile.LOAD_TRUNCATED_IMAGES is set")
+    im.load()
+    if im.size != (w, h) and im.size[0] * im.size[1] > max_pixels:  # a frame larger than said
+        raise SourceError(f"decompression bomb refused: a frame of {im.size[0]}x{im.size[1]} "
+                          "pixels")
+    try:
+        orientation = int(im.getexif().get(0x0112, 1) or 1)
+    except _DECODE_ERRORS:
+        orientation = 1
+        notes.append("exif unreadable, orientation not applied")
+    oriented = im
+    if 2 <= orientation <= 8:
+        oriented = ImageOps.exif_transpose(im)
+        notes.append("exif-rotated")
+    array = _to_rgb(oriented, notes)
     return DecodedImage(image=array, notes=notes, original_size=(array.shape[1], array.shape[0]))
 
 

@@ -1,0 +1,194 @@
+"""`--source folder`: every file under a directory, recursively, keyed by its relative path.
+
+Keys are the sorted POSIX paths, relative to the folder, of every non-hidden regular file and
+symlink (hidden names — `.DS_Store`, `.git/` — are skipped, directories are walked, symlinked
+directories are not entered, FIFOs and devices are skipped). A file that is not an image is still
+a key, so it gets a manifest row: it reads as `SourceError("not an image (.txt)")`. A symlink is
+followed only when it resolves inside the folder.
+
+With `annotations=` (a COCO instances json; `file_name` relative to the folder), the regions it
+gives for an image come with the item as `InventoryObject`s scaled to the resized image
+(producer "coco"): what `--grounder given` hands the composer.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from pipeline import rle
+from pipeline.record import InventoryObject
+from pipeline.sources.base import SOURCES, SourceError, SourceItem
+from pipeline.sources.decode import (IMAGE_SUFFIXES, check_options, fit_box, fit_mask, is_regular, mask_box,
+                                     one_line, read_bytes, to_item)
+
+log = logging.getLogger(__name__)
+
+
+@SOURCES.register("folder")
+class FolderSource:
+    name = "folder"
+
+    def __init__(self, *, path: str, resolution: int = 512, min_side: int = 32,
+                 max_aspect: float = 4.0, annotations: str | None = None):
+        check_options(resolution, min_side, max_aspect)
+        self.root = Path(path)
+        if not self.root.is_dir():
+            raise ValueError(f"source folder does not exist or is not a directory: {path}")
+        self.root_resolved = self.root.resolve()
+        self.resolution = int(resolution)
+        self.min_side = int(min_side)
+        self.max_aspect = float(max_aspect)
+        self.annotations = _locate(annotations, self.root) if annotations else None
+        self._coco: CocoIndex | None = None
+
+    def __getstate__(self) -> dict[str, Any]:  # workers rebuild the COCO index lazily
+        state = dict(self.__dict__)
+        state["_coco"] = None
+        return state
+
+    def keys(self) -> list[str]:
+        skip = None
+        if self.annotations is not None:
+            try:
+                skip = self.annotations.resolve().relative_to(self.root_resolved).as_posix()
+            except ValueError:
+                skip = None
+        keys = [k for k in _walk(self.root, "") if k != skip]
+        return sorted(keys)
+
+    def read(self, key: str) -> SourceItem:
+        pure = PurePosixPath(key)
+        if pure.is_absolute() or ".." in pure.parts or not pure.parts:
+            raise SourceError(f"key is not a path inside the folder: {one_line(key)}")
+        path = self.root.joinpath(*pure.parts)
+        try:
+            resolved = path.resolve(strict=True)
+        except (OSError, RuntimeError):
+            raise SourceError("broken symlink or missing file") from None
+        if not resolved.is_relative_to(self.root_resolved):
+            raise SourceError("symlink leads outside the source folder")
+        suffix = pure.suffix.lower()
+        if suffix not in IMAGE_SUFFIXES:
+            raise SourceError(f"not an image ({suffix or 'no extension'})")
+        if not is_regular(resolved):
+            raise SourceError("not a regular file")
+        item = to_item(read_bytes(resolved), resolution=self.resolution, min_side=self.min_side,
+                       max_aspect=self.max_aspect)
+        if self.annotations is not None:
+            if self._coco is None:
+                self._coco = CocoIndex.load(self.annotations)
+            item.objects = self._coco.objects(key, item)
+        return item
+
+
+def _locate(annotations: str, root: Path) -> Path:
+    path = Path(annotations)
+    if not path.is_file() and not path.is_absolute() and (root / path).is_file():
+        path = root / path
+    if not path.is_file():
+        raise ValueError(f"annotations file does not exist: {annotations}")
+    return path
+
+
+def _walk(directory: Path, prefix: str) -> list[str]:
+    keys = []
+    with os.scandir(directory) as entries:
+        for entry in entries:
+            if entry.name.startswith("."):
+                continue
+            key = f"{prefix}{entry.name}"
+            if entry.is_symlink():
+                keys.append(key)
+            elif entry.is_dir(follow_symlinks=False):
+                keys.extend(_walk(Path(entry.path), key + "/"))
+            elif entry.is_file(follow_symlinks=False):
+                keys.append(key)
+            else:
+                log.warning("folder source skips %s: not a regular file", entry.path)
+    return keys
+
+
+class CocoIndex:
+    """A COCO instances file indexed by image `file_name` (POSIX, relative to the folder)."""
+
+    def __init__(self, images: dict[str, dict[str, Any]], annotations: dict[Any, list[dict]],
+                 categories: dict[Any, str]):
+        self.images = images
+        self.annotations = annotations
+        self.categories = categories
+
+    @classmethod
+    def load(cls, path: Path) -> "CocoIndex":
+        try:
+            data = json.loads(Path(path).read_text(encoding="utf-8"))
+            categories = {c["id"]: str(c.get("name", c["id"])) for c in data.get("categories", [])}
+            images = {PurePosixPath(im["file_name"]).as_posix(): im for im in data["images"]}
+            annotations: dict[Any, list[dict]] = {}
+            for ann in data.get("annotations", []):
+                annotations.setdefault(ann["image_id"], []).append(ann)
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise ValueError(one_line(f"annotations file {path} is not COCO instances json: "
+                                      f"{type(exc).__name__}: {exc}")) from None
+        return cls(images, annotations, categories)
+
+    def objects(self, key: str, item: SourceItem) -> list[InventoryObject]:
+        entry = self.images.get(PurePosixPath(key).as_posix())
+        if entry is None:
+            return []
+        ow, oh = item.meta["original_size"]
+        frame = (int(entry.get("width") or ow), int(entry.get("height") or oh))
+        size = (item.image.shape[1], item.image.shape[0])
+        out: list[InventoryObject] = []
+        for ann in self.annotations.get(entry["id"], []):
+            try:
+                obj = self._object(ann, frame, size, len(out))
+            except (ValueError, KeyError, TypeError, IndexError) as exc:
+                raise SourceError(one_line(f"COCO annotation {ann.get('id')} is unreadable: "
+                                           f"{exc}")) from None
+            if obj is not None:
+                out.append(obj)
+        return out
+
+    def _object(self, ann: dict[str, Any], frame: tuple[int, int], size: tuple[int, int],
+                index: int) -> InventoryObject | None:
+        x, y, w, h = (float(v) for v in ann["bbox"])
+        box = fit_box([x, y, x + w, y + h], frame, size)
+        mask = _coco_mask(ann.get("segmentation"), frame, size)
+        if mask is not None:
+            box = mask_box(mask) or box
+        if box[2] <= box[0] or box[3] <= box[1]:
+            return None  # vanished at this resolution
+        attributes: dict[str, Any] = {"coco_id": ann.get("id")}
+        if ann.get("iscrowd"):
+            attributes["iscrowd"] = True
+        label = self.categories.get(ann.get("category_id"), str(ann.get("category_id", "object")))
+        return InventoryObject(id=index, label=label, box=box, mask=mask, attributes=attributes,
+                               confidence=1.0, producer="coco")
+
+
+def _coco_mask(segmentation: Any, frame: tuple[int, int], size: tuple[int, int]) -> np.ndarray | None:
+    """A COCO segmentation (polygons, or RLE compressed/uncompressed) at `size` (w, h)."""
+    if not segmentation:
+        return None
+    if isinstance(segmentation, dict):  # RLE, in the original frame
+        mask = rle.decode(segmentation)
+        if (mask.shape[1], mask.shape[0]) != frame:
+            raise ValueError(f"RLE size {mask.shape[1]}x{mask.shape[0]} is not the image's "
+                             f"{frame[0]}x{frame[1]}")
+        return fit_mask(mask, size)
+    sx, sy = size[0] / frame[0], size[1] / frame[1]
+    canvas = Image.new("L", size, 0)
+    draw = ImageDraw.Draw(canvas)
+    for polygon in segmentation:
+        points = [(float(polygon[i]) * sx, float(polygon[i + 1]) * sy)
+                  for i in range(0, len(polygon) - 1, 2)]
+        if len(points) >= 3:
+            draw.polygon(points, fill=255)
+    return np.asarray(canvas) > 0

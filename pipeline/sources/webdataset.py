@@ -1,0 +1,138 @@
+"""`--source webdataset`: tar shards as img2dataset writes them (`KEY.jpg` + `KEY.json`/`KEY.txt`).
+
+`path` is one `.tar` file or a directory of `.tar` shards (sorted by name). A sample's key is
+`"<shard stem>/<KEY>"`, in shard then member order, where KEY is the member name up to the first
+dot of its base name (the webdataset convention: `a/b.c.jpg` is key `a/b`, extension `c.jpg`).
+Every key that has a regular member is listed; one without an image member reads as a
+`SourceError`. The caption comes from `KEY.txt` or the json's `caption`; `url` and `license`
+from the json.
+
+Shards are plain (uncompressed) tars, read by seeking: each shard's member offsets are indexed
+once per process, lazily, from the headers alone. A member whose header says it is larger than
+`max_member_bytes` is refused without reading it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import tarfile
+from pathlib import Path
+from typing import Any
+
+from pipeline.sources.base import SOURCES, SourceError, SourceItem
+from pipeline.sources.decode import check_options, one_line, to_item
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff", "gif")
+_KEY_EXT = re.compile(r"^((?:.*/|)[^./]+)[.]([^/]*)$")
+
+# {key: {extension: (data offset, size)}} for one shard, in member order
+ShardIndex = dict[str, dict[str, tuple[int, int]]]
+
+
+@SOURCES.register("webdataset")
+class WebDatasetSource:
+    name = "webdataset"
+
+    def __init__(self, *, path: str, resolution: int = 512, min_side: int = 32,
+                 max_aspect: float = 4.0, max_member_bytes: int = 64 * 1024 * 1024):
+        check_options(resolution, min_side, max_aspect)
+        root = Path(path)
+        if root.is_dir():
+            shards = sorted(p for p in root.glob("*.tar") if p.is_file() and not p.name.startswith("."))
+        elif root.is_file():
+            shards = [root]
+        else:
+            raise ValueError(f"webdataset path does not exist: {path}")
+        if not shards:
+            raise ValueError(f"no .tar shards in {path}")
+        self.shards = {p.stem: p for p in shards}
+        if len(self.shards) != len(shards):
+            raise ValueError(f"two shards in {path} share a name")
+        self.resolution = int(resolution)
+        self.min_side = int(min_side)
+        self.max_aspect = float(max_aspect)
+        self.max_member_bytes = int(max_member_bytes)
+        self._index: dict[str, ShardIndex] = {}
+
+    def __getstate__(self) -> dict[str, Any]:  # each worker indexes the shards it reads
+        state = dict(self.__dict__)
+        state["_index"] = {}
+        return state
+
+    def keys(self) -> list[str]:
+        return [f"{shard}/{key}" for shard in self.shards for key in self._shard(shard)]
+
+    def read(self, key: str) -> SourceItem:
+        shard, _, sample = key.partition("/")
+        if shard not in self.shards or not sample:
+            raise SourceError(f"key names no shard of this source: {one_line(key)}")
+        members = self._shard(shard).get(sample)
+        if members is None:
+            raise SourceError(f"no sample {one_line(sample)} in shard {shard}")
+        image_ext = next((e for e in IMAGE_EXTENSIONS if e in members), None)
+        if image_ext is None:
+            raise SourceError(f"sample has no image member (has: {', '.join(sorted(members))})")
+        with open(self.shards[shard], "rb") as f:
+            data = self._member(f, sample, image_ext, members)
+            meta = self._meta(f, sample, members)
+        return to_item(data, resolution=self.resolution, min_side=self.min_side,
+                       max_aspect=self.max_aspect, meta=meta)
+
+    def _member(self, f: Any, sample: str, ext: str, members: dict[str, tuple[int, int]]) -> bytes:
+        offset, size = members[ext]
+        if size > self.max_member_bytes:
+            raise SourceError(f"tar member {sample}.{ext} is {size:,} bytes, over "
+                              f"max_member_bytes {self.max_member_bytes:,}")
+        f.seek(offset)
+        data = f.read(size)
+        if len(data) != size:
+            raise SourceError(f"tar member {sample}.{ext} is truncated "
+                              f"({len(data):,} of {size:,} bytes)")
+        return data
+
+    def _meta(self, f: Any, sample: str, members: dict[str, tuple[int, int]]) -> dict[str, Any]:
+        meta: dict[str, Any] = {}
+        if "json" in members:
+            try:
+                info = json.loads(self._member(f, sample, "json", members))
+            except ValueError as exc:
+                raise SourceError(one_line(f"{sample}.json is not json: {exc}")) from None
+            if isinstance(info, dict):
+                for field in ("caption", "url", "license"):
+                    if info.get(field) not in (None, ""):
+                        meta[field] = info[field]
+        if "txt" in members:
+            caption = self._member(f, sample, "txt", members).decode("utf-8", "replace").strip()
+            if caption:
+                meta["caption"] = caption
+        return meta
+
+    def _shard(self, shard: str) -> ShardIndex:
+        if shard not in self._index:
+            self._index[shard] = _index_shard(self.shards[shard])
+        return self._index[shard]
+
+
+def _index_shard(path: Path) -> ShardIndex:
+    index: ShardIndex = {}
+    try:
+        with tarfile.open(path, mode="r:") as tar:
+            for member in tar:
+                if not member.isreg():
+                    continue
+                name = member.name[2:] if member.name.startswith("./") else member.name
+                if name.rsplit("/", 1)[-1].startswith("."):
+                    continue
+                match = _KEY_EXT.match(name)
+                if match is None:
+                    continue
+                key, ext = match.group(1), match.group(2).lower()
+                index.setdefault(key, {}).setdefault(ext, (member.offset_data, member.size))
+    except (tarfile.TarError, OSError, EOFError) as exc:
+        # A damaged shard keeps the samples indexed before the damage; the rest are not listed.
+        log.warning("webdataset shard %s is damaged after %d samples: %s", path, len(index), exc)
+    return index
