@@ -4,6 +4,7 @@ data) and on every kind of hostile file."""
 from __future__ import annotations
 
 import csv
+import gzip
 import io
 import json
 import pickle
@@ -392,6 +393,20 @@ def test_webdataset_source_reads_img2dataset_shards(tmp_path):
     capped = WebDatasetSource(path=str(root), resolution=R, max_member_bytes=50_000)
     reason = one_line_error(lambda: capped.read("00001/000010002"))
     assert "max_member_bytes" in reason
+
+
+def test_webdataset_damaged_shards_are_accounted_for(tmp_path, caplog):
+    root = _shards(tmp_path)
+    whole = (root / "00001.tar").read_bytes()
+    (root / "00001.tar").write_bytes(whole[: len(whole) // 2])  # cut inside the coffee png
+    (root / "00002.tar").write_bytes(gzip.compress(whole))  # compressed: cannot be seeked
+    source = WebDatasetSource(path=str(root), resolution=R)
+    keys = source.keys()
+    assert keys[3:] == ["00001/000010005", "00001/000010002", "00001/#damaged", "00002/#damaged"]
+    assert source.read("00001/000010005").meta["caption"] == "a rocket on its pad"
+    assert "truncated" in one_line_error(lambda: source.read("00001/000010002"))
+    assert "damaged after 0 samples" in one_line_error(lambda: source.read("00002/#damaged"))
+    assert "00002.tar" in caplog.text
 
 
 # ---------------------------------------------------------------- parquet

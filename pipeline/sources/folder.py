@@ -8,7 +8,9 @@ followed only when it resolves inside the folder.
 
 With `annotations=` (a COCO instances json; `file_name` relative to the folder), the regions it
 gives for an image come with the item as `InventoryObject`s scaled to the resized image
-(producer "coco"): what `--grounder given` hands the composer.
+(producer "coco"; the mask rasterised from polygons or decoded from RLE at the resized size, the
+box that of the resized mask, or the scaled `bbox` when there is no segmentation): what
+`--grounder given` hands the composer. An image the file does not mention has no objects.
 """
 
 from __future__ import annotations

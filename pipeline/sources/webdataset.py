@@ -4,7 +4,9 @@
 `"<shard stem>/<KEY>"`, in shard then member order, where KEY is the member name up to the first
 dot of its base name (the webdataset convention: `a/b.c.jpg` is key `a/b`, extension `c.jpg`).
 Every key that has a regular member is listed; one without an image member reads as a
-`SourceError`. The caption comes from `KEY.txt` or the json's `caption`; `url` and `license`
+`SourceError`. A shard whose headers break off (truncated, compressed, not a tar) keeps the
+samples listed before the damage plus one key `"<shard stem>/#damaged"` that reads as a
+`SourceError` naming the damage, so the manifest shows it. The caption comes from `KEY.txt` or the json's `caption`; `url` and `license`
 from the json.
 
 Shards are plain (uncompressed) tars, read by seeking: each shard's member offsets are indexed
@@ -28,6 +30,8 @@ log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff", "gif")
 _KEY_EXT = re.compile(r"^((?:.*/|)[^./]+)[.]([^/]*)$")
+
+DAMAGED = "#damaged"  # the key that accounts for what a damaged shard's headers hid
 
 # {key: {extension: (data offset, size)}} for one shard, in member order
 ShardIndex = dict[str, dict[str, tuple[int, int]]]
@@ -56,7 +60,7 @@ class WebDatasetSource:
         self.min_side = int(min_side)
         self.max_aspect = float(max_aspect)
         self.max_member_bytes = int(max_member_bytes)
-        self._index: dict[str, ShardIndex] = {}
+        self._index: dict[str, tuple[ShardIndex, str | None]] = {}  # shard → (index, damage)
 
     def __getstate__(self) -> dict[str, Any]:  # each worker indexes the shards it reads
         state = dict(self.__dict__)
@@ -64,13 +68,22 @@ class WebDatasetSource:
         return state
 
     def keys(self) -> list[str]:
-        return [f"{shard}/{key}" for shard in self.shards for key in self._shard(shard)]
+        keys = []
+        for shard in self.shards:
+            index, damage = self._shard(shard)
+            keys.extend(f"{shard}/{key}" for key in index)
+            if damage is not None:  # the rest of the shard still gets a manifest row
+                keys.append(f"{shard}/{DAMAGED}")
+        return keys
 
     def read(self, key: str) -> SourceItem:
         shard, _, sample = key.partition("/")
         if shard not in self.shards or not sample:
             raise SourceError(f"key names no shard of this source: {one_line(key)}")
-        members = self._shard(shard).get(sample)
+        index, damage = self._shard(shard)
+        if sample == DAMAGED and damage is not None:
+            raise SourceError(damage)
+        members = index.get(sample)
         if members is None:
             raise SourceError(f"no sample {one_line(sample)} in shard {shard}")
         image_ext = next((e for e in IMAGE_EXTENSIONS if e in members), None)
@@ -111,13 +124,14 @@ class WebDatasetSource:
                 meta["caption"] = caption
         return meta
 
-    def _shard(self, shard: str) -> ShardIndex:
+    def _shard(self, shard: str) -> tuple[ShardIndex, str | None]:
         if shard not in self._index:
             self._index[shard] = _index_shard(self.shards[shard])
         return self._index[shard]
 
 
-def _index_shard(path: Path) -> ShardIndex:
+def _index_shard(path: Path) -> tuple[ShardIndex, str | None]:
+    """The shard's samples from its headers alone, and what damage stopped the listing (None)."""
     index: ShardIndex = {}
     try:
         with tarfile.open(path, mode="r:") as tar:
@@ -133,6 +147,9 @@ def _index_shard(path: Path) -> ShardIndex:
                 key, ext = match.group(1), match.group(2).lower()
                 index.setdefault(key, {}).setdefault(ext, (member.offset_data, member.size))
     except (tarfile.TarError, OSError, EOFError) as exc:
-        # A damaged shard keeps the samples indexed before the damage; the rest are not listed.
-        log.warning("webdataset shard %s is damaged after %d samples: %s", path, len(index), exc)
-    return index
+        # A damaged shard keeps the samples indexed before the damage; the rest is one key.
+        damage = one_line(f"shard {path.name} is damaged after {len(index)} samples "
+                          f"(a plain, uncompressed tar is needed): {exc}")
+        log.warning("webdataset %s", damage)
+        return index, damage
+    return index, None
