@@ -496,10 +496,13 @@ def test_sources_are_registered_with_checked_options(tmp_path):
     pq.write_table(pa.table({"image": [(root / "chelsea.png").read_bytes()]}), tmp_path / "t.parquet")
     for name, path in [("folder", root), ("list", tmp_path / "l.txt"),
                        ("webdataset", tmp_path / "s.tar"), ("parquet", tmp_path / "t.parquet")]:
-        source = SOURCES.make(name, path=str(path), resolution=R, min_side=16, max_aspect=3.0)
+        source = SOURCES.make(name, context={"seed": 3, "resolution": R}, path=str(path),
+                              min_side=16, max_aspect=3.0)
         assert source.name == name
         (key,) = source.keys()
         assert source.read(key).image.shape == (64, 128, 3)
+        with pytest.raises(ValueError, match="needs option 'path'"):
+            SOURCES.make(name, context={"resolution": R})
     with pytest.raises(ValueError, match="no option 'annotations'"):
         SOURCES.make("list", path=str(tmp_path / "l.txt"), resolution=R, annotations="x.json")
 
