@@ -1,0 +1,630 @@
+"""The inventory composer: complex instructions over any grounder's inventory (photos).
+
+Like the procedural composer it drafts sub-edits one by one, least-used edit type first, and
+plays them forward on a working copy of the inventory (boxes and colours as they will be), so
+each sub-edit names its objects with a referring phrase that is unambiguous at the moment it
+applies (`pipeline.compose.referring`). Every sub-edit gets its region (`mask`, `box`) from
+`pipeline.compose.regions.region_of`, the one definition the photo editor and the judge share.
+
+Rules: the objects acted on by different sub-edits are distinct; a sub-edit's region overlaps the
+regions claimed before it by at most `OVERLAP_TOLERANCE` of its area (so an object is never both
+moved and recoloured, and a destination never covers an object another sub-edit touches); moved,
+resized, swapped, added and pasted things stay inside the frame. A background sub-edit keeps every
+inventory object and is put first, so the later sub-edits act on the new background.
+
+Donors (add, replace, background "photo"): `__call__` lends each sample the photos and
+inventories of the OTHER samples of its batch, the next one (cyclically) with a usable object
+first; a batch of one falls back to another object of the sample's own image (and no "photo"
+background). The scaled cut-out (or the whole photo at the sample's size) is stored in
+`sample.private["donors"][str(i)] = {"rgb": uint8 hxwx3, "alpha": bool hxw}`, i = the sub-edit's
+index.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator
+
+import cv2
+import numpy as np
+
+from pipeline.compose.base import COMPOSERS
+from pipeline.compose.procedural import (
+    CELL_INSET,
+    CELLS,
+    DIRECTIONS,
+    REGION_PHRASES,
+    SIZE_WORDS,
+    TEXT_WORDS,
+    article,
+    join_instruction,
+)
+from pipeline.compose.referring import describe, refer
+from pipeline.compose.regions import bbox, box_centre, place, region_of, text_ink_box
+from pipeline.grounders.attributes import (
+    COLOR_NAMES,
+    color_name,
+    lightness,
+    same_family,
+    size_word,
+)
+from pipeline.record import EDIT_TYPES, MAX_SUB_EDITS, EditSample, InventoryObject, SubEdit
+from pipeline.stage import RecordStage, sample_rng
+
+log = logging.getLogger(__name__)
+
+RECOLOR_COLORS = ("red", "orange", "yellow", "green", "teal", "blue", "purple", "pink")
+TINT_COLORS = ("orange", "blue", "green", "purple", "pink", "yellow", "teal", "red")
+TEXT_COLORS = ("white", "black", "red", "yellow", "blue", "green", "orange", "purple")
+TEXT_CONTRAST = 150  # RGB distance between the text and the mean colour where it goes
+PATTERNS = ("stripes", "dots", "checker")
+BACKGROUND_OPS = ("blur", "tint", "desaturate", "photo")
+OVERLAP_TOLERANCE = 0.1  # share of a new region that may overlap earlier regions
+COVER_TOLERANCE = 0.3  # share of a pasted thing that may cover untouched objects
+MIN_BACKGROUND = 0.15  # a background edit needs this share of the image outside the objects
+RECOLOR_LIGHTNESS = (20.0, 88.0)  # too dark or too light to show a new hue
+DONOR_AREA = (0.004, 0.3)  # a usable donor object's share of its image
+FRAME_MARGIN = 2  # px between a moved / pasted thing and the frame
+_PATTERN_TEMPLATES = {
+    "stripes": ("give {t} stripes", "make {t} striped", "paint stripes on {t}"),
+    "dots": ("cover {t} with dots", "give {t} a polka-dot pattern", "make {t} dotted"),
+    "checker": ("give {t} a checkered pattern", "make {t} checkered"),
+}
+
+
+@dataclass
+class Donor:
+    """Another image of the batch (or the sample's own) that lends objects or its whole photo."""
+
+    key: str
+    image: np.ndarray
+    objects: list[InventoryObject]  # its usable objects
+    own: bool = False  # the sample's own image (batch of one)
+
+
+def _choice(rng: np.random.Generator, options) -> Any:
+    options = list(options)
+    return options[int(rng.integers(len(options)))]
+
+
+def _usable(obj: InventoryObject, shape: tuple[int, int]) -> bool:
+    if obj.mask is None:
+        return False
+    h, w = shape
+    x0, y0, x1, y1 = obj.box
+    share = float(obj.attributes.get("area", obj.mask.sum() / (h * w)))
+    return DONOR_AREA[0] <= share <= DONOR_AREA[1] and x0 > 0 and y0 > 0 and x1 < w and y1 < h
+
+
+def _donor_of(sample: EditSample, own: bool = False) -> Donor | None:
+    if sample.failed or sample.source is None:
+        return None
+    usable = [o for o in sample.objects if _usable(o, sample.source.shape[:2])]
+    if not usable:
+        return None
+    return Donor(sample.source_key or sample.id, sample.source, usable, own)
+
+
+def donor_pools(batch: list[EditSample]) -> dict[int, list[Donor]]:
+    """For each sample (by `id()`), the other samples of the batch that can lend, nearest next
+    first (cyclically); its own image when no other can."""
+    donors = [_donor_of(s) for s in batch]
+    pools = {}
+    for i, sample in enumerate(batch):
+        others = [donors[(i + k) % len(batch)] for k in range(1, len(batch))]
+        pool = [d for d in others if d is not None]
+        if not pool:
+            own = _donor_of(sample, own=True)
+            pool = [own] if own is not None else []
+        pools[id(sample)] = pool
+    return pools
+
+
+def cut_out(donor: Donor, obj: InventoryObject, scale: float) -> tuple[np.ndarray, np.ndarray]:
+    """(rgb, alpha) of the donor object cropped to its box and scaled by `scale`."""
+    x0, y0, x1, y1 = obj.box
+    rgb = donor.image[y0:y1, x0:x1]
+    alpha = obj.mask[y0:y1, x0:x1].astype(np.float32)
+    size = (max(1, round((x1 - x0) * scale)), max(1, round((y1 - y0) * scale)))
+    interp = cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR
+    rgb = cv2.resize(rgb, size, interpolation=interp)
+    alpha = cv2.resize(alpha, size, interpolation=cv2.INTER_LINEAR) >= 0.5
+    return np.ascontiguousarray(rgb), alpha
+
+
+def cover_resize(image: np.ndarray, height: int, width: int) -> np.ndarray:
+    """The image scaled to cover height x width, centre-cropped to exactly that size."""
+    h, w = image.shape[:2]
+    scale = max(height / h, width / w)
+    size = (max(width, math.ceil(w * scale)), max(height, math.ceil(h * scale)))
+    big = cv2.resize(image, size, interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR)
+    y0, x0 = (big.shape[0] - height) // 2, (big.shape[1] - width) // 2
+    return np.ascontiguousarray(big[y0:y0 + height, x0:x0 + width])
+
+
+def _noun(label: str) -> str:
+    return "object" if label == "region" else label
+
+
+class _Plan:
+    """The working state while composing one sample."""
+
+    def __init__(self, sample: EditSample, pool: list[Donor]):
+        self.sample = sample
+        self.shape: tuple[int, int] = sample.source.shape[:2]
+        self.objects = sample.objects
+        self.by_id = {o.id: o for o in sample.objects}
+        self.working = [InventoryObject(o.id, o.label, list(o.box), None, dict(o.attributes),
+                                        o.confidence, o.producer) for o in sample.objects]
+        self.touched: set[int] = set()
+        self.claimed = np.zeros(self.shape, dtype=bool)
+        self.all_objects = np.logical_or.reduce([o.mask for o in sample.objects])
+        self.background_done = False
+        self.pool = pool
+        self.next_id = max(o.id for o in sample.objects) + 1
+        self.donors: dict[int, dict[str, np.ndarray]] = {}  # id(sub) -> donor entry
+
+    @property
+    def area(self) -> int:
+        return self.shape[0] * self.shape[1]
+
+    def working_obj(self, oid: int) -> InventoryObject | None:
+        return next((o for o in self.working if o.id == oid), None)
+
+    def overlap_ok(self, region: np.ndarray, tolerance: float = OVERLAP_TOLERANCE) -> bool:
+        size = int(np.count_nonzero(region))
+        return size > 0 and np.count_nonzero(region & self.claimed) <= tolerance * size
+
+    def covers_little(self, placed: np.ndarray, ignore: tuple[int, ...] = ()) -> bool:
+        """Whether a pasted thing covers little of the objects no sub-edit touched yet."""
+        others = [o.mask for o in self.objects if o.id not in self.touched and o.id not in ignore]
+        if not others:
+            return True
+        covered = np.count_nonzero(placed & np.logical_or.reduce(others))
+        return covered <= COVER_TOLERANCE * max(1, np.count_nonzero(placed))
+
+    def inside(self, box: list[float]) -> bool:
+        h, w = self.shape
+        return (box[0] >= FRAME_MARGIN and box[1] >= FRAME_MARGIN
+                and box[2] <= w - FRAME_MARGIN and box[3] <= h - FRAME_MARGIN)
+
+    def referable(self, rng: np.random.Generator,
+                  where: Callable[[InventoryObject], bool] = lambda o: True
+                  ) -> Iterator[tuple[InventoryObject, dict[str, Any]]]:
+        """(inventory object, reference) of untouched, still intact objects, in random order."""
+        free = [o for o in self.objects if o.id not in self.touched and o.mask is not None]
+        for k in rng.permutation(len(free)):
+            obj = free[int(k)]
+            if not where(obj) or not self.overlap_ok(obj.mask):
+                continue
+            ref = refer(self.working_obj(obj.id), self.working, rng, self.shape)
+            if ref is not None:
+                yield obj, ref
+
+    def region(self, sub: SubEdit, donor: dict[str, np.ndarray] | None = None) -> np.ndarray:
+        return region_of(sub, self.objects, self.shape, donor)
+
+    def commit(self, sub: SubEdit) -> None:
+        h, w = self.shape
+        if sub.type != "background":
+            self.touched.update(sub.object_ids)
+            self.claimed |= sub.mask
+        p = sub.params
+        if sub.type == "recolor":
+            obj = self.working_obj(sub.object_ids[0])
+            obj.attributes.update(color=p["to_color"], rgb=p["to_rgb"])
+        elif sub.type in ("remove", "replace"):
+            self.working = [o for o in self.working if o.id != sub.object_ids[0]]
+        elif sub.type == "move":
+            obj = self.working_obj(sub.object_ids[0])
+            obj.box = _shift_box(obj.box, p["dx"], p["dy"])
+        elif sub.type == "resize":
+            obj = self.working_obj(sub.object_ids[0])
+            obj.box = _scale_box(obj.box, p["scale"])
+            obj.attributes["size"] = size_word(
+                obj.attributes.get("area", 0.0) * p["scale"] ** 2)
+        elif sub.type == "swap":
+            for oid, (dx, dy) in zip(sub.object_ids, p["offsets"]):
+                obj = self.working_obj(oid)
+                obj.box = _shift_box(obj.box, dx, dy)
+        if sub.type in ("add", "replace"):
+            alpha = self.donors[id(sub)]["alpha"]
+            placed = place(alpha, p["cx"], p["cy"], self.shape)
+            box = bbox(placed)
+            area = float(np.count_nonzero(placed)) / (h * w)
+            self.working.append(InventoryObject(
+                self.next_id, p.get("label", p.get("to_label", "region")), box, None,
+                {"color": p.get("color", p.get("to_color")), "size": size_word(area),
+                 "area": area}))
+            self.next_id += 1
+        if sub.type == "background":
+            self.background_done = True
+
+
+def _shift_box(box: list[int], dx: int, dy: int) -> list[int]:
+    return [box[0] + dx, box[1] + dy, box[2] + dx, box[3] + dy]
+
+
+def _scale_box(box: list[int], scale: float) -> list[int]:
+    cx, cy = box_centre(box)
+    half_w, half_h = (box[2] - box[0]) * scale / 2, (box[3] - box[1]) * scale / 2
+    return [int(math.floor(cx + 0.5 - half_w)), int(math.floor(cy + 0.5 - half_h)),
+            int(math.ceil(cx + 0.5 + half_w)), int(math.ceil(cy + 0.5 + half_h))]
+
+
+def _cell_point(plan: _Plan, rng: np.random.Generator, half_w: float, half_h: float
+                ) -> tuple[str, int, int] | None:
+    """A random pixel inside a random cell (inset), far enough from the frame for a thing of
+    half-size (half_w, half_h)."""
+    h, w = plan.shape
+    row, col = int(rng.integers(3)), int(rng.integers(3))
+    lo_x = max((col / 3 + CELL_INSET) * w, half_w + FRAME_MARGIN + 1)
+    hi_x = min(((col + 1) / 3 - CELL_INSET) * w, w - half_w - FRAME_MARGIN - 1)
+    lo_y = max((row / 3 + CELL_INSET) * h, half_h + FRAME_MARGIN + 1)
+    hi_y = min(((row + 1) / 3 - CELL_INSET) * h, h - half_h - FRAME_MARGIN - 1)
+    if lo_x >= hi_x or lo_y >= hi_y:
+        return None
+    return CELLS[(row, col)], int(rng.uniform(lo_x, hi_x)), int(rng.uniform(lo_y, hi_y))
+
+
+def _sub(kind: str, text: str, target: str, object_ids: list[int], /, **params: Any) -> SubEdit:
+    return SubEdit(kind, text, target=target, object_ids=object_ids,
+                   params={"domain": "photo", **params})
+
+
+def _finish(plan: _Plan, sub: SubEdit, donor: dict[str, np.ndarray] | None = None,
+            tolerance: float = OVERLAP_TOLERANCE) -> SubEdit | None:
+    """Fix the sub-edit's region; None if it is empty or overlaps earlier regions too much."""
+    region = plan.region(sub, donor)
+    if sub.type != "background" and not plan.overlap_ok(region, tolerance):
+        return None
+    if not region.any():
+        return None
+    sub.mask = region
+    sub.box = bbox(region)
+    if donor is not None:
+        plan.donors[id(sub)] = donor
+    return sub
+
+
+# ---- drafters: one per edit type ---------------------------------------------------------------
+
+def _draft_recolor(plan: _Plan, rng: np.random.Generator) -> SubEdit | None:
+    def shows_hue(obj: InventoryObject) -> bool:
+        low, high = RECOLOR_LIGHTNESS
+        return "rgb" in obj.attributes and low <= lightness(obj.attributes["rgb"]) <= high
+
+    for obj, ref in plan.referable(rng, shows_hue):
+        from_color = plan.working_obj(obj.id).attributes.get("color", "")
+        to_color = _choice(rng, [c for c in RECOLOR_COLORS if not same_family(c, from_color)])
+        t = describe(ref)
+        template = _choice(rng, ("make {t} {c}", "paint {t} {c}", "turn {t} {c}",
+                                 "color {t} {c}", "change the color of {t} to {c}"))
+        sub = _sub("recolor", template.format(t=t, c=to_color), t, [obj.id], to_color=to_color,
+                   to_rgb=list(COLOR_NAMES[to_color]), from_color=from_color, ref=ref)
+        if _finish(plan, sub):
+            return sub
+    return None
+
+
+def _draft_remove(plan: _Plan, rng: np.random.Generator) -> SubEdit | None:
+    for obj, ref in plan.referable(rng):
+        t = describe(ref)
+        template = _choice(rng, ("remove {t}", "delete {t}", "take away {t}", "get rid of {t}",
+                                 "erase {t}"))
+        sub = _sub("remove", template.format(t=t), t, [obj.id], label=obj.label, ref=ref)
+        if _finish(plan, sub):
+            return sub
+    return None
+
+
+def _draft_move(plan: _Plan, rng: np.random.Generator) -> SubEdit | None:
+    short = min(plan.shape)
+    for obj, ref in plan.referable(rng):
+        t = describe(ref)
+        for _ in range(6):
+            (ux, uy), phrase = DIRECTIONS[_choice(rng, list(DIRECTIONS))]
+            distance = float(rng.uniform(0.15, 0.3)) * short / math.hypot(ux, uy)
+            dx, dy = int(round(ux * distance)), int(round(uy * distance))
+            if not plan.inside(_shift_box(obj.box, dx, dy)):
+                continue
+            verb = _choice(rng, ("move", "shift", "slide"))
+            sub = _sub("move", f"{verb} {t} {phrase}", t, [obj.id], dx=dx, dy=dy,
+                       direction=phrase, ref=ref)
+            if _finish(plan, sub) and plan.covers_little(sub.mask & ~obj.mask, (obj.id,)):
+                return sub
+    return None
+
+
+def _draft_resize(plan: _Plan, rng: np.random.Generator) -> SubEdit | None:
+    for obj, ref in plan.referable(rng):
+        t = describe(ref)
+        for to_size in rng.permutation(["smaller", "larger"]):
+            to_size = str(to_size)
+            low, high = (0.55, 0.8) if to_size == "smaller" else (1.25, 1.6)
+            scale = round(float(rng.uniform(low, high)), 3)
+            if not plan.inside(_scale_box(obj.box, scale)):
+                continue
+            way = "down" if to_size == "smaller" else "up"
+            template = _choice(rng, ("make {t} " + to_size, "resize {t} to be " + to_size,
+                                     "scale {t} " + way,
+                                     "shrink {t}" if way == "down" else "enlarge {t}"))
+            sub = _sub("resize", template.format(t=t), t, [obj.id], scale=scale,
+                       to_size=to_size, ref=ref)
+            if _finish(plan, sub) and plan.covers_little(sub.mask & ~obj.mask, (obj.id,)):
+                return sub
+    return None
+
+
+def _draft_swap(plan: _Plan, rng: np.random.Generator) -> SubEdit | None:
+    candidates = list(plan.referable(rng))
+    pairs = []
+    for i, (a, ref_a) in enumerate(candidates):
+        for b, ref_b in candidates[i + 1:]:
+            colour_a, colour_b = a.attributes.get("color", ""), b.attributes.get("color", "")
+            if same_family(colour_a, colour_b) and a.label == b.label:
+                continue  # the swap would hardly show
+            area_a, area_b = a.mask.sum(), b.mask.sum()
+            if max(area_a, area_b) > 4 * min(area_a, area_b):
+                continue
+            pairs.append(((a, ref_a), (b, ref_b)))
+    for k in rng.permutation(len(pairs))[:20]:
+        (a, ref_a), (b, ref_b) = pairs[int(k)]
+        (ax, ay), (bx, by) = box_centre(a.box), box_centre(b.box)
+        dx, dy = int(round(bx - ax)), int(round(by - ay))
+        if not (plan.inside(_shift_box(a.box, dx, dy))
+                and plan.inside(_shift_box(b.box, -dx, -dy))):
+            continue
+        ta, tb = describe(ref_a), describe(ref_b)
+        template = _choice(rng, ("swap {a} and {b}", "swap the positions of {a} and {b}",
+                                 "let {a} and {b} trade places", "exchange {a} and {b}"))
+        sub = _sub("swap", template.format(a=ta, b=tb), f"{ta} and {tb}", [a.id, b.id],
+                   offsets=[[dx, dy], [-dx, -dy]], refs=[ref_a, ref_b])
+        if _finish(plan, sub) and plan.covers_little(sub.mask & ~(a.mask | b.mask),
+                                                     (a.id, b.id)):
+            return sub
+    return None
+
+
+def _pick_donor(plan: _Plan, rng: np.random.Generator, exclude: tuple[int, ...] = (),
+                avoid_color: str = "") -> tuple[Donor, InventoryObject] | None:
+    for donor in plan.pool:
+        objects = [o for o in donor.objects
+                   if not (donor.own and (o.id in exclude or o.id in plan.touched))]
+        differ = [o for o in objects
+                  if not same_family(o.attributes.get("color", ""), avoid_color)]
+        objects = differ or objects
+        if objects:
+            return donor, _choice(rng, objects)
+    return None
+
+
+def _donor_color(obj: InventoryObject) -> str:
+    return obj.attributes.get("color") or color_name(obj.attributes.get("rgb", (128, 128, 128)))
+
+
+def _draft_add(plan: _Plan, rng: np.random.Generator) -> SubEdit | None:
+    picked = _pick_donor(plan, rng)
+    if picked is None:
+        return None
+    donor, obj = picked
+    share = float(rng.uniform(0.015, 0.05))
+    scale = round(math.sqrt(share * plan.area / max(1, obj.mask.sum())), 3)
+    rgb, alpha = cut_out(donor, obj, scale)
+    h, w = alpha.shape
+    if h >= plan.shape[0] * 0.6 or w >= plan.shape[1] * 0.6:
+        return None
+    color = _donor_color(obj)
+    for _ in range(20):
+        spot = _cell_point(plan, rng, w / 2, h / 2)
+        if spot is None:
+            continue
+        position, cx, cy = spot
+        placed = place(alpha, cx, cy, plan.shape)
+        if not plan.covers_little(placed):
+            continue
+        size = size_word(np.count_nonzero(placed) / plan.area)
+        thing = f"{SIZE_WORDS[size]} {color.replace(' ', '-')} {_noun(obj.label)}"
+        verb = _choice(rng, ("add", "put", "place", "paste"))
+        sub = _sub("add", f"{verb} {article(thing)} {thing} {REGION_PHRASES[position]}",
+                   f"{article(thing)} {thing}", [], label=obj.label, color=color, cx=cx, cy=cy,
+                   scale=scale, donor_key=donor.key, donor_object=obj.id, position=position)
+        if _finish(plan, sub, {"rgb": rgb, "alpha": alpha}):
+            return sub
+    return None
+
+
+def _draft_replace(plan: _Plan, rng: np.random.Generator) -> SubEdit | None:
+    for target, ref in plan.referable(rng):
+        from_color = plan.working_obj(target.id).attributes.get("color", "")
+        picked = _pick_donor(plan, rng, exclude=(target.id,), avoid_color=from_color)
+        if picked is None:
+            return None
+        donor, obj = picked
+        tw, th = target.box[2] - target.box[0], target.box[3] - target.box[1]
+        dw, dh = obj.box[2] - obj.box[0], obj.box[3] - obj.box[1]
+        scale = round(min(tw / dw, th / dh) * float(rng.uniform(0.9, 1.1)), 3)
+        rgb, alpha = cut_out(donor, obj, scale)
+        cx, cy = (int(round(v)) for v in box_centre(target.box))
+        placed_box = bbox(alpha)
+        if placed_box is None:
+            continue
+        h, w = alpha.shape
+        if not plan.inside([cx - w // 2, cy - h // 2, cx - w // 2 + w, cy - h // 2 + h]):
+            continue
+        to_color = _donor_color(obj)
+        t = describe(ref)
+        thing = f"{to_color.replace(' ', '-')} {_noun(obj.label)}"
+        template = _choice(rng, ("replace {t} with {a}", "turn {t} into {a}",
+                                 "change {t} into {a}"))
+        sub = _sub("replace", template.format(t=t, a=f"{article(thing)} {thing}"), t,
+                   [target.id], from_label=target.label, to_label=obj.label, to_color=to_color,
+                   cx=cx, cy=cy, scale=scale, donor_key=donor.key, donor_object=obj.id, ref=ref)
+        if _finish(plan, sub, {"rgb": rgb, "alpha": alpha}) and plan.covers_little(
+                place(alpha, cx, cy, plan.shape) & ~target.mask, (target.id,)):
+            return sub
+        plan.donors.pop(id(sub), None)
+    return None
+
+
+def _draft_add_text(plan: _Plan, rng: np.random.Generator) -> SubEdit | None:
+    word = _choice(rng, TEXT_WORDS)
+    short = min(plan.shape)
+    size_px = int(round(short * float(rng.uniform(0.06, 0.1))))
+    image = plan.sample.source
+    for _ in range(20):
+        spot = _cell_point(plan, rng, 0, 0)
+        if spot is None:
+            continue
+        position, cx, cy = spot
+        box = text_ink_box(word, cx, cy, size_px)
+        if box is None or not plan.inside(box):
+            continue
+        mean = image[box[1]:box[3], box[0]:box[2]].reshape(-1, 3).mean(axis=0)
+        colors = [c for c in TEXT_COLORS if math.dist(COLOR_NAMES[c], mean) >= TEXT_CONTRAST]
+        if not colors:
+            continue
+        color = _choice(rng, colors)
+        template = _choice(rng, ("add the word {w} in {c} {p}", "write {w} in {c} {p}",
+                                 "write the word {w} {p} in {c}"))
+        sub = _sub("add_text", template.format(w=word, c=color, p=REGION_PHRASES[position]),
+                   f"the word {word}", [], text=word, color=color,
+                   rgb=list(COLOR_NAMES[color]), cx=cx, cy=cy, size_px=size_px,
+                   position=position)
+        if _finish(plan, sub, tolerance=0.0):
+            return sub
+    return None
+
+
+def _draft_background(plan: _Plan, rng: np.random.Generator) -> SubEdit | None:
+    if plan.background_done:
+        return None
+    if np.count_nonzero(~plan.all_objects) < MIN_BACKGROUND * plan.area:
+        return None
+    others = [d for d in plan.pool if not d.own]
+    op = _choice(rng, BACKGROUND_OPS if others else BACKGROUND_OPS[:3])
+    kept = [o.id for o in plan.objects]
+    donor = None
+    if op == "blur":
+        sigma = round(float(rng.uniform(3.0, 8.0)), 2)
+        text = _choice(rng, ("blur the background", "make the background blurry",
+                             "put the background out of focus"))
+        params: dict[str, Any] = {"op": op, "sigma": sigma}
+    elif op == "tint":
+        color = _choice(rng, TINT_COLORS)
+        text = _choice(rng, ("tint the background {c}", "give the background a {c} tint",
+                             "wash the background in {c}")).format(c=color)
+        params = {"op": op, "to_color": color, "to_rgb": list(COLOR_NAMES[color])}
+    elif op == "desaturate":
+        text = _choice(rng, ("make the background black and white", "desaturate the background",
+                             "turn the background gray"))
+        params = {"op": op}
+    else:
+        source = others[0]
+        donor = {"rgb": cover_resize(source.image, *plan.shape)}
+        text = _choice(rng, ("replace the background with a different scene",
+                             "change the background to another photo",
+                             "put a new background behind everything"))
+        params = {"op": op, "donor_key": source.key}
+    sub = _sub("background", text, "the background", kept, **params)
+    return _finish(plan, sub, donor)
+
+
+def _draft_texture(plan: _Plan, rng: np.random.Generator) -> SubEdit | None:
+    def shows_pattern(obj: InventoryObject) -> bool:
+        big = obj.attributes.get("area", 0.0) >= 0.008
+        return big and lightness(obj.attributes.get("rgb", (128, 128, 128))) >= 15.0
+
+    for obj, ref in plan.referable(rng, shows_pattern):
+        pattern = _choice(rng, PATTERNS)
+        t = describe(ref)
+        period = int(rng.integers(6, 13))
+        sub = _sub("texture", _choice(rng, _PATTERN_TEMPLATES[pattern]).format(t=t), t,
+                   [obj.id], to_pattern=pattern, period=period, ref=ref)
+        if _finish(plan, sub):
+            return sub
+    return None
+
+
+DRAFTERS: dict[str, Callable[[_Plan, np.random.Generator], SubEdit | None]] = {
+    "add": _draft_add,
+    "remove": _draft_remove,
+    "replace": _draft_replace,
+    "recolor": _draft_recolor,
+    "resize": _draft_resize,
+    "move": _draft_move,
+    "background": _draft_background,
+    "add_text": _draft_add_text,
+    "swap": _draft_swap,
+    "texture": _draft_texture,
+}
+if set(DRAFTERS) != set(EDIT_TYPES):  # a new edit type must come with its drafter
+    raise RuntimeError(f"photo composer drafts {sorted(DRAFTERS)}, record knows {EDIT_TYPES}")
+
+
+@COMPOSERS.register("inventory")
+class InventoryComposer(RecordStage):
+    """Writes a complex instruction with regions over the sample's object inventory."""
+
+    name = "compose"
+
+    def __init__(self, min_edits: int = 2, max_edits: int = 5):
+        if not 1 <= min_edits <= max_edits <= MAX_SUB_EDITS:
+            raise ValueError(f"need 1 <= min_edits <= max_edits <= {MAX_SUB_EDITS}, "
+                             f"got {min_edits}, {max_edits}")
+        self.min_edits = min_edits
+        self.max_edits = max_edits
+        self._pools: dict[int, list[Donor]] = {}
+
+    def __call__(self, batch: list[EditSample]) -> list[EditSample]:
+        self._pools = donor_pools(batch)
+        try:
+            return super().__call__(batch)
+        finally:
+            self._pools = {}
+
+    def process(self, sample: EditSample) -> None:
+        if sample.source is None:
+            raise ValueError("no source image to compose edits for")
+        objects = [o for o in sample.objects if o.mask is not None]
+        if not objects or len(objects) != len(sample.objects):
+            raise ValueError("the inventory composer needs objects with masks (run a grounder)")
+        pool = self._pools.get(id(sample))
+        if pool is None:  # called outside a batch: the sample's own image lends
+            own = _donor_of(sample, own=True)
+            pool = [own] if own is not None else []
+        rng = sample_rng(sample, self.name)
+        plan = _Plan(sample, pool)
+        wanted = int(rng.integers(self.min_edits, self.max_edits + 1))
+        used: Counter[str] = Counter()
+        sub_edits: list[SubEdit] = []
+        while len(sub_edits) < wanted:
+            # Least-used types first, ties in random order; a type that cannot be placed here
+            # gives way to the next.
+            tie = rng.random(len(EDIT_TYPES))
+            order = sorted(range(len(EDIT_TYPES)), key=lambda k: (used[EDIT_TYPES[k]], tie[k]))
+            for k in order:
+                sub = DRAFTERS[EDIT_TYPES[k]](plan, rng)
+                if sub is not None:
+                    break
+            else:
+                break
+            plan.commit(sub)
+            used[sub.type] += 1
+            sub_edits.append(sub)
+        if len(sub_edits) < self.min_edits:
+            raise ValueError(f"could only place {len(sub_edits)} of the {self.min_edits} "
+                             f"sub-edits asked for over {len(objects)} objects")
+        # The background changes first: later sub-edits act on the new background.
+        sub_edits.sort(key=lambda s: s.type != "background")
+        donors = {str(i): plan.donors[id(s)] for i, s in enumerate(sub_edits)
+                  if id(s) in plan.donors}
+        if donors:
+            sample.private["donors"] = donors
+        else:
+            sample.private.pop("donors", None)
+        sample.sub_edits = sub_edits
+        sample.instruction = join_instruction([s.text for s in sub_edits], rng)
