@@ -275,7 +275,8 @@ MANIFEST_COLUMNS: list[tuple[str, pa.DataType, Callable[[EditSample], Any]]] = [
     (
         "sub_edit_scores",
         pa.list_(pa.float32()),
-        lambda s: [float(x) for x in s.scores.get("sub_edits", [])],
+        # null = "unknown": the judge could not verify that sub-edit (the pair goes to review)
+        lambda s: [None if x is None else float(x) for x in s.scores.get("sub_edits", [])],
     ),
     # routing's per-sub-edit decision (scores["sub_edit_pass"]); null until routed. Lets a
     # resumed build recount per-edit-type pass rates from the manifest alone.

@@ -196,7 +196,7 @@ def _sample_row(row: dict[str, Any], sample: EditSample | None) -> str:
     items = []
     for i, edit in enumerate(edits):
         color = "#%02x%02x%02x" % MASK_COLORS[i % len(MASK_COLORS)]
-        score = f" {scores[i]:.2f}" if i < len(scores) else ""
+        score = "" if i >= len(scores) else " unknown" if scores[i] is None else f" {scores[i]:.2f}"
         failed = i < len(passes) and not passes[i]
         mark = (" ✗" if failed else " ✓") if i < len(passes) else ""
         why = f"<div class=cap>{html.escape(str(reasons[i]))}</div>" if failed and i < len(reasons) else ""
@@ -242,7 +242,8 @@ def render_report(out: Path, samples_per_verdict: int = SAMPLES_PER_VERDICT) -> 
         parts.append(histogram_svg(by_verdict, f"{label} score"))
     sub_scores: dict[str, list[float]] = defaultdict(list)
     for row in rows:
-        sub_scores[row["verdict"] or "error"].extend(float(s) for s in row["sub_edit_scores"] or [])
+        sub_scores[row["verdict"] or "error"].extend(
+            float(s) for s in row["sub_edit_scores"] or [] if s is not None)
     parts.append(histogram_svg(sub_scores, "sub-edit scores"))
     parts.append("</div>")
 
