@@ -2,7 +2,9 @@
 
 The policy is three pairs of thresholds over the judge's scores (see `pipeline.judges.base`):
 
-- a sub-edit counts as carried out when its score is >= `sub_edit_pass`;
+- a sub-edit counts as carried out when its score is >= `sub_edit_pass`; a score of None
+  ("unknown": the judge could not verify it) never counts as carried out, so such a pair is at
+  best borderline (a person decides), never accepted unchecked;
 - reject when the background score is < `background_reject`, or the overall score is
   < `overall_reject`;
 - accept when every sub-edit passed, the background score is >= `background_accept` and the
@@ -57,7 +59,7 @@ class RoutingPolicy:
         return asdict(self)
 
     def sub_edit_pass_flags(self, scores: dict[str, Any]) -> list[bool]:
-        return [float(s) >= self.sub_edit_pass for s in scores.get("sub_edits", [])]
+        return [s is not None and float(s) >= self.sub_edit_pass for s in scores.get("sub_edits", [])]
 
     def route(self, scores: dict[str, Any]) -> str:
         """"accept", "borderline" or "reject" for one sample's judge scores."""

@@ -202,7 +202,7 @@ def _steps(sample: EditSample, regions: list[np.ndarray]) -> list[np.ndarray]:
     ctx = _Context(sample.objects, sample.private.get("donors") or {}, sample.source.shape)
     images = [sample.source]
     for i, sub in enumerate(sample.sub_edits):
-        images.append(apply_photo_edit(images[-1], sub, regions[i], ctx, i))
+        images.append(apply_photo_edit(images[-1], sub, regions[i], ctx, i)[0])
     return images
 
 

@@ -65,6 +65,68 @@ def _make_samples(source: ProceduralSource, seed: int, start: int, stop: int) ->
     return [source.make(seed, index) for index in range(start, stop)]
 
 
+class VerdictScore:
+    """Verdicts of judged and routed samples against their hidden defect logs, for any source and
+    editor: `add(samples)` as they come, `report()` for the figures."""
+
+    def __init__(self, keep_misses: int = 10):
+        self.keep_misses = keep_misses
+        self.clean, self.defective = _Tally(), _Tally()
+        self.by_defect: dict[str, _Tally] = defaultdict(_Tally)
+        self.by_edit_clean: dict[str, _Tally] = defaultdict(_Tally)
+        self.by_edit_defective: dict[str, _Tally] = defaultdict(_Tally)
+        self.errors: dict[str, int] = defaultdict(int)
+        self.misses: list[dict[str, Any]] = []
+
+    def add(self, samples: list[EditSample]) -> None:
+        for sample in samples:
+            if sample.verdict in ("error", "judge_error") or sample.verdict is None:
+                self.errors[f"{sample.error_stage or 'unknown'}"] += 1
+                continue
+            types = [e.type for e in sample.sub_edits]
+            if not sample.defects:
+                self.clean.add(sample.verdict)
+                for t in set(types):
+                    self.by_edit_clean[t].add(sample.verdict)
+                if sample.verdict == "reject" and len(self.misses) < self.keep_misses:
+                    self.misses.append(_miss(sample, "clean rejected"))
+                continue
+            self.defective.add(sample.verdict)
+            for defect in sample.defects:
+                self.by_defect[defect["type"]].add(sample.verdict)
+                i = defect.get("sub_edit")
+                for t in ({types[i]} if i is not None else set(types)):
+                    self.by_edit_defective[t].add(sample.verdict)
+            if sample.verdict == "accept" and len(self.misses) < self.keep_misses:
+                self.misses.append(_miss(sample, "defect accepted"))
+
+    def report(self) -> dict[str, Any]:
+        clean, defective = self.clean, self.defective
+        total = clean.total + defective.total
+        borderline = clean.counts["borderline"] + defective.counts["borderline"]
+        return {
+            "scored": total,
+            "errors": dict(self.errors),
+            "clean": clean.total,
+            "defective": defective.total,
+            "defect_recall": None if defective.total == 0 else round(1 - defective.counts["accept"] / defective.total, 4),
+            "false_reject_rate": clean.share("reject"),
+            "false_borderline_rate": clean.share("borderline"),
+            "borderline_rate": None if total == 0 else round(borderline / total, 4),
+            "verdicts": {
+                "clean": dict(sorted(clean.counts.items())),
+                "defective": dict(sorted(defective.counts.items())),
+            },
+            "per_defect_type": {k: v.summary(True) for k, v in sorted(self.by_defect.items())},
+            "per_edit_type": {
+                t: {"clean": self.by_edit_clean[t].summary(False),
+                    "defective": self.by_edit_defective[t].summary(True)}
+                for t in sorted(set(self.by_edit_clean) | set(self.by_edit_defective))
+            },
+            "misses": self.misses,
+        }
+
+
 def judge_bench(
     count: int,
     defect_rate: float,
@@ -90,12 +152,7 @@ def judge_bench(
     judging = JudgeStage(judge_impl)
     routing = RouteStage(policy)
 
-    clean, defective = _Tally(), _Tally()
-    by_defect: dict[str, _Tally] = defaultdict(_Tally)
-    by_edit_clean: dict[str, _Tally] = defaultdict(_Tally)
-    by_edit_defective: dict[str, _Tally] = defaultdict(_Tally)
-    errors: dict[str, int] = defaultdict(int)
-    misses: list[dict[str, Any]] = []
+    score = VerdictScore(keep_misses)
     judge_seconds = 0.0
     judged = 0
     for start in range(0, count, BATCH):
@@ -107,29 +164,10 @@ def judge_bench(
         judge_seconds += time.perf_counter() - t0
         judged += len(ready)
         routing(ready)
-        for sample in batch:
-            if sample.verdict in ("error", "judge_error") or sample.verdict is None:
-                errors[f"{sample.error_stage or 'unknown'}"] += 1
-                continue
-            types = [e.type for e in sample.sub_edits]
-            if not sample.defects:
-                clean.add(sample.verdict)
-                for t in set(types):
-                    by_edit_clean[t].add(sample.verdict)
-                if sample.verdict == "reject" and len(misses) < keep_misses:
-                    misses.append(_miss(sample, "clean rejected"))
-                continue
-            defective.add(sample.verdict)
-            for defect in sample.defects:
-                by_defect[defect["type"]].add(sample.verdict)
-                i = defect.get("sub_edit")
-                for t in ({types[i]} if i is not None else set(types)):
-                    by_edit_defective[t].add(sample.verdict)
-            if sample.verdict == "accept" and len(misses) < keep_misses:
-                misses.append(_miss(sample, "defect accepted"))
+        score.add(batch)
 
-    total = clean.total + defective.total
-    borderline = clean.counts["borderline"] + defective.counts["borderline"]
+    figures = score.report()
+    misses = figures.pop("misses")
     return {
         "judge": judge,
         "count": count,
@@ -137,23 +175,7 @@ def judge_bench(
         "resolution": resolution,
         "defect_rate": defect_rate,
         "policy": policy.to_dict(),
-        "scored": total,
-        "errors": dict(errors),
-        "clean": clean.total,
-        "defective": defective.total,
-        "defect_recall": None if defective.total == 0 else round(1 - defective.counts["accept"] / defective.total, 4),
-        "false_reject_rate": clean.share("reject"),
-        "false_borderline_rate": clean.share("borderline"),
-        "borderline_rate": None if total == 0 else round(borderline / total, 4),
-        "verdicts": {
-            "clean": dict(sorted(clean.counts.items())),
-            "defective": dict(sorted(defective.counts.items())),
-        },
-        "per_defect_type": {k: v.summary(True) for k, v in sorted(by_defect.items())},
-        "per_edit_type": {
-            t: {"clean": by_edit_clean[t].summary(False), "defective": by_edit_defective[t].summary(True)}
-            for t in sorted(set(by_edit_clean) | set(by_edit_defective))
-        },
+        **figures,
         "judge_ms_per_pair": None if judged == 0 else round(1000 * judge_seconds / judged, 2),
         "misses": misses,
     }

@@ -46,6 +46,10 @@ whose target colour is one the procedural world paints (object colours and shade
 tones, the source's own colours, a gradient between asked background tones). Noise, blur or
 blending artefacts inside the regions lower it.
 
+Photo pairs (sub-edits with params["domain"] == "photo") are scored by `pixel_photo` instead:
+coverage of each sub-edit's own mask plus a check of its type, None ("unknown") where pixels
+cannot tell; background consistency as above; quality None.
+
 Overall (`overall`): min(every sub-edit score, background, quality): a pair is as good as its worst
 part, which is what routing needs to catch a single failed sub-edit among many.
 """
@@ -59,6 +63,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from pipeline.judges import pixel_photo
 from pipeline.judges.base import JudgeError, register_judge
 from pipeline.record import JudgeView, SubEdit
 from pipeline.sources.scene import (
@@ -682,6 +687,8 @@ class PixelJudge:
     def score(self, view: JudgeView) -> dict[str, Any]:
         self._validate(view)
         pair = _Pair(view, self.color_tolerance, self.change_tolerance)
+        if pixel_photo.is_photo(view):
+            return self._score_photo(view, pair)
         overlap = None
         if len(view.sub_edits) > 1:
             overlap = np.zeros(pair.diff.shape, dtype=np.uint8)
@@ -706,6 +713,22 @@ class PixelJudge:
             "background_changed": round(changed, 6),
             "background_psnr": None if psnr is None else round(psnr, 2),
             "quality": None if quality is None else round(quality, 4),
+            "overall": round(overall, 4),
+        }
+
+    def _score_photo(self, view: JudgeView, pair: _Pair) -> dict[str, Any]:
+        """Photo pairs: `pixel_photo`'s checks per sub-edit (None = unknown), the same background
+        consistency, no quality score (a photo has no palette to test it against)."""
+        scores, reasons = pixel_photo.score_sub_edits(view)
+        background, changed, psnr = self._background(view, pair)
+        overall = min([s for s in scores if s is not None] + [background])
+        return {
+            "sub_edits": [None if s is None else round(_clip(s), 4) for s in scores],
+            "sub_edit_reasons": reasons,
+            "background": round(background, 4),
+            "background_changed": round(changed, 6),
+            "background_psnr": None if psnr is None else round(psnr, 2),
+            "quality": None,
             "overall": round(overall, 4),
         }
 

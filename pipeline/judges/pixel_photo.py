@@ -1,0 +1,367 @@
+"""The pixel judge's checks of photo sub-edits (params["domain"] == "photo").
+
+A photo has no palette to test against, so each sub-edit is checked for what pixels can show,
+from the two images and the sub-edit's structured params and mask (the pixels the editor says it
+changed) only. Per sub-edit i, with `own` = its mask minus the masks of later sub-edits (which
+may paint over it):
+
+- coverage: share of `own` that differs between source and target. A skipped sub-edit, one done
+  to another object, or one done in part leaves much of its mask untouched;
+- plus a check of its type (1 = what was asked shows, 0 = it does not; None = pixels cannot tell,
+  with the reason):
+  - recolor:    share of `own` whose target colour bears chroma at the asked hue (LCh, within
+                HUE_TOLERANCE degrees; a gray asked colour: share without chroma);
+  - remove:     the old content is gone: the lightness of `own` in the target no longer
+                correlates with the source's (or, for a flat object, its mean colour moved);
+  - move, swap: the source content found at the destination: share of the object's pixels p
+                (`own` pixels whose destination p + d is in `own`) with target[p + d] within
+                MATCH_LEVEL of source[p], against the same share for the unmoved source
+                (content that looks the same shifted cannot tell a move, so it is None);
+  - resize:     the same through the asked scale about the mask's box centre (searched ±2 px);
+  - add, replace: the change sits at the asked place (the centroid of `own` near (cx, cy));
+  - add_text:   the glyphs re-rendered exactly (`editors.photo.text_glyphs`): min(share of the
+                glyph pixels in the asked colour, share of the changed pixels that are glyphs);
+  - texture:    share of `own` on the asked pattern's marks, darkened there;
+  - background: the op: tint (the a*b* change points to the asked colour), desaturate (no
+                chroma left), blur (high frequencies lost: Laplacian energy ratio), photo
+                (lightness no longer correlates with the source's).
+- score = min(coverage, type check); a type check of None makes the score None ("unknown"):
+  routing never accepts such a pair (it goes to a person).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import cv2
+import numpy as np
+
+from pipeline.record import JudgeView, SubEdit
+from pipeline.sources.scene import pattern_mask
+
+MIN_PIXELS = 24  # fewer own pixels than this: nothing to judge
+HUE_TOLERANCE = 30.0  # degrees
+MIN_CHROMA = 6.0  # C* of a pixel that shows a hue
+GRAY_CHROMA = 12.0  # C* below this is a gray
+MATCH_LEVEL = 24  # largest channel difference of "the same content"
+SAMPLE_LIMIT = 40000  # pixels a statistic looks at (strided beyond)
+
+
+def _lab(pixels: np.ndarray) -> np.ndarray:
+    """CIELAB of (n, 3) uint8 colours."""
+    flat = np.ascontiguousarray(pixels, dtype=np.uint8).reshape(-1, 1, 3)
+    return cv2.cvtColor(flat.astype(np.float32) * (1.0 / 255.0), cv2.COLOR_RGB2Lab).reshape(-1, 3)
+
+
+def _hue(lab: np.ndarray) -> np.ndarray:
+    return np.degrees(np.arctan2(lab[..., 2], lab[..., 1])) % 360.0
+
+
+def _hue_gap(h: np.ndarray, target: float) -> np.ndarray:
+    d = np.abs(h - target) % 360.0
+    return np.minimum(d, 360.0 - d)
+
+
+def _lch(rgb: Any) -> tuple[float, float, float]:
+    lab = _lab(np.asarray(rgb, dtype=np.uint8).reshape(1, 3))[0]
+    return float(lab[0]), float(math.hypot(lab[1], lab[2])), float(_hue(lab))
+
+
+def _rgb(params: dict[str, Any], key: str) -> tuple[int, int, int]:
+    value = params.get(key)
+    if value is None or len(value) != 3:
+        raise ValueError(f"photo sub-edit params lack an RGB {key!r}: {params}")
+    return tuple(int(c) for c in value)  # type: ignore[return-value]
+
+
+def _ncc(a: np.ndarray, b: np.ndarray) -> float | None:
+    a = a.astype(np.float32)
+    b = b.astype(np.float32)
+    a -= a.mean()
+    b -= b.mean()
+    denom = float(np.sqrt((a * a).sum() * (b * b).sum()))
+    if denom < 1e-6 or a.size < MIN_PIXELS:
+        return None
+    return float((a * b).sum()) / denom
+
+
+def _grey(image: np.ndarray) -> np.ndarray:
+    return cv2.cvtColor(np.ascontiguousarray(image), cv2.COLOR_RGB2GRAY)
+
+
+class PhotoPair:
+    """The two images of a photo view, with the per-pixel arrays the checks share."""
+
+    def __init__(self, view: JudgeView):
+        self.view = view
+        self.source, self.target = view.source, view.target
+        self.h, self.w = view.source.shape[:2]
+        unequal = view.source != view.target
+        self.changed = unequal[..., 0] | unequal[..., 1] | unequal[..., 2]
+        big = np.maximum(view.source, view.target) - np.minimum(view.source, view.target)
+        self.diff = np.maximum(np.maximum(big[..., 0], big[..., 1]), big[..., 2])
+
+
+def _box(mask: np.ndarray, pad: int = 0) -> tuple[slice, slice]:
+    rows = np.flatnonzero(mask.any(axis=1))
+    cols = np.flatnonzero(mask.any(axis=0))
+    h, w = mask.shape
+    return (slice(max(0, rows[0] - pad), min(h, rows[-1] + 1 + pad)),
+            slice(max(0, cols[0] - pad), min(w, cols[-1] + 1 + pad)))
+
+
+def _stride(n: int) -> int:
+    return max(1, int(math.ceil(n / SAMPLE_LIMIT)))
+
+
+def _share(hit: np.ndarray, total: int) -> float:
+    return float(np.count_nonzero(hit)) / max(1, total)
+
+
+def _found_at(pair: PhotoPair, own: np.ndarray, movers: list[tuple[np.ndarray, np.ndarray]]
+              ) -> tuple[float | None, str]:
+    """Share of the object pixels whose content reappears where the affine maps take it.
+
+    `movers`: (matrix 2x3 taking a source pixel to its destination, in frame coordinates, and the
+    bool mask of the source pixels it applies to). The pixel p counts where its destination lies
+    in `own`; it matches where target[dest] is within MATCH_LEVEL of source[p] in every channel.
+    Returns (share matched minus the share matched with no edit at all, reason)."""
+    box = _box(own, 2)
+    src, tgt = pair.source[box], pair.target[box]
+    own_c = own[box]
+    oy, ox = box[0].start, box[1].start
+    hits = total = base_hits = 0
+    for matrix, applies in movers:
+        m = matrix.copy()
+        m[:, 2] += m[:, :2] @ np.array([ox, oy]) - np.array([ox, oy])  # into crop coordinates
+        inverse = cv2.invertAffineTransform(m)
+        h, w = own_c.shape
+        # target and own pulled back to the source pixel grid: back[p] = target[dest(p)]
+        back = cv2.warpAffine(np.ascontiguousarray(tgt), inverse, (w, h), flags=cv2.INTER_NEAREST,
+                              borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+        back_src = cv2.warpAffine(np.ascontiguousarray(src), inverse, (w, h), flags=cv2.INTER_NEAREST,
+                                  borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+        dest_own = cv2.warpAffine(own_c.astype(np.uint8), inverse, (w, h), flags=cv2.INTER_NEAREST,
+                                  borderMode=cv2.BORDER_CONSTANT, borderValue=0).astype(bool)
+        p = own_c & dest_own & applies[box]
+        n = int(np.count_nonzero(p))
+        if n == 0:
+            continue
+        close = np.abs(back.astype(np.int16) - src.astype(np.int16)).max(axis=2) <= MATCH_LEVEL
+        same = np.abs(back_src.astype(np.int16) - src.astype(np.int16)).max(axis=2) <= MATCH_LEVEL
+        hits += int(np.count_nonzero(close & p))
+        base_hits += int(np.count_nonzero(same & p))
+        total += n
+    if total < MIN_PIXELS:
+        return None, "too few object pixels land inside the region to find them"
+    found, baseline = hits / total, base_hits / total
+    if baseline > 0.8:
+        return None, f"the content looks the same shifted ({baseline:.0%} of it matches unmoved)"
+    value = min(1.0, max(0.0, (found - baseline) / max(0.45 * (1 - baseline), 1e-6)))
+    return value, f"{found:.0%} of the object found at its destination ({baseline:.0%} unmoved)"
+
+
+def _translation(dx: float, dy: float) -> np.ndarray:
+    return np.array([[1.0, 0.0, dx], [0.0, 1.0, dy]])
+
+
+def _scaling(s: float, cx: float, cy: float) -> np.ndarray:
+    return np.array([[s, 0.0, cx * (1 - s)], [0.0, s, cy * (1 - s)]])
+
+
+# ---- type checks: (pair, own, sub, mask) -> (value in [0, 1] or None, reason) -------------------
+
+def _recolor(pair: PhotoPair, own: np.ndarray, sub: SubEdit, mask: np.ndarray):
+    _, tc, th = _lch(_rgb(sub.params, "to_rgb"))
+    pixels = pair.target[own]
+    lab = _lab(pixels[::_stride(len(pixels))])
+    chroma = np.hypot(lab[:, 1], lab[:, 2])
+    visible = (lab[:, 0] > 12) & (lab[:, 0] < 97)  # black or blown-out pixels show no colour
+    if np.count_nonzero(visible) < 0.5 * len(lab):
+        return None, "too dark or too bright to show a colour"
+    name = sub.params.get("to_color", "asked")
+    if tc < GRAY_CHROMA:
+        share = _share(visible & (chroma < GRAY_CHROMA), np.count_nonzero(visible))
+        return min(1.0, share / 0.9), f"{share:.0%} of the region is {name} (no chroma)"
+    ok = visible & (chroma >= MIN_CHROMA) & (_hue_gap(_hue(lab), th) <= HUE_TOLERANCE)
+    share = _share(ok, np.count_nonzero(visible))
+    return min(1.0, share / 0.9), f"{share:.0%} of the region shows the {name} hue"
+
+
+def _remove(pair: PhotoPair, own: np.ndarray, sub: SubEdit, mask: np.ndarray):
+    step = _stride(int(np.count_nonzero(own)))
+    src = _grey(pair.source)[own][::step]
+    tgt = _grey(pair.target)[own][::step]
+    if src.std() >= 4:
+        ncc = _ncc(src, tgt)
+        if ncc is not None:
+            value = min(1.0, max(0.0, (0.95 - ncc) / 0.15))
+            return value, f"the old content is gone (lightness correlation {ncc:.2f})"
+    delta = float(np.abs(_lab(pair.source[own][::step]) - _lab(pair.target[own][::step])).mean(axis=0).sum())
+    if delta >= 6:
+        return 1.0, f"the flat object's colour is gone (mean ΔLab {delta:.0f})"
+    return None, "the object is too like what replaced it to tell it is gone"
+
+
+def _move(pair: PhotoPair, own: np.ndarray, sub: SubEdit, mask: np.ndarray):
+    p = sub.params
+    return _found_at(pair, own, [(_translation(p["dx"], p["dy"]), own)])
+
+
+def _swap(pair: PhotoPair, own: np.ndarray, sub: SubEdit, mask: np.ndarray):
+    (dxa, dya), (dxb, dyb) = sub.params["offsets"]
+    return _found_at(pair, own, [(_translation(dxa, dya), own), (_translation(dxb, dyb), own)])
+
+
+def _resize(pair: PhotoPair, own: np.ndarray, sub: SubEdit, mask: np.ndarray):
+    s = float(sub.params["scale"])
+    rows = np.flatnonzero(mask.any(axis=1))
+    cols = np.flatnonzero(mask.any(axis=0))
+    cx, cy = (cols[0] + cols[-1]) / 2, (rows[0] + rows[-1]) / 2
+    best: tuple[float | None, str] = (None, "")
+    for ddy in (-2, 0, 2):
+        for ddx in (-2, 0, 2):
+            value, reason = _found_at(pair, own, [(_scaling(s, cx + ddx, cy + ddy), own)])
+            if value is not None and (best[0] is None or value > best[0]):
+                best = (value, reason)
+            elif best[0] is None and not best[1]:
+                best = (None, reason)
+    return best
+
+
+def _placed(pair: PhotoPair, own: np.ndarray, sub: SubEdit, mask: np.ndarray):
+    p = sub.params
+    ys, xs = np.nonzero(own)
+    cx, cy = float(xs.mean()), float(ys.mean())
+    span = max(float(xs.max() - xs.min()), float(ys.max() - ys.min()), 8.0)
+    off = math.hypot(cx - float(p["cx"]), cy - float(p["cy"]))
+    value = min(1.0, max(0.0, 1.0 - max(0.0, off - 0.25 * span) / (0.25 * span)))
+    return value, f"the new content sits {off:.0f} px from the asked place"
+
+
+def _add_text(pair: PhotoPair, own: np.ndarray, sub: SubEdit, mask: np.ndarray):
+    from pipeline.editors.photo import text_glyphs
+
+    p = sub.params
+    glyphs = text_glyphs(str(p["text"]), int(p["cx"]), int(p["cy"]), int(p["size_px"]),
+                         (pair.h, pair.w))
+    later = mask & ~own
+    glyphs &= ~later
+    n = int(np.count_nonzero(glyphs))
+    if n < MIN_PIXELS:
+        return None, "the text's glyphs fall outside the frame or under later edits"
+    rgb = np.array(_rgb(p, "rgb"), dtype=np.int16)
+    painted = np.abs(pair.target[glyphs].astype(np.int16) - rgb).max(axis=1) <= 6
+    recall = float(np.count_nonzero(painted)) / n
+    precision = _share(own & glyphs, int(np.count_nonzero(own)))
+    return min(recall, precision), (f"text {p['text']!r}: {recall:.0%} of its glyphs in "
+                                    f"{p.get('color', 'the asked colour')}, {precision:.0%} of "
+                                    "the changed pixels are glyphs")
+
+
+def _texture(pair: PhotoPair, own: np.ndarray, sub: SubEdit, mask: np.ndarray):
+    p = sub.params
+    marks = pattern_mask(str(p["to_pattern"]), pair.w, pair.h, int(p["period"]))
+    if marks is None:
+        return None, f"no marks for pattern {p['to_pattern']!r}"
+    n = int(np.count_nonzero(own))
+    on = own & marks
+    on_share = float(np.count_nonzero(on)) / n
+    if np.count_nonzero(on) < MIN_PIXELS:
+        return 0.0, "the change does not follow the pattern's marks"
+    src = pair.source[on].astype(np.float32).sum(axis=1)
+    tgt = pair.target[on].astype(np.float32).sum(axis=1)
+    darker = float(np.count_nonzero(tgt <= 0.8 * src + 6)) / len(src)
+    value = min(1.0, min(on_share, darker) / 0.9)
+    return value, f"{on_share:.0%} of the change on the {p['to_pattern']} marks, {darker:.0%} darkened"
+
+
+def _background(pair: PhotoPair, own: np.ndarray, sub: SubEdit, mask: np.ndarray):
+    p = sub.params
+    op = p.get("op")
+    step = _stride(int(np.count_nonzero(own)))
+    if op in ("tint", "desaturate"):
+        tgt = _lab(pair.target[own][::step])
+        if op == "desaturate":
+            share = _share(np.hypot(tgt[:, 1], tgt[:, 2]) < 3.0, len(tgt))
+            return min(1.0, share / 0.9), f"{share:.0%} of the background has no colour left"
+        src = _lab(pair.source[own][::step])
+        asked = _lab(np.array(_rgb(p, "to_rgb"), dtype=np.uint8).reshape(1, 3))[0]
+        want = asked[1:] - src[:, 1:]
+        got = tgt[:, 1:] - src[:, 1:]
+        wn, gn = np.hypot(*want.T), np.hypot(*got.T)
+        # Too dark or too bright a pixel holds no tint an 8-bit image can show.
+        useful = (wn > 8) & (src[:, 0] > 15) & (src[:, 0] < 95)
+        if np.count_nonzero(useful) < max(MIN_PIXELS, 0.2 * len(src)):
+            return None, "the background is too dark, too bright or already the asked tint"
+        cos = (want * got).sum(axis=1) / np.maximum(wn * gn, 1e-6)
+        ok = useful & (cos >= math.cos(math.radians(HUE_TOLERANCE))) & (gn >= 0.25 * wn)
+        share = _share(ok, np.count_nonzero(useful))
+        return min(1.0, share / 0.9), f"{share:.0%} of the background pulled toward {p.get('to_color', 'the tint')}"
+    if op == "blur":
+        box = _box(own, 1)
+        inner = cv2.erode(own[box].astype(np.uint8), np.ones((3, 3), np.uint8)).astype(bool)
+        lap_s = cv2.Laplacian(_grey(pair.source[box]).astype(np.float32), cv2.CV_32F)[inner]
+        lap_t = cv2.Laplacian(_grey(pair.target[box]).astype(np.float32), cv2.CV_32F)[inner]
+        energy = float((lap_s ** 2).mean()) if lap_s.size else 0.0
+        if energy < 4.0:
+            return None, "the background has no detail to lose"
+        ratio = float((lap_t ** 2).mean()) / energy
+        return min(1.0, max(0.0, (0.75 - ratio) / 0.35)), f"{1 - ratio:.0%} of the fine detail lost"
+    if op == "photo":
+        ncc = _ncc(_grey(pair.source)[own][::step], _grey(pair.target)[own][::step])
+        if ncc is None:
+            return None, "flat background: cannot tell it was replaced"
+        return min(1.0, max(0.0, (0.8 - ncc) / 0.3)), f"background replaced (lightness correlation {ncc:.2f})"
+    return None, f"unknown background op {op!r}"
+
+
+CHECKS = {
+    "recolor": _recolor,
+    "remove": _remove,
+    "move": _move,
+    "swap": _swap,
+    "resize": _resize,
+    "add": _placed,
+    "replace": _placed,
+    "add_text": _add_text,
+    "texture": _texture,
+    "background": _background,
+}
+
+
+def is_photo(view: JudgeView) -> bool:
+    return any(e.params.get("domain") == "photo" for e in view.sub_edits)
+
+
+def score_sub_edits(view: JudgeView) -> tuple[list[float | None], list[str]]:
+    """Per sub-edit score (None: unknown) and reason, for a photo view."""
+    pair = PhotoPair(view)
+    masks = [e.mask.astype(bool) for e in view.sub_edits]
+    later = np.zeros((pair.h, pair.w), dtype=bool)
+    owns: list[np.ndarray] = [None] * len(masks)  # type: ignore[list-item]
+    for i in range(len(masks) - 1, -1, -1):
+        owns[i] = masks[i] & ~later
+        later |= masks[i]
+    scores: list[float | None] = []
+    reasons: list[str] = []
+    for edit, mask, own in zip(view.sub_edits, masks, owns):
+        n = int(np.count_nonzero(own))
+        if n < MIN_PIXELS:
+            scores.append(None)
+            reasons.append(f"{edit.type}: too few pixels of its own left to judge")
+            continue
+        coverage = float(np.count_nonzero(pair.changed & own)) / n
+        if coverage < 0.5:  # nothing much was done: no need to look closer
+            scores.append(round(coverage, 4))
+            reasons.append(f"{edit.type}: only {coverage:.0%} of its region changed")
+            continue
+        value, reason = CHECKS[edit.type](pair, own & pair.changed, edit, mask)
+        if value is None:
+            scores.append(None)
+            reasons.append(f"{edit.type}: unknown: {reason} ({coverage:.0%} of its region changed)")
+            continue
+        scores.append(round(min(coverage, float(value)), 4))
+        reasons.append(f"{edit.type}: {reason}; {coverage:.0%} of its region changed")
+    return scores, reasons
