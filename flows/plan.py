@@ -25,6 +25,7 @@ def prepare_build(out: Path, config: BuildConfig) -> int:
         return total_samples(out, config)
     index, table = make_index(make_source(config))
     total = config.total_samples(index.size)
+    out.mkdir(parents=True, exist_ok=True)
     save_config(out, config)
     if table is not None:
         write_index(out, table)
