@@ -148,3 +148,14 @@ def test_a_judge_brings_its_own_thresholds_and_build_parameters_override_them():
     assert RoutingPolicy.for_judge(object()) == RoutingPolicy()
     with pytest.raises(ValueError, match="overall_accept"):
         RoutingPolicy.for_judge(CalibratedJudge(), {"overall_reject": 0.9})
+
+
+def test_an_unknown_sub_edit_score_is_never_accepted():
+    unknown = {"sub_edits": [1.0, None], "background": 1.0, "overall": 1.0}
+    assert POLICY.route(unknown) == "borderline"
+    assert POLICY.sub_edit_pass_flags(unknown) == [True, False]
+    # A reject still wins: an unknown score does not shield a bad background.
+    assert POLICY.route({**unknown, "background": 0.2, "overall": 0.2}) == "reject"
+    sample = EditSample(id="u", index=0, seed=0, scores=dict(unknown))
+    RouteStage(POLICY)([sample])
+    assert sample.verdict == "borderline" and sample.scores["sub_edit_pass"] == [True, False]

@@ -119,46 +119,45 @@ def _share(hit: np.ndarray, total: int) -> float:
     return float(np.count_nonzero(hit)) / max(1, total)
 
 
-def _found_at(pair: PhotoPair, own: np.ndarray, movers: list[tuple[np.ndarray, np.ndarray]]
-              ) -> tuple[float | None, str]:
-    """Share of the object pixels whose content reappears where the affine maps take it.
+def _found_at(pair: PhotoPair, own: np.ndarray, movers: list[np.ndarray]) -> tuple[float | None, str]:
+    """Share of the object pixels whose content reappears where one of the affine maps takes it.
 
-    `movers`: (matrix 2x3 taking a source pixel to its destination, in frame coordinates, and the
-    bool mask of the source pixels it applies to). The pixel p counts where its destination lies
-    in `own`; it matches where target[dest] is within MATCH_LEVEL of source[p] in every channel.
-    Returns (share matched minus the share matched with no edit at all, reason)."""
+    `movers`: 2x3 matrices taking a source pixel to its destination (frame coordinates): one for
+    a move or resize, one per object for a swap. A pixel p of `own` counts where some map takes
+    it into `own`; it matches where, for one of those maps, target[dest] is within MATCH_LEVEL of
+    source[p] in every channel. Returns (the matched share above the share that matches with no
+    edit at all, scaled to 0..1; reason)."""
     box = _box(own, 2)
     src, tgt = pair.source[box], pair.target[box]
     own_c = own[box]
-    oy, ox = box[0].start, box[1].start
-    hits = total = base_hits = 0
-    for matrix, applies in movers:
-        m = matrix.copy()
-        m[:, 2] += m[:, :2] @ np.array([ox, oy]) - np.array([ox, oy])  # into crop coordinates
+    h, w = own_c.shape
+    origin = np.array([box[1].start, box[0].start], dtype=np.float64)
+    counted = np.zeros((h, w), dtype=bool)
+    matched = np.zeros((h, w), dtype=bool)
+    unmoved = np.zeros((h, w), dtype=bool)
+    src16 = src.astype(np.int16)
+    for matrix in movers:
+        m = np.array(matrix, dtype=np.float64)
+        m[:, 2] += m[:, :2] @ origin - origin  # into crop coordinates
         inverse = cv2.invertAffineTransform(m)
-        h, w = own_c.shape
-        # target and own pulled back to the source pixel grid: back[p] = target[dest(p)]
-        back = cv2.warpAffine(np.ascontiguousarray(tgt), inverse, (w, h), flags=cv2.INTER_NEAREST,
-                              borderMode=cv2.BORDER_CONSTANT, borderValue=0)
-        back_src = cv2.warpAffine(np.ascontiguousarray(src), inverse, (w, h), flags=cv2.INTER_NEAREST,
-                                  borderMode=cv2.BORDER_CONSTANT, borderValue=0)
-        dest_own = cv2.warpAffine(own_c.astype(np.uint8), inverse, (w, h), flags=cv2.INTER_NEAREST,
-                                  borderMode=cv2.BORDER_CONSTANT, borderValue=0).astype(bool)
-        p = own_c & dest_own & applies[box]
-        n = int(np.count_nonzero(p))
-        if n == 0:
-            continue
-        close = np.abs(back.astype(np.int16) - src.astype(np.int16)).max(axis=2) <= MATCH_LEVEL
-        same = np.abs(back_src.astype(np.int16) - src.astype(np.int16)).max(axis=2) <= MATCH_LEVEL
-        hits += int(np.count_nonzero(close & p))
-        base_hits += int(np.count_nonzero(same & p))
-        total += n
+
+        def pull(image: np.ndarray) -> np.ndarray:  # pulled[p] = image[dest(p)]
+            return cv2.warpAffine(np.ascontiguousarray(image), inverse, (w, h),
+                                  flags=cv2.INTER_NEAREST, borderMode=cv2.BORDER_CONSTANT,
+                                  borderValue=0)
+
+        lands = own_c & pull(own_c.astype(np.uint8)).astype(bool)
+        counted |= lands
+        matched |= lands & (np.abs(pull(tgt).astype(np.int16) - src16).max(axis=2) <= MATCH_LEVEL)
+        unmoved |= lands & (np.abs(pull(src).astype(np.int16) - src16).max(axis=2) <= MATCH_LEVEL)
+    total = int(np.count_nonzero(counted))
     if total < MIN_PIXELS:
         return None, "too few object pixels land inside the region to find them"
-    found, baseline = hits / total, base_hits / total
+    found = float(np.count_nonzero(matched)) / total
+    baseline = float(np.count_nonzero(unmoved)) / total
     if baseline > 0.8:
         return None, f"the content looks the same shifted ({baseline:.0%} of it matches unmoved)"
-    value = min(1.0, max(0.0, (found - baseline) / max(0.45 * (1 - baseline), 1e-6)))
+    value = min(1.0, max(0.0, (found - baseline) / max(0.3 * (1 - baseline), 0.05)))
     return value, f"{found:.0%} of the object found at its destination ({baseline:.0%} unmoved)"
 
 
@@ -206,12 +205,12 @@ def _remove(pair: PhotoPair, own: np.ndarray, sub: SubEdit, mask: np.ndarray):
 
 def _move(pair: PhotoPair, own: np.ndarray, sub: SubEdit, mask: np.ndarray):
     p = sub.params
-    return _found_at(pair, own, [(_translation(p["dx"], p["dy"]), own)])
+    return _found_at(pair, own, [_translation(p["dx"], p["dy"])])
 
 
 def _swap(pair: PhotoPair, own: np.ndarray, sub: SubEdit, mask: np.ndarray):
     (dxa, dya), (dxb, dyb) = sub.params["offsets"]
-    return _found_at(pair, own, [(_translation(dxa, dya), own), (_translation(dxb, dyb), own)])
+    return _found_at(pair, own, [_translation(dxa, dya), _translation(dxb, dyb)])
 
 
 def _resize(pair: PhotoPair, own: np.ndarray, sub: SubEdit, mask: np.ndarray):
@@ -222,7 +221,7 @@ def _resize(pair: PhotoPair, own: np.ndarray, sub: SubEdit, mask: np.ndarray):
     best: tuple[float | None, str] = (None, "")
     for ddy in (-2, 0, 2):
         for ddx in (-2, 0, 2):
-            value, reason = _found_at(pair, own, [(_scaling(s, cx + ddx, cy + ddy), own)])
+            value, reason = _found_at(pair, own, [_scaling(s, cx + ddx, cy + ddy)])
             if value is not None and (best[0] is None or value > best[0]):
                 best = (value, reason)
             elif best[0] is None and not best[1]:
