@@ -6,6 +6,9 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 DEMO_OUT ?= out/demo
 DEMO_COUNT ?= 300
+DEMO_PHOTOS ?= $(DEMO_OUT)-photos
+# Real photographs that ship inside scikit-image's wheel, found at run time: nothing downloads.
+PHOTO_NAMES := astronaut.png chelsea.png coffee.png rocket.jpg motorcycle_left.png hubble_deep_field.jpg retina.jpg ihc.png
 
 export PREFECT_HOME ?= $(CURDIR)/.prefect
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
@@ -21,16 +24,21 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	rm -rf $(DEMO_OUT)
+	rm -rf $(DEMO_OUT) $(DEMO_PHOTOS) $(DEMO_PHOTOS).txt
 	$(VENV)/bin/mcie build --out $(DEMO_OUT) --count $(DEMO_COUNT) --workers 2 --shard-size 50
 	$(VENV)/bin/mcie verify $(DEMO_OUT)
+	mkdir -p $(dir $(DEMO_PHOTOS))
+	$(PY) -c "import importlib.resources as r, sys; d = r.files('skimage') / 'data'; print('\n'.join(str(d / n) for n in sys.argv[1:]))" $(PHOTO_NAMES) > $(DEMO_PHOTOS).txt
+	$(VENV)/bin/mcie build --out $(DEMO_PHOTOS) --source list --source-path $(DEMO_PHOTOS).txt \
+		--edits-per-image 4 --workers 2 --shard-size 8
+	$(VENV)/bin/mcie verify $(DEMO_PHOTOS)
 	$(VENV)/bin/mcie train --data $(DEMO_OUT) --config tiny --steps 30 --out $(DEMO_OUT)/ckpt
 	mkdir -p $(DEMO_OUT)/edit
 	tar -xf $(DEMO_OUT)/shards/train-000000.tar -C $(DEMO_OUT)/edit --wildcards '*.source.png'
 	$(VENV)/bin/mcie edit --checkpoint $(DEMO_OUT)/ckpt --steps 10 --out $(DEMO_OUT)/edit/edited.png \
 		--image $$(ls $(DEMO_OUT)/edit/*.source.png | head -1) \
 		--instruction "Make the circle blue, then remove the star, and also add the word SALE."
-	@echo "demo: dataset, report, tiny checkpoint and an edit are in $(DEMO_OUT)/"
+	@echo "demo: dataset, report, tiny checkpoint and an edit are in $(DEMO_OUT)/; real-photo pairs and their report in $(DEMO_PHOTOS)/"
 
 test: $(STAMP)
 	$(PY) -m pytest

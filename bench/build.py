@@ -1,9 +1,13 @@
 """Build throughput and memory, on this machine, in one run (a benchmark that prints figures).
 
-    .venv/bin/python bench/build.py [--count 192] [--rss-count 64] [--resolution 512]
+    .venv/bin/python bench/build.py [--count 192] [--rss-count 64] [--resolution 512] [--photos]
 
-0. stages: ms per pair of the procedural source, compose + edit, and the pixel judge, in this
-   process after a warm-up (the figures the README's per-stage breakdown quotes);
+`--photos` measures the real-photo path instead of procedural scenes: scikit-image's bundled
+photographs through the list source (decode + resize), the classical grounder, the inventory
+composer, the photo editor and the pixel judge (`--edits-per-image` as needed to reach the count).
+
+0. stages: ms per pair of each stage (source, ground, compose, edit, judge), in this process after
+   a warm-up (the figures the README's per-stage breakdown quotes);
 1. bare loop: `UnitPipeline.run` over the units in this process (one core), after one warm-up
    unit: the stage code's own speed, pairs/s (= pairs/s per core);
 2. `mcie build --workers 1` and `--workers 2`: pairs/s of the processing (first unit start to last
@@ -36,46 +40,89 @@ STEADY = re.compile(r"steady state\s+([\d.]+) pairs/s")
 THIS_RUN = re.compile(r"this run\s+(\d+) samples in ([\d.]+) s = ([\d.]+) pairs/s \(\+ ([\d.]+) s Ray")
 
 
-def bare_loop(count: int, resolution: int, shard_size: int, seed: int, out: Path) -> dict:
+# The colour photographs of scikit-image's wheel (one of the motorcycle stereo pair: the other is
+# its near-duplicate).
+PHOTOS = ("astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg", "motorcycle_left.png",
+          "hubble_deep_field.jpg", "retina.jpg", "ihc.png")
+
+
+def photo_list(work: Path) -> Path:
+    import importlib.resources
+
+    data = importlib.resources.files("skimage") / "data"
+    path = work / "photos.txt"
+    path.write_text("".join(f"{data / name}\n" for name in PHOTOS))
+    return path
+
+
+def build_args(args: argparse.Namespace, count: int, work: Path) -> list[str]:
+    """`mcie build` arguments of a benchmark build of `count` samples."""
+    common = ["--count", str(count), "--resolution", str(args.resolution), "--shard-size",
+              str(args.shard_size), "--seed", str(args.seed)]
+    if not args.photos:
+        return common
+    per_image = -(-count // len(PHOTOS))
+    return common + ["--source", "list", "--source-path", str(photo_list(work)),
+                     "--edits-per-image", str(per_image)]
+
+
+def config_of(build: list[str]):
+    """The BuildConfig `mcie build` makes of these arguments."""
+    from flows.cli import build_parser
     from pipeline.config import BuildConfig
+
+    ns = build_parser().parse_args(["build", "--out", "unused", *build])
+    options = {"path": ns.source_path} if ns.source_path else {}
+    return BuildConfig(count=ns.count, seed=ns.seed, resolution=ns.resolution,
+                       shard_size=ns.shard_size, source=ns.source, source_options=options,
+                       edits_per_image=ns.edits_per_image)
+
+
+def bare_loop(build: list[str], out: Path) -> dict:
+    from flows.plan import prepare_build
     from pipeline.unit import UnitPipeline
 
-    config = BuildConfig(count=count, seed=seed, resolution=resolution, shard_size=shard_size)
+    config = config_of(build)
     started = time.perf_counter()
+    total = prepare_build(out, config)
     pipeline = UnitPipeline(config, out)
     pipeline.run(0)  # warm-up: imports, caches, first allocations
     warm = time.perf_counter()
     samples = 0
-    for unit in range(1, config.num_units):
+    for unit in range(1, config.num_units(total)):
         samples += pipeline.run(unit).samples
     seconds = time.perf_counter() - warm
     return {"pairs_per_s": samples / seconds, "samples": samples, "seconds": seconds,
             "startup_s": warm - started}
 
 
-def stage_times(count: int, resolution: int, seed: int) -> dict:
-    from pipeline.compose.procedural import Composer
-    from pipeline.editors.procedural import ProceduralEditor
+def stage_times(build: list[str], count: int) -> dict:
+    """ms per pair of each stage, over the build's first `count` samples after a warm-up."""
+    from pipeline.dataset.source_index import make_index
     from pipeline.judges.base import make_judge
-    from pipeline.sources.procedural import ProceduralSource
+    from pipeline.unit import front_stages, make_source, read_sample
 
-    source, composer, editor, judge = (ProceduralSource(resolution=resolution), Composer(),
-                                       ProceduralEditor(), make_judge("pixel"))
+    config = config_of(build)
+    source = make_source(config)
+    index, _ = make_index(source)
+    grounder, composer, editor = front_stages(config)
+    judge = make_judge("pixel")
 
-    def one_round(indices: range) -> dict:
-        started = time.perf_counter()
-        samples = [source.make(seed, i) for i in indices]
-        sourced = time.perf_counter()
-        composer(samples)
-        editor(samples)
-        edited = time.perf_counter()
+    def one_round(numbers: range) -> dict:
+        times = [time.perf_counter()]
+        samples = [read_sample(source, config, index, n) for n in numbers]
+        times.append(time.perf_counter())
+        for stage in (grounder, composer, editor):
+            stage(samples)
+            times.append(time.perf_counter())
         judge.score_batch([s.judge_view() for s in samples if not s.failed])
-        judged = time.perf_counter()
+        times.append(time.perf_counter())
         n = len(samples)
-        return {"source_ms": (sourced - started) / n * 1e3, "compose_edit_ms": (edited - sourced) / n * 1e3,
-                "judge_ms": (judged - edited) / n * 1e3}
+        names = ("source", "ground", "compose", "edit", "judge")
+        return {f"{name}_ms": (b - a) / n * 1e3 for name, a, b in zip(names, times, times[1:])} | {
+            "failed": sum(s.failed for s in samples)}
 
-    one_round(range(count, count + 4))  # warm-up: imports and shape caches
+    one_round(range(min(4, count)))  # warm-up: imports and shape caches
     return one_round(range(count))
 
 
@@ -92,10 +139,8 @@ def session_rss(sid: int) -> int:
     return total
 
 
-def mcie_build(out: Path, count: int, resolution: int, shard_size: int, seed: int, workers: int,
-               env: dict) -> dict:
-    args = [sys.executable, "-m", "flows.cli", "build", "--out", str(out), "--count", str(count),
-            "--resolution", str(resolution), "--shard-size", str(shard_size), "--seed", str(seed),
+def mcie_build(out: Path, build: list[str], workers: int, env: dict) -> dict:
+    args = [sys.executable, "-m", "flows.cli", "build", "--out", str(out), *build,
             "--workers", str(workers)]
     started = time.perf_counter()
     proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -132,6 +177,7 @@ def main() -> int:
     parser.add_argument("--resolution", type=int, default=512)
     parser.add_argument("--shard-size", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--photos", action="store_true", help="the real-photo path (see above)")
     parser.add_argument("--skip", nargs="*", default=[], choices=["stages", "bare", "flow", "rss"])
     args = parser.parse_args()
 
@@ -142,23 +188,23 @@ def main() -> int:
     (work / "prefect").mkdir()
     print(f"machine: {os.cpu_count()} cores; load average before: "
           f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}")
-    print(f"{args.count} samples at {args.resolution} px, shard size {args.shard_size}")
+    print(f"{args.count} {'photo' if args.photos else 'procedural'} samples at {args.resolution} px,"
+          f" shard size {args.shard_size}")
+    build = build_args(args, args.count, work)
     results = {}
     try:
         if "stages" not in args.skip:
-            stages = stage_times(min(args.count, 48), args.resolution, args.seed)
-            print(f"stages, ms per pair    source {stages['source_ms']:.1f}, compose + edit "
-                  f"{stages['compose_edit_ms']:.1f}, pixel judge {stages['judge_ms']:.1f}")
+            stages = stage_times(build, min(args.count, 48))
+            print("stages, ms per pair    " + ", ".join(
+                f"{name[:-3]} {value:.1f}" for name, value in stages.items() if name.endswith("_ms"))
+                + f" ({stages['failed']} of the pairs failed a stage)")
         if "bare" not in args.skip:
-            bare = results["bare"] = bare_loop(args.count, args.resolution, args.shard_size, args.seed,
-                                               work / "bare")
+            bare = results["bare"] = bare_loop(build, work / "bare")
             print(f"bare loop (1 process)  {bare['pairs_per_s']:7.2f} pairs/s  (= per core; "
                   f"{bare['samples']} samples in {bare['seconds']:.1f} s after {bare['startup_s']:.1f} s warm-up)")
         if "flow" not in args.skip:
             for workers in (1, 2):
-                run = results[f"flow{workers}"] = mcie_build(
-                    work / f"flow{workers}", args.count, args.resolution, args.shard_size, args.seed,
-                    workers, env)
+                run = results[f"flow{workers}"] = mcie_build(work / f"flow{workers}", build, workers, env)
                 steady = run["steady_pairs_per_s"]
                 print(f"mcie build, {workers} worker{'s' if workers > 1 else ' '} {run['pairs_per_s']:7.2f} pairs/s"
                       f"  steady {steady if steady is None else f'{steady:.2f}'} pairs/s;"
@@ -166,8 +212,7 @@ def main() -> int:
                       f" peak RSS {run['peak_rss_mib']:.0f} MiB")
         if "rss" not in args.skip:
             for n in (args.rss_count, 10 * args.rss_count):
-                run = results[f"rss{n}"] = mcie_build(work / f"rss{n}", n, args.resolution,
-                                                      args.shard_size, args.seed, 2, env)
+                run = results[f"rss{n}"] = mcie_build(work / f"rss{n}", build_args(args, n, work), 2, env)
                 print(f"peak RSS, {n:5d} samples  {run['peak_rss_mib']:7.0f} MiB (whole build, 2 workers;"
                       f" {run['pairs_per_s']:.2f} pairs/s)")
         print("ratios:")

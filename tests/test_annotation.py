@@ -162,13 +162,15 @@ def test_commit_decision_moves_sample_once_even_after_a_crash(out_dir, monkeypat
     human = {"verdict": "reject", "annotations": [{"annotator": "a@b", "verdict": "reject"}]}
 
     # Crash after the shard was written, before the manifest: the queue keeps the sample.
-    real = queue._replace_row
-    monkeypatch.setattr(queue, "_replace_row", lambda *a, **k: (_ for _ in ()).throw(OSError("disk gone")))
+    from pipeline.dataset import move
+
+    real = move.update_rows
+    monkeypatch.setattr(move, "update_rows", lambda *a, **k: (_ for _ in ()).throw(OSError("disk gone")))
     with pytest.raises(OSError):
         queue.commit_decision(out_dir, item, "reject", "human", human)
     assert ids[0] in queue.review_ids(out_dir)
     assert _tar_keys(out_dir / "shards" / "negatives-000000.tar").count(ids[0]) == 1
-    monkeypatch.setattr(queue, "_replace_row", real)
+    monkeypatch.setattr(move, "update_rows", real)
 
     # The re-run completes it, with no second copy.
     item = queue.read_review(out_dir, ids[0])

@@ -253,22 +253,20 @@ class ProceduralEditor(RecordStage):
         states = [Scene.from_dict(scene)]
         for sub in sample.sub_edits:
             states.append(apply_sub_edit(states[-1], sub))
-        renders = [render(state) for state in states]
-        if sample.source is not None and not np.array_equal(sample.source, renders[0][0]):
-            raise ValueError("the source image does not match its scene graph")
-
-        regions = []
-        for i, sub in enumerate(sample.sub_edits):
-            changed = changed_pixels(renders[i][0], renders[i + 1][0])
-            if not changed.any():  # e.g. an object hidden behind others: nothing to see, or learn
-                raise ValueError(f"sub-edit {i} ({sub.text!r}) changes no visible pixel")
-            region = sub_edit_region(sub, renders[i], renders[i + 1], changed)
-            if sub.mask is not None and not np.array_equal(sub.mask, region):
-                raise ValueError(f"sub-edit {i} ({sub.text!r}) changes pixels outside the "
-                                 "composer's region")
-            sub.mask = region
-            sub.box = bbox(region)
-            regions.append(region)
+        rng = sample_rng(sample, "defects")
+        spoil = self.defect_rate > 0 and rng.random() < self.defect_rate
+        if not spoil and all(sub.mask is not None for sub in sample.sub_edits):
+            # The scene composer fixed the exact regions from these same renders: a clean edit
+            # only needs the final one.
+            regions = [sub.mask for sub in sample.sub_edits]
+            renders = [render(states[-1])]
+        else:
+            renders = [render(state) for state in states]
+            if sample.source is not None and not np.array_equal(sample.source, renders[0][0]):
+                raise ValueError("the source image does not match its scene graph")
+            regions = self._regions(sample.sub_edits, renders)
+        for sub, region in zip(sample.sub_edits, regions):
+            sub.mask, sub.box = region, bbox(region)
         union = np.logical_or.reduce(regions)
         target = renders[-1][0]
 
@@ -278,8 +276,7 @@ class ProceduralEditor(RecordStage):
         sample.defects = []
         sample.provenance["editor"] = f"procedural@{__version__}"
 
-        rng = sample_rng(sample, "defects")
-        if self.defect_rate > 0 and rng.random() < self.defect_rate:
+        if spoil:
             trace = EditTrace(
                 images=[image for image, _ in renders],
                 sub_edits=sample.sub_edits,
@@ -295,3 +292,18 @@ class ProceduralEditor(RecordStage):
             else:
                 sample.target, record = injected
                 sample.defects = [record]
+
+    @staticmethod
+    def _regions(sub_edits: list[SubEdit], renders: list[tuple[np.ndarray, np.ndarray]]) -> list[np.ndarray]:
+        """Each sub-edit's exact region from the renders, checked against the composer's."""
+        regions = []
+        for i, sub in enumerate(sub_edits):
+            changed = changed_pixels(renders[i][0], renders[i + 1][0])
+            if not changed.any():  # e.g. an object hidden behind others: nothing to see, or learn
+                raise ValueError(f"sub-edit {i} ({sub.text!r}) changes no visible pixel")
+            region = sub_edit_region(sub, renders[i], renders[i + 1], changed)
+            if sub.mask is not None and not np.array_equal(sub.mask, region):
+                raise ValueError(f"sub-edit {i} ({sub.text!r}) changes pixels outside the "
+                                 "composer's region")
+            regions.append(region)
+        return regions
