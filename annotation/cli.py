@@ -15,6 +15,7 @@ from pathlib import Path
 from annotation.client import Connection, LabelStudioError
 from annotation.server import LabelStudioServer, ServerConfig, ServerError, ensure_ls_venv
 from annotation.sync import IMAGE_MODES, ReviewSettings, pull, push, status
+from pipeline.dataset.lock import OutLocked
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +86,10 @@ def _review_handler(action: str):
                       f"{r.open} still open ({r.ties} ties)")
             else:
                 print("\n".join(status(args.out, conn, settings).lines()))
-        except (LabelStudioError, RuntimeError, ValueError) as exc:
+        except OutLocked as exc:  # another writer holds OUT: refused at once
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        except (LabelStudioError, RuntimeError, ValueError, OSError) as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 1
         return 0

@@ -9,15 +9,14 @@ redoes the move. Only the presence of `review/{id}/` makes a sample a candidate 
 
 from __future__ import annotations
 
-import fcntl
 import json
 import logging
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
-from pipeline.dataset.move import Move, move_samples
+from pipeline.dataset.lock import out_lock
+from pipeline.dataset.move import Move, is_sample_id, move_samples
 from pipeline.dataset.output import MANIFEST, read_manifest, read_parts
 from pipeline.dataset.shards import decode_sample, is_temp_name, read_members_dir
 from pipeline.record import dumps
@@ -25,7 +24,6 @@ from pipeline.record import dumps
 log = logging.getLogger(__name__)
 
 DECIDED_BY_HUMAN = ("human", "both")
-LOCK_NAME = ".review-sync.lock"
 
 
 @dataclass
@@ -48,10 +46,15 @@ def review_ids(out: Path) -> list[str]:
     root = review_root(out)
     if not root.is_dir():
         return []
-    return sorted(
-        p.name for p in root.iterdir()
-        if p.is_dir() and not is_temp_name(p.name) and not p.name.startswith(".")
-    )
+    ids = []
+    for p in root.iterdir():
+        if not p.is_dir() or is_temp_name(p.name) or p.name.startswith("."):
+            continue
+        if not is_sample_id(p.name):
+            log.warning("review/%s is not a sample id: skipped", p.name)
+            continue
+        ids.append(p.name)
+    return sorted(ids)
 
 
 def read_review(out: Path, sample_id: str) -> ReviewItem:
@@ -62,19 +65,10 @@ def read_review(out: Path, sample_id: str) -> ReviewItem:
     return ReviewItem(sample_id, directory, members)
 
 
-@contextmanager
-def sync_lock(out: Path) -> Iterator[None]:
-    """One push or pull at a time per OUT (a flow and a person may both run them)."""
-    path = Path(out) / LOCK_NAME
-    with open(path, "a+b") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise RuntimeError(f"another review push/pull is running on {out} (lock {path})") from None
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+def sync_lock(out: Path):
+    """Push and pull take OUT's one writer lock (`pipeline.dataset.lock`): a build, a rejudge or
+    another push/pull on the same OUT is refused at once (`OutLocked`)."""
+    return out_lock(out)
 
 
 def shard_size(out: Path) -> int:

@@ -20,6 +20,7 @@ from flows.execute import run_units
 from flows.plan import is_complete, pending_units, prepare_build
 from flows.ray_runtime import cluster_address, start_ray, stop_ray
 from pipeline.config import BuildConfig
+from pipeline.dataset.lock import out_lock
 from pipeline.dataset.output import finalize, read_manifest
 from pipeline.dataset.report import write_report
 from pipeline.dataset.stats import BuildStats, stats_from_manifest
@@ -134,6 +135,13 @@ def build_dataset(
         composer_options=composer_options or {}, editor=editor,
         editor_options=editor_options or {}, edits_per_image=edits_per_image,
     )
+    Path(out).mkdir(parents=True, exist_ok=True)
+    with out_lock(out):  # a scheduled run and a manual one never write into one OUT together
+        return _build(out, config, workers, ray_address, logger, flow_started)
+
+
+def _build(out: str, config: BuildConfig, workers: int, ray_address: str | None, logger,
+           flow_started: float) -> dict[str, Any]:
     pending, total = plan_build(out, config)
     num_units = config.num_units(total)
     run: dict[str, Any] = {"out": out, "units_processed": len(pending), "units_total": num_units}

@@ -143,11 +143,26 @@ def run_build(args: argparse.Namespace) -> int:
         make_source(config)  # opens the source: a missing path is refused before OUT exists
     except (ConfigError, ValueError, TypeError, OSError) as exc:
         raise UsageError(f"mcie build: error: {exc}") from None
-    from flows.plan import is_complete, prepare_build
+    from pipeline.dataset.lock import OutLocked, out_lock
 
     existed = Path(args.out).exists()
+    out = make_out_dir(args.out)
     try:
-        prepare_build(make_out_dir(args.out), config)
+        with out_lock(out):  # one writer per OUT, from planning to the report
+            return _locked_build(args, config, existed)
+    except OutLocked as exc:
+        raise UsageError(f"mcie build: error: {exc}") from None
+    except OSError as exc:  # a read-only or full OUT: one line (see pipeline.dataset.lock)
+        print(f"mcie build: failed: {exc}", file=sys.stderr)
+        return 1
+
+
+def _locked_build(args: argparse.Namespace, config, existed: bool) -> int:
+    from pipeline.config import ConfigError
+    from flows.plan import is_complete, prepare_build
+
+    try:
+        prepare_build(Path(args.out), config)
     except ConfigError as exc:
         if not existed:  # a refused command leaves nothing behind
             shutil.rmtree(args.out, ignore_errors=True)

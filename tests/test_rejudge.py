@@ -8,7 +8,7 @@ import json
 import pytest
 
 from openai_server import OpenAIServer
-from pipeline.dataset import rejudge as rejudge_module
+from pipeline.dataset import output as output_module
 from pipeline.config import BuildConfig, save_config
 from pipeline.judges.base import make_judge
 from pipeline.dataset.output import finalize, read_manifest, read_parts, write_unit
@@ -113,7 +113,7 @@ def test_a_crash_mid_move_loses_nothing_and_a_rerun_completes(tmp_path, server, 
     def crash(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(rejudge_module, "write_manifest", crash)
+    monkeypatch.setattr(output_module, "write_manifest", crash)  # the mover's manifest write
     with judge_for(server) as judge, pytest.raises(OSError, match="disk full"):
         rejudge(out, judge)
     monkeypatch.undo()

@@ -34,6 +34,7 @@ from pipeline.dataset.output import (
     update_rows,
 )
 from pipeline.dataset.shards import (
+    check_key,
     iter_tar_groups,
     remove_path,
     temp_path,
@@ -50,6 +51,16 @@ class Move:
     sample: EditSample  # with its new verdict (and verdict_by, human)
     members: dict[str, bytes]  # its encoded members (`shards.sample_members`), json up to date
     came_from: Path | None = None  # the review/rejudge dir it leaves, if any
+
+
+def is_sample_id(value: object) -> bool:
+    """The id grammar the factory writes (`shards.check_key`: letters, digits, '-', '_'): what an
+    id read from a manifest, a review dir or Label Studio must match before it becomes a path."""
+    try:
+        check_key(value)  # type: ignore[arg-type]
+        return True
+    except ValueError:
+        return False
 
 
 def _index_of(members: dict[str, bytes]) -> int:
@@ -81,6 +92,12 @@ def rewrite_tar(path: Path, add: dict[str, dict[str, bytes]], drop: set[str]) ->
 def move_samples(out: Path, moves: list[Move], shard_size: int) -> dict[str, str]:
     """Move the samples (see the module docstring); returns id → manifest location."""
     out = Path(out)
+    for move in moves:  # ids are data: check them before any becomes a path
+        sample_id = check_key(move.sample.id)
+        if move.came_from is not None and Path(move.came_from).resolve() not in (
+                (out / REVIEW / sample_id).resolve(), (out / REJUDGE / sample_id).resolve()):
+            raise ValueError(f"sample {sample_id} cannot leave {move.came_from}: only "
+                             f"{REVIEW}/{sample_id} or {REJUDGE}/{sample_id} of {out}")
     rows, locations = [], {}
     tars: dict[int, dict[str, dict[str, dict[str, bytes]]]] = defaultdict(
         lambda: {"train": {}, "negatives": {}})

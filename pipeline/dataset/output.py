@@ -299,8 +299,16 @@ def update_rows(out: Path, rows: list[dict]) -> pa.Table:
 
 def finalize(out: Path) -> pa.Table:
     """Merge every finished unit into OUT/manifest.parquet and OUT/defects.jsonl (one line per
-    sample, clean ones with an empty list), both sorted by index and written atomically."""
+    sample, clean ones with an empty list), both sorted by index and written atomically, under
+    OUT's writer lock (re-entrant: the build and the movers already hold it)."""
+    from pipeline.dataset.lock import out_lock
+
     out = Path(out)
+    with out_lock(out):
+        return _finalize(out)
+
+
+def _finalize(out: Path) -> pa.Table:
     table = write_manifest(out, read_parts(out))
     entries = []
     for part in sorted((out / PARTS).glob("unit-*.parquet")):

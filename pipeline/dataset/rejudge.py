@@ -30,7 +30,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.dataset.move import Move, move_samples, rewrite_tar
+from pipeline.dataset.lock import OutLocked, out_lock
+from pipeline.dataset.move import Move, is_sample_id, move_samples, rewrite_tar
 from pipeline.dataset.output import (
     REJUDGE,
     REVIEW,
@@ -41,6 +42,7 @@ from pipeline.dataset.output import (
 )
 from pipeline.dataset.shards import is_temp_name, read_sample_dir, remove_path, sample_members
 from pipeline.judges.base import Judge, JudgeStage
+from pipeline.sources.decode import _DECODE_ERRORS as DECODE_ERRORS
 from pipeline.record import EditSample
 from pipeline.routing import RouteStage, RoutingPolicy
 
@@ -56,7 +58,7 @@ class RejudgeStats:
     reject: int = 0
     borderline: int = 0
     still_failing: int = 0  # judged again without a verdict: left in rejudge/
-    unreadable: int = 0  # rejudge dir missing or broken: left as it is, reported
+    unreadable: int = 0  # rejudge dir missing or broken, or an id no build writes: left, reported
     cleaned: int = 0  # leftovers of an interrupted run removed
 
     def to_dict(self) -> dict[str, int]:
@@ -82,21 +84,38 @@ def rejudge(out: Path, judge: Judge, policy: RoutingPolicy | None = None,
     out = Path(out)
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+    with out_lock(out):
+        return _rejudge(out, judge, policy, chunk_size)
+
+
+def _rejudge(out: Path, judge: Judge, policy: RoutingPolicy | None, chunk_size: int) -> RejudgeStats:
     config = load_build_config(out)
     shard_size = int(config["shard_size"])
     policy = policy or RoutingPolicy.for_judge(judge, config.get("routing"))
     rows = read_manifest(out).to_pylist()
     stats = RejudgeStats()
-    candidates = [r for r in rows if r["verdict"] == "judge_error" and r["shard"] == f"{REJUDGE}/{r['id']}"]
-    stats.candidates = len(candidates)
+    candidates = []
+    for row in rows:
+        if row["verdict"] != "judge_error" or row["shard"] != f"{REJUDGE}/{row['id']}":
+            continue
+        if not is_sample_id(row["id"]):  # data, not a path: `../../x` must never be opened or removed
+            log.warning("rejudge: manifest row %d has the id %r, which the factory never writes; "
+                        "left as it is", row["index"], row["id"])
+            stats.unreadable += 1
+            continue
+        candidates.append(row)
+    stats.candidates = len(candidates) + stats.unreadable
     stats.cleaned = _clean_leftovers(out, rows, candidates, shard_size)
     judge_stage, route_stage = JudgeStage(judge), RouteStage(policy)
     for start in range(0, len(candidates), chunk_size):
         samples = []
         for row in candidates[start:start + chunk_size]:
             try:
-                samples.append(_reset(read_sample_dir(out / REJUDGE / row["id"])))
-            except (OSError, ValueError) as exc:
+                sample = read_sample_dir(out / REJUDGE / row["id"])
+                if sample.id != row["id"]:
+                    raise ValueError(f"its sample.json names another id, {sample.id!r}")
+                samples.append(_reset(sample))
+            except DECODE_ERRORS as exc:  # whatever a damaged PNG makes Pillow raise
                 log.warning("rejudge: cannot read %s/%s, left as it is: %s", REJUDGE, row["id"], exc)
                 stats.unreadable += 1
         route_stage(judge_stage(samples))
@@ -177,6 +196,21 @@ def register(subparsers: Any) -> None:
 
 
 def run_rejudge(args: argparse.Namespace) -> int:
+    out = Path(args.out)
+    if not out.is_dir():
+        return _run_rejudge(args)  # says what is wrong
+    try:
+        with out_lock(out):  # before anything else: a build still writing OUT is named as such
+            return _run_rejudge(args)
+    except OutLocked as exc:
+        print(f"mcie rejudge: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # a read-only or full OUT
+        print(f"mcie rejudge: failed: {exc}", file=sys.stderr)
+        return 1
+
+
+def _run_rejudge(args: argparse.Namespace) -> int:
     from pipeline.judges.base import make_judge
 
     out = Path(args.out)
