@@ -1,0 +1,1 @@
+"""Clients of model servers shared by the model-backed stages (judge, grounder, rewriter)."""
