@@ -12,8 +12,13 @@ diffusers' IP-Adapter processors hold `to_k_ip`/`to_v_ip`), so they are saved wi
   global tokens, so no row of the mask is empty.
 - **Background-consistent cross-attention**: the same queries attend to features of the source
   image; per position the two results are mixed as `(1 - g·b)·text + g·b·source`, where `b` is the
-  background mask at that resolution and `g = sigmoid(gate)` a learned gate. With the gate fully
-  closed (`g = 1`) a background position receives nothing from the instruction.
+  background mask at that resolution and `g` a learned gate. The branch is position-aware: the
+  source keys carry a fixed 2-D sinusoidal encoding of where they lie, and the queries a learned
+  (zero-initialised) projection of the same encoding at their own position, so the branch can read
+  "the source at my position" — shuffling the source's positions changes what it returns.
+- **Nothing new disturbs a pretrained UNet at step 0**: `g` starts at 0 (the mix is then exactly
+  the text branch) and is a plain coefficient (1 = the background hears only the source), the way
+  ControlNet's zero convolutions start.
 
 Conditions reach the processors through the UNet's `cross_attention_kwargs={"mcie": condition}`.
 """
@@ -105,14 +110,46 @@ class CrossAttnCondition:
         return self._cache[key]
 
     def source_tokens(self, length: int, grid: int, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """(B, M, C) source features average-pooled to this attention's grid (at most grid²)."""
+        """(B, M, C) source features average-pooled to this attention's grid (at most grid²), plus
+        the 2-D position encoding of each pooled cell."""
         key = ("source", length, grid, dtype)
+        if key in self._cache:
+            return self._cache[key]
+        h, w = self.grid(length)
+        size = (min(h, grid), min(w, grid))
+        pooled = F.adaptive_avg_pool2d(self.source_features, size)
+        pooled = pooled.flatten(2).transpose(1, 2) + position_encoding(*size, pooled.shape[1], pooled.device)
+        pooled = pooled if dtype is None else pooled.to(dtype)
+        # Not cached while it carries a gradient: under gradient checkpointing the recomputation
+        # must run (and save for backward) the same ops as the forward did.
+        if not (torch.is_grad_enabled() and pooled.requires_grad):
+            self._cache[key] = pooled
+        return pooled
+
+    def query_positions(self, length: int, dim: int, dtype: torch.dtype) -> torch.Tensor:
+        """(length, dim) position encoding of this attention's own grid (for the source branch's queries)."""
+        key = ("positions", length, dim, dtype)
         if key not in self._cache:
             h, w = self.grid(length)
-            pooled = F.adaptive_avg_pool2d(self.source_features, (min(h, grid), min(w, grid)))
-            pooled = pooled.flatten(2).transpose(1, 2)
-            self._cache[key] = pooled if dtype is None else pooled.to(dtype)
+            self._cache[key] = position_encoding(h, w, dim, self.region_masks.device).to(dtype)
         return self._cache[key]
+
+
+def position_encoding(height: int, width: int, dim: int, device: torch.device | None = None) -> torch.Tensor:
+    """(height·width, dim) fixed 2-D sinusoidal encoding of each cell's centre in [0, 1]² (so the
+    same place gets the same code at every resolution): dim/4 frequencies per axis, sin and cos;
+    zero in the channels left over when dim is not a multiple of 4."""
+    freqs = dim // 4
+    out = torch.zeros(height * width, dim, device=device)
+    if freqs == 0:
+        return out
+    ys = (torch.arange(height, device=device, dtype=torch.float32) + 0.5) / height
+    xs = (torch.arange(width, device=device, dtype=torch.float32) + 0.5) / width
+    y, x = torch.meshgrid(ys, xs, indexing="ij")
+    scales = math.pi * 2.0 ** torch.arange(freqs, device=device, dtype=torch.float32)  # π … π·2^(f-1)
+    angles = torch.cat([y.reshape(-1, 1) * scales, x.reshape(-1, 1) * scales], 1)  # (N, 2f)
+    out[:, : 4 * freqs] = torch.cat([angles.sin(), angles.cos()], 1)
+    return out
 
 
 def _heads(attn: Attention, x: torch.Tensor) -> torch.Tensor:
@@ -142,11 +179,14 @@ class MCIECrossAttnProcessor(nn.Module):
     and the per-position mix is a single `lerp` on the heads' outputs in the compute dtype (no
     float32 (B, N, C) temporaries, no dtype round-trips)."""
 
-    def __init__(self, inner_dim: int, source_dim: int, grid: int, gate_init: float = -2.0):
+    def __init__(self, inner_dim: int, source_dim: int, grid: int, gate_init: float = 0.0):
         super().__init__()
         self.grid = grid
+        self.source_dim = source_dim
         self.to_kv_source = nn.Linear(source_dim, 2 * inner_dim, bias=False)  # [K; V] stacked
-        self.gate = nn.Parameter(torch.tensor(float(gate_init)))
+        self.to_q_position = nn.Linear(source_dim, inner_dim, bias=False)  # where the query is
+        nn.init.zeros_(self.to_q_position.weight)
+        self.gate = nn.Parameter(torch.tensor(float(gate_init)))  # the mix coefficient, 0 at init
         self.register_load_state_dict_pre_hook(_fuse_split_source_projections)
 
     def __call__(self, attn: Attention, hidden_states: torch.Tensor,
@@ -171,9 +211,11 @@ class MCIECrossAttnProcessor(nn.Module):
         if mcie.source_features is not None:
             source = mcie.source_tokens(length, self.grid, query.dtype)
             k_src, v_src = self.to_kv_source(source).chunk(2, dim=-1)
+            where = self.to_q_position(mcie.query_positions(length, self.source_dim, query.dtype))
+            q_src = query + _heads(attn, where[None].expand(query.shape[0], -1, -1))
             # no mask: the flash kernel on CUDA
-            from_source = F.scaled_dot_product_attention(query, _heads(attn, k_src), _heads(attn, v_src))
-            closed = mcie.background_at(length, text.dtype) * torch.sigmoid(self.gate).to(text.dtype)
+            from_source = F.scaled_dot_product_attention(q_src, _heads(attn, k_src), _heads(attn, v_src))
+            closed = mcie.background_at(length, text.dtype) * self.gate.to(text.dtype)
             text = torch.lerp(text, from_source, closed)  # (1 - closed)·text + closed·source
 
         out = attn.to_out[1](attn.to_out[0](_merge(text)))
@@ -200,8 +242,8 @@ def reference_mcie_attention(attn: Attention, processor: MCIECrossAttnProcessor,
     query = _heads(attn, attn.to_q(hidden_states))
     scale = query.shape[-1] ** -0.5
 
-    def attend(keys, values, allowed=None):
-        scores = query @ keys.transpose(-1, -2) * scale
+    def attend(keys, values, allowed=None, queries=query):
+        scores = queries @ keys.transpose(-1, -2) * scale
         if allowed is not None:
             scores = scores.masked_fill(~allowed, float("-inf"))
         return _merge(scores.softmax(-1) @ values)
@@ -213,10 +255,13 @@ def reference_mcie_attention(attn: Attention, processor: MCIECrossAttnProcessor,
         h, w = condition.grid(length)
         grid = (min(h, processor.grid), min(w, processor.grid))
         source = F.adaptive_avg_pool2d(condition.source_features, grid).flatten(2).transpose(1, 2)
+        source = source + position_encoding(*grid, source.shape[-1], source.device)
         k_weight, v_weight = processor.to_kv_source.weight.chunk(2)
-        from_source = attend(_heads(attn, source @ k_weight.T), _heads(attn, source @ v_weight.T))
+        where = position_encoding(h, w, processor.source_dim, query.device) @ processor.to_q_position.weight.T
+        from_source = attend(_heads(attn, source @ k_weight.T), _heads(attn, source @ v_weight.T),
+                             queries=query + _heads(attn, where[None].expand(query.shape[0], -1, -1)))
         background = 1.0 - F.adaptive_max_pool2d(1.0 - condition.background.float(), (h, w))
-        closed = torch.sigmoid(processor.gate) * background.flatten(2).transpose(1, 2)  # (B, N, 1)
+        closed = processor.gate * background.flatten(2).transpose(1, 2)  # (B, N, 1)
         mixed = (1 - closed) * text.float() + closed * from_source.float()
     out = attn.to_out[1](attn.to_out[0](mixed.to(query.dtype)))
     if attn.residual_connection:
@@ -242,7 +287,6 @@ def mcie_processors(unet: nn.Module) -> list[MCIECrossAttnProcessor]:
 
 def set_background_gate(unet: nn.Module, closed: float) -> None:
     """Force every background gate: 1.0 = fully closed (background sees only the source)."""
-    logit = math.inf if closed >= 1 else -math.inf if closed <= 0 else math.log(closed / (1 - closed))
     with torch.no_grad():
         for processor in mcie_processors(unet):
-            processor.gate.fill_(logit)
+            processor.gate.fill_(float(closed))

@@ -38,11 +38,18 @@ _FINGERPRINT_FIELDS = ("resolution", "vae", "vae_path", "vae_scaling", "mllm", "
                        "mllm_image_size", "max_sub_edits")
 
 
+# 2: source latents unscaled (InstructPix2Pix's convention), each sub-instruction read against the
+# image prefix alone (trainer.mllm.MLLMEncoder.encode)
+CACHE_FORMAT = 2
+
+
 def fingerprint(model: ModelConfig, dtype: torch.dtype) -> dict[str, Any]:
-    """What the cached encodings depend on (the seed only where a frozen part is random-init)."""
+    """What the cached encodings depend on (the seed only where a frozen part is random-init),
+    including the dtype they were computed in."""
     random_init = model.vae_path is None or model.mllm_path is None
     return {**{name: getattr(model, name) for name in _FINGERPRINT_FIELDS},
-            "seed": model.seed if random_init else None, "dtype": str(dtype).removeprefix("torch.")}
+            "seed": model.seed if random_init else None, "dtype": str(dtype).removeprefix("torch."),
+            "format": CACHE_FORMAT}
 
 
 def cached_fingerprint(data: str | Path) -> dict[str, Any] | None:
@@ -51,20 +58,23 @@ def cached_fingerprint(data: str | Path) -> dict[str, Any] | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def check_cache(data: str | Path, config: Config) -> bool:
-    """True when `data` is a cache usable with `config`; raises ConfigError when it is one for
-    another model or the MLLM is to be LoRA-tuned; False for a plain build."""
+def check_cache(data: str | Path, config: Config, dtype: torch.dtype = torch.float32) -> bool:
+    """True when `data` is a cache usable with `config` trained with its frozen parts in `dtype`;
+    raises ConfigError when it is one for another model, format or dtype, or the MLLM is to be
+    LoRA-tuned; False for a plain build."""
     saved = cached_fingerprint(data)
     if saved is None:
         return False
     if config.model.mllm_tuning == "lora":
         raise ConfigError(f"{data} holds frozen MLLM encodings; LoRA tuning needs the MLLM live "
                           "(train on the build itself)")
-    wanted = {k: v for k, v in fingerprint(config.model, torch.float32).items() if k != "dtype"}
+    wanted = fingerprint(config.model, dtype)
     changed = sorted(k for k in wanted if saved.get(k) != wanted[k])
     if changed:
+        dtypes = (f"; encoded in {saved.get('dtype')}, training computes in {wanted['dtype']}"
+                  if "dtype" in changed else "")
         raise ConfigError(f"{data} was encoded for another model config ({', '.join(changed)} "
-                          "differ); run mcie train-cache again")
+                          f"differ{dtypes}); run mcie train-cache again")
     return True
 
 
@@ -74,7 +84,7 @@ def _encode_chunk(frozen, samples: list[dict[str, Any]], device: torch.device) -
     source = torch.stack([s["source"] for s in samples]).to(device)
     target = torch.stack([s["target"] for s in samples]).to(device)
     with torch.no_grad():
-        source_latents = frozen.latents(source)
+        source_latents = frozen.source_latents(source)
         target_latents = frozen.latents(target)
         encoded = frozen.mllm.encode(np.stack([s["source_uint8"] for s in samples]),
                                      [s["sub_texts"] for s in samples])

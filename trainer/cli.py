@@ -16,12 +16,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     train.add_argument("--data", required=True, help="a build OUT (reads OUT/shards/train-*.tar)")
     train.add_argument("--val-data", help="a build OUT whose train shards give the validation loss "
                                           "(every train.eval_every steps, else at each checkpoint)")
+    train.add_argument("--val-bench", help="a CIE-Bench directory: edits sampled on its first "
+                                           "train.bench_cases cases, IC/BC logged (at step 0, then "
+                                           "every train.bench_every steps)")
     train.add_argument("--config", default="tiny", help="tiny | base | a JSON config file")
+    train.add_argument("--init-unet", help="start from this UNet dir (an InstructPix2Pix UNet, or a "
+                                            "4-channel one widened with zeros); sets model.unet_path")
     train.add_argument("--steps", type=int, default=100, help="train up to this many steps in total")
     train.add_argument("--out", default="checkpoints", help="checkpoint dir (re-run to resume)")
     train.add_argument("--batch-size", type=int)
     train.add_argument("--grad-accum", type=int)
     train.add_argument("--lr", type=float, dest="learning_rate")
+    train.add_argument("--new-lr", type=float, dest="new_learning_rate",
+                       help="learning rate of the modules a pretrained UNet lacks (default: --lr)")
+    train.add_argument("--gradient-checkpointing", action="store_true", default=None)
     train.add_argument("--lr-schedule", choices=LR_SCHEDULES)
     train.add_argument("--lr-warmup-steps", type=int)
     train.add_argument("--checkpoint-every", type=int)
@@ -58,12 +66,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                       help="split the instruction by the composer's grammar or by asking the MLLM")
     edit.add_argument("--weights", choices=["ema", "trained"], default="ema",
                       help="the EMA weights where the checkpoint has them (default), or the trained ones")
+    edit.add_argument("--no-paste-back", dest="paste_back", action="store_false",
+                      help="return the decoded output as it is (default: the unedited pixels of the "
+                           "photo are pasted back, so its background is kept exactly)")
     edit.add_argument("--device", default=None, help="cuda when available, else cpu")
     edit.set_defaults(func=run_edit)
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from trainer.config import ConfigError, load_config, with_train
+    from pipeline.ciebench.cases import BenchError
+    from trainer.config import ConfigError, load_config, with_model, with_train
     from trainer.train import latest_checkpoint, train
 
     try:
@@ -75,10 +87,13 @@ def run_train(args: argparse.Namespace) -> int:
                             checkpoint_every=args.checkpoint_every,
                             checkpoint_limit=args.checkpoint_limit, num_workers=args.num_workers,
                             mixed_precision=args.mixed_precision, seed=args.seed,
-                            compile=args.compile, channels_last=args.channels_last)
+                            compile=args.compile, channels_last=args.channels_last,
+                            new_learning_rate=args.new_learning_rate,
+                            gradient_checkpointing=args.gradient_checkpointing)
+        config = with_model(config, unet_path=args.init_unet)
         config.model.check_paths()
-        result = train(args.data, config, args.out, args.steps, args.val_data)
-    except (ConfigError, FileNotFoundError, ValueError) as exc:
+        result = train(args.data, config, args.out, args.steps, args.val_data, args.val_bench)
+    except (ConfigError, BenchError, FileNotFoundError, ValueError) as exc:
         print(f"mcie train: error: {exc}", file=sys.stderr)
         return 2
     if not result.main_process:
@@ -107,10 +122,9 @@ def run_cache(args: argparse.Namespace) -> int:
 
 def run_edit(args: argparse.Namespace) -> int:
     import torch
-    from PIL import Image
 
     from trainer.config import ConfigError
-    from trainer.edit import edit_image, load_model
+    from trainer.edit import edit_image, load_model, read_image
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -118,10 +132,12 @@ def run_edit(args: argparse.Namespace) -> int:
             raise ValueError("--steps must be >= 1")
         if not Path(args.image).is_file():
             raise FileNotFoundError(f"image {args.image} does not exist")
+        image, notes = read_image(args.image)  # the safe decoder: a refused file fails in one line
         model = load_model(args.checkpoint, device, args.weights)
-        with Image.open(args.image) as image:
-            result, info = edit_image(model, image, args.instruction, args.regions, args.steps,
-                                      args.text_guidance, args.image_guidance, args.seed, args.split)
+        result, info = edit_image(model, image, args.instruction, args.regions, args.steps,
+                                  args.text_guidance, args.image_guidance, args.seed, args.split,
+                                  paste_back=args.paste_back)
+        info["decode_notes"] = notes
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         result.save(args.out)
     except (ConfigError, FileNotFoundError, ValueError, OSError) as exc:

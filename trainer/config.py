@@ -116,7 +116,7 @@ class ModelConfig:
     unet_path: str | None = None  # optional pretrained UNet dir (4-ch input is widened to 8)
     vae: dict[str, Any] | None = field(default_factory=_tiny_vae)  # random-init VAE config
     vae_path: str | None = None  # local AutoencoderKL dir (replaces `vae`)
-    vae_scaling: float = 0.18215
+    vae_scaling: float | None = None  # latent scale; None = the VAE's own config (scaling_factor)
     mllm: dict[str, Any] | None = field(default_factory=_tiny_mllm)  # random-init Qwen2.5-VL
     mllm_path: str | None = None  # local Qwen2.5-VL / Qwen2-VL dir (replaces `mllm`)
     mllm_image_size: int = 56  # the source is shown to the MLLM at this square size (multiple of 28)
@@ -130,6 +130,7 @@ class ModelConfig:
     source_feature_dim: int = 32  # width of the source features the background branch reads
     background_grid: int = 16  # source features are pooled to at most this grid per attention
     mask_head_dim: int = 32
+    region_dilation: int = 1  # latent cells added around a region the UNet is conditioned on
     scheduler_steps: int = 1000
     seed: int = 0  # seeds the random init of components built from configs
 
@@ -149,6 +150,17 @@ class ModelConfig:
         for name in ("max_sub_edits", "global_queries", "sub_queries", "connector_layers", "lora_rank"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.region_dilation < 0:
+            raise ConfigError(f"region_dilation must be >= 0, got {self.region_dilation}")
+        if self.vae_scaling is not None and self.vae_scaling <= 0:
+            raise ConfigError(f"vae_scaling must be > 0 (or null: the VAE's own), got {self.vae_scaling}")
+
+    def resolved(self) -> "ModelConfig":
+        """The same config with its weight directories as absolute paths, so a checkpoint's
+        config.json loads from any working directory."""
+        paths = {key: str(Path(getattr(self, key)).expanduser().resolve())
+                 for key in ("unet_path", "vae_path", "mllm_path") if getattr(self, key) is not None}
+        return replace(self, **paths)
 
     def check_paths(self) -> None:
         """Fail with the missing directory's name before anything heavy loads."""
@@ -166,6 +178,7 @@ class TrainConfig:
     batch_size: int = 4
     grad_accum: int = 1
     learning_rate: float = 1e-3
+    new_learning_rate: float = 0.0  # modules not in a pretrained UNet (connector, regions, source branch); 0 = learning_rate
     lr_schedule: str = "constant"  # cosine / linear decay to 0 at lr_decay_steps
     lr_warmup_steps: int = 0  # linear warm-up (constant_with_warmup, cosine, linear)
     lr_decay_steps: int = 0  # where cosine / linear reach 0; 0 = the run's --steps
@@ -178,6 +191,8 @@ class TrainConfig:
     crop_min_scale: float = 0.8  # paired random crop covers at least this fraction of each side
     edit_weight: float = 2.0  # extra loss weight on edited pixels (0 = plain MSE)
     mask_loss_weight: float = 0.5  # weight of the region head's loss
+    box_region_prob: float = 0.5  # a sub-edit's region shown to the UNet as its box (else its dilated mask)
+    predicted_region_prob: float = 0.25  # ... as the region head's own (detached) prediction instead
     text_drop: float = 0.05  # classifier-free guidance dropout of the instruction
     image_drop: float = 0.05  # ... of the source image
     both_drop: float = 0.05  # ... of both together
@@ -185,10 +200,14 @@ class TrainConfig:
     ema_decay: float = 0.0  # > 0: keep an EMA of the trained weights (what `mcie edit` uses)
     channels_last: bool = False  # NHWC convolution weights (tensor-core convs without transposes)
     compile: str = "off"  # torch.compile the UNet and source encoder: off or a compile mode
+    gradient_checkpointing: bool = False  # recompute the UNet's activations in backward (memory)
     cudnn_attention: bool = False  # try cuDNN's SDPA kernel first (Hopper)
     log_every: int = 10
     eval_every: int = 0  # validation loss on --val-data every N steps; 0 = at each checkpoint
     eval_batches: int = 4  # validation batches (the same ones every time)
+    bench_every: int = 0  # with --val-bench: sample edits on it every N steps (0 = when validating)
+    bench_cases: int = 8  # the first N cases of --val-bench (the same ones every time)
+    bench_steps: int = 10  # sampling steps of those edits
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -196,8 +215,18 @@ class TrainConfig:
                      "shuffle_buffer", "log_every", "eval_batches"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"train.{name} must be >= 1, got {getattr(self, name)}")
-        if self.eval_every < 0:
-            raise ConfigError(f"train.eval_every must be >= 0, got {self.eval_every}")
+        for name in ("eval_every", "bench_every"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"train.{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("bench_cases", "bench_steps"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+        if self.new_learning_rate < 0:
+            raise ConfigError(f"train.new_learning_rate must be >= 0, got {self.new_learning_rate}")
+        if not (0 <= self.box_region_prob and 0 <= self.predicted_region_prob
+                and self.box_region_prob + self.predicted_region_prob <= 1):
+            raise ConfigError("train.box_region_prob and train.predicted_region_prob must be >= 0 "
+                              "and sum to at most 1")
         if self.num_workers < 0:
             raise ConfigError(f"train.num_workers must be >= 0, got {self.num_workers}")
         if not 0 < self.crop_min_scale <= 1:
@@ -265,7 +294,8 @@ def preset(name: str) -> Config:
             mask_head_dim=128,
             unet_path="weights/sd15/unet",
         )
-        train = TrainConfig(batch_size=32, learning_rate=5e-5, lr_schedule="constant_with_warmup",
+        train = TrainConfig(batch_size=32, learning_rate=5e-5, new_learning_rate=1e-4,
+                            lr_schedule="constant_with_warmup",
                             lr_warmup_steps=500, ema_decay=0.9999, checkpoint_every=1000,
                             shuffle_buffer=1000, num_workers=4, channels_last=True, compile="default")
         return Config(model, train)
@@ -292,6 +322,10 @@ def load_config(spec: str) -> Config:
     _check_keys(ModelConfig, model_over)  # values are validated by the dataclasses on replace
     _check_keys(TrainConfig, train_over)
     return Config(replace(base.model, **model_over), replace(base.train, **train_over))
+
+
+def with_model(config: Config, **overrides: Any) -> Config:
+    return Config(replace(config.model, **{k: v for k, v in overrides.items() if v is not None}), config.train)
 
 
 def with_train(config: Config, **overrides: Any) -> Config:

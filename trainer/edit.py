@@ -6,8 +6,16 @@ absent), plus a bare "and" before an edit verb, or, with `--split mllm`, by the 
 (asked for a JSON list; the grammar takes over when its answer is not one); each
 sub-instruction's region is predicted by the model's region head (never empty: see
 `trainer.model.predicted_regions`) unless `--regions` gives it (a mask image or a pixel box
-`x0,y0,x1,y1`, one per sub-instruction). Sampling is DDIM with InstructPix2Pix's two guidance
-scales (text and image).
+`x0,y0,x1,y1`, one per sub-instruction). Sampling is DDIM as Stable Diffusion runs it
+(`trainer.model.make_sampler`: no x0 clamping) with InstructPix2Pix's two guidance scales.
+
+The background is kept exactly: the image is edited at its own aspect ratio (about
+`resolution`² pixels, sides a multiple of the model's downsampling), the latents outside the
+sub-instructions' regions are replaced at every step by the source's latents noised to that step
+(latent blending), and the unedited pixels of the original image are pasted back over the decoded
+result (`paste_back=False`, `mcie edit --no-paste-back`, shows the raw output). `mcie edit` reads
+the photo through the factory's safe decoder (`pipeline.sources.decode`: EXIF orientation, 16-bit,
+alpha, CMYK, palette normalised; bombs and truncated files refused with a one-line reason).
 """
 
 from __future__ import annotations
@@ -24,7 +32,8 @@ from PIL import Image
 
 from trainer.config import Config
 from trainer.data import to_tensor
-from trainer.model import MCIEE1, build_model
+from trainer.export import is_pretrained_dir, load_pretrained
+from trainer.model import MCIEE1, build_model, make_sampler
 from trainer.train import CONFIG_FILE, EMA_FILE, latest_checkpoint
 
 log = logging.getLogger(__name__)
@@ -103,9 +112,10 @@ def split_with(model: MCIEE1, instruction: str, splitter: str) -> tuple[list[str
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
-    """A `checkpoint-N` dir, or a training `--out` dir (its newest checkpoint)."""
+    """A `checkpoint-N` dir, a model in diffusers layout (`trainer.export`), or a training `--out`
+    dir (its newest checkpoint)."""
     path = Path(path)
-    if (path / "model.safetensors").is_file():
+    if (path / "model.safetensors").is_file() or is_pretrained_dir(path):
         return path
     latest = latest_checkpoint(path) if path.is_dir() else None
     if latest is None:
@@ -121,6 +131,11 @@ def load_model(checkpoint: str | Path, device: str | torch.device = "cpu", weigh
     if weights not in ("ema", "trained"):
         raise ValueError(f"weights must be ema or trained, got {weights!r}")
     path = resolve_checkpoint(checkpoint)
+    if not (path / "model.safetensors").is_file():  # diffusers layout only: its weights as saved
+        model = load_pretrained(path)
+        model.eval().to(device)
+        model.frozen.to(torch.device(device))
+        return model
     config = Config.from_json(json.loads((path / CONFIG_FILE).read_text()))
     model = build_model(config.model)
     model.load_state_dict(load_file(str(path / "model.safetensors")))
@@ -159,36 +174,99 @@ def region_masks(specs: list[str], size: tuple[int, int]) -> torch.Tensor:
     return torch.from_numpy(np.stack(masks)).float()
 
 
-@torch.no_grad()
-def edit_image(model: MCIEE1, image: Image.Image, instruction: str, regions: list[str] | None = None,
-               steps: int = 20, text_guidance: float = 7.5, image_guidance: float = 1.5,
-               seed: int = 0, splitter: str = "grammar") -> tuple[Image.Image, dict]:
-    from diffusers import DDIMScheduler
+def read_image(path: str | Path) -> tuple[np.ndarray, list[str]]:
+    """A photo file through the factory's one safe decoder → (RGB uint8 HxWx3, normalisation notes).
+    Raises `pipeline.sources.base.SourceError` (a ValueError) with a one-line reason."""
+    from pipeline.sources.decode import decode_image, read_bytes
 
+    decoded = decode_image(read_bytes(path))
+    return decoded.image, list(decoded.notes)
+
+
+def downsampling(model: MCIEE1) -> int:
+    """Pixels per latent cell times the UNet's own downsampling: the multiple an image side must be."""
+    vae = 2 ** (len(model.frozen.vae.config.block_out_channels) - 1)
+    unet = 2 ** (len(model.unet.config.block_out_channels) - 1)
+    return vae * unet
+
+
+def working_size(width: int, height: int, resolution: int, multiple: int) -> tuple[int, int]:
+    """(w, h) with the image's aspect ratio and about resolution² pixels, sides multiples of `multiple`."""
+    scale = (resolution * resolution / (width * height)) ** 0.5
+    return (max(multiple, int(round(width * scale / multiple)) * multiple),
+            max(multiple, int(round(height * scale / multiple)) * multiple))
+
+
+def sample_latents(denoise, sampler, noise: torch.Tensor, steps: int, text_guidance: float,
+                   image_guidance: float, known: torch.Tensor | None = None,
+                   keep: torch.Tensor | None = None) -> torch.Tensor:
+    """DDIM from `noise` (1, C, h, w) with InstructPix2Pix's guidance over the three conditions
+    `denoise(latents (3, ...), t (3,))` returns (full, image only, none).
+
+    `known`, `keep`: the source's (scaled) latents and where to keep them (1 = background). After
+    every step the kept positions are set to `known` noised to the next step with the starting
+    noise (at the last step, `known` itself), so the sampler edits only the regions and the
+    background it builds around them is the source's (blended latent diffusion)."""
+    sampler.set_timesteps(steps, device=noise.device)
+    timesteps = sampler.timesteps
+    latents = noise * sampler.init_noise_sigma
+    for i, t in enumerate(timesteps):
+        model_in = sampler.scale_model_input(latents, t).expand(3, -1, -1, -1)
+        full, image_only, none = denoise(model_in, t.expand(3)).float().chunk(3)
+        eps = none + image_guidance * (image_only - none) + text_guidance * (full - image_only)
+        latents = sampler.step(eps, t, latents).prev_sample
+        if keep is not None:
+            if i + 1 < len(timesteps):
+                target = sampler.add_noise(known, noise, timesteps[i + 1:i + 2])
+            else:
+                target = known
+            latents = torch.lerp(latents, target.to(latents.dtype), keep.to(latents.dtype))
+    return latents
+
+
+def _resize(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    if (image.shape[1], image.shape[0]) == size:
+        return image
+    return np.asarray(Image.fromarray(image).resize(size, Image.BICUBIC))
+
+
+@torch.no_grad()
+def edit_image(model: MCIEE1, image: Image.Image | np.ndarray, instruction: str,
+               regions: list[str] | None = None, steps: int = 20, text_guidance: float = 7.5,
+               image_guidance: float = 1.5, seed: int = 0, splitter: str = "grammar",
+               paste_back: bool = True, blend: bool = True) -> tuple[Image.Image, dict]:
+    """Edit `image` (any size and aspect) by `instruction`. Outside the sub-instructions' regions
+    the result is the source's pixels exactly with `paste_back` (the default); `blend` keeps the
+    source's latents there while sampling."""
     config = model.config
     subs, split_by = split_with(model, instruction, splitter)
     if not subs:
         raise ValueError("the instruction is empty")
     if len(subs) > config.max_sub_edits:  # the last slot takes the rest, as in training
         subs = subs[: config.max_sub_edits - 1] + [" and ".join(subs[config.max_sub_edits - 1:])]
-    rgb = image.convert("RGB")
-    size = (config.resolution, config.resolution)
-    source_uint8 = np.asarray(rgb.resize(size, Image.BICUBIC))
+    rgb = np.asarray(image.convert("RGB")) if isinstance(image, Image.Image) else np.asarray(image)
+    if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
+        raise ValueError(f"expected an RGB uint8 image, got shape {rgb.shape} {rgb.dtype}")
+    height, width = rgb.shape[:2]
+    size = working_size(width, height, config.resolution, downsampling(model))
+    source_uint8 = _resize(rgb, size)
     device = next(model.parameters()).device
     source = to_tensor(source_uint8)[None].to(device)
 
-    slots = torch.zeros(1, config.max_sub_edits, *size, device=device)
     relaxed: list[int] = []
     if regions:
         if len(regions) != len(subs):
             raise ValueError(f"{len(regions)} regions given for {len(subs)} sub-instructions: {subs}")
-        given = region_masks(regions, rgb.size)[None].to(device)
-        slots[0, : len(subs)] = F.interpolate(given, size=size, mode="nearest")[0]
-    else:  # the region head's prediction, from the full condition
+        given = region_masks(regions, (width, height))  # (S, H, W) at the image's own size
+        slots = torch.zeros(1, config.max_sub_edits, size[1], size[0], device=device)
+        slots[0, : len(subs)] = F.interpolate(given[None].to(device), size=(size[1], size[0]), mode="nearest")[0]
+        edited = given.amax(0).bool().numpy()
+    else:  # the region decoder's prediction (dilated), from the full condition
         cond = model.condition(source, [subs], source_uint8[None], background=None, region_masks=None)
-        predicted = cond.condition.region_masks[:, : len(subs)]
-        slots[0, : len(subs)] = F.interpolate(predicted, size=size, mode="nearest")[0]
+        slots = cond.condition.region_masks
         relaxed = cond.relaxed_regions[0].nonzero().flatten().tolist()
+        union = slots[0, : len(subs)].amax(0)[None, None]
+        edited = F.interpolate(union, size=(height, width), mode="nearest")[0, 0].bool().cpu().numpy()
 
     # Three conditions at once: full, image only (text dropped), none (both dropped).
     three = source.expand(3, -1, -1, -1)
@@ -196,19 +274,17 @@ def edit_image(model: MCIEE1, image: Image.Image, instruction: str, regions: lis
                            region_masks=slots.expand(3, -1, -1, -1),
                            drop_text=torch.tensor([False, True, True], device=device),
                            drop_image=torch.tensor([False, False, True], device=device))
-    scheduler = DDIMScheduler.from_config(model.scheduler.config)
-    scheduler.set_timesteps(steps, device=device)
     generator = torch.Generator(device="cpu").manual_seed(seed)
-    latents = torch.randn(cond.source_latents[:1].shape, generator=generator).to(device)
-    latents = latents * scheduler.init_noise_sigma
-    for t in scheduler.timesteps:
-        model_in = scheduler.scale_model_input(latents, t).expand(3, -1, -1, -1)
-        full, image_only, none = model.denoise(model_in, t.expand(3), cond).float().chunk(3)
-        noise = none + image_guidance * (image_only - none) + text_guidance * (full - image_only)
-        latents = scheduler.step(noise, t, latents).prev_sample
+    noise = torch.randn(cond.source_latents[:1].shape, generator=generator).to(device)
+    known = cond.source_latents[:1].float() * model.frozen.scaling  # undropped row: the source's
+    keep = cond.condition.background[:1] if blend else None
+    latents = sample_latents(lambda x, t: model.denoise(x, t, cond), make_sampler(config), noise, steps,
+                             text_guidance, image_guidance, known=known, keep=keep)
     decoded = model.frozen.decode(latents).float().clamp(-1, 1)
     pixels = ((decoded[0].permute(1, 2, 0) + 1) * 127.5).round().byte().cpu().numpy()
-    result = Image.fromarray(pixels).resize(rgb.size, Image.BICUBIC)
+    result = _resize(pixels, (width, height))
+    if paste_back:
+        result = np.where(edited[..., None], result, rgb)
     info = {
         "sub_instructions": subs,
         "split_by": split_by,
@@ -216,5 +292,8 @@ def edit_image(model: MCIEE1, image: Image.Image, instruction: str, regions: lis
         "regions_from": "given" if regions else "predicted",
         "relaxed_regions": relaxed,  # sub-instructions whose predicted region fell back to half the peak
         "weights": model.weights_used,
+        "working_size": list(size),
+        "edited_fraction": round(float(edited.mean()), 4),
+        "paste_back": paste_back,
     }
-    return result, info
+    return Image.fromarray(np.ascontiguousarray(result)), info

@@ -5,7 +5,8 @@ the sub-instructions, and returns its hidden states with each sub-instruction's 
 (no torchvision, nothing downloaded), seeded so every build is the same model. `base` loads all
 three from a local directory. The prompt is laid out by hand — `<|vision_start|>`, the image pads
 expanded to the processor's grid, `<|vision_end|>`, then each sub-instruction encoded on its own —
-so the span of sub-instruction i is known exactly (no processor class, which needs torchvision).
+so the span of sub-instruction i is known exactly (no processor class, which needs torchvision). Each
+sub-instruction is read against the image prefix alone (see `MLLMEncoder.encode`).
 """
 
 from __future__ import annotations
@@ -26,7 +27,6 @@ log = logging.getLogger(__name__)
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>",
                   "<|video_pad|>"]
-SEPARATOR = " ; "  # between sub-instructions in the prompt (belongs to no span)
 SPLIT_PROMPT = (
     "Split this image-editing instruction into its separate edits, in order, each a short imperative "
     "phrase that keeps the instruction's own words. Answer with a JSON list of strings and nothing "
@@ -95,10 +95,21 @@ def load_mllm(path: str, dtype: torch.dtype):
 
 @dataclass
 class Encoded:
+    """The MLLM's reading of a batch, laid out per sample as [image prefix | span 0 | span 1 | ...].
+
+    The prefix (`<|vision_start|>`, the image tokens, `<|vision_end|>`) depends on the image alone;
+    span s holds the hidden states of sub-instruction s read right after that prefix, in its own
+    sequence — so no span depends on another span's text, and the prefix on none."""
+
     hidden: torch.Tensor  # (B, L, D) last hidden states
     valid: torch.Tensor  # (B, L) bool: real (not padding) tokens
     spans: torch.Tensor  # (B, S, L) bool: token l belongs to sub-instruction s
     sub_valid: torch.Tensor  # (B, S) bool: sub-instruction s exists
+
+    @property
+    def prefix(self) -> torch.Tensor:
+        """(B, L) bool: the image prefix (real tokens of no span)."""
+        return self.valid & ~self.spans.any(1)
 
 
 class MLLMEncoder:
@@ -135,6 +146,13 @@ class MLLMEncoder:
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
+    @property
+    def token_grid(self) -> tuple[int, int]:
+        """(rows, cols) of the image tokens (Qwen-VL: patches merged `merge`x`merge`); in the
+        prompt they follow `<|vision_start|>` (position 0) in row-major order."""
+        side = self.image_size // (self.image_processor.patch_size * self.merge)
+        return side, side
+
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> "MLLMEncoder":
         self.model.to(device=device, dtype=dtype)
         return self
@@ -148,45 +166,75 @@ class MLLMEncoder:
         resized = [np.asarray(Image.fromarray(im).resize((size, size), Image.BICUBIC)) for im in images]
         return self.image_processor(images=resized, do_resize=False, return_tensors="pt")
 
-    def _prompt(self, image_tokens: int, texts: list[str]) -> tuple[list[int], list[tuple[int, int]]]:
-        ids = [self.vision_start] + [self.image_token] * image_tokens + [self.vision_end]
-        spans = []
-        for i, text in enumerate(texts[: self.max_sub_edits]):
-            if i:
-                ids += self.tokenizer(SEPARATOR, add_special_tokens=False)["input_ids"]
-            piece = self.tokenizer(text, add_special_tokens=False)["input_ids"] or [self.pad]
-            spans.append((len(ids), len(ids) + len(piece)))
-            ids += piece
-        return ids, spans
+    def _prefix(self, image_tokens: int) -> list[int]:
+        return [self.vision_start] + [self.image_token] * image_tokens + [self.vision_end]
+
+    def _piece(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"] or [self.pad]
 
     def encode(self, images: np.ndarray, sub_texts: list[list[str]]) -> Encoded:
-        """images: uint8 (B, H, W, 3); sub_texts: per sample, its sub-instructions in order."""
+        """images: uint8 (B, H, W, 3); sub_texts: per sample, its sub-instructions in order.
+
+        Every sub-instruction is read in its own sequence `prefix + text` (the vision encoder runs
+        once per image; its output is shared by the image's sequences), so the hidden states of
+        sub-instruction s depend on the image and on its own text only — the spatial restriction
+        downstream would otherwise leak another sub-instruction's words into s's region."""
+        from transformers.modeling_outputs import BaseModelOutputWithPooling
+
         if len(images) != len(sub_texts):
             raise ValueError(f"{len(images)} images but {len(sub_texts)} instruction lists")
         device = self.device
+        dtype = next(self.model.parameters()).dtype
         pixels = self._pixels(images)
         grid = pixels["image_grid_thw"]
-        prompts = [self._prompt(int(g.prod()) // self.merge**2, texts) for g, texts in zip(grid, sub_texts)]
-        length = max(len(ids) for ids, _ in prompts)
-        batch, subs = len(prompts), self.max_sub_edits
-        input_ids = torch.full((batch, length), self.pad, dtype=torch.long)
-        valid = torch.zeros(batch, length, dtype=torch.bool)
-        spans = torch.zeros(batch, subs, length, dtype=torch.bool)
-        for b, (ids, sub_spans) in enumerate(prompts):
-            input_ids[b, : len(ids)] = torch.tensor(ids)  # right padding: positions stay aligned
-            valid[b, : len(ids)] = True
-            for s, (start, end) in enumerate(sub_spans):
-                spans[b, s, start:end] = True
-        input_ids, valid = input_ids.to(device), valid.to(device)
-        dtype = next(self.model.parameters()).dtype
-        outputs = self.model.model(
+        vision = self.model.model.get_image_features(pixels["pixel_values"].to(device, dtype),
+                                                     grid.to(device), return_dict=True)
+        # one sequence per (sample, sub-instruction); a sample without any reads its prefix alone
+        rows: list[tuple[int, int | None, list[int], int]] = []  # (sample, slot, ids, prefix length)
+        for b, (g, texts) in enumerate(zip(grid, sub_texts)):
+            prefix = self._prefix(int(g.prod()) // self.merge**2)
+            texts = texts[: self.max_sub_edits]
+            for s, text in enumerate(texts):
+                rows.append((b, s, prefix + self._piece(text), len(prefix)))
+            if not texts:
+                rows.append((b, None, prefix, len(prefix)))
+        length = max(len(ids) for _, _, ids, _ in rows)
+        input_ids = torch.full((len(rows), length), self.pad, dtype=torch.long)
+        mask = torch.zeros(len(rows), length, dtype=torch.long)
+        for r, (_, _, ids, _) in enumerate(rows):
+            input_ids[r, : len(ids)] = torch.tensor(ids)  # right padding: positions stay aligned
+            mask[r, : len(ids)] = 1
+        input_ids = input_ids.to(device)
+        shared = BaseModelOutputWithPooling(
+            last_hidden_state=None, pooler_output=tuple(vision.pooler_output[b] for b, *_ in rows))
+        hidden = self.model.model(
             input_ids=input_ids,
-            attention_mask=valid.long(),
-            pixel_values=pixels["pixel_values"].to(device, dtype),
-            image_grid_thw=grid.to(device),
+            attention_mask=mask.to(device),
+            image_grid_thw=grid[[b for b, *_ in rows]].to(device),
             mm_token_type_ids=(input_ids == self.image_token).long(),
-        )
-        return Encoded(hidden=outputs.last_hidden_state, valid=valid, spans=spans.to(device),
+            mm_encoder_outputs={"image": shared},
+        ).last_hidden_state
+        # lay out [prefix | span 0 | span 1 | ...] per sample
+        pieces: list[list[torch.Tensor]] = [[] for _ in sub_texts]
+        slots: list[list[tuple[int, int, int]]] = [[] for _ in sub_texts]  # (slot, start, end)
+        for r, (b, s, ids, prefix) in enumerate(rows):
+            if not pieces[b]:  # causal: the prefix's states are the same in each of b's sequences
+                pieces[b].append(hidden[r, :prefix])
+            if s is not None:
+                start = sum(p.shape[0] for p in pieces[b])
+                pieces[b].append(hidden[r, prefix: len(ids)])
+                slots[b].append((s, start, start + len(ids) - prefix))
+        total = max(sum(p.shape[0] for p in sample) for sample in pieces)
+        out = hidden.new_zeros(len(sub_texts), total, hidden.shape[-1])
+        valid = torch.zeros(len(sub_texts), total, dtype=torch.bool)
+        spans = torch.zeros(len(sub_texts), self.max_sub_edits, total, dtype=torch.bool)
+        for b, sample in enumerate(pieces):
+            joined = torch.cat(sample)
+            out[b, : joined.shape[0]] = joined
+            valid[b, : joined.shape[0]] = True
+            for s, start, end in slots[b]:
+                spans[b, s, start:end] = True
+        return Encoded(hidden=out, valid=valid.to(device), spans=spans.to(device),
                        sub_valid=spans.any(-1).to(device))
 
     @torch.no_grad()
@@ -206,35 +254,24 @@ class MLLMEncoder:
         return self.tokenizer.decode(output[0, input_ids.shape[1]:], skip_special_tokens=True)
 
 
-class LoRA(nn.Module):
-    """A low-rank update `B(A(x))` added to a frozen linear layer's output (B starts at zero)."""
-
-    def __init__(self, in_features: int, out_features: int, rank: int, alpha: float | None = None):
-        super().__init__()
-        self.down = nn.Linear(in_features, rank, bias=False)
-        self.up = nn.Linear(rank, out_features, bias=False)
-        nn.init.kaiming_uniform_(self.down.weight, a=5**0.5)
-        nn.init.zeros_(self.up.weight)
-        self.scale = (alpha or rank) / rank
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.up(self.down(x.to(self.down.weight.dtype))) * self.scale
-
-
 def attach_lora(encoder: MLLMEncoder, rank: int, targets: tuple[str, ...] = ("q_proj", "v_proj")) -> nn.ModuleDict:
-    """LoRA on the language model's attention projections, through forward hooks.
+    """LoRA (peft) on the language model's attention projections.
 
-    The adapters are returned (to be owned and saved by the trained model); the MLLM's own weights
-    stay frozen and are never written into checkpoints.
-    """
-    adapters = nn.ModuleDict()
+    peft wraps the target linears in place (`lora_B` starts at zero: the MLLM's output is unchanged
+    at step 0). The adapters' modules are returned in a ModuleDict so the trained model owns,
+    optimises and saves them; the MLLM's own weights stay frozen and out of checkpoints."""
+    from peft import LoraConfig, inject_adapter_in_model
+
     language = encoder.model.model.language_model
+    config = LoraConfig(r=rank, lora_alpha=rank, lora_dropout=0.0, target_modules=list(targets), bias="none")
+    inject_adapter_in_model(config, language)
+    adapters = nn.ModuleDict()
     for name, module in language.named_modules():
-        if isinstance(module, nn.Linear) and name.rsplit(".", 1)[-1] in targets:
-            adapter = LoRA(module.in_features, module.out_features, rank)
-            adapters[name.replace(".", "__")] = adapter
-            module.register_forward_hook(lambda _m, inputs, output, a=adapter: output + a(inputs[0]).to(output.dtype))
+        if hasattr(module, "lora_A") and name.rsplit(".", 1)[-1] in targets:
+            adapters[name.replace(".", "__")] = nn.ModuleDict({"A": module.lora_A, "B": module.lora_B})
     if not adapters:
         raise ValueError(f"no linear layers named {targets} in the MLLM's language model")
-    log.info("attached %d LoRA adapters (rank %d) to the MLLM", len(adapters), rank)
+    for adapter in adapters.values():
+        adapter.requires_grad_(True)
+    log.info("attached %d peft LoRA adapters (rank %d) to the MLLM", len(adapters), rank)
     return adapters

@@ -1,6 +1,11 @@
 """MCIE-E1: an InstructPix2Pix-style UNet conditioned on an MLLM through a query connector, with
-the spatial-aware and background-consistent cross-attentions (see `trainer.attention`) and a light
-region head that predicts each sub-instruction's mask.
+the spatial-aware and background-consistent cross-attentions (see `trainer.attention`) and a mask
+decoder that predicts each sub-instruction's region from the MLLM's image tokens, the span's own
+reading and 2-D position.
+
+Conventions that keep pretrained weights valid: the source latents the UNet reads are
+InstructPix2Pix's (`latent_dist.mode()`, unscaled), the target latents are scaled by the VAE's own
+`scaling_factor`, and the forward diffusion runs in float32 whatever the autocast.
 
 `MCIEE1` owns what is trained (UNet + processors, connector, source encoder, region head, null
 context, LoRA adapters). The frozen parts (VAE, MLLM) are held beside it in `Frozen`, outside the
@@ -19,7 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from trainer.attention import GLOBAL_TOKEN, PADDING_TOKEN, CrossAttnCondition, install_mcie_processors
+from trainer.attention import (GLOBAL_TOKEN, PADDING_TOKEN, CrossAttnCondition, install_mcie_processors,
+                               position_encoding)
 from trainer.config import ModelConfig
 from trainer.mllm import Encoded, MLLMEncoder, attach_lora
 
@@ -29,8 +35,11 @@ log = logging.getLogger(__name__)
 class Connector(nn.Module):
     """Learnable queries over the MLLM's hidden states → the UNet's cross-attention context.
 
-    `global_queries` read the whole prompt; each sub-instruction slot has `sub_queries` that read
-    only that sub-instruction's tokens. Output tokens are labelled for the spatial-aware attention.
+    `global_queries` read the image prefix only (no sub-instruction's words: they are seen at every
+    position); each sub-instruction slot has `sub_queries` that read only that sub-instruction's
+    tokens (an empty slot reads the prefix; its tokens are padding). Queries do not attend to each
+    other, so slot s's output depends on the image and sub-instruction s alone. Output tokens are
+    labelled for the spatial-aware attention.
     """
 
     def __init__(self, hidden_size: int, out_dim: int, config: ModelConfig):
@@ -66,12 +75,12 @@ class Connector(nn.Module):
         batch, length = hidden.shape[:2]
         subs = (self.sub_queries[None] + self.slot_embedding[:, None]).reshape(-1, hidden.shape[-1])
         queries = torch.cat([self.global_queries, subs])[None].expand(batch, -1, -1)
-        # Which keys each query may read: globals all real tokens, slot s only its span.
+        # Which keys each query may read: globals the image prefix, slot s only its span.
         slot_of_query = torch.arange(self.slots, device=hidden.device).repeat_interleave(self.per_sub)
+        prefix = encoded.prefix[:, None]
         sub_keys = encoded.spans[:, slot_of_query]  # (B, S*K, L)
-        sub_keys = sub_keys | ~encoded.sub_valid[:, slot_of_query, None]  # empty slots read all (unused)
-        sub_keys = sub_keys & encoded.valid[:, None]
-        allowed = torch.cat([encoded.valid[:, None].expand(-1, self.globals, -1), sub_keys], 1)
+        sub_keys = torch.where(encoded.sub_valid[:, slot_of_query, None], sub_keys, prefix)
+        allowed = torch.cat([prefix.expand(-1, self.globals, -1), sub_keys], 1)
         blocked = (~allowed).repeat_interleave(self.heads, 0)  # MHA wants (B*heads, Q, L)
         x = queries
         for layer in self.layers:
@@ -108,21 +117,54 @@ class SourceEncoder(nn.Module):
         return self.net(latents)
 
 
-class RegionHead(nn.Module):
-    """Predicts each sub-instruction's region: dot product of source features with the slot's
-    embedding, per latent position (logits at latent resolution)."""
+class RegionDecoder(nn.Module):
+    """Predicts each sub-instruction's region (logits at latent resolution), LISA / SmartEdit style.
 
-    def __init__(self, feature_dim: int, context_dim: int, dim: int):
+    Keys per latent position: the source features, the MLLM's image-token hidden states (upsampled
+    from its token grid: what the MLLM sees there) and a 2-D position encoding (where it is). Each
+    sub-instruction's embedding (its span read after the image) modulates the keys (FiLM) before a
+    nonlinearity, so a region can be a conjunction — "the circle" *and* "in the top left" — which
+    a dot product with position-free features (two identical objects, identical logits) cannot."""
+
+    def __init__(self, feature_dim: int, mllm_dim: int, query_dim: int, dim: int, grid: tuple[int, int]):
         super().__init__()
-        self.features = nn.Sequential(nn.Conv2d(feature_dim, dim, 3, padding=1), nn.SiLU(),
-                                      nn.Conv2d(dim, dim, 1))
-        self.query = nn.Linear(context_dim, dim)
-        self.bias = nn.Parameter(torch.tensor(-1.0))
+        self.dim, self.grid = dim, grid
+        self.image = nn.Linear(mllm_dim, dim)
+        self.features = nn.Conv2d(feature_dim, dim, 3, padding=1)
+        self.position = nn.Linear(dim, dim)
+        self.mix = nn.Sequential(nn.SiLU(), nn.Conv2d(dim, dim, 3, padding=1))
+        self.film = nn.Linear(query_dim, 2 * dim)
+        self.out = nn.Linear(dim, 1)
+        nn.init.constant_(self.out.bias, -1.0)  # regions are small: start mostly "outside"
 
-    def forward(self, features: torch.Tensor, sub_embeddings: torch.Tensor) -> torch.Tensor:
-        maps = self.features(features)
-        queries = self.query(sub_embeddings)
-        return torch.einsum("bchw,bsc->bshw", maps, queries) / math.sqrt(maps.shape[1]) + self.bias
+    def forward(self, features: torch.Tensor, image_tokens: torch.Tensor,
+                sub_embeddings: torch.Tensor) -> torch.Tensor:
+        batch, _, height, width = features.shape
+        dtype = self.image.weight.dtype
+        image = self.image(image_tokens.to(dtype)).transpose(1, 2).reshape(batch, self.dim, *self.grid)
+        image = F.interpolate(image, size=(height, width), mode="bilinear", align_corners=False)
+        where = self.position(position_encoding(height, width, self.dim, features.device).to(dtype))
+        keys = self.features(features) + image + where.T.reshape(1, self.dim, height, width)
+        keys = self.mix(keys)  # (B, C, h, w)
+        scale, shift = self.film(sub_embeddings.to(dtype)).chunk(2, -1)  # (B, S, C) each
+        hidden = F.silu(keys[:, None] * (1 + scale[..., None, None]) + shift[..., None, None])
+        return torch.einsum("bschw,c->bshw", hidden, self.out.weight[0]) + self.out.bias
+
+
+def dilate(masks: torch.Tensor, cells: int) -> torch.Tensor:
+    """(B, S, h, w) 0/1 masks grown by `cells` positions in every direction (a square element)."""
+    if cells <= 0:
+        return masks
+    return F.max_pool2d(masks, 2 * cells + 1, stride=1, padding=cells)
+
+
+def boxes(masks: torch.Tensor) -> torch.Tensor:
+    """(B, S, h, w) each mask's bounding box, filled (an empty mask stays empty)."""
+    def filled(line: torch.Tensor) -> torch.Tensor:  # (..., n) 0/1 → 1 from first to last 1
+        return torch.minimum(line.cummax(-1).values, line.flip(-1).cummax(-1).values.flip(-1))
+
+    rows, cols = filled(masks.amax(-1)), filled(masks.amax(-2))
+    return rows[..., :, None] * cols[..., None, :]
 
 
 def predicted_regions(logits: torch.Tensor,
@@ -148,16 +190,22 @@ class Frozen:
 
     vae: nn.Module
     mllm: MLLMEncoder
-    scaling: float
+    scaling: float  # the VAE's scaling_factor unless the config sets one
 
     def to(self, device: torch.device, dtype: torch.dtype | None = None) -> None:
         self.vae.to(device)
         self.mllm.to(device, dtype)
 
     @torch.no_grad()
-    def latents(self, images: torch.Tensor) -> torch.Tensor:
+    def source_latents(self, images: torch.Tensor) -> torch.Tensor:
+        """InstructPix2Pix's image conditioning: the VAE's mode, unscaled."""
         vae_dtype = next(self.vae.parameters()).dtype
-        return self.vae.encode(images.to(vae_dtype)).latent_dist.mode() * self.scaling
+        return self.vae.encode(images.to(vae_dtype)).latent_dist.mode()
+
+    @torch.no_grad()
+    def latents(self, images: torch.Tensor) -> torch.Tensor:
+        """What is diffused: the VAE's mode times its scaling factor."""
+        return self.source_latents(images) * self.scaling
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
@@ -180,7 +228,8 @@ def build_frozen(config: ModelConfig, dtype: torch.dtype = torch.float32) -> Fro
     else:
         vae = _seeded(config.seed + 1, lambda: AutoencoderKL(**config.vae))
     vae.requires_grad_(False).eval()
-    return Frozen(vae=vae, mllm=MLLMEncoder.from_config(config, dtype), scaling=config.vae_scaling)
+    scaling = config.vae_scaling if config.vae_scaling is not None else float(vae.config.scaling_factor)
+    return Frozen(vae=vae, mllm=MLLMEncoder.from_config(config, dtype), scaling=scaling)
 
 
 def build_unet(config: ModelConfig) -> nn.Module:
@@ -210,9 +259,19 @@ def build_unet(config: ModelConfig) -> nn.Module:
 class Conditioning:
     context: torch.Tensor  # (B, T, D)
     condition: CrossAttnCondition
-    source_latents: torch.Tensor
+    source_latents: torch.Tensor  # unscaled (InstructPix2Pix's convention)
     region_logits: torch.Tensor  # (B, S, h, w)
     relaxed_regions: torch.Tensor | None = None  # (B, S) bool, see predicted_regions; None if given
+
+
+def make_sampler(config: ModelConfig):
+    """DDIM as Stable Diffusion samples it: no clamping of the predicted x0 (a third of SD's latent
+    values lie outside [-1, 1]), the last step towards alphas_cumprod[0], steps offset by one."""
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler(num_train_timesteps=config.scheduler_steps, beta_schedule="scaled_linear",
+                         beta_start=0.00085, beta_end=0.012, clip_sample=False, set_alpha_to_one=False,
+                         steps_offset=1)
 
 
 class MCIEE1(nn.Module):
@@ -224,8 +283,8 @@ class MCIEE1(nn.Module):
         self.__dict__["frozen"] = frozen  # not a submodule: never saved, never wrapped by DDP
         from diffusers import DDPMScheduler
 
-        self.scheduler = DDPMScheduler(num_train_timesteps=config.scheduler_steps,
-                                       beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+        self.scheduler = DDPMScheduler(num_train_timesteps=config.scheduler_steps, beta_schedule="scaled_linear",
+                                       beta_start=0.00085, beta_end=0.012, clip_sample=False, steps_offset=1)
         context_dim = config.unet["cross_attention_dim"]
 
         def build():
@@ -234,7 +293,8 @@ class MCIEE1(nn.Module):
             latent_channels = self.unet.config.out_channels
             self.connector = Connector(frozen.mllm.hidden_size, context_dim, config)
             self.source_encoder = SourceEncoder(latent_channels, config.source_feature_dim)
-            self.region_head = RegionHead(config.source_feature_dim, context_dim, config.mask_head_dim)
+            self.region_decoder = RegionDecoder(config.source_feature_dim, frozen.mllm.hidden_size, context_dim,
+                                                config.mask_head_dim, frozen.mllm.token_grid)
             self.null_context = nn.Parameter(torch.randn(config.global_queries, context_dim) * 0.02)
             self.lora = attach_lora(frozen.mllm, config.lora_rank) if config.mllm_tuning == "lora" else None
 
@@ -245,29 +305,48 @@ class MCIEE1(nn.Module):
         optimiser's, the EMA's, and the names of a checkpoint's `ema.safetensors`."""
         return [(name, p) for name, p in self.named_parameters() if p.requires_grad]
 
+    def parameter_groups(self, learning_rate: float, new_learning_rate: float = 0.0) -> list[dict]:
+        """Optimiser groups: a pretrained UNet's own weights at `learning_rate`; what MCIE-E1 adds
+        (connector, source encoder, region decoder, the attention processors' source branch, null
+        context, LoRA) at `new_learning_rate` (0 = the same). Without a pretrained UNet every
+        weight is new."""
+        pretrained, new = [], []
+        for name, param in self.trained_named_parameters():
+            own = self.config.unet_path is not None and name.startswith("unet.") and ".processor." not in name
+            (pretrained if own else new).append(param)
+        groups = [{"params": pretrained, "lr": learning_rate, "name": "pretrained"}] if pretrained else []
+        return groups + [{"params": new, "lr": new_learning_rate or learning_rate, "name": "new"}]
+
     # ---- conditioning -----------------------------------------------------------------------
 
     def encode_instruction(self, source_uint8: np.ndarray, sub_texts: list[list[str]],
-                           cached: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                           cached: dict | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """→ context (B, T, D), token labels (B, T), the MLLM's image tokens (B, N, D_mllm)."""
         if cached is not None:  # the MLLM's encodings from `mcie train-cache`
             encoded = Encoded(hidden=cached["hidden"], valid=cached["valid"], spans=cached["spans"],
                               sub_valid=cached["spans"].any(-1))
         else:
             with torch.set_grad_enabled(self.lora is not None and self.training):
                 encoded = self.frozen.mllm.encode(source_uint8, sub_texts)
-        return self.connector(encoded)
+        rows, cols = self.region_decoder.grid
+        image_tokens = encoded.hidden[:, 1: 1 + rows * cols]  # after <|vision_start|>
+        return (*self.connector(encoded), image_tokens)
 
     def condition(self, source: torch.Tensor, sub_texts: list[list[str]], source_uint8: np.ndarray,
                   background: torch.Tensor | None, region_masks: torch.Tensor | None,
                   drop_text: torch.Tensor | None = None, drop_image: torch.Tensor | None = None,
-                  cached: dict | None = None) -> Conditioning:
-        """Everything the UNet is conditioned on. `background`/`region_masks` at any resolution;
-        None = predicted by the region head. `drop_*`: (B,) bool for classifier-free guidance.
-        `cached`: the frozen encoders' outputs from `mcie train-cache`, used instead of running them."""
-        source_latents = cached["source_latents"] if cached is not None else self.frozen.latents(source)
+                  cached: dict | None = None, coarsen: tuple[float, float] | None = None) -> Conditioning:
+        """Everything the UNet is conditioned on. `region_masks` at any resolution (None = predicted
+        by the region decoder, then dilated by `region_dilation`); `background` likewise (None = all
+        but the regions). `coarsen=(p_box, p_predicted)`: `region_masks` are exact silhouettes (a
+        training batch's): each is shown dilated, as its box, or replaced by the decoder's own
+        prediction — what inference will show — never as the silhouette, which would leak the
+        target's shape. `drop_*`: (B,) bool for classifier-free guidance. `cached`: the frozen
+        encoders' outputs from `mcie train-cache`, used instead of running them."""
+        source_latents = cached["source_latents"] if cached is not None else self.frozen.source_latents(source)
         if drop_image is not None:
             source_latents = source_latents * (~drop_image).to(source_latents.dtype)[:, None, None, None]
-        context, labels = self.encode_instruction(source_uint8, sub_texts, cached)
+        context, labels, image_tokens = self.encode_instruction(source_uint8, sub_texts, cached)
         # Always built when training, even if no sample drops its text this step: null_context
         # must be in every step's graph (DDP expects a gradient for every parameter), and
         # `drop_text.any()` would wait for the GPU.
@@ -280,13 +359,16 @@ class MCIEE1(nn.Module):
             context = torch.where(keep[..., None], context, null_context)
             labels = torch.where(keep, labels, null)
         features = self.source_encoder(source_latents)
-        logits = self.region_head(features, self.connector.sub_embeddings(context))
+        logits = self.region_decoder(features, image_tokens, self.connector.sub_embeddings(context))
         latent_size = source_latents.shape[-2:]
         relaxed = None
         if region_masks is None:
             region_masks, relaxed = predicted_regions(logits, labels)
+            region_masks = dilate(region_masks, self.config.region_dilation)
         else:
             region_masks = F.adaptive_max_pool2d(region_masks.float(), latent_size)
+            if coarsen is not None:
+                region_masks = self.coarsen(region_masks, logits, labels, *coarsen)
         if background is None:
             background = 1.0 - region_masks.amax(1, keepdim=True)
         else:
@@ -294,6 +376,23 @@ class MCIEE1(nn.Module):
         condition = CrossAttnCondition(region_masks=region_masks, token_regions=labels,
                                        background=background, source_features=features)
         return Conditioning(context, condition, source_latents, logits, relaxed)
+
+    def coarsen(self, exact: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor,
+                p_box: float, p_predicted: float) -> torch.Tensor:
+        """Per sub-edit, one draw: its box (p_box), the decoder's prediction (p_predicted), else its
+        mask — each dilated by `region_dilation`, as inference dilates its predictions."""
+        cells = self.config.region_dilation
+        draw = torch.rand(exact.shape[:2], device=exact.device)[..., None, None]
+        predicted, _ = predicted_regions(logits, labels)
+        shown = torch.where(draw < p_predicted, predicted, torch.where(draw < p_predicted + p_box,
+                                                                       boxes(exact), exact))
+        return dilate(shown, cells)
+
+    def noised(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """The forward diffusion, in float32 whatever the autocast or the latents' dtype (in bf16,
+        sqrt(alphas_cumprod) rounds to 1 at the first timesteps and the noise vanishes)."""
+        with torch.autocast(latents.device.type, enabled=False):
+            return self.scheduler.add_noise(latents.float(), noise.float(), timesteps)
 
     def denoise(self, noisy: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         sample = torch.cat([noisy, cond.source_latents.to(noisy.dtype)], 1)
@@ -303,9 +402,11 @@ class MCIEE1(nn.Module):
     # ---- training ---------------------------------------------------------------------------
 
     def forward(self, batch: dict, edit_weight: float = 0.0, mask_loss_weight: float = 0.0,
-                drops: tuple[float, float, float] = (0.0, 0.0, 0.0)) -> dict[str, torch.Tensor]:
+                drops: tuple[float, float, float] = (0.0, 0.0, 0.0),
+                regions: tuple[float, float] = (0.0, 0.0)) -> dict[str, torch.Tensor]:
         """Training losses of one batch: noise-prediction MSE (extra weight on edited pixels) plus
-        the region head's BCE on the per-sub-edit masks."""
+        the region decoder's BCE on the per-sub-edit masks. `regions = (p_box, p_predicted)`: how
+        the UNet is shown the sub-edits' regions (see `condition`)."""
         source, target = batch["source"], batch["target"]
         device, size = source.device, source.shape[0]
         draw = torch.rand(size, device=device)
@@ -313,26 +414,28 @@ class MCIEE1(nn.Module):
         drop_text = (draw < p_text) | ((draw >= p_text + p_image) & (draw < p_text + p_image + p_both))
         drop_image = (draw >= p_text) & (draw < p_text + p_image + p_both)
         cached = batch.get("frozen")
-        cond = self.condition(source, batch["sub_texts"], batch["source_uint8"],
-                              background=1.0 - batch["edit_mask"], region_masks=batch["sub_masks"],
-                              drop_text=drop_text, drop_image=drop_image, cached=cached)
+        cond = self.condition(source, batch["sub_texts"], batch["source_uint8"], background=None,
+                              region_masks=batch["sub_masks"], drop_text=drop_text, drop_image=drop_image,
+                              cached=cached, coarsen=regions)
         latents = cached["target_latents"] if cached is not None else self.frozen.latents(target)
-        # drawn contiguous: randn_like would follow the latents' memory layout (the VAE's output
-        # may be channels-last), and the same seed would give other noise per layout
-        noise = torch.randn(latents.shape, device=latents.device, dtype=latents.dtype)
+        # float32 and drawn contiguous: randn_like would follow the latents' dtype and memory
+        # layout (the VAE's output may be bf16 and channels-last)
+        noise = torch.randn(latents.shape, device=latents.device, dtype=torch.float32)
         timesteps = torch.randint(0, self.scheduler.config.num_train_timesteps, (size,), device=device)
-        noisy = self.scheduler.add_noise(latents, noise, timesteps)
+        noisy = self.noised(latents, noise, timesteps)
         prediction = self.denoise(noisy, timesteps, cond)
-        weight = 1.0 + edit_weight * (1.0 - cond.condition.background)
-        error = (prediction.float() - noise.float()) ** 2
+        latent_size = latents.shape[-2:]
+        edited = F.adaptive_max_pool2d(batch["edit_mask"].float(), latent_size)
+        weight = 1.0 + edit_weight * edited
+        error = (prediction.float() - noise) ** 2
         diffusion = (weight * error).sum() / (weight.sum() * error.shape[1])
-        # A dropped instruction has no sub-instructions to locate: no region loss for it.
-        valid = (batch["sub_valid"] & ~drop_text[:, None]).float()[:, :, None, None]
-        target_regions = cond.condition.region_masks
+        # No region loss where there is nothing to locate from: a dropped instruction or image.
+        valid = (batch["sub_valid"] & ~drop_text[:, None] & ~drop_image[:, None]).float()[:, :, None, None]
+        target_regions = F.adaptive_max_pool2d(batch["sub_masks"].float(), latent_size)
         bce = F.binary_cross_entropy_with_logits(cond.region_logits.float(), target_regions, reduction="none")
-        regions = (bce * valid).sum() / (valid.sum() * bce.shape[-1] * bce.shape[-2]).clamp(min=1)
-        loss = diffusion + mask_loss_weight * regions
-        return {"loss": loss, "diffusion": diffusion.detach(), "regions": regions.detach()}
+        regions_loss = (bce * valid).sum() / (valid.sum() * bce.shape[-1] * bce.shape[-2]).clamp(min=1)
+        loss = diffusion + mask_loss_weight * regions_loss
+        return {"loss": loss, "diffusion": diffusion.detach(), "regions": regions_loss.detach()}
 
 
 def build_model(config: ModelConfig, dtype: torch.dtype = torch.float32) -> MCIEE1:

@@ -2,7 +2,9 @@
 
 `OUT_CKPT/checkpoint-{step}/` holds accelerate's state (trained weights, optimiser, RNG states),
 `ema.safetensors` (with `train.ema_decay`), `config.json` and, written last as the completion mark,
-`trainer_state.json` (step, every rank's loader position, the EMA's step). The learning-rate
+`trainer_state.json` (step, every rank's loader position, the EMA's step); beside them the model
+in diffusers layout (`unet/`, `scheduler/`, `connector/`, ..., see `trainer.export`), with the
+weights inference uses (the EMA's when kept). The learning-rate
 schedule is a function of the step, so it needs no state. Re-running with the same
 `--out` resumes from the newest checkpoint and trains up to `--steps` in total; only the newest
 `checkpoint_limit` checkpoints are kept. The loader resumes by position (see `trainer.data`).
@@ -21,6 +23,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from trainer import kernels
@@ -65,6 +68,22 @@ def _mixed_precision(setting: str) -> str:
     return setting
 
 
+def accumulate_gradients(accelerator, model, micro_batches, loss_of) -> tuple[torch.Tensor, dict]:
+    """Backward over one optimiser step's micro-batches inside `accelerator.accumulate`, which
+    skips DDP's all-reduce on all but the last and divides each loss by the number of micro-batches
+    (so the loss is not divided by hand as well: k micro-batches give the gradient of one k times
+    larger batch). Returns their mean loss as a tensor (no host sync) and the last one's losses."""
+    total, count, losses = None, 0, {}
+    for batch in micro_batches:
+        with accelerator.accumulate(model):
+            losses = loss_of(batch)
+            accelerator.backward(losses["loss"])
+        loss = losses["loss"].detach().float()
+        total = loss if total is None else total + loss
+        count += 1
+    return total / count, losses
+
+
 def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
     """Tensors (and the cached encodings) to the device, except the uint8 source that the MLLM's
     image processor reads on CPU."""
@@ -80,20 +99,21 @@ def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
 
 class Trainer:
     def __init__(self, data: str | Path, config: Config, out: str | Path,
-                 val_data: str | Path | None = None):
+                 val_data: str | Path | None = None, val_bench: str | Path | None = None):
         from accelerate import Accelerator
         from accelerate.state import AcceleratorState
 
+        # weight directories as absolute paths: the checkpoint's config.json loads from anywhere
+        config = Config(config.model.resolved(), config.train)
         self.data = Path(data)
         self.val_data = Path(val_data) if val_data is not None else None
         if self.val_data is not None:
             find_shards(self.val_data)  # a wrong --val-data fails now, not at the first evaluation
-        # check_cache refuses a cache made for another model; with every input cached, the frozen
-        # VAE and MLLM never run and stay off the GPU
-        inputs = [folder for folder in (self.data, self.val_data) if folder is not None]
-        self.cached = all([check_cache(folder, config) for folder in inputs])
-        if self.cached:
-            log.info("training on cached frozen encodings: the VAE and the MLLM are skipped")
+        self.val_bench = Path(val_bench) if val_bench is not None else None
+        if self.val_bench is not None:
+            from pipeline.ciebench.cases import read_index
+
+            read_index(self.val_bench)  # a wrong --val-bench fails now (BenchError), not at step 0
         self.config = config
         self.out = Path(out)
         train = config.train
@@ -103,19 +123,26 @@ class Trainer:
         AcceleratorState._reset_state()
         self.accelerator = Accelerator(mixed_precision=_mixed_precision(train.mixed_precision),
                                        gradient_accumulation_steps=train.grad_accum)
+        frozen_dtype = torch.bfloat16 if self.accelerator.mixed_precision == "bf16" else torch.float32
+        # check_cache refuses a cache made for another model or dtype; with every input cached,
+        # the frozen VAE and MLLM never run and stay off the GPU
+        inputs = [folder for folder in (self.data, self.val_data) if folder is not None]
+        self.cached = all([check_cache(folder, config, frozen_dtype) for folder in inputs])
+        if self.cached:
+            log.info("training on cached frozen encodings: the VAE and the MLLM are skipped")
         from accelerate.utils import set_seed
 
         from trainer.model import build_model
 
-        set_seed(train.seed)  # noise, timesteps and dropout draws; resume restores the RNG states
+        # noise, timesteps and dropout draws, different on each rank (else every rank of a DDP run
+        # draws the same noise for its own samples); resume restores the RNG states
+        set_seed(train.seed, device_specific=True)
 
-        frozen_dtype = torch.bfloat16 if self.accelerator.mixed_precision == "bf16" else torch.float32
         model = build_model(config.model, frozen_dtype)
         self._speed_up(model)
-        params = [p for _, p in model.trained_named_parameters()]
         fused = self.accelerator.device.type == "cuda"
-        optimizer = torch.optim.AdamW(params, lr=train.learning_rate, weight_decay=train.weight_decay,
-                                      fused=fused)
+        optimizer = torch.optim.AdamW(model.parameter_groups(train.learning_rate, train.new_learning_rate),
+                                      lr=train.learning_rate, weight_decay=train.weight_decay, fused=fused)
         self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
         self.raw_model = self.accelerator.unwrap_model(self.model)
         if not self.cached:
@@ -130,8 +157,10 @@ class Trainer:
         """The kernel settings `bench/train.py` measures (see `trainer.kernels`)."""
         train = self.config.train
         vae = model.frozen.vae  # frozen, but it encodes 2 images per sample (≈ 1.1 TFLOP each at 512 px)
+        if train.gradient_checkpointing:
+            model.unet.enable_gradient_checkpointing()
         if train.channels_last:
-            kernels.to_channels_last(model.unet, model.source_encoder, model.region_head, vae)
+            kernels.to_channels_last(model.unet, model.source_encoder, model.region_decoder, vae)
         if self.accelerator.device.type == "cuda":
             kernels.set_conv_autotune(True)  # fixed shapes: every batch has the same size
             torch.backends.cuda.matmul.allow_tf32 = True  # the parts autocast leaves in float32
@@ -168,10 +197,14 @@ class Trainer:
 
             positions = gather_object(positions)
         if acc.is_main_process:
+            from trainer.export import save_pretrained
+
             state = {"step": self.step, "loader": positions}
+            weights = None
             if self.ema is not None:
-                self._save_ema_weights(path)
+                weights = self._save_ema_weights(path)
                 state["ema_step"] = self.ema.optimization_step
+            save_pretrained(self.raw_model, path, weights, "ema" if weights is not None else "trained")
             (path / CONFIG_FILE).write_text(json.dumps(self.config.to_json(), indent=2))
             (path / STATE_FILE).write_text(json.dumps(state))  # last: marks the checkpoint complete
             (self.out / CONFIG_FILE).write_text(json.dumps(self.config.to_json(), indent=2))
@@ -201,25 +234,29 @@ class Trainer:
                                     acc.process_index, acc.num_processes)
         batches = iter(loader)
         drops = (train.text_drop, train.image_drop, train.both_drop)
+        regions = (train.box_region_prob, train.predicted_region_prob)
+        if self.val_bench is not None and self.step == 0:
+            self.validate_edits()  # the "before" figures
         self.model.train()
         bar = tqdm(total=steps, initial=self.step, disable=not acc.is_local_main_process, desc="train")
         # Throughput counts from the end of this run's first step, which compiles and autotunes.
         started, samples, first = time.perf_counter(), 0, True
-        while self.step < steps:
-            total = 0.0
-            for micro in range(train.grad_accum):
+
+        def micro_batches():
+            nonlocal samples
+            for _ in range(train.grad_accum):
                 batch = next(batches)
                 state.advance(batch)
-                batch = _to_device(batch, acc.device)
-                last = micro == train.grad_accum - 1
-                sync = acc.no_sync(self.model) if not last and acc.num_processes > 1 else contextlib.nullcontext()
-                with sync, acc.autocast(), kernels.attention_backends(train.cudnn_attention):
-                    losses = self.model(batch, edit_weight=train.edit_weight,
-                                        mask_loss_weight=train.mask_loss_weight, drops=drops)
-                    loss = losses["loss"] / train.grad_accum
-                acc.backward(loss)
-                total += loss.detach().float().item()
                 samples += batch["source"].shape[0] * acc.num_processes
+                yield _to_device(batch, acc.device)
+
+        def loss_of(batch):
+            with acc.autocast(), kernels.attention_backends(train.cudnn_attention):
+                return self.model(batch, edit_weight=train.edit_weight, mask_loss_weight=train.mask_loss_weight,
+                                  drops=drops, regions=regions)
+
+        while self.step < steps:
+            mean_loss, losses = accumulate_gradients(acc, self.model, micro_batches(), loss_of)
             if train.max_grad_norm > 0:
                 acc.clip_grad_norm_(self.model.parameters(), train.max_grad_norm)
             self.optimizer.step()
@@ -228,6 +265,7 @@ class Trainer:
                 self.ema.step(self._trained_parameters())
             self.optimizer.zero_grad(set_to_none=True)
             self.step += 1
+            total = mean_loss.item()  # the one host sync of a step
             if not math.isfinite(total):
                 raise FloatingPointError(f"loss is {total} at step {self.step}")
             result.losses[self.step] = total
@@ -240,6 +278,9 @@ class Trainer:
                 self._log_metrics(total, losses, throughput)
             if self.val_data is not None and self.step % (train.eval_every or train.checkpoint_every) == 0:
                 self.validate()
+            every = train.bench_every or train.eval_every or train.checkpoint_every
+            if self.val_bench is not None and (self.step % every == 0 or self.step == steps):
+                self.validate_edits()
             if self.step % train.checkpoint_every == 0 or self.step == steps:
                 self.save(state)
         bar.close()
@@ -270,6 +311,44 @@ class Trainer:
             figures = {"step": self.step, **{f"val_{k}": round(v, 6) for k, v in sums.items()}}
             log.info("step %(step)d validation loss %(val_loss).5f (diffusion %(val_diffusion).5f, "
                      "regions %(val_regions).5f)", figures)
+            self._append_metrics(figures)
+        acc.wait_for_everyone()
+        return figures
+
+    @torch.no_grad()
+    def validate_edits(self) -> dict[str, Any] | None:
+        """Edits sampled on the first `bench_cases` cases of --val-bench (a CIE-Bench directory),
+        scored by `trainer.evaluate` with the pixel judge: instruction compliance (IC) and
+        background consistency (BC) logged beside the loss, the report kept under
+        OUT/val-bench/step-N. The same cases and seed every time, in a forked RNG (training's draws,
+        hence an exact resume, are untouched), with the current trained weights."""
+        from trainer.edit import edit_image
+        from trainer.evaluate import evaluate
+
+        acc, train = self.accelerator, self.config.train
+        figures = None
+        if acc.is_main_process:
+            model = self.raw_model
+            model.eval()
+
+            def editor(image, instruction):
+                from PIL import Image
+
+                with acc.autocast():
+                    result, _ = edit_image(model, Image.fromarray(image, "RGB"), instruction,
+                                           steps=train.bench_steps, seed=train.seed)
+                return np.asarray(result.convert("RGB"))
+
+            devices = [acc.device] if acc.device.type == "cuda" else []
+            with torch.random.fork_rng(devices=devices):
+                summary, report = evaluate(self.val_bench, editor=editor, limit=train.bench_cases, examples=4,
+                                           out=self.out / "val-bench" / f"step-{self.step}")
+            model.train()
+            bc = summary["background_consistency"]
+            figures = {"step": self.step, "val_ic": round(summary["instruction_compliance"], 6),
+                       "val_bc": None if bc is None else round(bc, 6), "val_cases": summary["cases"],
+                       "val_failed_cases": summary["failed_cases"]}
+            log.info("step %(step)d edits on the validation bench: IC %(val_ic)s BC %(val_bc)s", figures)
             self._append_metrics(figures)
         acc.wait_for_everyone()
         return figures
@@ -305,12 +384,14 @@ class Trainer:
             log.info("no EMA in %s: the EMA starts from the resumed weights", resumed["path"])
         return ema
 
-    def _save_ema_weights(self, path: Path) -> None:
+    def _save_ema_weights(self, path: Path) -> dict[str, torch.Tensor]:
         from safetensors.torch import save_file
 
         names = self._trained_names()
-        save_file({name: shadow.detach().cpu().contiguous()
-                   for name, shadow in zip(names, self.ema.shadow_params)}, str(path / EMA_FILE))
+        weights = {name: shadow.detach().cpu().contiguous()
+                   for name, shadow in zip(names, self.ema.shadow_params)}
+        save_file(weights, str(path / EMA_FILE))
+        return weights
 
     def _lr_schedule(self, steps: int):
         """diffusers' schedule (warm-up, then constant, or cosine / linear down to 0 at
@@ -347,5 +428,5 @@ class Trainer:
 
 
 def train(data: str | Path, config: Config, out: str | Path, steps: int,
-          val_data: str | Path | None = None) -> TrainResult:
-    return Trainer(data, config, out, val_data).fit(steps)
+          val_data: str | Path | None = None, val_bench: str | Path | None = None) -> TrainResult:
+    return Trainer(data, config, out, val_data, val_bench).fit(steps)
