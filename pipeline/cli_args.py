@@ -7,6 +7,9 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+# A judge that is down costs one timeout per unit, not timeout x retries x pairs (issue 17).
+DEFAULT_JUDGE_BREAKER = 32
+
 
 def _number(text: str, kind: type, what: str):
     try:
@@ -26,6 +29,13 @@ def non_negative_int(text: str) -> int:
     value = _number(text, int, "a non-negative integer")
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be a non-negative integer, got {text}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    value = _number(text, float, "a positive number")
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
     return value
 
 
@@ -50,6 +60,15 @@ def add_judge_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--judge-model", help="model name served by vLLM")
     parser.add_argument("--judge-max-in-flight", type=positive_int,
                         help="concurrent judge requests per worker")
+    parser.add_argument("--judge-timeout", type=positive_float, metavar="SECONDS",
+                        help="vllm judge: seconds per request, queueing included (default 120)")
+    parser.add_argument("--judge-retries", type=non_negative_int, metavar="N",
+                        help="vllm judge: retries of a request after a timeout, a refused "
+                             "connection, 429 or 5xx (default 5)")
+    parser.add_argument("--judge-breaker", type=non_negative_int, metavar="N",
+                        help="vllm judge: after N consecutive failed requests the rest of the "
+                             f"unit's pairs are judge_error at once, for `mcie rejudge` (default "
+                             f"{DEFAULT_JUDGE_BREAKER}; 0: never)")
 
 
 def judge_options(args: argparse.Namespace) -> dict[str, Any]:
@@ -61,6 +80,13 @@ def judge_options(args: argparse.Namespace) -> dict[str, Any]:
         options["model"] = args.judge_model
     if args.judge_max_in_flight:
         options["max_in_flight"] = args.judge_max_in_flight
+    for flag, name in (("judge_timeout", "timeout_s"), ("judge_retries", "max_retries"),
+                       ("judge_breaker", "breaker_failures")):
+        value = getattr(args, flag, None)
+        if value is not None:
+            options[name] = value
+    if args.judge == "vllm":
+        options.setdefault("breaker_failures", DEFAULT_JUDGE_BREAKER)
     if args.judge == "vllm" and "url" not in options:
         raise ValueError(f"--judge {args.judge} needs --judge-url")
     return options
