@@ -14,9 +14,10 @@ from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger, task
+from prefect.states import Failed
 
 from flows.artifacts import publish_build_artifacts
-from flows.execute import run_units
+from flows.execute import FATAL_ERRNOS, OutputUnwritable, run_units
 from flows.plan import is_complete, pending_units, prepare_build
 from flows.ray_runtime import cluster_address, start_ray, stop_ray
 from pipeline.config import BuildConfig
@@ -61,6 +62,8 @@ def process_units(
     processing_started = time.perf_counter()
     try:
         result = run_units(config, Path(out), units, workers, on_unit_done=unit_done)
+    except OutputUnwritable as exc:  # said once by the flow's final state, not as a traceback
+        return {"fatal": str(exc)}
     finally:
         bar.close()
         if not cluster_address(ray_address):
@@ -88,7 +91,13 @@ def process_units(
 
 @task(name="finalize-build")
 def finalize_build(out: str) -> dict[str, Any]:
-    table = finalize(Path(out))
+    try:
+        table = finalize(Path(out))
+    except OSError as exc:
+        if exc.errno not in FATAL_ERRNOS:
+            raise
+        return {"fatal": f"cannot write {out}: {exc} (free space or fix permissions, then run "
+                         "the same command to resume)"}
     return stats_from_manifest(table).to_dict()
 
 
@@ -155,7 +164,11 @@ def _build(out: str, config: BuildConfig, workers: int, ray_address: str | None,
             logger.info("%d of %d units to do (%d already done)", len(pending), num_units,
                         num_units - len(pending))
             run["this_run"] = process_units(out, config, pending, total, workers, ray_address)
+            if "fatal" in run["this_run"]:
+                return Failed(message=run["this_run"]["fatal"])
         totals = finalize_build(out)
+        if "fatal" in totals:
+            return Failed(message=totals["fatal"])
     run["totals"] = totals
     run["report"] = str((Path(out) / "report.html").resolve()) if run["already_complete"] else build_report(out)
     this_run = run.get("this_run") or {}

@@ -17,6 +17,7 @@ from pipeline.cli_args import (add_judge_arguments, judge_options, non_negative_
 
 # Modules that add subcommands with `register(subparsers)`, in the order `mcie --help` lists them.
 COMMAND_MODULES = (
+    "flows.import_data",
     "pipeline.dataset.verify",
     "pipeline.dataset.rejudge",
     "pipeline.judges.bench",
@@ -179,8 +180,11 @@ def _locked_build(args: argparse.Namespace, config, existed: bool) -> int:
             **{k: v for k, v in config.to_dict().items() if k != "routing"},
         )
     except Exception as exc:  # Prefect has logged the details; the run can be resumed
-        print(f"mcie build: failed: {type(exc).__name__}: {exc} (run the same command to resume)",
-              file=sys.stderr)
+        if type(exc).__name__ == "FailedRun":  # the flow ended itself with a one-line reason
+            print(f"mcie build: failed: {exc}", file=sys.stderr)
+        else:
+            print(f"mcie build: failed: {type(exc).__name__}: {exc} (run the same command to "
+                  "resume)", file=sys.stderr)
         return 1
     if result.get("already_complete"):
         print(f"{args.out}: build already complete, nothing to do")

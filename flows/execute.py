@@ -11,6 +11,7 @@ part, so a retried or resumed unit never leaves half a shard.
 
 from __future__ import annotations
 
+import errno
 import logging
 from collections import Counter, deque
 from dataclasses import dataclass, field
@@ -26,8 +27,39 @@ IN_FLIGHT_PER_ACTOR = 2  # one running, one queued: the actor never waits for th
 MAX_UNIT_ATTEMPTS = 3
 
 
+# A full disk, a quota or a read-only OUT: retrying the unit cannot help, so none is retried.
+FATAL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS})
+
+
 class UnitFailed(RuntimeError):
     pass
+
+
+class OutputUnwritable(UnitFailed):
+    """OUT cannot be written (disk full, read-only): one line, no retry; a rerun resumes."""
+
+
+def root_cause(exc: BaseException) -> BaseException:
+    """The exception a Ray task raised (`RayTaskError.cause`), else `exc`."""
+    return getattr(exc, "cause", None) or exc
+
+
+def fatal_io_error(exc: BaseException) -> OSError | None:
+    """The OSError behind `exc` that no retry can fix (see FATAL_ERRNOS), else None."""
+    seen = 0
+    cause: BaseException | None = root_cause(exc)
+    while cause is not None and seen < 10:
+        if isinstance(cause, OSError) and cause.errno in FATAL_ERRNOS:
+            return cause
+        cause, seen = cause.__cause__ or cause.__context__, seen + 1
+    return None
+
+
+def one_line(exc: BaseException) -> str:
+    """`Type: message`, first line only (a RayTaskError's text is the whole remote traceback)."""
+    cause = root_cause(exc)
+    text = str(cause).strip().splitlines()
+    return f"{type(cause).__name__}: {text[-1] if text else ''}"[:500]
 
 
 @dataclass
@@ -105,9 +137,13 @@ def run_units(
         try:
             stats_dict, node_id = ray.get(ref)
         except (RayActorError, RayTaskError) as exc:
+            fatal = fatal_io_error(exc)
+            if fatal is not None:
+                raise OutputUnwritable(f"cannot write {out}: {fatal} (free space or fix "
+                                       f"permissions, then run the same command to resume)") from None
             if attempts[unit] >= MAX_UNIT_ATTEMPTS:
-                raise UnitFailed(f"unit {unit} failed {attempts[unit]} times: {exc}") from exc
-            log.warning("unit %d failed (attempt %d), retrying: %s", unit, attempts[unit], exc)
+                raise UnitFailed(f"unit {unit} failed {attempts[unit]} times: {one_line(exc)}") from None
+            log.warning("unit %d failed (attempt %d), retrying: %s", unit, attempts[unit], one_line(exc))
             result.retries += 1
             if isinstance(exc, RayActorError) and actors[slot] is actor:  # replace it once
                 actors[slot] = new_actor()
