@@ -34,11 +34,15 @@ EDIT_TYPES = (
     "swap",
     "texture",
 )
+# A sub-edit an importer could not type (a style, a season, "make it look like ..."): a valid
+# record type, never drafted by a composer, and never verifiable by the pixel judge (unknown).
+OTHER = "other"
+SUB_EDIT_TYPES = EDIT_TYPES + (OTHER,)
 
 # Final verdicts a manifest row can carry. `judge_error`: the judge could not score the sample
 # (kept for a re-judge run, never accepted).
 VERDICTS = ("accept", "reject", "borderline", "error", "judge_error")
-VERDICT_SOURCES = ("judge", "human", "both")
+VERDICT_SOURCES = ("judge", "human", "both", "dataset")  # dataset: judge "none" trusted its curation
 
 # A complex instruction has this many sub-edits at most (the product's 2–8; 1 allowed for tests
 # and single edits). The one place this bound is written.
@@ -129,8 +133,8 @@ class SubEdit:
     mask: np.ndarray | None = None
 
     def __post_init__(self) -> None:
-        if self.type not in EDIT_TYPES:
-            raise ValueError(f"unknown edit type {self.type!r}; expected one of {EDIT_TYPES}")
+        if self.type not in SUB_EDIT_TYPES:
+            raise ValueError(f"unknown edit type {self.type!r}; expected one of {SUB_EDIT_TYPES}")
 
     def to_json(self) -> dict[str, Any]:
         return {

@@ -11,7 +11,9 @@ The policy is three pairs of thresholds over the judge's scores (see `pipeline.j
   overall score is >= `overall_accept`;
 - anything else is borderline (a person decides).
 
-Reject is checked first, so a sample is never both. With accept == reject thresholds there is no
+Reject is checked first, so a sample is never both. A judge that measured nothing and defers to
+the dataset's own curation (judge `none`: scores with `verdict_by = "dataset"`) gives the verdict
+itself; routing records it as the dataset's. With accept == reject thresholds there is no
 borderline band on that score.
 """
 
@@ -95,6 +97,13 @@ class RouteStage(RecordStage):
             return
         if not sample.scores:
             raise ValueError("no judge scores to route (run the judge stage first)")
+        if sample.scores.get("verdict_by") == "dataset":  # judge "none": nothing measured, the
+            # dataset's curation decides (its scores are all unknown)
+            sample.scores["sub_edit_pass"] = [True] * len(sample.scores.get("sub_edits", []))
+            if sample.scores.get("verdict") not in ROUTES:
+                raise ValueError(f"the dataset's verdict {sample.scores.get('verdict')!r} is not a route")
+            sample.verdict, sample.verdict_by = sample.scores["verdict"], "dataset"
+            return
         verdict = self.policy.route(sample.scores)
         sample.scores["sub_edit_pass"] = self.policy.sub_edit_pass_flags(sample.scores)
         sample.verdict = verdict

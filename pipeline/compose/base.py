@@ -15,4 +15,5 @@ from pipeline.stage import RecordStage
 COMPOSERS: Registry[RecordStage] = Registry("composer", (
     "pipeline.compose.procedural",
     "pipeline.compose.photo",
+    "pipeline.importers.seats",
 ))

@@ -68,9 +68,12 @@ def make_index(source: Source, threads: int = 4) -> tuple[KeyIndex, pa.Table | N
         raise ValueError(f"source {source.name!r} listed a key twice")
     from pipeline.sources.dedup import find_duplicates
 
-    with ThreadPoolExecutor(threads) as pool:  # decoding releases the GIL
-        prints = list(pool.map(lambda k: _fingerprint(source, k), keys))
-    readable = [(k, e, p) for k, (e, p, err) in zip(keys, prints) if err is None]
+    if not getattr(source, "fingerprints", True):  # e.g. an importer's sessions: nothing to dedup
+        prints = [(None, None, None)] * len(keys)
+    else:
+        with ThreadPoolExecutor(threads) as pool:  # decoding releases the GIL
+            prints = list(pool.map(lambda k: _fingerprint(source, k), keys))
+    readable = [(k, e, p) for k, (e, p, err) in zip(keys, prints) if err is None and e is not None]
     duplicates = find_duplicates(readable)
     table = pa.table({
         "key": keys,

@@ -14,4 +14,5 @@ from pipeline.stage import RecordStage
 EDITORS: Registry[RecordStage] = Registry("editor", (
     "pipeline.editors.procedural",
     "pipeline.editors.photo",
+    "pipeline.importers.seats",
 ))

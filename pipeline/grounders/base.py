@@ -14,4 +14,5 @@ from pipeline.stage import RecordStage
 GROUNDERS: Registry[RecordStage] = Registry("grounder", (
     "pipeline.grounders.given",
     "pipeline.grounders.classical",
+    "pipeline.importers.seats",
 ))

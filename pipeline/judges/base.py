@@ -74,7 +74,8 @@ class JudgeStage(RecordStage):
         return batch
 
 
-JUDGES: Registry[Judge] = Registry("judge", ("pipeline.judges.pixel", "pipeline.judges.vllm"))
+JUDGES: Registry[Judge] = Registry("judge", ("pipeline.judges.pixel", "pipeline.judges.vllm",
+                                             "pipeline.judges.none"))
 register_judge = JUDGES.register
 
 

@@ -48,7 +48,8 @@ blending artefacts inside the regions lower it.
 
 Photo pairs (sub-edits with params["domain"] == "photo") are scored by `pixel_photo` instead:
 coverage of each sub-edit's own mask plus a check of its type, None ("unknown") where pixels
-cannot tell; background consistency as above; quality None.
+cannot tell; background consistency as above; quality None. Free-text sub-edits (imported,
+or of type `other`) are scored there too: unknown (None) unless their region did not change.
 
 Overall (`overall`): min(every sub-edit score, background, quality): a pair is as good as its worst
 part, which is what routing needs to catch a single failed sub-edit among many.
@@ -745,7 +746,7 @@ class PixelJudge:
                 raise ValueError(f"sub-edit {i} ({edit.type}) has no region mask")
             if edit.mask.shape != view.source.shape[:2]:
                 raise ValueError(f"sub-edit {i} mask {edit.mask.shape} does not match the image")
-            if edit.type not in CHECKS:
+            if edit.type not in CHECKS and not pixel_photo.is_free_text(edit):
                 raise ValueError(f"no pixel check for edit type {edit.type!r}")
 
     def _background(self, view: JudgeView, pair: _Pair) -> tuple[float, float, float | None]:

@@ -27,6 +27,10 @@ may paint over it):
                 (lightness no longer correlates with the source's).
 - score = min(coverage, type check); a type check of None makes the score None ("unknown"):
   routing never accepts such a pair (it goes to a person).
+- a free-text sub-edit (imported from an edit dataset: `params["free_text"]`, or of type
+  `other`) has no params to check its type against: its type check is None, so it scores None
+  (unknown) once its region changed, and its coverage when most of its region did not change
+  (an edit that did nothing where it says is a failure pixels can show).
 """
 
 from __future__ import annotations
@@ -37,7 +41,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from pipeline.record import JudgeView, SubEdit
+from pipeline.record import OTHER, JudgeView, SubEdit
 from pipeline.sources.scene import pattern_mask
 
 MIN_PIXELS = 24  # fewer own pixels than this: nothing to judge
@@ -330,8 +334,14 @@ CHECKS = {
 }
 
 
+def is_free_text(edit: SubEdit) -> bool:
+    """An imported sub-edit: its type inferred from free text (or `other`), no structured params
+    to check it against."""
+    return edit.type == OTHER or bool(edit.params.get("free_text"))
+
+
 def is_photo(view: JudgeView) -> bool:
-    return any(e.params.get("domain") == "photo" for e in view.sub_edits)
+    return any(e.params.get("domain") == "photo" or is_free_text(e) for e in view.sub_edits)
 
 
 def score_sub_edits(view: JudgeView) -> tuple[list[float | None], list[str]]:
@@ -356,7 +366,10 @@ def score_sub_edits(view: JudgeView) -> tuple[list[float | None], list[str]]:
             scores.append(round(coverage, 4))
             reasons.append(f"{edit.type}: only {coverage:.0%} of its region changed")
             continue
-        value, reason = CHECKS[edit.type](pair, own & pair.changed, edit, mask)
+        if is_free_text(edit):
+            value, reason = None, "free-text sub-edit: no structured params to check its type against"
+        else:
+            value, reason = CHECKS[edit.type](pair, own & pair.changed, edit, mask)
         if value is None:
             scores.append(None)
             reasons.append(f"{edit.type}: unknown: {reason} ({coverage:.0%} of its region changed)")

@@ -52,6 +52,7 @@ SOURCES: Registry[Source] = Registry("source", (
     "pipeline.sources.listfile",
     "pipeline.sources.webdataset",
     "pipeline.sources.parquet",
+    "pipeline.importers.seats",  # source "import": an edit dataset's sessions
 ))
 
 

@@ -1,0 +1,257 @@
+"""One session of an edit dataset → the parts of one complex, region-annotated sample.
+
+Shared by every format. The session's turns, in order, become the sub-edits: the sample's source
+is the first turn's input, its target the last kept turn's output, and turn i's region is
+
+- the dataset's own mask for that turn, decoded from its encoding (`base.MASK_KINDS`) at the
+  mask's own resolution and resized to the image (`mask_from`: "dataset"); a mask whose aspect
+  ratio differs from the image's by more than `ASPECT_TOLERANCE` cannot be resized sensibly and
+  fails the session;
+- else the difference between turn i's input and output: pixels whose largest channel difference
+  exceeds `DIFF_LEVEL`, opened and closed with a 3 px / 7 px disk (speckle of re-encoding out,
+  holes in filled) and components under `MIN_COMPONENT` of the image dropped
+  (`mask_from`: "diff");
+- for ImgEdit-style object masks named by the turn's text, their union with that difference
+  (`mask_from`: "rle+diff").
+
+Everything is brought to the build's resolution (the first input's short side = `resolution`,
+as a photo source does), so the record is the same whatever the dataset's sizes. A session that
+cannot be made into a sample raises `SourceError` with the reason (turn chain with a gap or a
+repeat, an undecodable image, a turn whose input is not the previous output, an unusable mask,
+a turn that changed nothing): the build quarantines it and goes on.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass, field
+from typing import Any
+
+import cv2
+import numpy as np
+from PIL import Image
+
+from pipeline import rle
+from pipeline.importers.base import MaskSpec, RawSession, RawTurn
+from pipeline.importers.edit_types import infer_edit_type, sub_edit_text
+from pipeline.record import InventoryObject, SubEdit
+from pipeline.sources.base import SourceError
+from pipeline.sources.decode import (MAX_PIXELS, decode_image, fit_mask, fit_resolution,
+                                     mask_box, one_line)
+
+DIFF_LEVEL = 24  # 8-bit levels: above JPEG/PNG re-encoding noise, below any visible edit
+MIN_COMPONENT = 0.0005  # share of the image: smaller changed specks are noise
+CHAIN_LEVEL = 6.0  # mean absolute difference (levels) allowed between turn i's input and i-1's output
+ASPECT_TOLERANCE = 0.03  # relative aspect difference a mask or an output may have and be resized
+
+
+@dataclass
+class Assembled:
+    source: np.ndarray
+    target: np.ndarray
+    texts: list[str]
+    sub_edits: list[SubEdit]
+    background_mask: np.ndarray
+    objects: list[InventoryObject] = field(default_factory=list)
+    provenance: dict[str, Any] = field(default_factory=dict)
+
+
+def check_chain(indices: list[int]) -> None:
+    """SourceError unless the turn indices are 1, 2, …, n (each once)."""
+    seen = sorted(indices)
+    repeated = sorted({i for i in seen if seen.count(i) > 1})
+    if repeated:
+        raise SourceError(f"turn {repeated[0]} appears {seen.count(repeated[0])} times in the session")
+    missing = sorted(set(range(1, (seen[-1] if seen else 0) + 1)) - set(seen))
+    if missing or not seen or seen[0] < 1:
+        present = ",".join(str(i) for i in seen)
+        raise SourceError(f"gap in the turn chain: turn {missing[0] if missing else 1} is missing "
+                          f"(turns present: {present})")
+
+
+def has_gap(indices: list[int]) -> bool:
+    try:
+        check_chain(indices)
+        return False
+    except SourceError:
+        return True
+
+
+def _image(data: bytes, what: str) -> np.ndarray:
+    try:
+        return decode_image(data).image
+    except SourceError as exc:
+        raise SourceError(f"{what}: {exc}") from None
+
+
+def _load(loader: Any, what: str) -> Any:
+    try:
+        return loader()
+    except SourceError as exc:
+        raise SourceError(f"{what}: {exc}") from None
+
+
+def _same_aspect(a: tuple[int, int], b: tuple[int, int]) -> bool:
+    return abs(a[0] / a[1] - b[0] / b[1]) <= ASPECT_TOLERANCE * (b[0] / b[1])
+
+
+def _fit(image: np.ndarray, size: tuple[int, int], what: str) -> np.ndarray:
+    """An image of the session brought to the sample's (w, h)."""
+    h, w = image.shape[:2]
+    if (w, h) == size:
+        return image
+    if not _same_aspect((w, h), size):
+        raise SourceError(f"{what} is {w}x{h}, the session's first image {size[0]}x{size[1]}: "
+                          "a different aspect ratio")
+    return np.asarray(Image.fromarray(image).resize(size, Image.Resampling.LANCZOS), dtype=np.uint8)
+
+
+def decode_mask(spec: MaskSpec) -> np.ndarray:
+    """The edited region (bool, at the mask's own resolution) of a dataset's mask encoding."""
+    if spec.kind == "rle":
+        try:
+            return rle.decode(spec.data)
+        except ValueError as exc:
+            raise SourceError(one_line(f"bad RLE mask: {exc}")) from None
+    if spec.kind not in ("alpha", "white"):
+        raise SourceError(f"unknown mask encoding {spec.kind!r}")
+    try:
+        with Image.open(io.BytesIO(spec.data), formats=("PNG", "WEBP", "JPEG", "BMP", "TIFF", "GIF")) as im:
+            if im.width * im.height > MAX_PIXELS:
+                raise SourceError(f"mask of {im.width}x{im.height} pixels refused (too large)")
+            im.load()
+            if spec.kind == "alpha" and ("A" in im.getbands() or "transparency" in im.info):
+                alpha = np.asarray(im.convert("RGBA"))[..., 3]
+                return alpha < 128
+            return np.asarray(im.convert("L")) >= 128
+    except SourceError:
+        raise
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+        raise SourceError(one_line(f"mask does not decode: {type(exc).__name__}: {exc}")) from None
+
+
+def fit_region(mask: np.ndarray, original: tuple[int, int], size: tuple[int, int], what: str) -> np.ndarray:
+    """A dataset mask (at any resolution of the same aspect as the `original` image (w, h))
+    resized to the sample's (w, h)."""
+    mh, mw = mask.shape[:2]
+    if not _same_aspect((mw, mh), original):
+        raise SourceError(f"{what} is {mw}x{mh}, its image {original[0]}x{original[1]}: "
+                          "a different aspect ratio cannot be resized sensibly")
+    return fit_mask(mask, size)
+
+
+_DISKS = {r: cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * r + 1, 2 * r + 1)) for r in (1, 3)}
+
+
+def diff_region(before: np.ndarray, after: np.ndarray) -> np.ndarray:
+    """The thresholded, cleaned difference between two images of the same size."""
+    changed = (np.abs(before.astype(np.int16) - after.astype(np.int16)).max(axis=2) > DIFF_LEVEL)
+    m = changed.astype(np.uint8)
+    m = cv2.morphologyEx(m, cv2.MORPH_OPEN, _DISKS[1])
+    m = cv2.morphologyEx(m, cv2.MORPH_CLOSE, _DISKS[3])
+    count, labels, stats, _ = cv2.connectedComponentsWithStats(m, connectivity=8)
+    keep = np.zeros(count, dtype=bool)
+    keep[1:] = stats[1:, cv2.CC_STAT_AREA] >= MIN_COMPONENT * m.size
+    return keep[labels]
+
+
+def _named(objects: list[InventoryObject], text: str) -> list[InventoryObject]:
+    lowered = f" {' '.join(text.lower().split())} "
+    return [o for o in objects if o.label and f" {o.label.lower()} " in lowered]
+
+
+def assemble(session: RawSession, *, resolution: int, min_edits: int, max_edits: int) -> Assembled:
+    """The sample parts of `session` (see the module docstring); SourceError with the reason."""
+    turns = sorted(session.turns, key=lambda t: t.index)
+    check_chain([t.index for t in turns])
+    if len(turns) < min_edits:
+        raise SourceError(f"session has {len(turns)} turns, fewer than --min-edits {min_edits}")
+    total = len(turns)
+    turns = turns[:max_edits]
+    if turns[0].source is None:
+        raise SourceError("turn 1 has no input image")
+    first = _image(_load(turns[0].source, "turn 1 input"), "turn 1 input")
+    original = (first.shape[1], first.shape[0])
+    source = fit_resolution(first, resolution)
+    size = (source.shape[1], source.shape[0])
+    objects = _objects(session, original, size)
+
+    before, texts, subs = source, [], []
+    for position, turn in enumerate(turns, start=1):
+        texts.append(_text(turn, position))
+        if position > 1 and turn.source is not None:
+            given = _fit(_image(_load(turn.source, f"turn {position} input"), f"turn {position} input"),
+                         size, f"turn {position} input")
+            gap = float(np.abs(given.astype(np.int16) - before.astype(np.int16)).mean())
+            if gap > CHAIN_LEVEL:
+                raise SourceError(f"turn {position}'s input is not turn {position - 1}'s output "
+                                  f"(mean difference {gap:.1f} levels)")
+        after = _fit(_image(_load(turn.target, f"turn {position} output"), f"turn {position} output"),
+                     size, f"turn {position} output")
+        subs.append(_sub_edit(turn, position, texts[-1], before, after, original, size, objects))
+        before = after
+    union = np.logical_or.reduce([s.mask for s in subs])
+    return Assembled(
+        source=source, target=before, texts=texts, sub_edits=subs, background_mask=~union,
+        objects=objects,
+        provenance={"dataset": session.dataset, "split": session.split,
+                    "source_id": session.source_id, "turn_ids": [t.turn_id for t in turns],
+                    "turns_in_session": total, "license": session.license})
+
+
+def _text(turn: RawTurn, position: int) -> str:
+    if not turn.instruction or not str(turn.instruction).strip():
+        raise SourceError(f"turn {position} has no instruction")
+    try:
+        return sub_edit_text(turn.instruction)
+    except ValueError as exc:
+        raise SourceError(f"turn {position}: {exc}") from None
+
+
+def _objects(session: RawSession, original: tuple[int, int], size: tuple[int, int]) -> list[InventoryObject]:
+    objects = []
+    for raw in session.objects:
+        try:
+            mask = rle.decode(raw.rle)
+        except ValueError:
+            continue  # an unusable object mask only loses that object
+        if (mask.shape[1], mask.shape[0]) != original:
+            continue
+        mask = fit_mask(mask, size)
+        box = mask_box(mask)
+        if box is not None:
+            objects.append(InventoryObject(id=len(objects), label=raw.label, box=box, mask=mask,
+                                           confidence=float(raw.score), producer=session.dataset))
+    return objects
+
+
+def _sub_edit(turn: RawTurn, position: int, text: str, before: np.ndarray, after: np.ndarray,
+              original: tuple[int, int], size: tuple[int, int],
+              objects: list[InventoryObject]) -> SubEdit:
+    spec = _load(turn.mask, f"turn {position} mask") if turn.mask is not None else None
+    named = _named(objects, turn.instruction or "")
+    if spec is not None:
+        what = f"turn {position} mask"
+        mask = fit_region(_loaded_mask(spec, what), original, size, what)
+        source = "dataset"
+    elif named:
+        mask = np.logical_or.reduce([o.mask for o in named]) | diff_region(before, after)
+        source = "rle+diff"
+    else:
+        mask = diff_region(before, after)
+        source = "diff"
+    box = mask_box(mask)
+    if box is None:
+        raise SourceError(f"turn {position} has an empty region ({source}: "
+                          + ("the mask marks no pixel)" if source == "dataset" else "nothing changed)"))
+    params = {"domain": "photo", "free_text": True, "mask_from": source, "turn_id": turn.turn_id,
+              "original_text": str(turn.instruction)}
+    return SubEdit(type=infer_edit_type(turn.instruction or ""), text=text,
+                   object_ids=[o.id for o in named], params=params, box=box, mask=mask)
+
+
+def _loaded_mask(spec: MaskSpec, what: str) -> np.ndarray:
+    try:
+        return decode_mask(spec)
+    except SourceError as exc:
+        raise SourceError(f"{what}: {exc}") from None

@@ -1,0 +1,191 @@
+"""The importer seat: a reader over a published edit dataset's sessions.
+
+An importer lists the dataset's sessions once (`sessions()`: session key → the turn indices
+present, read from the cheap columns only, no image decoded) and reads one session at a time
+(`read(key)` → `RawSession`: its turns in order with their texts and *undecoded* image and mask
+bytes). Decoding, the checks of a turn chain and the region of each turn are shared by every
+format and live in `pipeline.importers.assemble`; a format module only knows its files.
+
+Session keys are `"{split}/{dataset id}"` (or the dataset id where a dataset has no splits), so
+the build's key list (`OUT/source_index.parquet`) is stable and every work unit is a slice of
+sorted session keys, as for any source.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Protocol
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline.registry import Registry
+from pipeline.sources.base import SourceError
+from pipeline.sources.decode import one_line, read_bytes
+
+# Mask encodings a dataset may use (what `assemble.decode_mask` understands):
+#   "alpha"  an RGBA "masked image": transparent pixels (alpha < 128) are the edited region
+#            (MagicBrush, the DALL-E 2 convention); an image without alpha falls back to "white"
+#   "white"  a mask image whose white (>= 128 grey) pixels are the edited region (UltraEdit)
+#   "rle"    COCO RLE {"size": [h, w], "counts": str | list} (ImgEdit, generic jsonl)
+MASK_KINDS = ("alpha", "white", "rle")
+
+
+@dataclass
+class MaskSpec:
+    kind: str  # one of MASK_KINDS
+    data: Any  # image bytes, or an RLE dict
+
+
+@dataclass
+class RawTurn:
+    index: int  # 1-based position in the session, as the dataset numbers it
+    turn_id: str  # the dataset's own id of this turn (row id, file name, turn index)
+    instruction: str | None
+    target: Callable[[], bytes]  # this turn's output image bytes (raises SourceError)
+    source: Callable[[], bytes] | None = None  # this turn's input image bytes, if the row has one
+    mask: Callable[[], MaskSpec | None] | None = None  # this turn's region, if the dataset gives one
+
+
+@dataclass
+class RawObject:
+    """An object the dataset segmented on the session's first image (ImgEdit's recap masks)."""
+
+    label: str
+    rle: dict[str, Any]  # COCO RLE at the original image size
+    score: float = 1.0
+
+
+@dataclass
+class RawSession:
+    key: str
+    dataset: str
+    source_id: str  # the dataset's own id of the session (MagicBrush img_id, UltraEdit idx, ...)
+    split: str | None
+    license: str
+    turns: list[RawTurn]
+    objects: list[RawObject] = field(default_factory=list)
+
+
+class Importer(Protocol):
+    name: str  # the dataset's name, written to provenance["dataset"]
+    license: str
+
+    def sessions(self) -> dict[str, list[int]]:
+        """Session key → the turn indices present (in any order, repeats kept)."""
+        ...
+
+    def read(self, key: str) -> RawSession:
+        ...
+
+
+IMPORTERS: Registry[Importer] = Registry("import format", (
+    "pipeline.importers.magicbrush",
+    "pipeline.importers.ultraedit",
+    "pipeline.importers.imgedit",
+    "pipeline.importers.generic",
+))
+
+
+def session_key(split: str | None, source_id: str) -> str:
+    return f"{split}/{source_id}" if split else str(source_id)
+
+
+# ---- helpers the formats share -------------------------------------------------------------------
+
+def parquet_files(path: str | Path, suffix: str = ".parquet") -> dict[str, Path]:
+    """{path relative to `path`: file} of the parquet files under `path` (or `path` itself)."""
+    root = Path(path)
+    if root.is_file():
+        return {root.name: root}
+    if not root.is_dir():
+        raise ValueError(f"input path does not exist: {path}")
+    files = sorted(p for p in root.rglob(f"*{suffix}") if p.is_file()
+                   and not any(part.startswith(".") for part in p.relative_to(root).parts))
+    if not files:
+        raise ValueError(f"no {suffix} files under {path}")
+    return {p.relative_to(root).as_posix(): p for p in files}
+
+
+def hf_split(file_name: str) -> str:
+    """The split of a Hugging Face parquet shard: `data/train-00000-of-00051.parquet` → train."""
+    return Path(file_name).name.split("-", 1)[0].split(".", 1)[0]
+
+
+class RowReader:
+    """Reads single rows of parquet files one row group at a time (the last few cached per
+    process), never a whole file for one row."""
+
+    CACHED_GROUPS = 4
+
+    def __init__(self, files: dict[str, Path]):
+        self.files = files
+        self._offsets: dict[str, list[int]] = {}
+        self._cache: OrderedDict[tuple[str, int], pa.Table] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"files": self.files}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["files"])
+
+    def columns(self, name: str, columns: list[str]) -> pa.Table:
+        """Only `columns` of a whole file (the cheap listing columns)."""
+        try:
+            return pq.read_table(self.files[name], columns=columns)
+        except (OSError, pa.ArrowException, KeyError) as exc:
+            raise ValueError(one_line(f"cannot read {name}: {exc}")) from None
+
+    def row(self, name: str, row: int) -> dict[str, Any]:
+        try:
+            with self._lock:
+                offsets = self._offsets.get(name)
+                if offsets is None:
+                    meta = pq.ParquetFile(self.files[name]).metadata
+                    offsets = [0]
+                    for g in range(meta.num_row_groups):
+                        offsets.append(offsets[-1] + meta.row_group(g).num_rows)
+                    self._offsets[name] = offsets
+                group = next(g for g in range(len(offsets) - 1) if offsets[g] <= row < offsets[g + 1])
+                table = self._cache.get((name, group))
+                if table is None:
+                    table = pq.ParquetFile(self.files[name]).read_row_group(group)
+                    self._cache[(name, group)] = table
+                    while len(self._cache) > self.CACHED_GROUPS:
+                        self._cache.popitem(last=False)
+                else:
+                    self._cache.move_to_end((name, group))
+            return table.slice(row - offsets[group], 1).to_pylist()[0]
+        except (OSError, pa.ArrowException, StopIteration) as exc:
+            raise SourceError(one_line(f"cannot read row {row} of {name}: {exc}")) from None
+
+
+def image_value_bytes(value: Any, folder: Path | None = None) -> bytes:
+    """Bytes of a Hugging Face image value: the struct `{bytes, path}` (bytes first, else the path
+    relative to `folder`), raw bytes, or a path string. SourceError when there is none."""
+    if isinstance(value, dict):
+        if value.get("bytes"):
+            return bytes(value["bytes"])
+        value = value.get("path")
+    if isinstance(value, (bytes, bytearray)):
+        if not value:
+            raise SourceError("empty image bytes")
+        return bytes(value)
+    if isinstance(value, str) and value:
+        return file_bytes(value, folder)
+    raise SourceError("the row holds no image")
+
+
+def file_bytes(relative: str, folder: Path | None) -> bytes:
+    """A file named by a dataset row, resolved inside `folder` (never outside it)."""
+    if folder is None:
+        raise SourceError(f"image {relative!r} is a path but no image folder is known")
+    root = Path(folder).resolve()
+    path = (root / relative).resolve()
+    if root != path and root not in path.parents:
+        raise SourceError(f"image path {relative!r} leads outside {root}")
+    return read_bytes(path)

@@ -1,0 +1,157 @@
+"""ImgEdit (sysuyy/ImgEdit on Hugging Face), as published: `Parquet/*.parquet` with the prompts and
+image paths, the images in `.tar` archives (extract them; the paths are relative to the folder
+they were extracted into, `images`, by default the parquet folder).
+
+- multi-turn files (`content_memory_part*`, `content_understand_part*`,
+  `version_backtracking_part*`): one row per session, column `data`: a list of turns
+  `{input_images: [path], output_images: [path], prompt}`; the session id is the folder of the
+  images (`results_version_backtracking_part0/00031_00020_000209651/origin_0.png` →
+  `00031_00020_000209651`), the split the file's stem;
+- single-turn files (`add_part0`, `remove_part5`, …): one row per edit, columns `input_images`,
+  `output_images`, `prompt`: a one-turn session.
+
+ImgEdit's edit records carry no mask; its regions come from the difference between turns. With
+`masks` (the recap jsons of sysuyy/ImgEdit_recap_mask: one record per photo, `path`
+`00031/00020/000209651.jpg`, `resolution {height, width}`, `segmentation {object, background}`
+lists of `{class_name, bbox, mask: COCO RLE counts string, score}`), the photo's segmented objects
+join the sample's inventory, and a turn whose prompt names an object gets that object's mask in
+its region (`mask_from: rle+diff`). A version-backtracking session whose turn starts again from
+an earlier image is not a chain of edits: it is quarantined with that reason. License MIT (the card).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pyarrow.parquet as pq
+
+from pipeline.importers.base import (IMPORTERS, RawObject, RawSession, RawTurn, RowReader,
+                                     file_bytes, parquet_files, session_key)
+from pipeline.sources.base import SourceError
+
+
+def session_id(path: str) -> str:
+    parts = Path(path).parts
+    return parts[-2] if len(parts) >= 2 else Path(path).stem
+
+
+@IMPORTERS.register("imgedit")
+class ImgEdit:
+    name = "imgedit"
+    license = "MIT"
+
+    def __init__(self, *, path: str, split: str | None = None, images: str | None = None,
+                 masks: str | None = None):
+        files = parquet_files(path)
+        if split is not None:
+            files = {n: p for n, p in files.items() if Path(n).stem == split}
+            if not files:
+                raise ValueError(f"no ImgEdit parquet file {split}.parquet under {path}")
+        self.reader = RowReader(files)
+        root = Path(path) if Path(path).is_dir() else Path(path).parent
+        self.images = Path(images) if images else root
+        if not self.images.is_dir():
+            raise ValueError(f"ImgEdit image folder does not exist: {self.images}")
+        self.masks_path = masks
+        if masks is not None and not Path(masks).exists():
+            raise ValueError(f"ImgEdit recap mask json does not exist: {masks}")
+        self._rows: dict[str, tuple[str, int]] | None = None
+        self._turns: dict[str, int] = {}
+        self._objects: dict[str, list[RawObject]] | None = None
+
+    def _index(self) -> dict[str, tuple[str, int]]:
+        if self._rows is None:
+            rows: dict[str, tuple[str, int]] = {}
+            for name in self.reader.files:
+                try:
+                    schema = pq.read_schema(self.reader.files[name])
+                except (OSError, ValueError) as exc:
+                    raise ValueError(f"cannot read {name}: {exc}") from None
+                split = Path(name).stem
+                if "data" in schema.names:
+                    data = self.reader.columns(name, ["data"]).column("data").to_pylist()
+                    for row, turns in enumerate(data):
+                        turns = turns or []
+                        first = next((t["input_images"][0] for t in turns if t.get("input_images")), None)
+                        key = session_key(split, session_id(first) if first else f"row{row}")
+                        rows[key] = (name, row)
+                        self._turns[key] = len(turns)
+                elif "input_images" in schema.names:
+                    inputs = self.reader.columns(name, ["input_images"]).column("input_images").to_pylist()
+                    for row, paths in enumerate(inputs):
+                        key = session_key(split, session_id(paths[0]) if paths else f"row{row}")
+                        rows[key] = (name, row)
+                        self._turns[key] = 1
+                else:
+                    raise ValueError(f"{name} is not an ImgEdit parquet (no data or input_images column)")
+            self._rows = rows
+        return self._rows
+
+    def sessions(self) -> dict[str, list[int]]:
+        self._index()
+        return {key: list(range(1, n + 1)) for key, n in self._turns.items()}
+
+    def read(self, key: str) -> RawSession:
+        name, row = self._index()[key]
+        values = self.reader.row(name, row)
+        turns_data = values["data"] if "data" in values else [values]
+        turns = []
+        for i, turn in enumerate(turns_data or [], start=1):
+            turns.append(RawTurn(
+                index=i, turn_id=_first(turn.get("output_images")) or f"{name}:{row}:{i}",
+                instruction=turn.get("prompt"),
+                source=_file(_first(turn.get("input_images")), self.images),
+                target=_file(_first(turn.get("output_images")), self.images)))
+        split, _, sid = key.rpartition("/")
+        return RawSession(key=key, dataset=self.name, source_id=sid, split=split or None,
+                          license=self.license, turns=turns, objects=self._objects_of(sid))
+
+    def _objects_of(self, sid: str) -> list[RawObject]:
+        if self.masks_path is None:
+            return []
+        if self._objects is None:
+            self._objects = _read_recap(Path(self.masks_path))
+        return self._objects.get(sid, [])
+
+
+def _first(values: Any) -> str | None:
+    return values[0] if values else None
+
+
+def _file(relative: str | None, folder: Path):
+    def load() -> bytes:
+        if not relative:
+            raise SourceError("the turn names no image")
+        return file_bytes(relative, folder)
+    return load
+
+
+def _read_recap(path: Path) -> dict[str, list[RawObject]]:
+    """{session id: objects} from recap json files (a list, one record per line, or a file per
+    record; a folder of them)."""
+    files = sorted(path.rglob("*.json*")) if path.is_dir() else [path]
+    objects: dict[str, list[RawObject]] = {}
+    for file in files:
+        text = file.read_text()
+        try:
+            data = json.loads(text)
+            records = data if isinstance(data, list) else [data]
+        except json.JSONDecodeError:
+            records = [json.loads(line) for line in text.splitlines() if line.strip()]
+        for record in records:
+            try:
+                h, w = int(record["resolution"]["height"]), int(record["resolution"]["width"])
+                sid = "_".join(Path(record["path"]).with_suffix("").parts)
+            except (KeyError, TypeError, ValueError):
+                continue
+            found = []
+            for group in ("object", "background"):
+                for obj in (record.get("segmentation") or {}).get(group) or []:
+                    if isinstance(obj, dict) and obj.get("mask") and obj.get("class_name"):
+                        found.append(RawObject(label=str(obj["class_name"]),
+                                               rle={"size": [h, w], "counts": obj["mask"]},
+                                               score=float(obj.get("score", 1.0))))
+            objects[sid] = found
+    return objects

@@ -1,0 +1,393 @@
+"""Importing edit datasets: fixtures in each format's published schema, made from scikit-image's
+real photos (multi-turn sessions, shuffled rows, masks at another resolution, a missing turn, a
+broken image), imported through the build machinery and checked sample by sample."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from flows.plan import prepare_build
+from photo_fixtures import photo_array
+from pipeline import rle
+from pipeline.compose.procedural import join_instruction, split_instruction
+from pipeline.config import BuildConfig
+from pipeline.dataset.output import finalize, read_quarantine
+from pipeline.dataset.report import write_report
+from pipeline.dataset.shards import iter_tar_groups, decode_sample, read_members_dir
+from pipeline.dataset.verify import check_build
+from pipeline.importers.assemble import diff_region
+from pipeline.importers.edit_types import infer_edit_type, sub_edit_text
+from pipeline.judges.pixel import PixelJudge
+from pipeline.record import EDIT_TYPES, SUB_EDIT_TYPES, SubEdit
+from pipeline.sources.decode import fit_mask
+from pipeline.unit import UnitPipeline
+
+ROOT = Path(__file__).resolve().parents[1]
+RES = 128
+IMAGE = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+
+
+def png(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def paint(image: np.ndarray, box: tuple[float, float, float, float], rgb) -> tuple[np.ndarray, np.ndarray]:
+    """A real edit: the box (fractions of the image) painted; returns (edited, region)."""
+    h, w = image.shape[:2]
+    x0, y0, x1, y1 = int(box[0] * w), int(box[1] * h), int(box[2] * w), int(box[3] * h)
+    out = image.copy()
+    out[y0:y1, x0:x1] = rgb
+    region = np.zeros((h, w), dtype=bool)
+    region[y0:y1, x0:x1] = True
+    return out, region
+
+
+def rgba_mask(region: np.ndarray, image: np.ndarray, scale: float = 0.5, brush: int = 0) -> bytes:
+    """MagicBrush's masked image: the photo with the edited region (grown by a `brush` of that
+    many px, as a person paints it) transparent, at `scale` of the photo's size."""
+    if brush:
+        import cv2
+
+        region = cv2.dilate(region.astype(np.uint8), np.ones((2 * brush + 1,) * 2, np.uint8)).astype(bool)
+    h, w = region.shape
+    rgba = np.dstack([image, np.where(region, 0, 255).astype(np.uint8)])
+    im = Image.fromarray(rgba, "RGBA").resize((max(1, int(w * scale)), max(1, int(h * scale))),
+                                              Image.Resampling.NEAREST)
+    buffer = io.BytesIO()
+    im.save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+BOXES = [(0.1, 0.1, 0.4, 0.4), (0.55, 0.5, 0.9, 0.85), (0.1, 0.6, 0.35, 0.9)]
+COLOURS = [(220, 30, 30), (30, 200, 40), (40, 60, 230)]
+TEXTS = ["Make the top left corner red.", "add a green box in the bottom right",
+         "Turn it into winter, please!"]
+
+
+def chain(photo: str, turns: int):
+    """[(input, output, region, text)] of a real `turns`-turn session on a skimage photo."""
+    image = photo_array(photo)
+    out = []
+    for k in range(turns):
+        edited, region = paint(image, BOXES[k], COLOURS[k])
+        out.append((image, edited, region, TEXTS[k]))
+        image = edited
+    return out
+
+
+def magicbrush(root: Path) -> dict:
+    """data/{split}-NNNNN-of-NNNNN.parquet in MagicBrush's schema; returns what each session is."""
+    rows, expect = [], {}
+
+    def session(img_id, photo, turns, drop=None, broken=None, mask_scale=0.5):
+        for k, (src, tgt, region, text) in enumerate(chain(photo, turns), start=1):
+            if k == drop:
+                continue
+            target = b"\x89PNG\r\n\x1a\n broken" if k == broken else png(tgt)
+            cut = slice(None) if mask_scale else slice(0, region.shape[1] // 2)  # 106: half the width
+            masked = rgba_mask(region[:, cut], src[:, cut], mask_scale or 0.5)
+            rows.append({"img_id": img_id, "turn_index": k, "source_img": {"bytes": png(src), "path": None},
+                         "mask_img": {"bytes": masked, "path": None},
+                         "instruction": text, "target_img": {"bytes": target, "path": None}})
+
+    session("101", "chelsea", 3); expect["dev/101"] = "ok"
+    session("102", "coffee", 2); expect["dev/102"] = "ok"
+    session("103", "astronaut", 3, drop=2); expect["dev/103"] = "gap in the turn chain"
+    session("104", "rocket", 2, broken=2); expect["dev/104"] = "turn 2 output"
+    session("105", "coffee", 1); expect["dev/105"] = "skipped"
+    session("106", "chelsea", 2, mask_scale=0); expect["dev/106"] = "aspect ratio"
+    random.Random(4).shuffle(rows)
+    schema = pa.schema([("img_id", pa.string()), ("turn_index", pa.int32()), ("source_img", IMAGE),
+                        ("mask_img", IMAGE), ("instruction", pa.string()), ("target_img", IMAGE)])
+    (root / "data").mkdir(parents=True)
+    half = len(rows) // 2
+    for i, part in enumerate((rows[:half], rows[half:])):
+        pq.write_table(pa.Table.from_pylist(part, schema=schema), root / f"data/dev-0000{i}-of-00002.parquet",
+                       row_group_size=3)
+    train = []
+    for k, (src, tgt, region, text) in enumerate(chain("coffee", 2), start=1):
+        train.append({"img_id": "201", "turn_index": k, "source_img": {"bytes": png(src), "path": None},
+                      "mask_img": {"bytes": rgba_mask(region, src, brush=6), "path": None},
+                      "instruction": text, "target_img": {"bytes": png(tgt), "path": None}})
+    pq.write_table(pa.Table.from_pylist(train, schema=schema), root / "data/train-00000-of-00001.parquet")
+    return expect
+
+
+def run_inline(out: Path, config: BuildConfig):
+    """The build of `config` in this process (the flow's own steps, without Prefect and Ray)."""
+    total = prepare_build(out, config)
+    pipeline = UnitPipeline(config, out)
+    for unit in range(config.num_units(total)):
+        pipeline.run(unit)
+    table = finalize(out)
+    write_report(out)
+    return {row["id"]: row for row in table.to_pylist()}
+
+
+def import_config(fmt: str, path: Path, judge: str = "none", min_edits: int = 2, **options) -> BuildConfig:
+    return BuildConfig(resolution=RES, shard_size=4, defect_rate=0.0, min_edits=min_edits, max_edits=8,
+                       judge=judge, source="import", source_options={"format": fmt, "path": str(path), **options},
+                       grounder="imported", composer="imported", editor="imported")
+
+
+def load(out: Path, row: dict):
+    if row["shard"].endswith(".tar"):
+        for key, members in iter_tar_groups(out / "shards" / row["shard"]):
+            if key == row["id"]:
+                return decode_sample(members)
+    if row["shard"].startswith("quarantine/"):
+        return read_quarantine(out, row["id"])
+    return decode_sample(read_members_dir(out / row["shard"]))
+
+
+# ---- the rule and the text ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("text, expected", [
+    ('Add the word "SALE" on the wall', "add_text"), ("swap the positions of the cat and the dog", "swap"),
+    ("make the background a beach", "background"), ("make the shirt striped", "texture"),
+    ("Make the car red", "recolor"), ("change the color of the bus to blue", "recolor"),
+    ("turn the dog into a red fox", "replace"), ("replace the cake with a pizza", "replace"),
+    ("Remove the cat.", "remove"), ("get rid of the bottle", "remove"),
+    ("make the dog bigger", "resize"), ("move the cup to the left", "move"),
+    ("Put a hat on the man", "add"), ("let there be a rainbow", "add"),
+    ("make it winter", "other"), ("What if it was night?", "other"),
+])
+def test_edit_type_rule(text, expected):
+    assert infer_edit_type(text) == expected
+    assert expected in SUB_EDIT_TYPES
+
+
+def test_other_is_a_record_type_but_never_drafted():
+    assert "other" not in EDIT_TYPES and "other" in SUB_EDIT_TYPES  # composers draw EDIT_TYPES only
+    SubEdit("other", "make it winter")
+    with pytest.raises(ValueError):
+        SubEdit("dance", "make it dance")
+
+
+def test_turn_texts_join_with_the_connectives_and_split_back():
+    texts = [sub_edit_text(t) for t in ["Make the cat red, then blue.", "Put a hat on it!",
+                                        "3 birds; on the branch", "Replace the TV with a plant."]]
+    assert texts == ["make the cat red then blue", "put a hat on it", "apply: 3 birds on the branch",
+                     "replace the TV with a plant"]
+    for seed in range(20):
+        joined = join_instruction(texts, np.random.default_rng(seed))
+        assert split_instruction(joined) == texts
+
+
+def test_diff_region_is_the_changed_box_without_noise():
+    image = photo_array("coffee")
+    edited, region = paint(image, BOXES[0], COLOURS[0])
+    noisy = np.clip(edited.astype(np.int16) + np.random.default_rng(0).integers(-10, 11, edited.shape),
+                    0, 255).astype(np.uint8)
+    found = diff_region(image, noisy)
+    inter, union = (found & region).sum(), (found | region).sum()
+    assert inter / union > 0.97
+
+
+# ---- MagicBrush ---------------------------------------------------------------------------------
+
+def test_magicbrush_sessions_become_complex_samples(tmp_path):
+    expect = magicbrush(tmp_path / "mb")
+    out = tmp_path / "out"
+    rows = run_inline(out, import_config("magicbrush", tmp_path / "mb" / "data", split="dev"))
+    by_key = {}
+    for row in rows.values():
+        sample = load(out, row)
+        by_key[sample.source_key] = (row, sample)
+    assert set(by_key) == {k for k, v in expect.items() if v != "skipped"}  # 105: one turn, skipped
+    for key, outcome in expect.items():
+        if outcome in ("ok", "skipped"):
+            continue
+        row, _ = by_key[key]
+        assert row["verdict"] == "error" and row["error_stage"] == "source", row
+        assert outcome in row["error"], row["error"]
+
+    row, sample = by_key["dev/101"]
+    assert row["verdict"] == "accept" and row["verdict_by"] == "dataset" and row["judge"] == "none@1"
+    assert row["num_sub_edits"] == 3 and row["sub_edit_types"] == ["recolor", "add", "other"]
+    assert split_instruction(sample.instruction) == [sub_edit_text(t) for t in TEXTS]
+    p = sample.provenance
+    assert (p["dataset"], p["split"], p["source_id"], p["license"]) == ("magicbrush", "dev", "101", "CC-BY-4.0")
+    assert len(p["turn_ids"]) == 3 and p["turns_in_session"] == 3
+    turns = chain("chelsea", 3)
+    h, w = sample.source.shape[:2]
+    assert min(h, w) == RES and w > h  # chelsea is landscape: not squared
+    for sub, (_, _, region, text) in zip(sample.sub_edits, turns):
+        assert sub.params["mask_from"] == "dataset" and sub.params["original_text"] == text
+        truth = fit_mask(region, (w, h))
+        assert (sub.mask & truth).sum() / (sub.mask | truth).sum() > 0.9  # half-res alpha mask, resized
+        ys, xs = np.nonzero(sub.mask)
+        assert sub.box == [xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]
+    assert np.array_equal(sample.background_mask, ~np.logical_or.reduce([s.mask for s in sample.sub_edits]))
+    last = np.asarray(Image.fromarray(turns[-1][1]).resize((w, h), Image.Resampling.LANCZOS))
+    assert np.abs(sample.target.astype(int) - last).max() <= 1
+    assert check_build(out).ok, check_build(out).problems[:5]
+
+
+def test_imported_pairs_go_through_the_pixel_judge_to_review(tmp_path):
+    magicbrush(tmp_path / "mb")
+    out = tmp_path / "out"
+    rows = run_inline(out, import_config("magicbrush", tmp_path / "mb" / "data", judge="pixel", split="train"))
+    (row,) = rows.values()
+    assert row["verdict"] == "borderline" and row["verdict_by"] == "judge"  # unknown → a person
+    assert row["sub_edit_scores"] == [None, None]
+    sample = load(out, row)
+    assert all("free-text" in r for r in sample.scores["sub_edit_reasons"])
+    assert check_build(out).ok
+
+
+def test_pixel_judge_scores_an_other_sub_edit_unknown_unless_nothing_changed():
+    image = photo_array("coffee")[:128, :192]
+    edited, region = paint(image, BOXES[0], COLOURS[0])
+    judge = PixelJudge()
+    from pipeline.record import JudgeView
+
+    for target, expect_none in ((edited, True), (image, False)):
+        sub = SubEdit("other", "make it winter", mask=region, box=[0, 0, 1, 1])
+        view = JudgeView("x", image, target, "Make it winter.", [sub], ~region)
+        scores = judge.score(view)
+        assert (scores["sub_edits"][0] is None) == expect_none, scores
+
+
+# ---- UltraEdit, ImgEdit, generic ----------------------------------------------------------------
+
+def test_ultraedit_region_rows_are_one_turn_sessions_with_their_masks(tmp_path):
+    rows = []
+    for idx, photo in enumerate(("chelsea", "rocket")):
+        (src, tgt, region, text), = chain(photo, 1)
+        small = Image.fromarray(region.astype(np.uint8) * 255).resize(
+            (region.shape[1] // 3, region.shape[0] // 3), Image.Resampling.NEAREST)
+        buffer = io.BytesIO()
+        small.save(buffer, "PNG")
+        rows.append({"clip_sim_source": 0.3, "clip_sim_target": 0.3, "clip_sim_dir": 0.2,
+                     "clip_sim_image": 0.9, "dinov2_sim": 0.9, "ssim": 0.8, "source_caption": "a photo",
+                     "target_caption": "a photo", "idx": 7 + idx, "edit_prompt": text,
+                     "source_image": {"bytes": png(src), "path": None},
+                     "edited_image": {"bytes": png(tgt), "path": None},
+                     "mask_image": {"bytes": buffer.getvalue(), "path": None}})
+    (tmp_path / "ue/data").mkdir(parents=True)
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "ue/data/RegionBase-00000-of-00001.parquet")
+    out = tmp_path / "out"
+    manifest = run_inline(out, import_config("ultraedit", tmp_path / "ue", min_edits=1))
+    assert len(manifest) == 2 and all(r["verdict"] == "accept" for r in manifest.values())
+    sample = load(out, next(r for r in manifest.values()))
+    assert sample.provenance["source_id"] in ("7", "8") and sample.provenance["split"] == "RegionBase"
+    assert sample.sub_edits[0].params["mask_from"] == "dataset"
+    assert check_build(out).ok
+
+
+def imgedit(root: Path) -> None:
+    """Parquet/ with a multi-turn `data` column, the images extracted beside it, a recap json."""
+    rows = []
+    for sid, photo, turns in (("00031_00020_000209651", "coffee", 2), ("00031_00020_000209652", "rocket", 3)):
+        folder = f"results_content_memory_part0/{sid}"
+        (root / folder).mkdir(parents=True)
+        data = []
+        for k, (src, tgt, _, text) in enumerate(chain(photo, turns)):
+            Image.fromarray(src).save(root / folder / f"origin_{k}.png")
+            Image.fromarray(tgt).save(root / folder / f"result_{k}.png")
+            data.append({"input_images": [f"{folder}/origin_{k}.png"],
+                         "output_images": [f"{folder}/result_{k}.png"], "prompt": text})
+        if turns == 3:  # version backtracking: turn 3 starts again from the photo
+            data[2]["input_images"] = [f"{folder}/origin_0.png"]
+        rows.append({"data": data})
+    (root / "Parquet").mkdir(parents=True)
+    pq.write_table(pa.Table.from_pylist(rows), root / "Parquet/content_memory_part0.parquet")
+    h, w = photo_array("coffee").shape[:2]
+    cup = np.zeros((h, w), dtype=bool)
+    cup[int(0.1 * h):int(0.4 * h), int(0.1 * w):int(0.4 * w)] = True
+    record = {"path": "00031/00020/000209651.jpg", "resolution": {"height": h, "width": w},
+              "segmentation": {"object": [{"class_name": "corner", "bbox": [0, 0, 1, 1],
+                                           "mask": rle.encode(cup)["counts"], "score": 0.9}],
+                               "background": [], "box_format": "xyxy"}}
+    (root / "recap.json").write_text(json.dumps([record]))
+
+
+def test_imgedit_multiturn_regions_from_diff_and_rle(tmp_path):
+    imgedit(tmp_path / "ie")
+    out = tmp_path / "out"
+    manifest = run_inline(out, import_config("imgedit", tmp_path / "ie" / "Parquet",
+                                             images=str(tmp_path / "ie"), masks=str(tmp_path / "ie/recap.json")))
+    samples = {load(out, r).source_key: (r, load(out, r)) for r in manifest.values()}
+    row, sample = samples["content_memory_part0/00031_00020_000209651"]
+    assert row["verdict"] == "accept"
+    assert [s.params["mask_from"] for s in sample.sub_edits] == ["rle+diff", "diff"]  # "top left corner"
+    assert [o.label for o in sample.objects] == ["corner"] and sample.sub_edits[0].object_ids == [0]
+    h, w = sample.source.shape[:2]
+    truth = fit_mask(chain("coffee", 2)[1][2], (w, h))
+    got = sample.sub_edits[1].mask
+    assert (got & truth).sum() / (got | truth).sum() > 0.9
+    row, _ = samples["content_memory_part0/00031_00020_000209652"]
+    assert row["verdict"] == "error" and "turn 3's input is not turn 2's output" in row["error"]
+    assert check_build(out).ok
+
+
+def test_generic_jsonl_with_rle_masks_and_a_missing_turn(tmp_path):
+    root = tmp_path / "g"
+    (root / "img").mkdir(parents=True)
+    lines = []
+    for sid, photo, drop in (("a", "chelsea", None), ("b", "coffee", 2)):
+        for k, (src, tgt, region, text) in enumerate(chain(photo, 3), start=1):
+            Image.fromarray(src).save(root / f"img/{sid}{k}_in.png")
+            Image.fromarray(tgt).save(root / f"img/{sid}{k}_out.png")
+            if k != drop:
+                lines.append({"session": sid, "turn": k, "instruction": text, "source": f"img/{sid}{k}_in.png",
+                              "target": f"img/{sid}{k}_out.png", "mask_rle": rle.encode(region),
+                              "license": "CC0-1.0"})
+    random.Random(1).shuffle(lines)
+    (root / "edits.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    out = tmp_path / "out"
+    manifest = run_inline(out, import_config("generic", root / "edits.jsonl"))
+    verdicts = sorted((r["verdict"], (r["error"] or "")[:40]) for r in manifest.values())
+    assert verdicts[0][0] == "accept" and verdicts[1][0] == "error" and "gap" in verdicts[1][1]
+    sample = load(out, next(r for r in manifest.values() if r["verdict"] == "accept"))
+    assert sample.provenance["license"] == "CC0-1.0" and len(sample.sub_edits) == 3
+    assert check_build(out).ok
+
+
+# ---- the command --------------------------------------------------------------------------------
+
+def mcie(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "flows.cli", *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=timeout, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+
+def test_bad_import_arguments_are_one_line_and_create_nothing(tmp_path):
+    out = tmp_path / "out"
+    for args in (["--format", "nope", "--input", str(tmp_path)],
+                 ["--format", "magicbrush", "--input", str(tmp_path / "missing")]):
+        result = mcie("import", *args, "--out", str(out))
+        assert result.returncode == 2, result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
+        assert not out.exists()
+
+
+@pytest.mark.slow
+def test_mcie_import_runs_the_build_flow_and_a_rerun_does_nothing(tmp_path):
+    magicbrush(tmp_path / "mb")
+    out = tmp_path / "out"
+    args = ["import", "--format", "magicbrush", "--input", str(tmp_path / "mb"), "--split", "dev",
+            "--out", str(out), "--judge", "none", "--resolution", str(RES), "--shard-size", "3",
+            "--workers", "1"]
+    first = mcie(*args)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "6 sessions, 1 skipped" in first.stdout
+    rows = pq.read_table(out / "manifest.parquet").to_pylist()
+    assert sorted(r["verdict"] for r in rows) == ["accept", "accept", "error", "error", "error"]
+    assert mcie("verify", str(out)).returncode == 0
+    again = mcie(*args)
+    assert again.returncode == 0 and "already complete, nothing to do" in again.stdout
