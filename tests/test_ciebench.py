@@ -13,6 +13,7 @@ import pyarrow as pa
 import pytest
 
 from pipeline.ciebench import cases as ciebench
+from trainer import evaluate
 from pipeline.ciebench.cases import (
     BENCH_SEED,
     BenchConfig,
@@ -199,7 +200,9 @@ def _run(argv: list[str]) -> int:
     from flows.cli import Parser, UsageError
 
     parser = Parser(prog="mcie")
-    ciebench.register(parser.add_subparsers(dest="command", required=True, parser_class=Parser))
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
+    ciebench.register(commands)
+    evaluate.register(commands)  # `mcie eval` runs checkpoints: it lives with the trainer
     try:
         args = parser.parse_args(argv)
     except UsageError as exc:

@@ -11,6 +11,7 @@ import pytest
 from PIL import Image
 
 from pipeline.ciebench import cases as ciebench
+from trainer import evaluate as evaluate_module
 from pipeline.ciebench.cases import BenchConfig, build_bench, read_bench
 from pipeline.editors.procedural import ProceduralEditor, apply_chain
 from trainer.evaluate import EvalError, evaluate
@@ -259,7 +260,9 @@ def test_eval_cli_end_to_end(bench, cases, tmp_path, capsys):
     for case in cases:
         Image.fromarray(case.source).save(preds / f"{case.id}.png")
     parser = Parser(prog="mcie")
-    ciebench.register(parser.add_subparsers(dest="command", required=True, parser_class=Parser))
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
+    ciebench.register(commands)
+    evaluate_module.register(commands)  # `mcie eval` runs checkpoints: it lives with the trainer
     args = parser.parse_args(["eval", "--bench", str(bench), "--predictions", str(preds),
                               "--out", str(tmp_path / "rep")])
     assert args.func(args) == 0

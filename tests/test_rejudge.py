@@ -113,7 +113,7 @@ def test_a_crash_mid_move_loses_nothing_and_a_rerun_completes(tmp_path, server, 
     def crash(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(output_module, "write_manifest", crash)  # the mover's manifest write
+    monkeypatch.setattr(output_module, "finalize", crash)  # the mover's manifest write
     with judge_for(server) as judge, pytest.raises(OSError, match="disk full"):
         rejudge(out, judge)
     monkeypatch.undo()

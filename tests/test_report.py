@@ -25,7 +25,7 @@ def build(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("report") / "out"
     config = BuildConfig(count=16, resolution=64, shard_size=4, seed=3, defect_rate=0.5)
     pipeline = UnitPipeline(config, out)
-    for unit in range(config.num_units):
+    for unit in range(config.num_units(config.count)):
         samples = pipeline.process(unit)
         for sample in samples:
             if sample.index == BROKEN:

@@ -44,14 +44,14 @@ def test_a_stage_raising_on_one_sample_quarantines_only_that_sample(tmp_path, mo
 
 
 def test_a_source_that_cannot_be_made_still_gets_its_manifest_row(tmp_path, monkeypatch):
-    original = ProceduralSource.make
+    original = ProceduralSource.read
 
-    def flaky(self, seed, index):
-        if index == 4:
+    def flaky(self, key):
+        if key == "4":
             raise OSError("disk hiccup")
-        return original(self, seed, index)
+        return original(self, key)
 
-    monkeypatch.setattr(ProceduralSource, "make", flaky)
+    monkeypatch.setattr(ProceduralSource, "read", flaky)
     rows = run_unit(tmp_path)
     assert sorted(rows) == list(range(6))
     assert (rows[4]["verdict"], rows[4]["error_stage"]) == ("error", "source")
