@@ -5,10 +5,10 @@ What decides the bytes of the dataset (seed, count, resolution, shard size, the 
 thresholds) is the build's identity: resuming into an OUT whose saved config differs is refused.
 How the build runs (workers, Ray address) is not part of it.
 
-Each seat is chosen by name with an options dict, as the judge is. Unnamed seats follow the
-source: a procedural source is grounded by what it knows (`given`), phrased against its scene
-graph (`scene`) and edited exactly (`procedural`); any other source gets the `classical` grounder,
-the `inventory` composer and the `photo` editor.
+Each seat is chosen by name with an options dict, as the judge is. An unnamed grounder or editor
+is the one the source asks for (`default_grounder`, `default_editor` on its class: a procedural
+source is grounded by what it knows and edited exactly; photos get classical grounding and the
+photo editor), an unnamed composer the one the editor works with (its `composer`).
 """
 
 from __future__ import annotations
@@ -55,17 +55,9 @@ class BuildConfig:
     edits_per_image: int = 1  # different complex instructions per source image
 
     def __post_init__(self) -> None:
-        procedural = self.source == "procedural"
-        defaults = {"grounder": "given" if procedural else "classical",
-                    "editor": "procedural" if procedural else "photo"}
-        defaults["composer"] = "scene" if (self.editor or defaults["editor"]) == "procedural" else "inventory"
-        for seat, name in defaults.items():
-            if not getattr(self, seat):
-                object.__setattr__(self, seat, name)
+        self._fill_default_seats()
         if self.count is not None and (not isinstance(self.count, int) or self.count < 1):
             raise ConfigError(f"count must be a positive integer, got {self.count!r}")
-        if self.count is None and procedural:
-            raise ConfigError("a procedural build needs --count")
         if not isinstance(self.edits_per_image, int) or not 1 <= self.edits_per_image <= 64:
             raise ConfigError(f"edits per image must be within 1..64, got {self.edits_per_image!r}")
         if not isinstance(self.seed, int) or not 0 <= self.seed < 2**63:
@@ -82,6 +74,23 @@ class BuildConfig:
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
         self._check_seats()
+
+    def _fill_default_seats(self) -> None:
+        from pipeline.editors.base import EDITORS, composer_of
+        from pipeline.sources.base import SOURCES, defaults_of
+
+        try:
+            source = SOURCES.factory(self.source)
+            if not self.grounder or not self.editor:
+                grounder, editor = defaults_of(source)
+                object.__setattr__(self, "grounder", self.grounder or grounder)
+                object.__setattr__(self, "editor", self.editor or editor)
+            if not self.composer:
+                object.__setattr__(self, "composer", composer_of(EDITORS.factory(self.editor)))
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        if self.count is None and getattr(source, "generator", False):
+            raise ConfigError(f"a {self.source} build needs --count (the source has no key list)")
 
     def _check_seats(self) -> None:
         """Every seat's backend exists and takes the options given (nothing is built)."""

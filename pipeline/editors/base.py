@@ -16,3 +16,10 @@ EDITORS: Registry[RecordStage] = Registry("editor", (
     "pipeline.editors.photo",
     "pipeline.importers.seats",
 ))
+
+# The composer an editor works with unless its class names another (`composer`).
+DEFAULT_COMPOSER = "inventory"
+
+
+def composer_of(editor_class: type) -> str:
+    return getattr(editor_class, "composer", DEFAULT_COMPOSER)

@@ -232,6 +232,7 @@ class ProceduralEditor(RecordStage):
     """Exact edits of procedural scenes, with optional fault injection (hidden defect log)."""
 
     name = "edit"
+    composer = "scene"  # it edits the scene graph the scene composer phrased against
 
     def __init__(self, defect_rate: float = 0.25, defect_types: Sequence[str] = DEFECT_TYPES):
         if not 0.0 <= defect_rate <= 1.0:

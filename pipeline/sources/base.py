@@ -36,6 +36,9 @@ class SourceItem:
 
 
 class Source(Protocol):
+    """A source class may say which grounder and editor suit its images (`default_grounder`,
+    `default_editor`) and that it generates images rather than listing them (`generator`)."""
+
     name: str
 
     def keys(self) -> list[str] | None:
@@ -54,6 +57,17 @@ SOURCES: Registry[Source] = Registry("source", (
     "pipeline.sources.parquet",
     "pipeline.importers.seats",  # source "import": an edit dataset's sessions
 ))
+
+
+# What a source of photographs gets unless its class says otherwise.
+DEFAULT_GROUNDER = "classical"
+DEFAULT_EDITOR = "photo"
+
+
+def defaults_of(source_class: type) -> tuple[str, str]:
+    """(grounder, editor) a build uses for this source when none is named."""
+    return (getattr(source_class, "default_grounder", DEFAULT_GROUNDER),
+            getattr(source_class, "default_editor", DEFAULT_EDITOR))
 
 
 def new_sample(item: SourceItem, source: str, seed: int, key: str, index: int,

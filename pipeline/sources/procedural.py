@@ -41,6 +41,9 @@ def scene_objects(scene: Scene, ids: np.ndarray) -> list[InventoryObject]:
 @SOURCES.register("procedural")
 class ProceduralSource:
     name = "procedural"
+    default_grounder = "given"  # it knows its objects exactly
+    default_editor = "procedural"
+    generator = True  # every index is a key: a build says how many (--count)
 
     def __init__(self, resolution: int = 512, seed: int = 0, min_objects: int = 2,
                  max_objects: int = 8):
