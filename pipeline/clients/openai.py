@@ -585,3 +585,15 @@ def _retry_after(value: str | None) -> float | None:
         return max(0.0, float(value)) if value is not None else None
     except ValueError:  # an HTTP date: fall back to our own back-off
         return None
+
+
+def options_signature(config_cls: type[ClientConfig]):
+    """The keyword signature of `config_cls`'s options, for a registry factory: the build checks
+    option names against it before anything is built (url and model required)."""
+    import inspect
+
+    parameters = []
+    for f in fields(config_cls):
+        default = inspect.Parameter.empty if f.name in ("url", "model") else f.default
+        parameters.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=default))
+    return inspect.Signature(parameters)

@@ -14,5 +14,6 @@ from pipeline.stage import RecordStage
 GROUNDERS: Registry[RecordStage] = Registry("grounder", (
     "pipeline.grounders.given",
     "pipeline.grounders.classical",
+    "pipeline.grounders.mllm",
     "pipeline.importers.seats",
 ))
