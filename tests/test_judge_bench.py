@@ -100,8 +100,7 @@ def test_cli_prints_the_report(capsys):
 
 @pytest.mark.parametrize(
     "argv",
-    [["judge-bench", "--defect-rate", "0.5"],
-     ["judge-bench", "--count", "0", "--defect-rate", "0.5"],
+    [["judge-bench", "--count", "0", "--defect-rate", "0.5"],
      ["judge-bench", "--count", "5", "--defect-rate", "2"],
      ["judge-bench", "--count", "5", "--defect-rate", "0.1", "--resolution", "10"],
      ["judge-bench", "--count", "x", "--defect-rate", "0.1"]],
@@ -119,3 +118,42 @@ def test_cli_unknown_judge_is_a_one_line_error(capsys):
     assert args.func(args) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "unknown judge" in err
+
+
+def test_cli_measures_the_judge_on_photos(tmp_path, capsys):
+    # `mcie judge-bench` on a folder of real photos: the build's own front half (folder source,
+    # classical grounder, inventory composer, photo editor with the defect rate).
+    from flows.cli import main
+    from photo_fixtures import photo_folder
+
+    folder = photo_folder(tmp_path / "photos")  # four photos
+    argv = ["judge-bench", "--source", "folder", "--source-path", str(folder), "--editor", "photo",
+            "--defect-rate", "1.0", "--resolution", "128", "--edits-per-image", "2"]
+    assert main([*argv, "--count", "3"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["count"] == 3 and report["source"] == "folder" and report["editor"] == "photo"
+    assert report["grounder"] == "classical" and report["composer"] == "inventory"
+    assert report["scored"] + sum(report["errors"].values()) == 3
+    assert report["defective"] >= 1 and 0.0 <= report["defect_recall"] <= 1.0
+    assert set(report["ms_per_pair"]) == {"read", "ground", "compose", "edit", "judge", "route",
+                                          "total"}
+    # Without --count: every photo × --edits-per-image.
+    assert main([*argv, "--defect-rate", "0.0"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["count"] == 8 and report["defective"] == 0 and report["clean"] >= 1
+
+
+@pytest.mark.parametrize(
+    "argv, wanted",
+    [(["--defect-rate", "0.5"], "needs --count"),
+     (["--count", "2", "--defect-rate", "0.5", "--source", "folder", "--source-path", "/nonexistent/dir"],
+      "/nonexistent/dir"),
+     (["--count", "2", "--defect-rate", "0.5", "--source", "nope"], "nope"),
+     (["--count", "2", "--defect-rate", "0.5", "--editor", "nope"], "nope")],
+)
+def test_cli_bad_source_or_backend_is_a_one_line_error(argv, wanted, capsys):
+    from flows.cli import main
+
+    assert main(["judge-bench", *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and wanted in err and "Traceback" not in err

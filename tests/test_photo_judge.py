@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from test_photo_editor import ALL_TYPES, PHOTOS, composed, edited
+from pipeline.compose.regions import region_of
 from pipeline.editors.defects import DEFECT_TYPES
 from pipeline.judges.base import JudgeStage, make_judge
 from pipeline.judges.pixel_photo import is_photo
@@ -75,3 +76,74 @@ def test_a_sub_edit_pixels_cannot_verify_is_unknown_and_goes_to_review():
     assert s.scores["sub_edits"] == [None], s.scores["sub_edit_reasons"]
     assert "unknown" in s.scores["sub_edit_reasons"][0]
     assert s.verdict == "borderline" and s.scores["sub_edit_pass"] == [False]
+
+
+def _add_on_blurred_background(name: str, seed: int, keep_under_add: bool = False):
+    """A clean pair: blur the background (every pixel, or all but an object the add overlaps),
+    then add an object on it; and the image after the blur alone (what a skipped add leaves)."""
+    base = composed(name, ("background", "add"), seed=seed)
+    if [s.type for s in base.sub_edits] != ["background", "add"]:
+        return None
+    background, add = base.sub_edits
+    background.params = {"domain": "photo", "op": "blur", "sigma": 4.0}
+    if keep_under_add:
+        under = [o for o in base.objects if np.count_nonzero(o.mask & add.mask) >= 80]
+        if not under:
+            return None
+        background.object_ids = [under[0].id]
+        background.mask = region_of(background, base.objects, base.source.shape, None, index=0)
+    clean = edited(base, defect_rate=0.0)
+    blurred_only = copy.deepcopy(base)
+    blurred_only.sub_edits = [copy.deepcopy(background)]
+    return clean, edited(blurred_only, defect_rate=0.0).target
+
+
+def _cases(keep_under_add: bool = False):
+    cases = [_add_on_blurred_background(name, seed, keep_under_add)
+             for name in ("astronaut", "coffee", "chelsea") for seed in (3, 4)]
+    cases = [c for c in cases if c is not None]
+    assert len(cases) >= 2
+    return cases
+
+
+def test_a_skipped_or_partial_add_after_a_background_blur_is_not_accepted():
+    # The blur changed the add's pixels too, so source against target shows a change there
+    # whether the object was pasted or not: the judge re-makes the blurred background.
+    clean, skipped, partial = [], [], []
+    for pair, blurred in _cases():
+        add = pair.sub_edits[1].mask
+        # (almost) wholly on blurred pixels (a flat patch the blur leaves as it was)
+        assert np.count_nonzero(add & pair.sub_edits[0].mask) >= 0.8 * np.count_nonzero(add)
+        clean.append(pair)
+        s = copy.deepcopy(pair)
+        s.target = blurred.copy()
+        skipped.append(s)
+        ys, xs = np.nonzero(add)  # the object pasted in part: 60% of it left blurred background
+        left = xs <= np.quantile(xs, 0.6)
+        s = copy.deepcopy(pair)
+        s.target[ys[left], xs[left]] = blurred[ys[left], xs[left]]
+        partial.append(s)
+    for s in judged(clean):
+        assert s.verdict == "accept", s.scores["sub_edit_reasons"]
+    for s in judged(skipped) + judged(partial):
+        assert s.verdict != "accept", s.scores["sub_edit_reasons"]
+        assert s.scores["sub_edits"][1] is not None and s.scores["sub_edits"][1] < 0.92
+
+
+def test_a_partial_add_over_pixels_only_it_changed_is_caught():
+    # The add overlaps an object the background keeps: there only the add changed pixels, so
+    # a clean target differs from the source on every one of them. Undo 60% of them, as the
+    # injector's partial does, and their coverage shows it.
+    cases = _cases(keep_under_add=True)
+    for pair, _ in cases:
+        background, add = pair.sub_edits
+        only = add.mask & ~background.mask
+        assert np.count_nonzero(only) >= 16
+        assert judged([copy.deepcopy(pair)])[0].verdict == "accept"
+        ys, xs = np.nonzero(only)
+        left = xs <= np.quantile(xs, 0.6)
+        s = copy.deepcopy(pair)
+        s.target[ys[left], xs[left]] = s.source[ys[left], xs[left]]
+        (s,) = judged([s])
+        assert s.verdict != "accept", s.scores["sub_edit_reasons"]
+        assert "only it changed" in s.scores["sub_edit_reasons"][1]

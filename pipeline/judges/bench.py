@@ -1,15 +1,20 @@
 """Judge quality, measured: verdicts on fault-injected pairs against the editor's hidden defect log.
 
-`judge_bench` runs the real stages in-process (ProceduralSource -> Composer ->
-ProceduralEditor(defect_rate) -> JudgeStage -> RouteStage) and compares each verdict with
-`sample.defects`, which only this benchmark (never the judge) reads:
+`judge_bench` makes its pairs with the build's own front half, from a `BuildConfig` made of its
+arguments (`pipeline.unit.make_source` -> `source_index.make_index` -> `read_sample` ->
+`front_stages`: grounder, composer, editor with the build's defect rate), one work unit at a time
+as a build does, then judges and routes them (JudgeStage -> RouteStage) and compares each verdict
+with `sample.defects`, which only this benchmark (never the judge) reads:
 
 - defect_recall:      share of defective pairs NOT accepted (rejected or sent to a person);
 - false_reject_rate:  share of clean pairs rejected;
 - false_borderline_rate / borderline_rate: share of clean / all pairs sent to a person;
 - the same per defect type and per edit type (the type of the spoiled sub-edit for sub-edit
   defects; every type of the sample for clean pairs and background defects);
-- the judge's time per pair.
+- time per pair of each stage (read, ground, compose, edit, judge, route).
+
+Procedural scenes are the default (`--count` needed); `--source folder --source-path DIR` measures
+the judge on photos (every image × `--edits-per-image` unless `--count` says fewer).
 """
 
 from __future__ import annotations
@@ -23,16 +28,17 @@ from collections import defaultdict
 from typing import Any
 
 from pipeline.cli_args import add_judge_arguments, judge_options, non_negative_int, positive_int, rate, resolution
-from pipeline.compose.procedural import Composer
-from pipeline.editors.procedural import ProceduralEditor
+from pipeline.config import BuildConfig
+from pipeline.dataset.source_index import make_index
 from pipeline.judges.base import JudgeStage, make_judge
 from pipeline.record import EditSample
 from pipeline.routing import RouteStage, RoutingPolicy
-from pipeline.sources.procedural import ProceduralSource
+from pipeline.unit import front_stages, make_source, read_sample
 
 log = logging.getLogger(__name__)
 
-BATCH = 16
+BATCH = 64  # pairs per work unit, as a build's default shard size (a composer may lend
+# donors within one)
 
 
 class _Tally:
@@ -59,10 +65,6 @@ class _Tally:
             out["false_reject_rate"] = self.share("reject")
             out["false_borderline_rate"] = self.share("borderline")
         return out
-
-
-def _make_samples(source: ProceduralSource, seed: int, start: int, stop: int) -> list[EditSample]:
-    return [source.make(seed, index) for index in range(start, stop)]
 
 
 class VerdictScore:
@@ -128,7 +130,7 @@ class VerdictScore:
 
 
 def judge_bench(
-    count: int,
+    count: int | None,
     defect_rate: float,
     seed: int = 0,
     judge: str = "pixel",
@@ -136,47 +138,65 @@ def judge_bench(
     policy: RoutingPolicy | None = None,
     judge_options: dict[str, Any] | None = None,
     keep_misses: int = 10,
+    *,
+    source: str = "procedural",
+    source_options: dict[str, Any] | None = None,
+    grounder: str = "",
+    editor: str = "",
+    edits_per_image: int = 1,
+    shard_size: int = BATCH,
 ) -> dict[str, Any]:
-    """Build `count` fault-injected pairs, judge and route them, and score the verdicts against
-    the hidden defect log. `keep_misses` accepted defective / rejected clean pairs are listed
-    (id, types, scores) so a miss can be looked at."""
-    if count < 1:
-        raise ValueError(f"count must be at least 1, got {count}")
-    if not 0.0 <= defect_rate <= 1.0:
-        raise ValueError(f"defect rate must be within 0..1, got {defect_rate}")
-    source = ProceduralSource(resolution=resolution)
-    composer = Composer()
-    editor = ProceduralEditor(defect_rate=defect_rate)
-    judge_impl = make_judge(judge, **(judge_options or {}))
+    """Build `count` fault-injected pairs (None: every image of a file source × `edits_per_image`)
+    through the build's front half, judge and route them, and score the verdicts against the
+    hidden defect log. `keep_misses` accepted defective / rejected clean pairs are listed (id,
+    types, scores) so a miss can be looked at. A bad argument raises ValueError (ConfigError)."""
+    config = BuildConfig(
+        count=count, seed=seed, resolution=resolution, shard_size=shard_size,
+        defect_rate=defect_rate, judge=judge, judge_options=dict(judge_options or {}),
+        source=source, source_options=dict(source_options or {}), grounder=grounder,
+        editor=editor, edits_per_image=edits_per_image,
+    )
+    judge_impl = make_judge(judge, **config.judge_options)
     policy = policy or RoutingPolicy.for_judge(judge_impl)
-    judging = JudgeStage(judge_impl)
-    routing = RouteStage(policy)
+    reader = make_source(config)
+    index, _ = make_index(reader)
+    total = config.total_samples(index.size)
+    stages = [*zip(("ground", "compose", "edit"), front_stages(config)),
+              ("judge", JudgeStage(judge_impl)), ("route", RouteStage(policy))]
 
     score = VerdictScore(keep_misses)
-    judge_seconds = 0.0
-    judged = 0
-    for start in range(0, count, BATCH):
-        batch = _make_samples(source, seed, start, min(count, start + BATCH))
-        batch = editor(composer(batch))
-        ready = [s for s in batch if not s.failed]
+    seconds: dict[str, float] = defaultdict(float)
+    for unit in range(config.num_units(total)):
         t0 = time.perf_counter()
-        judging(ready)
-        judge_seconds += time.perf_counter() - t0
-        judged += len(ready)
-        routing(ready)
+        batch = [read_sample(reader, config, index, n) for n in config.unit_indices(unit, total)]
+        seconds["read"] += time.perf_counter() - t0
+        for name, stage in stages:
+            t0 = time.perf_counter()
+            batch = stage(batch)
+            seconds[name] += time.perf_counter() - t0
         score.add(batch)
 
     figures = score.report()
     misses = figures.pop("misses")
+    judged = figures["scored"]
+    per_pair = {name: round(1000 * seconds[name] / judged, 2) if judged else None
+                for name in ("read", "ground", "compose", "edit", "judge", "route")}
+    per_pair["total"] = round(1000 * sum(seconds.values()) / judged, 2) if judged else None
     return {
         "judge": judge,
-        "count": count,
+        "count": total,
         "seed": seed,
         "resolution": resolution,
         "defect_rate": defect_rate,
+        "source": config.source,
+        "grounder": config.grounder,
+        "composer": config.composer,
+        "editor": config.editor,
+        "edits_per_image": config.edits_per_image,
         "policy": policy.to_dict(),
         **figures,
-        "judge_ms_per_pair": None if judged == 0 else round(1000 * judge_seconds / judged, 2),
+        "judge_ms_per_pair": per_pair["judge"],
+        "ms_per_pair": per_pair,
         "misses": misses,
     }
 
@@ -201,13 +221,25 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
         "judge-bench",
         help="measure a judge on fault-injected pairs (recall, false rejects, borderline rate)",
-        description="Build fault-injected pairs in-process, judge and route them, and compare the "
-                    "verdicts with the editor's hidden defect log. Prints JSON.",
+        description="Build fault-injected pairs in-process with the build's own source, grounder, "
+                    "composer and editor, judge and route them, and compare the verdicts with "
+                    "the editor's hidden defect log. Prints JSON. Examples: mcie judge-bench "
+                    "--count 500 --defect-rate 0.25 (procedural scenes); mcie judge-bench "
+                    "--source folder --source-path PHOTOS --edits-per-image 4 --defect-rate 0.25",
     )
-    parser.add_argument("--count", type=positive_int, required=True, help="pairs to build")
+    parser.add_argument("--count", type=positive_int, default=None,
+                        help="pairs to build (needed for procedural; default: every image of the "
+                             "source × --edits-per-image)")
     parser.add_argument("--defect-rate", type=rate, required=True, help="share of spoiled pairs")
     parser.add_argument("--seed", type=non_negative_int, default=0)
     parser.add_argument("--resolution", type=resolution, default=512)
+    parser.add_argument("--source", default="procedural",
+                        help="source backend: procedural (default), folder, list, webdataset, parquet")
+    parser.add_argument("--source-path", help="the folder, list file, tar shards or parquet to read")
+    parser.add_argument("--edits-per-image", type=positive_int, default=1,
+                        help="different complex instructions per source image")
+    parser.add_argument("--grounder", default="", help="grounder backend (default: the source's)")
+    parser.add_argument("--editor", default="", help="editor backend (default: the source's)")
     add_judge_arguments(parser)
     parser.set_defaults(func=_run)
     return parser
@@ -215,10 +247,14 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 def _run(args: argparse.Namespace) -> int:
     try:
-        report = judge_bench(args.count, args.defect_rate, seed=args.seed, judge=args.judge,
-                             resolution=args.resolution, judge_options=judge_options(args))
-    except ValueError as exc:  # an unknown judge, bad judge options
-        print(f"judge-bench: error: {exc}", file=sys.stderr)
+        report = judge_bench(
+            args.count, args.defect_rate, seed=args.seed, judge=args.judge,
+            resolution=args.resolution, judge_options=judge_options(args), source=args.source,
+            source_options={} if args.source_path is None else {"path": args.source_path},
+            grounder=args.grounder, editor=args.editor, edits_per_image=args.edits_per_image)
+    except (ValueError, TypeError, OSError) as exc:  # unknown backend, bad options, missing path
+        message = " ".join(str(exc).split())
+        print(f"mcie judge-bench: error: {message}", file=sys.stderr)
         return 2
     print(json.dumps(report, indent=2, sort_keys=True))
     return 0

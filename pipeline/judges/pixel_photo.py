@@ -6,7 +6,18 @@ changed) only. Per sub-edit i, with `own` = its mask minus the masks of later su
 may paint over it):
 
 - coverage: share of `own` that differs between source and target. A skipped sub-edit, one done
-  to another object, or one done in part leaves much of its mask untouched;
+  to another object, or one done in part leaves much of its mask untouched. Where an EARLIER
+  sub-edit changed the same pixels (a blurred background under an added object), source against
+  target cannot show whether sub-edit i was done, so two more tests:
+  - exclusive coverage: on the pixels of its mask no other sub-edit changed, target != source
+    exactly in a clean pair (the editor's masks are the changed pixels), so the share that does
+    differ is taken when there are EXCLUSIVE_MIN of them;
+  - presence, for an add or replace lying (almost) wholly in an earlier background edit's
+    pixels: the earlier state there is re-made from the source with that blur, tint or
+    desaturation (`editors.photo.apply_photo_edit`), and the new content must differ from it
+    (PRESENT_LEVEL) on most of them; after a background "photo" (another photo the judge never
+    sees) it is unknown. (Inpainting the region from the target around it was measured and
+    dropped: a textured background differs from its inpainting as much as a pasted object.)
 - plus a check of its type (1 = what was asked shows, 0 = it does not; None = pixels cannot tell,
   with the reason):
   - recolor:    share of `own` whose target colour bears chroma at the asked hue (LCh, within
@@ -45,6 +56,11 @@ from pipeline.record import OTHER, JudgeView, SubEdit
 from pipeline.sources.scene import pattern_mask
 
 MIN_PIXELS = 24  # fewer own pixels than this: nothing to judge
+EXCLUSIVE_MIN = 8  # exclusive pixels (no other sub-edit changed them) worth a coverage of their own
+PRESENT_LEVEL = 10  # channel difference from the re-made earlier state of "new content here"
+PRESENT_FULL = 0.6  # share of new-content pixels of a clean add (its soft edge and the donor's
+PRESENT_NONE = 0.15  # parts like the background make up the rest); at or below NONE: not added
+REMAKE_OPS = ("blur", "tint", "desaturate")  # background ops the judge can re-make from the source
 HUE_TOLERANCE = 30.0  # degrees
 MIN_CHROMA = 6.0  # C* of a pixel that shows a hue
 GRAY_CHROMA = 12.0  # C* below this is a gray
@@ -344,6 +360,26 @@ def is_photo(view: JudgeView) -> bool:
     return any(e.params.get("domain") == "photo" or is_free_text(e) for e in view.sub_edits)
 
 
+def _presence(pair: PhotoPair, shared: np.ndarray, mask: np.ndarray,
+              background: tuple[int, SubEdit, np.ndarray]) -> tuple[float | None, str]:
+    """Whether new content sits on `shared` (pixels of an add/replace that the earlier background
+    edit `background` = (index, sub-edit, mask) also changed): the share of them that differ by
+    more than PRESENT_LEVEL from the background edit re-made on the source, scaled to 0..1."""
+    from pipeline.editors.photo import apply_photo_edit
+
+    j, sub, bg_mask = background
+    op = sub.params.get("op")
+    if op not in REMAKE_OPS:
+        return None, f"it lies on a background {op!r} edit the judge cannot re-make"
+    # The background edit's region held these pixels too (they were background then).
+    earlier, _ = apply_photo_edit(pair.source, sub, bg_mask | mask, None, j)
+    box = _box(shared)
+    far = np.abs(pair.target[box].astype(np.int16) - earlier[box].astype(np.int16)).max(axis=2)
+    share = _share(far[shared[box]] > PRESENT_LEVEL, int(np.count_nonzero(shared)))
+    value = min(1.0, max(0.0, (share - PRESENT_NONE) / (PRESENT_FULL - PRESENT_NONE)))
+    return value, f"{share:.0%} of it differs from the {op} background it was put on"
+
+
 def score_sub_edits(view: JudgeView) -> tuple[list[float | None], list[str]]:
     """Per sub-edit score (None: unknown) and reason, for a photo view."""
     pair = PhotoPair(view)
@@ -353,27 +389,47 @@ def score_sub_edits(view: JudgeView) -> tuple[list[float | None], list[str]]:
     for i in range(len(masks) - 1, -1, -1):
         owns[i] = masks[i] & ~later
         later |= masks[i]
+    counts = np.zeros((pair.h, pair.w), dtype=np.uint8)  # how many sub-edits changed a pixel
+    for mask in masks:
+        counts += mask
     scores: list[float | None] = []
     reasons: list[str] = []
-    for edit, mask, own in zip(view.sub_edits, masks, owns):
+    for i, (edit, mask, own) in enumerate(zip(view.sub_edits, masks, owns)):
         n = int(np.count_nonzero(own))
         if n < MIN_PIXELS:
             scores.append(None)
             reasons.append(f"{edit.type}: too few pixels of its own left to judge")
             continue
         coverage = float(np.count_nonzero(pair.changed & own)) / n
+        said = f"{coverage:.0%} of its region changed"
+        exclusive = mask & (counts == 1)
+        n_exclusive = int(np.count_nonzero(exclusive))
+        if n_exclusive >= EXCLUSIVE_MIN:
+            alone = float(np.count_nonzero(pair.changed & exclusive)) / n_exclusive
+            if alone < 1.0:
+                said += f", {alone:.0%} of the {n_exclusive} px only it changed"
+                coverage = min(coverage, alone)
         if coverage < 0.5:  # nothing much was done: no need to look closer
             scores.append(round(coverage, 4))
-            reasons.append(f"{edit.type}: only {coverage:.0%} of its region changed")
+            reasons.append(f"{edit.type}: only {said}")
             continue
         if is_free_text(edit):
             value, reason = None, "free-text sub-edit: no structured params to check its type against"
         else:
             value, reason = CHECKS[edit.type](pair, own & pair.changed, edit, mask)
+        if value is not None and n_exclusive < EXCLUSIVE_MIN and edit.type in ("add", "replace"):
+            # Laid wholly on pixels an earlier background edit changed: is it there at all?
+            background = next(((j, view.sub_edits[j], masks[j]) for j in range(i)
+                               if view.sub_edits[j].type == "background"
+                               and np.count_nonzero(own & masks[j]) >= 0.5 * n), None)
+            if background is not None:
+                present, why = _presence(pair, own & background[2], mask, background)
+                reason = f"{reason}; {why}"
+                value = None if present is None else min(value, present)
         if value is None:
             scores.append(None)
-            reasons.append(f"{edit.type}: unknown: {reason} ({coverage:.0%} of its region changed)")
+            reasons.append(f"{edit.type}: unknown: {reason} ({said})")
             continue
         scores.append(round(min(coverage, float(value)), 4))
-        reasons.append(f"{edit.type}: {reason}; {coverage:.0%} of its region changed")
+        reasons.append(f"{edit.type}: {reason}; {said}")
     return scores, reasons
