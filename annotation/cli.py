@@ -12,7 +12,7 @@ import sys
 import time
 from pathlib import Path
 
-from annotation.client import Connection, LabelStudioError
+from annotation.client import DEADLINE_S, Connection, LabelStudioError
 from annotation.server import LabelStudioServer, ServerConfig, ServerError, ensure_ls_venv
 from annotation.sync import IMAGE_MODES, ReviewSettings, pull, push, status
 from pipeline.dataset.lock import OutLocked
@@ -36,6 +36,9 @@ def register(subparsers) -> None:
                          help="votes needed before the majority decides (ties stay open)")
         sub.add_argument("--lean-threshold", type=float, default=0.5,
                          help="judge overall score at or above which it leans accept")
+        sub.add_argument("--deadline-s", type=float, default=DEADLINE_S,
+                         help="give up after this many seconds, all requests together "
+                              f"(default {DEADLINE_S:g})")
         if name == "push":
             sub.add_argument("--images", choices=IMAGE_MODES, default="auto",
                              help="local-files (server shares the disk), inline (data URLs), auto")
@@ -68,7 +71,7 @@ def _review_handler(action: str):
     def handle(args: argparse.Namespace) -> int:
         try:
             settings = _settings(args)
-            conn = Connection.from_env(url=args.url)
+            conn = Connection.from_env(url=args.url, deadline_s=args.deadline_s)
         except ValueError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2

@@ -22,7 +22,13 @@ from typing import Any, Callable
 from urllib.parse import urlparse
 
 from annotation.agreement import AgreementPolicy, Confusion, majority_pass
-from annotation.client import Connection, LabelStudioError, connect, translated_errors
+from annotation.client import (
+    Connection,
+    LabelStudioError,
+    connect,
+    list_pages,
+    translated_errors,
+)
 from annotation.queue import commit_decision, read_review, read_rows, review_ids, sync_lock
 from annotation.tasks import (
     ImageRef,
@@ -35,7 +41,9 @@ from annotation.tasks import (
     local_files_url,
     parse_annotation,
 )
+from pipeline.dataset.move import is_sample_id
 from pipeline.dataset.shards import atomic_write_bytes
+from pipeline.sources.decode import _DECODE_ERRORS as DECODE_ERRORS
 
 log = logging.getLogger(__name__)
 
@@ -134,15 +142,17 @@ class ReviewStatus:
 
 # ---- project ----------------------------------------------------------------------------------------
 
-def find_project(client, title: str):
-    matches = [p for p in client.projects.list(title=title, page_size=PAGE_SIZE) if p.title == title]
+def find_project(client, title: str, conn: Connection | None = None):
+    listed = list_pages(client.projects.list(title=title, page_size=PAGE_SIZE), "projects",
+                        PAGE_SIZE, _server(conn))
+    matches = [p for p in listed if p.title == title]
     if len(matches) > 1:
         log.warning("%d projects titled %r; using the oldest (id %d)", len(matches), title, min(p.id for p in matches))
     return min(matches, key=lambda p: p.id) if matches else None
 
 
-def ensure_project(client, title: str, settings: ReviewSettings):
-    project = find_project(client, title)
+def ensure_project(client, title: str, settings: ReviewSettings, conn: Connection | None = None):
+    project = find_project(client, title, conn)
     if project is None:
         project = client.projects.create(
             title=title,
@@ -170,14 +180,29 @@ def _normalised(xml: str | None) -> str:
     return " ".join((xml or "").split())
 
 
-def project_tasks(client, project_id: int, with_annotations: bool) -> list[Any]:
+def project_tasks(client, project_id: int, with_annotations: bool,
+                  conn: Connection | None = None) -> list[Any]:
     kwargs = {"fields": "all"} if with_annotations else {}
-    return list(client.tasks.list(project=project_id, page_size=PAGE_SIZE, **kwargs))
+    return list_pages(client.tasks.list(project=project_id, page_size=PAGE_SIZE, **kwargs),
+                      "tasks", PAGE_SIZE, _server(conn))
+
+
+def _server(conn: Connection | None) -> str:
+    return f"Label Studio at {conn.url}" if conn else "Label Studio"
 
 
 def _task_sample_id(task) -> str | None:
-    data = task.data or {}
-    return data.get("sample_id")
+    """The task's sample id, or None when it is missing or not an id this factory writes (a task
+    edited in Label Studio must not name a path)."""
+    data = task.data if isinstance(task.data, dict) else {}
+    sample_id = data.get("sample_id")
+    if sample_id is None:
+        return None
+    if not is_sample_id(sample_id):
+        log.warning("Label Studio task %s names the sample %r, which no build writes: ignored",
+                    getattr(task, "id", "?"), sample_id)
+        return None
+    return sample_id
 
 
 # ---- images -----------------------------------------------------------------------------------------
@@ -249,10 +274,10 @@ def push(
         title = settings.title(out)
         mode = resolve_image_mode(out, conn, settings)
         with translated_errors(conn):
-            project = ensure_project(client, title, settings)
+            project = ensure_project(client, title, settings, conn)
             if mode == "local-files":
                 _ensure_local_storage(client, project.id, out)
-            present = {_task_sample_id(t) for t in project_tasks(client, project.id, False)}
+            present = {_task_sample_id(t) for t in project_tasks(client, project.id, False, conn)}
             queued = review_ids(out)
             missing = [i for i in queued if i not in present]
             refs = _image_refs(out, settings, mode)
@@ -263,7 +288,7 @@ def push(
                     try:
                         item = read_review(out, sample_id)
                         batch.append(build_task(item.meta, item.members, refs(sample_id), settings.lean_threshold))
-                    except (OSError, ValueError, KeyError) as exc:  # one bad dir must not stop the rest
+                    except DECODE_ERRORS as exc:  # one bad dir (or PNG) must not stop the rest
                         log.warning("review sample %s cannot be pushed: %s", sample_id, exc)
                 if batch:
                     client.projects.import_tasks(id=project.id, request=batch, return_task_ids=True)
@@ -284,10 +309,17 @@ def collect_votes(tasks: list[Any]) -> dict[str, list[Vote]]:
         sample_id = _task_sample_id(task)
         if not sample_id:
             continue
-        num_sub = int((task.data or {}).get("num_sub_instructions") or 0)
-        for annotation in task.annotations or []:
-            raw = annotation if isinstance(annotation, dict) else annotation.model_dump()
-            vote = parse_annotation(raw, task.id, num_sub)
+        try:  # what Label Studio holds was typed by people: garbage costs one line, not the pull
+            num_sub = int(task.data.get("num_sub_instructions") or 0)
+            parsed = []
+            for annotation in task.annotations or []:
+                raw = annotation if isinstance(annotation, dict) else annotation.model_dump()
+                parsed.append(parse_annotation(raw, task.id, num_sub))
+        except (AttributeError, TypeError, ValueError, KeyError, IndexError) as exc:
+            log.warning("Label Studio task %s (sample %s) is malformed, its annotations are "
+                        "ignored: %s: %s", task.id, sample_id, type(exc).__name__, exc)
+            continue
+        for vote in parsed:
             if vote is not None:
                 votes.setdefault(sample_id, []).append(vote)
     return {sample_id: counted_votes(v) for sample_id, v in votes.items()}
@@ -340,11 +372,11 @@ def pull(
         client = connect(conn)
         title = settings.title(out)
         with translated_errors(conn):
-            project = find_project(client, title)
+            project = find_project(client, title, conn)
             if project is None:
                 log.info("no Label Studio project %r yet: nothing to pull", title)
                 return PullResult(project_id=None)
-            votes = collect_votes(project_tasks(client, project.id, True))
+            votes = collect_votes(project_tasks(client, project.id, True, conn))
             users = {u.id: u.email for u in client.users.list()}
         result = PullResult(project_id=project.id)
         for sample_id in review_ids(out):
@@ -404,8 +436,8 @@ def status(
     try:
         client = connect(conn)
         with translated_errors(conn):
-            project = find_project(client, title)
-            tasks = project_tasks(client, project.id, True) if project else []
+            project = find_project(client, title, conn)
+            tasks = project_tasks(client, project.id, True, conn) if project else []
     except LabelStudioError as exc:
         report.server_error = str(exc)
         return report
