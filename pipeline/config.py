@@ -29,7 +29,9 @@ class ConfigError(ValueError):
 
 
 # What a backend may take from the build itself (by parameter name), never from its options.
-BUILD_CONTEXT = ("seed", "resolution", "defect_rate", "min_edits", "max_edits")
+# The judge is there for editors that score candidates with the build's own judge (best of N).
+BUILD_CONTEXT = ("seed", "resolution", "defect_rate", "min_edits", "max_edits", "judge",
+                 "judge_options")
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,9 @@ from pipeline.stage import RecordStage
 EDITORS: Registry[RecordStage] = Registry("editor", (
     "pipeline.editors.procedural",
     "pipeline.editors.photo",
+    "pipeline.editors.inpaint",
+    "pipeline.editors.instruct",
+    "pipeline.editors.routed",
     "pipeline.importers.seats",
 ))
 

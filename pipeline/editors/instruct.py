@@ -1,0 +1,56 @@
+"""Instruction-following generative editor (`--editor instruct`): an InstructPix2Pix-style
+diffusers pipeline (`StableDiffusionInstructPix2PixPipeline`, or any pipeline taking `prompt` and
+`image`: FLUX Kontext, Qwen-Image-Edit ...) from a local directory, for edits a mask cannot frame
+(background, style). Each sub-edit's instruction is applied to the whole previous image, and the
+result is composited onto it inside the sub-edit's region only (feathered), exactly as the
+inpainting editor does: outside every region the target is the source, bit for bit. The loop,
+seeds, best-of-N and provenance are `pipeline.editors.inpaint.GenerativeEditor`'s."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from pipeline.compose.regions import FEATHER_PX
+from pipeline.editors.base import EDITORS
+from pipeline.editors.inpaint import (DiffusersModel, GenerativeEditor, _check_common, resize,
+                                      to_uint8, work_size)
+
+
+class InstructEditor(GenerativeEditor):
+    backend = "instruct"
+
+    def __init__(self, path: str, steps: int = 20, guidance: float = 7.5,
+                 image_guidance: float = 1.5, device: str = "cpu", dtype: str = "float32",
+                 max_side: int = 1024, negative_prompt: str = "", candidates: int = 1,
+                 feather: int = FEATHER_PX, seed: int = 0, judge: str = "pixel",
+                 judge_options: dict[str, Any] | None = None):
+        super().__init__(candidates, feather, seed, judge, judge_options)
+        _check_common(steps, guidance, max_side)
+        if not isinstance(image_guidance, (int, float)) or not 0 <= image_guidance <= 100:
+            raise ValueError(f"image_guidance must be within 0..100, got {image_guidance!r}")
+        self.model = DiffusersModel(path, device, dtype)
+        self.steps, self.guidance, self.max_side = steps, float(guidance), max_side
+        self.image_guidance, self.negative_prompt = float(image_guidance), negative_prompt
+
+    def settings(self) -> str:
+        return (f"{self.model.describe()}:steps={self.steps},guidance={self.guidance:g},"
+                f"image_guidance={self.image_guidance:g},dtype={self.model.dtype},"
+                f"max_side={self.max_side},feather={self.feather}")
+
+    def generate(self, sample, i, image, region, seed):
+        from PIL import Image
+
+        height, width = image.shape[:2]
+        size = work_size(width, height, self.max_side)
+        out = self.model.pipe(
+            prompt=sample.sub_edits[i].text, negative_prompt=self.negative_prompt or None,
+            image=Image.fromarray(resize(image, size)), num_inference_steps=self.steps,
+            guidance_scale=self.guidance, image_guidance_scale=self.image_guidance,
+            generator=self.model.generator(seed), output_type="np",
+        ).images[0]
+        return resize(to_uint8(np.asarray(out)), (width, height))
+
+
+EDITORS.register("instruct")(InstructEditor)
