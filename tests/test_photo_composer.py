@@ -46,7 +46,7 @@ def test_registered_and_bounds_checked():
     assert isinstance(COMPOSERS.make("inventory", min_edits=3), InventoryComposer)
     InventoryComposer(1, MAX_SUB_EDITS)
     for low, high in ((0, 3), (3, 2), (1, MAX_SUB_EDITS + 1)):
-        with pytest.raises(ValueError, match="min_edits"):
+        with pytest.raises(ValueError, match="min edits"):
             InventoryComposer(low, high)
 
 
@@ -165,3 +165,18 @@ def test_fails_with_a_reason_when_too_few_edits_fit():
     bare = EditSample(id="u", index=0, seed=0, source=image)
     InventoryComposer()([bare])
     assert bare.failed and "objects with masks" in bare.error
+
+
+def test_edits_of_one_photo_never_lend_each_other_their_photo(grounded):
+    """Edits of the same image share its photo: a "different photo" background or a cut-out must
+    come from another image of the batch (else the edit shows nothing new)."""
+    from pipeline.compose.photo import donor_pools
+
+    first, other = grounded[0], grounded[1]
+    twins = [EditSample(id=f"t{k}", index=k, seed=0, source=first.source,
+                        source_key=first.source_key, edit_index=k, objects=first.objects)
+             for k in range(3)]
+    pools = donor_pools(twins)
+    assert all(pools[id(s)] and all(d.own for d in pools[id(s)]) for s in twins)
+    pools = donor_pools([*twins, other])
+    assert all([d.key for d in pools[id(s)]] == [other.source_key] for s in twins)

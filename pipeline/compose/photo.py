@@ -51,7 +51,7 @@ from pipeline.grounders.attributes import (
     same_family,
     size_word,
 )
-from pipeline.record import EDIT_TYPES, MAX_SUB_EDITS, EditSample, InventoryObject, SubEdit
+from pipeline.record import EDIT_TYPES, EditSample, InventoryObject, SubEdit, check_edit_bounds
 from pipeline.stage import RecordStage, sample_rng
 
 log = logging.getLogger(__name__)
@@ -112,10 +112,11 @@ def donor_pools(batch: list[EditSample]) -> dict[int, list[Donor]]:
     """For each sample (by `id()`), the other samples of the batch that can lend, nearest next
     first (cyclically); its own image when no other can."""
     donors = [_donor_of(s) for s in batch]
+    photo = [s.source_key or s.id for s in batch]  # edits of one image share its photo
     pools = {}
     for i, sample in enumerate(batch):
-        others = [donors[(i + k) % len(batch)] for k in range(1, len(batch))]
-        pool = [d for d in others if d is not None]
+        ring = [(i + k) % len(batch) for k in range(1, len(batch))]
+        pool = [donors[j] for j in ring if donors[j] is not None and photo[j] != photo[i]]
         if not pool:
             own = _donor_of(sample, own=True)
             pool = [own] if own is not None else []
@@ -499,13 +500,22 @@ def _draft_add_text(plan: _Plan, rng: np.random.Generator) -> SubEdit | None:
     return None
 
 
+def _achromatic(image: np.ndarray) -> bool:
+    """Whether the image is (nearly) grey: its channels differ by a few levels on average."""
+    spread = image.max(axis=2).astype(np.int16) - image.min(axis=2)
+    return float(spread.mean()) < 6.0
+
+
 def _draft_background(plan: _Plan, rng: np.random.Generator) -> SubEdit | None:
     if plan.background_done:
         return None
     if np.count_nonzero(~plan.all_objects) < MIN_BACKGROUND * plan.area:
         return None
     others = [d for d in plan.pool if not d.own]
-    op = _choice(rng, BACKGROUND_OPS if others else BACKGROUND_OPS[:3])
+    ops = BACKGROUND_OPS if others else BACKGROUND_OPS[:3]
+    if _achromatic(plan.sample.source):  # a tint or desaturation of grey shows nothing
+        ops = tuple(op for op in ops if op not in ("tint", "desaturate"))
+    op = _choice(rng, ops)
     kept = [o.id for o in plan.objects]
     donor = None
     if op == "blur":
@@ -572,9 +582,7 @@ class InventoryComposer(RecordStage):
     name = "compose"
 
     def __init__(self, min_edits: int = 2, max_edits: int = 5):
-        if not 1 <= min_edits <= max_edits <= MAX_SUB_EDITS:
-            raise ValueError(f"need 1 <= min_edits <= max_edits <= {MAX_SUB_EDITS}, "
-                             f"got {min_edits}, {max_edits}")
+        check_edit_bounds(min_edits, max_edits)
         self.min_edits = min_edits
         self.max_edits = max_edits
         self._pools: dict[int, list[Donor]] = {}
