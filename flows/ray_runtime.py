@@ -5,12 +5,21 @@ by `ray start --head`, or `ray://HOST:10001` for Ray Client). The stage code tra
 (`runtime_env.py_modules`), so a cluster whose nodes have the dependencies but not this checkout can
 run it. Without an address a fresh local Ray is started (`address="local"`): it never attaches to a
 cluster that happens to be running on the machine.
+
+The local Ray is private: it listens on a loopback address and requires Ray's token authentication
+with a fresh random token per run, kept in a 0600 file under the project-local temp dir
+(`RAY_AUTH_TOKEN_PATH`; the token itself is never in the environment or a log) and removed when
+Ray stops; a process without it is refused. A cluster of one's own is the user's to secure (see
+the README's reliability section): this module never changes its authentication settings.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import secrets
+import shutil
+import time
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -51,10 +60,10 @@ def start_ray(address: str | None, workers: int) -> str:
         nodes = [n for n in ray.nodes() if n.get("Alive")]
         cpus = sum(n.get("Resources", {}).get("CPU", 0) for n in nodes)
         return f"ray cluster at {address} ({len(nodes)} nodes, {cpus:g} CPUs)"
-    # The auth-token file would land in ~/.ray; a local, loopback-only Ray needs none.
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     temp_dir = Path(os.environ.get("MCIE_RAY_TEMP_DIR", DEFAULT_TEMP_DIR))
     temp_dir.mkdir(parents=True, exist_ok=True)
+    clean_old_sessions(temp_dir)
+    _enable_token_auth(temp_dir)
     ray.init(
         address="local",  # never attach to a cluster found in the temp dir
         num_cpus=workers,
@@ -68,8 +77,92 @@ def start_ray(address: str | None, workers: int) -> str:
     return f"local ray ({workers} CPUs)"
 
 
+AUTH_ENV = ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH", "RAY_AUTH_TOKEN")
+_saved_auth_env: dict[str, str | None] | None = None
+_token_file: Path | None = None
+
+
+def _enable_token_auth(temp_dir: Path) -> None:
+    """A fresh token for this local Ray, read by the driver, the raylet and every worker (they
+    inherit the environment, which names only the file)."""
+    global _saved_auth_env, _token_file
+    auth_dir = temp_dir / "auth"
+    auth_dir.mkdir(mode=0o700, exist_ok=True)
+    path = auth_dir / f"token-{os.getpid()}-{secrets.token_hex(4)}"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        os.write(fd, secrets.token_hex(32).encode())
+    finally:
+        os.close(fd)
+    if _saved_auth_env is None:
+        _saved_auth_env = {name: os.environ.get(name) for name in AUTH_ENV}
+    os.environ.pop("RAY_AUTH_TOKEN", None)  # it would win over the file
+    os.environ["RAY_AUTH_MODE"] = "token"
+    os.environ["RAY_AUTH_TOKEN_PATH"] = str(path)
+    _token_file = path
+    _refresh_ray_auth()
+
+
+def _refresh_ray_auth() -> None:
+    """Ray caches its auth mode and token per process; make it read them again."""
+    try:
+        from ray._private.authentication.authentication_token_setup import Config
+        from ray._raylet import AuthenticationTokenLoader
+
+        Config.initialize("")
+        AuthenticationTokenLoader.instance().reset_cache()
+    except (ImportError, AttributeError) as exc:  # another Ray version: a fresh process reads env
+        log.debug("could not refresh Ray's auth settings in-process: %s", exc)
+
+
+def _restore_auth_env() -> None:
+    global _saved_auth_env, _token_file
+    if _token_file is not None:
+        _token_file.unlink(missing_ok=True)
+        _token_file = None
+    if _saved_auth_env is not None:
+        for name, value in _saved_auth_env.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+        _saved_auth_env = None
+        _refresh_ray_auth()
+
+
+SESSION_MAX_AGE_S = 24 * 3600
+
+
+def clean_old_sessions(temp_dir: Path, max_age_s: float = SESSION_MAX_AGE_S) -> int:
+    """Remove Ray session dirs (and stale token files) untouched for `max_age_s`: a local Ray
+    leaves ≈ 200 KB per run. A live session writes its logs, so it is never that old; the one
+    `session_latest` points at is kept. Returns how many were removed."""
+    now = time.time()
+    latest = temp_dir / "session_latest"
+    keep = latest.resolve() if latest.is_symlink() else None
+    removed = 0
+    for path in temp_dir.glob("session_2*"):
+        if path.is_symlink() or not path.is_dir() or path.resolve() == keep:
+            continue
+        try:
+            newest = max([path.stat().st_mtime, *(p.stat().st_mtime for p in path.glob("logs/*"))])
+        except OSError:
+            continue
+        if now - newest > max_age_s:
+            shutil.rmtree(path, ignore_errors=True)
+            removed += 1
+    for token in (temp_dir / "auth").glob("token-*"):
+        try:
+            if now - token.stat().st_mtime > max_age_s:
+                token.unlink()
+        except OSError:
+            pass
+    return removed
+
+
 def stop_ray() -> None:
     import ray
 
     if ray.is_initialized():
         ray.shutdown()
+    _restore_auth_env()

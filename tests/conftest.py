@@ -8,5 +8,5 @@ ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("PREFECT_HOME", str(ROOT / ".prefect" / "tests"))
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("MCIE_RAY_TEMP_DIR", str(ROOT / ".ray"))
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+# The local Ray of a build turns token authentication on by itself (flows.ray_runtime).
 Path(os.environ["PREFECT_HOME"]).mkdir(parents=True, exist_ok=True)  # Prefect makes one level only
