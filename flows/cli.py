@@ -208,9 +208,20 @@ def build_parser() -> Parser:
     return parser
 
 
+# The ephemeral API's start-up timed out at Prefect's 20 s on a loaded machine; its database
+# grew by every run forever: flow runs (and their events) older than a week are vacuumed.
+PREFECT_DEFAULTS = {
+    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
+    "PREFECT_SERVER_SERVICES_DB_VACUUM_ENABLED": "events,flow_runs",
+    "PREFECT_SERVER_SERVICES_DB_VACUUM_RETENTION_PERIOD": str(7 * 24 * 3600),
+}
+
+
 def configure_environment() -> None:
     # Prefect's telemetry logs a harmless but alarming traceback when its local db is busy.
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    for name, value in PREFECT_DEFAULTS.items():
+        os.environ.setdefault(name, value)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 
 
