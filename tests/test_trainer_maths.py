@@ -147,6 +147,10 @@ def test_a_sub_instruction_s_text_changes_the_cross_attention_only_inside_its_re
         for j, other in changed_texts.items():
             cond = model.condition(source, [other], image, background=None, region_masks=regions)
             assert torch.equal(cond.context[:, :globals_], base.context[:, :globals_])  # globals: image only
+            # the region decoder reads the words too: only sub-instruction j's region logits move
+            others = [s for s in range(len(texts)) if s != j]
+            assert torch.equal(cond.region_logits[:, others], base.region_logits[:, others])
+            assert not torch.equal(cond.region_logits[:, j], base.region_logits[:, j])
             for name, processor in [(n, p) for n, p in model.unet.attn_processors.items() if "attn2" in n]:
                 attn = model.unet.get_submodule(name.removesuffix(".processor"))
                 for factor in (2, 4):  # two resolutions of the UNet
