@@ -39,7 +39,7 @@ def plan_build(out: str, config: BuildConfig) -> tuple[list[int], int]:
 @task(name="process-units")
 def process_units(
     out: str, config: BuildConfig, units: list[int], total: int, workers: int,
-    ray_address: str | None,
+    ray_address: str | None, num_gpus: float = 0,
 ) -> dict[str, Any]:
     """Run `units` on Ray; returns this run's stats, the node of each unit and the timings
     (start-up of Ray and actors apart from processing)."""
@@ -61,7 +61,8 @@ def process_units(
 
     processing_started = time.perf_counter()
     try:
-        result = run_units(config, Path(out), units, workers, on_unit_done=unit_done)
+        result = run_units(config, Path(out), units, workers, on_unit_done=unit_done,
+                           num_gpus=num_gpus)
     except OutputUnwritable as exc:  # said once by the flow's final state, not as a traceback
         return {"fatal": str(exc)}
     finally:
@@ -129,7 +130,10 @@ def build_dataset(
     editor: str = "",
     editor_options: dict[str, Any] | None = None,
     edits_per_image: int = 1,
+    rewriter: str = "",
+    rewriter_options: dict[str, Any] | None = None,
     ray_address: str | None = None,
+    num_gpus: float = 0,
 ) -> dict[str, Any]:
     """Build a complex-edit dataset into `out` (resumes an interrupted build with the same
     parameters); returns the build's totals, this run's figures and the report's path."""
@@ -143,14 +147,15 @@ def build_dataset(
         grounder_options=grounder_options or {}, composer=composer,
         composer_options=composer_options or {}, editor=editor,
         editor_options=editor_options or {}, edits_per_image=edits_per_image,
+        rewriter=rewriter, rewriter_options=rewriter_options or {},
     )
     Path(out).mkdir(parents=True, exist_ok=True)
     with out_lock(out):  # a scheduled run and a manual one never write into one OUT together
-        return _build(out, config, workers, ray_address, logger, flow_started)
+        return _build(out, config, workers, ray_address, logger, flow_started, num_gpus)
 
 
 def _build(out: str, config: BuildConfig, workers: int, ray_address: str | None, logger,
-           flow_started: float) -> dict[str, Any]:
+           flow_started: float, num_gpus: float = 0) -> dict[str, Any]:
     pending, total = plan_build(out, config)
     num_units = config.num_units(total)
     run: dict[str, Any] = {"out": out, "units_processed": len(pending), "units_total": num_units}
@@ -163,7 +168,8 @@ def _build(out: str, config: BuildConfig, workers: int, ray_address: str | None,
         if pending:
             logger.info("%d of %d units to do (%d already done)", len(pending), num_units,
                         num_units - len(pending))
-            run["this_run"] = process_units(out, config, pending, total, workers, ray_address)
+            run["this_run"] = process_units(out, config, pending, total, workers, ray_address,
+                                           num_gpus)
             if "fatal" in run["this_run"]:
                 return Failed(message=run["this_run"]["fatal"])
         totals = finalize_build(out)

@@ -101,7 +101,22 @@ def register_build(subparsers) -> None:
                         "(default for photos)")
     p.add_argument("--editor", default="",
                    help="editor backend: procedural (default for procedural scenes) or photo")
-    for seat in ("source", "grounder", "editor"):
+    p.add_argument("--rewriter", default="",
+                   help="instruction rewriter: vllm (an LLM rewrites the grammar-joined "
+                        "instruction; a rewrite that loses a target or attribute is refused)")
+    # Generative editors (inpaint, instruct, routed): shorthands for their --editor-option's.
+    p.add_argument("--editor-path", help="editor inpaint/instruct: the diffusers pipeline's directory")
+    p.add_argument("--editor-steps", type=positive_int, help="generative editor: denoising steps")
+    p.add_argument("--editor-guidance", type=float, help="generative editor: guidance scale")
+    p.add_argument("--editor-device", help="generative editor: torch device (cpu, cuda, cuda:1)")
+    p.add_argument("--editor-dtype", choices=("float32", "float16", "bfloat16"),
+                   help="generative editor: weights dtype")
+    p.add_argument("--candidates", type=positive_int,
+                   help="generative editor: candidates per sub-edit, the judge keeps the best "
+                        "(the others go to OUT/preference as negatives)")
+    p.add_argument("--num-gpus", type=float, default=0,
+                   help="GPUs each Ray worker asks for (a generative editor on a cluster)")
+    for seat in ("source", "grounder", "editor", "rewriter"):
         p.add_argument(f"--{seat}-option", action="append", type=key_value, default=[],
                        metavar="KEY=VALUE", help=f"an option of the {seat} backend (repeatable)")
     p.add_argument("--workers", type=positive_int, default=2, help="Ray workers (actors)")
@@ -130,6 +145,14 @@ def run_build(args: argparse.Namespace) -> int:
                         ("max_aspect", args.max_aspect)):
         if value is not None:
             source_options[name] = value
+    editor_options = dict(args.editor_option)
+    for name, value in (("path", args.editor_path), ("steps", args.editor_steps),
+                        ("guidance", args.editor_guidance), ("device", args.editor_device),
+                        ("dtype", args.editor_dtype), ("candidates", args.candidates)):
+        if value is not None:
+            editor_options[name] = value
+    if not 0 <= args.num_gpus <= 64:
+        raise UsageError(f"mcie build: error: --num-gpus must be within 0..64, got {args.num_gpus:g}")
     try:  # validate, and check a resumed OUT, before paying for Prefect and Ray start-up
         config = BuildConfig(
             count=args.count, seed=args.seed, resolution=args.resolution,
@@ -137,11 +160,15 @@ def run_build(args: argparse.Namespace) -> int:
             max_edits=args.max_edits, judge=args.judge, judge_options=options,
             source=args.source, source_options=source_options, grounder=args.grounder,
             grounder_options=dict(args.grounder_option), editor=args.editor,
-            editor_options=dict(args.editor_option), edits_per_image=args.edits_per_image,
+            editor_options=editor_options, edits_per_image=args.edits_per_image,
+            rewriter=args.rewriter, rewriter_options=dict(args.rewriter_option),
         )
         from pipeline.unit import make_source
 
         make_source(config)  # opens the source: a missing path is refused before OUT exists
+        from pipeline.unit import front_stages
+
+        front_stages(config)  # cheap (models load on first use): a bad editor path is refused here
     except (ConfigError, ValueError, TypeError, OSError) as exc:
         raise UsageError(f"mcie build: error: {exc}") from None
     from pipeline.dataset.lock import OutLocked, out_lock
@@ -176,7 +203,7 @@ def _locked_build(args: argparse.Namespace, config, existed: bool) -> int:
 
     try:
         result = build_dataset(
-            out=args.out, workers=args.workers, ray_address=args.ray_address,
+            out=args.out, workers=args.workers, ray_address=args.ray_address, num_gpus=args.num_gpus,
             **{k: v for k, v in config.to_dict().items() if k != "routing"},
         )
     except Exception as exc:  # Prefect has logged the details; the run can be resumed

@@ -104,13 +104,16 @@ def run_units(
     units: list[int],
     workers: int,
     on_unit_done: Callable[[int, BuildStats, str], None] = lambda unit, stats, node: None,
+    num_gpus: float = 0,
 ) -> UnitsResult:
     """Process `units` on `workers` Ray actors; returns the merged stats of these units and the
     node each unit ran on."""
     import ray
     from ray.exceptions import RayActorError, RayTaskError
 
-    worker_cls = _worker_class().options(scheduling_strategy="SPREAD")
+    # A generative editor's actors ask Ray for GPUs (`mcie build --num-gpus`, per actor).
+    gpus = {"num_gpus": num_gpus} if num_gpus else {}
+    worker_cls = _worker_class().options(scheduling_strategy="SPREAD", **gpus)
     config_dict = config.to_dict()
 
     def new_actor():

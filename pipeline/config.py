@@ -55,6 +55,8 @@ class BuildConfig:
     editor: str = ""
     editor_options: dict[str, Any] = field(default_factory=dict)
     edits_per_image: int = 1  # different complex instructions per source image
+    rewriter: str = ""  # "" = keep the composer's grammar text; "vllm" = an LLM rewrites it
+    rewriter_options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self._fill_default_seats()
@@ -115,6 +117,16 @@ class BuildConfig:
                 registry.check_options(name, options, provided=BUILD_CONTEXT)
             except ValueError as exc:
                 raise ConfigError(str(exc)) from None
+        if self.rewriter or self.rewriter_options:
+            from pipeline.compose.rewrite import REWRITERS
+
+            if not isinstance(self.rewriter_options, dict):
+                raise ConfigError(f"rewriter options must be a mapping, got {self.rewriter_options!r}")
+            try:
+                REWRITERS.check_options(self.rewriter or "?", self.rewriter_options,
+                                        provided=BUILD_CONTEXT)
+            except ValueError as exc:
+                raise ConfigError(str(exc)) from None
 
     def context(self) -> dict[str, Any]:
         """What backends may take from the build (`Registry.make(..., context=...)`)."""
@@ -157,8 +169,10 @@ class BuildConfig:
     def public_dict(self) -> dict[str, Any]:
         data = self.to_dict()
         for name in ("judge_options", "source_options", "grounder_options", "composer_options",
-                     "editor_options"):
+                     "editor_options", "rewriter_options"):
             data[name] = {k: v for k, v in data[name].items() if not _is_secret(k)}
+        if not self.rewriter and not self.rewriter_options:  # OUTs from before the rewriter resume
+            del data["rewriter"], data["rewriter_options"]
         return data
 
 

@@ -34,13 +34,18 @@ def make_source(config: BuildConfig) -> Source:
 
 
 def front_stages(config: BuildConfig) -> list[RecordStage]:
-    """Grounder, composer and editor of a build, in order."""
+    """Grounder, composer, rewriter (when the build names one) and editor of a build, in order."""
     context = config.context()
-    return [
+    stages = [
         GROUNDERS.make(config.grounder, context=context, **config.grounder_options),
         COMPOSERS.make(config.composer, context=context, **config.composer_options),
         EDITORS.make(config.editor, context=context, **config.editor_options),
     ]
+    if config.rewriter:
+        from pipeline.compose.rewrite import REWRITERS
+
+        stages.insert(2, REWRITERS.make(config.rewriter, context=context, **config.rewriter_options))
+    return stages
 
 
 def read_sample(source: Source, config: BuildConfig, index: KeyIndex, number: int) -> EditSample:

@@ -167,6 +167,7 @@ class Call:
     schema_name: str
     max_tokens: int
     parse: Callable[[Any], Any] = lambda answer: answer
+    first_sampling: dict[str, Any] = field(default_factory=dict)  # e.g. a sampled first try
 
 
 @dataclass
@@ -465,6 +466,7 @@ class OpenAIClient:
                 "json_schema": {"name": call.schema_name, "schema": call.schema, "strict": True},
             },
             **self.sampling(call.max_tokens),
+            **call.first_sampling,
         }
 
     def _encode(self, call: Call) -> tuple[dict, bytes, float]:
