@@ -13,7 +13,14 @@ import time
 from pathlib import Path
 
 from annotation.client import DEADLINE_S, Connection, LabelStudioError
-from annotation.server import LabelStudioServer, ServerConfig, ServerError, ensure_ls_venv
+from annotation.server import (
+    DEFAULT_DATA_DIR,
+    DEFAULT_DOCUMENT_ROOT,
+    LabelStudioServer,
+    ServerConfig,
+    ServerError,
+    ensure_ls_venv,
+)
 from annotation.sync import IMAGE_MODES, ReviewSettings, pull, push, status
 from pipeline.dataset.lock import OutLocked
 
@@ -51,9 +58,11 @@ def register(subparsers) -> None:
         "serve", help="start Label Studio on 127.0.0.1 (admin and token from LABEL_STUDIO_USERNAME, "
         "LABEL_STUDIO_PASSWORD, LABEL_STUDIO_USER_TOKEN)")
     serve.add_argument("--port", type=int, default=8080)
-    serve.add_argument("--data-dir", type=Path, default=None, help="default: .labelstudio/ in the repo")
-    serve.add_argument("--document-root", type=Path, default=Path.cwd(),
-                       help="folder above your build outputs, served as local files (default: cwd)")
+    serve.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR,
+                       help=f"the server's database and media (default: {DEFAULT_DATA_DIR})")
+    serve.add_argument("--document-root", type=Path, default=DEFAULT_DOCUMENT_ROOT,
+                       help="the only folder served as local files: build outputs under it are shown from "
+                            f"disk, others are pushed inline (default: {DEFAULT_DOCUMENT_ROOT})")
     serve.set_defaults(func=_serve)
 
 
@@ -108,6 +117,7 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     try:
+        Path(config.document_root).mkdir(parents=True, exist_ok=True)
         ensure_ls_venv()
         server = LabelStudioServer(config)
         server.start()

@@ -7,6 +7,12 @@ The project itself only ever talks to a server through the SDK (`annotation.clie
 
 `LabelStudioServer` starts it bound to 127.0.0.1 with an admin user and a legacy API token from
 the environment (see `server_env`), and waits for `/health`.
+
+Safe defaults: its database (with the admin's token) and the folder it serves as local files live
+outside the repository, under `$XDG_DATA_HOME/mcie/labelstudio/` (`data/`, and `files/`, a
+dedicated document root: outputs built under it are served from disk); and the server gets only the
+environment it needs (`SERVER_ENV_PASSTHROUGH`, its own settings), never the project's secrets
+such as MCIE_JUDGE_API_KEY.
 """
 
 from __future__ import annotations
@@ -27,6 +33,17 @@ log = logging.getLogger(__name__)
 LABEL_STUDIO_VERSION = "1.23.2"
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_VENV = REPO_ROOT / ".ls-venv"
+
+DEFAULT_HOME = Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share") / "mcie" / "labelstudio"
+DEFAULT_DATA_DIR = DEFAULT_HOME / "data"
+DEFAULT_DOCUMENT_ROOT = DEFAULT_HOME / "files"
+# What the server process may see of our environment (plus its own LABEL_STUDIO_* settings and
+# a Postgres it is pointed at): enough to run Python and reach TLS, nothing else.
+SERVER_ENV_PASSTHROUGH = ("PATH", "HOME", "USER", "LOGNAME", "LANG", "LC_ALL", "LC_CTYPE", "TZ",
+                          "TMPDIR", "SSL_CERT_FILE", "SSL_CERT_DIR", "REQUESTS_CA_BUNDLE",
+                          "DJANGO_DB")
+SERVER_ENV_PREFIXES = ("LABEL_STUDIO_", "POSTGRE_")
+CLIENT_ONLY_ENV = ("LABEL_STUDIO_API_KEY", "LABEL_STUDIO_URL")
 
 # The environment `mcie labelstudio serve` reads (documented in the README's "Human review").
 ADMIN_USER_ENV = "LABEL_STUDIO_USERNAME"
@@ -80,7 +97,7 @@ def _installed_version(venv: Path) -> str | None:
 @dataclass(frozen=True)
 class ServerConfig:
     port: int = 8080
-    data_dir: Path = REPO_ROOT / ".labelstudio"
+    data_dir: Path = DEFAULT_DATA_DIR
     username: str = "admin@localhost"
     password: str = ""
     token: str = ""
@@ -101,7 +118,7 @@ class ServerConfig:
                  document_root: Path | None = None) -> "ServerConfig":
         return cls(
             port=port,
-            data_dir=Path(data_dir) if data_dir else REPO_ROOT / ".labelstudio",
+            data_dir=Path(data_dir) if data_dir else DEFAULT_DATA_DIR,
             username=os.environ.get(ADMIN_USER_ENV, "admin@localhost"),
             password=os.environ.get(ADMIN_PASSWORD_ENV, ""),
             token=os.environ.get(TOKEN_ENV, ""),
@@ -114,9 +131,13 @@ class ServerConfig:
 
 
 def server_env(config: ServerConfig, base: dict[str, str] | None = None) -> dict[str, str]:
-    """The environment of a non-interactive start. Label Studio also reads the unprefixed
-    USERNAME/PASSWORD, so those are set explicitly too."""
-    env = dict(os.environ if base is None else base)
+    """The environment of a non-interactive start: only what `SERVER_ENV_PASSTHROUGH` and
+    `SERVER_ENV_PREFIXES` let through of `base` (default os.environ), then the server's settings.
+    Label Studio also reads the unprefixed USERNAME/PASSWORD, so those are set explicitly too."""
+    source = os.environ if base is None else base
+    env = {k: v for k, v in source.items()
+           if (k in SERVER_ENV_PASSTHROUGH or k.startswith(SERVER_ENV_PREFIXES))
+           and k not in CLIENT_ONLY_ENV}
     env.update({
         "LABEL_STUDIO_BASE_DATA_DIR": str(Path(config.data_dir).resolve()),
         ADMIN_USER_ENV: config.username, "USERNAME": config.username,

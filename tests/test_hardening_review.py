@@ -153,3 +153,26 @@ def test_pages_stop_at_the_reported_total():
                                response=SimpleNamespace(total=25))
 
     assert len(list_pages(page(1), "tasks", 10)) == 30 and pages == [1, 2, 3]
+
+
+# ---- item 8: `mcie labelstudio serve` defaults ----------------------------------------------------
+
+def test_label_studio_serve_keeps_its_data_out_of_the_repo_and_gets_no_secrets():
+    from annotation.server import REPO_ROOT, ServerConfig, server_env
+    from flows.cli import build_parser
+
+    args = build_parser().parse_args(["labelstudio", "serve"])
+    for folder in (args.data_dir, args.document_root):
+        assert not Path(folder).resolve().is_relative_to(REPO_ROOT)
+        assert not Path.cwd().resolve().is_relative_to(Path(folder).resolve())
+    config = ServerConfig(password="p" * 8, token="t" * 20, data_dir=args.data_dir,
+                          document_root=args.document_root)
+    assert not Path(ServerConfig(password="p" * 8, token="t" * 20).data_dir).is_relative_to(REPO_ROOT)
+    env = server_env(config, base={
+        "PATH": "/usr/bin", "HOME": "/home/u", "MCIE_JUDGE_API_KEY": "judge-secret",
+        "AWS_SECRET_ACCESS_KEY": "aws-secret", "LABEL_STUDIO_API_KEY": "client-key",
+        "PYTHONPATH": str(REPO_ROOT), "LABEL_STUDIO_DISABLE_SIGNUP_WITHOUT_LINK": "false"})
+    assert env["PATH"] == "/usr/bin" and env["HOME"] == "/home/u"
+    assert not {"MCIE_JUDGE_API_KEY", "AWS_SECRET_ACCESS_KEY", "LABEL_STUDIO_API_KEY", "PYTHONPATH"} & set(env)
+    assert env["LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT"] == str(Path(args.document_root).resolve())
+    assert env["LABEL_STUDIO_DISABLE_SIGNUP_WITHOUT_LINK"] == "true"  # ours win
