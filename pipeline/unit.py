@@ -68,35 +68,6 @@ def read_sample(source: Source, config: BuildConfig, index: KeyIndex, number: in
         return sample
 
 
-def write_preference(out: Path, unit: int, samples: list[EditSample]) -> Path | None:
-    """The best-of-N negatives of a unit's samples (`sample.private["preference"]`, filled by a
-    generative editor with `candidates` > 1) as OUT/preference/preference-<unit>.tar, written
-    atomically: one entry per rejected candidate, keyed <sample id>-e<sub-edit>-c<candidate>,
-    with json (sub-instruction, seeds, its scores and the chosen one's), source.png (the image
-    before that sub-edit), chosen.png and rejected.png. Rewritten whole when the unit reruns."""
-    from pipeline.dataset.shards import encode_png, remove_path, write_tar_members
-    from pipeline.record import dumps
-
-    path = out / "preference" / f"preference-{unit:05d}.tar"
-    entries = []
-    for sample in sorted(samples, key=lambda s: (s.index, s.id)):
-        if sample.failed:
-            continue
-        for item in sample.private.get("preference", ()):
-            meta = {k: v for k, v in item.items() if k not in ("source", "chosen", "rejected")}
-            meta["id"] = sample.id
-            entries.append((f"{sample.id}-e{item['sub_edit']}-c{item['candidate']}", {
-                "json": dumps(meta), "source.png": encode_png(item["source"]),
-                "chosen.png": encode_png(item["chosen"]),
-                "rejected.png": encode_png(item["rejected"])}))
-    if not entries:
-        remove_path(path)  # a rerun that no longer has negatives leaves none behind
-        return None
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_tar_members(path, entries)
-    return path
-
-
 class UnitPipeline:
     """The stages of a build, constructed once per worker and reused for every unit."""
 
@@ -126,7 +97,6 @@ class UnitPipeline:
     def run(self, unit: int) -> BuildStats:
         started = time.perf_counter()
         samples = self.process(unit)
-        write_preference(self.out, unit, samples)  # before the unit's completion marker
         stats = write_unit(self.out, unit, samples)
         stats.seconds = time.perf_counter() - started
         log.debug("unit %d: %d samples in %.2fs", unit, len(samples), stats.seconds)

@@ -36,6 +36,7 @@ from pipeline.dataset.shards import (
     check_key,
     checksum,
     decode_sample,
+    encode_png,
     ordered,
     remove_path,
     sample_members,
@@ -50,6 +51,7 @@ log = logging.getLogger(__name__)
 MANIFEST = "manifest.parquet"
 DEFECTS = "defects.jsonl"
 SHARDS, PARTS, REVIEW, REJUDGE, QUARANTINE = "shards", "parts", "review", "rejudge", "quarantine"
+PREFERENCE = "preference"  # best-of-N negatives of generative editors
 WRITE_STAGE = "write"
 
 
@@ -145,6 +147,7 @@ def write_unit(out: Path, unit: int, samples: list[EditSample]) -> BuildStats:
     for sample, members in routed[QUARANTINE]:
         locations[sample.id] = (f"{QUARANTINE}/{sample.id}.json", _write_quarantine(out, sample.id, members))
 
+    write_preference(out, unit, samples)
     lines = [dumps({"id": s.id, "index": s.index, "defects": s.defects}) + b"\n" for s in samples]
     atomic_write_bytes(defects_part_path(out, unit), b"".join(lines))
 
@@ -153,6 +156,32 @@ def write_unit(out: Path, unit: int, samples: list[EditSample]) -> BuildStats:
     with atomic_file(part_path(out, unit)) as handle:  # the completion marker: last
         pq.write_table(table, handle)
     return BuildStats.from_samples(samples)
+
+
+def write_preference(out: Path, unit: int, samples: list[EditSample]) -> Path | None:
+    """The best-of-N negatives of a unit's samples (`sample.private["preference"]`, filled by a
+    generative editor with `candidates` > 1) as OUT/preference/preference-<unit>.tar, written
+    atomically: one entry per rejected candidate, keyed <sample id>-e<sub-edit>-c<candidate>,
+    with json (sub-instruction, seeds, its scores and the chosen one's), source.png (the image
+    before that sub-edit), chosen.png and rejected.png. Rewritten whole when the unit reruns."""
+    path = out / PREFERENCE / f"preference-{unit:05d}.tar"
+    entries = []
+    for sample in sorted(samples, key=lambda s: (s.index, s.id)):
+        if sample.failed:
+            continue
+        for item in sample.private.get("preference", ()):
+            meta = {k: v for k, v in item.items() if k not in ("source", "chosen", "rejected")}
+            meta["id"] = sample.id
+            entries.append((f"{sample.id}-e{item['sub_edit']}-c{item['candidate']}", {
+                "json": dumps(meta), "source.png": encode_png(item["source"]),
+                "chosen.png": encode_png(item["chosen"]),
+                "rejected.png": encode_png(item["rejected"])}))
+    if not entries:
+        remove_path(path)  # a rerun that no longer has negatives leaves none behind
+        return None
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_tar_members(path, entries)
+    return path
 
 
 def _remove_previous(out: Path, unit: int, ids: list[str]) -> None:
