@@ -15,7 +15,8 @@ from photo_fixtures import photo_folder
 from pipeline.config import BuildConfig
 from pipeline.editors.base import EDITORS
 from pipeline.editors.inpaint import composite, step_seed
-from pipeline.unit import UnitPipeline, front_stages, make_source, read_sample, write_preference
+from pipeline.dataset.output import write_preference
+from pipeline.unit import UnitPipeline, front_stages, make_source, read_sample
 
 STEPS = {"steps": 2, "max_side": 96}
 
