@@ -13,13 +13,14 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from pipeline.dataset.lock import out_lock
 from pipeline.dataset.move import Move, is_sample_id, move_samples
 from pipeline.dataset.output import MANIFEST, read_manifest, read_parts
-from pipeline.dataset.shards import decode_sample, is_temp_name, read_members_dir
-from pipeline.record import dumps
+from pipeline.dataset.shards import (decode_sample, is_temp_name, member_metadata, read_members_dir,
+                                     sample_members)
+from pipeline.record import EditSample
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +35,7 @@ class ReviewItem:
 
     @property
     def meta(self) -> dict[str, Any]:
-        return json.loads(self.members["json"])
+        return member_metadata(self.members)  # the full record, whatever the shard format
 
 
 def review_root(out: Path) -> Path:
@@ -80,7 +81,8 @@ def shard_size(out: Path) -> int:
 
 
 def commit_decision(
-    out: Path, item: ReviewItem, verdict: str, verdict_by: str, human: dict[str, Any]
+    out: Path, item: ReviewItem, verdict: str, verdict_by: str, human: dict[str, Any],
+    corrections: Callable[[EditSample], None] | None = None,
 ) -> str:
     """Move a decided sample from the review queue into its shard and the manifest
     (`pipeline.dataset.move`). Returns the shard file name it went to."""
@@ -89,8 +91,9 @@ def commit_decision(
     out = Path(out)
     sample = decode_sample(item.members)
     sample.verdict, sample.verdict_by, sample.human = verdict, verdict_by, human
-    members = dict(item.members)
-    members["json"] = dumps(sample.metadata())
+    if corrections is not None:
+        corrections(sample)  # a reviewer's corrected regions and texts (annotation.sync)
+    members = sample_members(sample)  # re-encoded: json, and regions/edit mask if corrected
     shard = move_samples(out, [Move(sample, members, came_from=item.directory)],
                          shard_size(out))[sample.id]
     log.info("sample %s decided %s by %s -> %s", sample.id, verdict, verdict_by, shard)

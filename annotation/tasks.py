@@ -20,7 +20,7 @@ from urllib.parse import quote
 import numpy as np
 from PIL import Image, ImageDraw
 
-from pipeline.dataset.shards import decode_mask, decode_png
+from pipeline.dataset.shards import decode_png, member_masks
 
 log = logging.getLogger(__name__)
 
@@ -64,9 +64,7 @@ def overlay_png(members: dict[str, bytes]) -> bytes:
     target = decode_png(members["target.png"]).astype(np.float32)
     canvas = target.copy()
     labels = []
-    i = 0
-    while f"mask_{i}.png" in members:
-        mask = decode_mask(members[f"mask_{i}.png"])
+    for i, mask in enumerate(member_masks(members)):
         color = np.array(OVERLAY_COLORS[i % len(OVERLAY_COLORS)], np.float32)
         # A background edit's region covers most of the frame: tint it lightly, so the objects
         # and the other regions stay readable through it.
@@ -77,7 +75,6 @@ def overlay_png(members: dict[str, bytes]) -> bytes:
         ys, xs = np.nonzero(mask)
         if len(xs):
             labels.append((i + 1, int(xs.min()), int(ys.min()), OVERLAY_COLORS[i % len(OVERLAY_COLORS)]))
-        i += 1
     image = Image.fromarray(canvas.clip(0, 255).astype(np.uint8), "RGB")
     draw = ImageDraw.Draw(image)
     for number, x, y, color in labels:

@@ -265,6 +265,25 @@ def _passes(s: EditSample) -> list[bool] | None:
     return None if value is None else [bool(x) for x in value]
 
 
+def pixel_sha256(image: np.ndarray | None) -> str | None:
+    """sha256 of an image's pixels (shape line, then the raw uint8 bytes): the same for the same
+    pixels whatever the PNG encoder, so duplicates across builds and exports can be found."""
+    if image is None:
+        return None
+    digest = hashlib.sha256("x".join(str(n) for n in image.shape).encode() + b"\n")
+    digest.update(np.ascontiguousarray(image).tobytes())
+    return digest.hexdigest()
+
+
+def _boxes(s: EditSample) -> list[list[int] | None]:
+    return [None if e.box is None else [int(v) for v in e.box] for e in s.sub_edits]
+
+
+# The shard format the factory writes (pipeline.dataset.shards.FORMAT_VERSION): 1 = a mask_N.png
+# per sub-edit; 2 = one regions.png (bit i = sub-edit i) and a fixed-schema json.
+SHARD_FORMAT = 2
+
+
 MANIFEST_COLUMNS: list[tuple[str, pa.DataType, Callable[[EditSample], Any]]] = [
     ("id", pa.string(), lambda s: s.id),
     ("index", pa.int64(), lambda s: s.index),
@@ -273,9 +292,13 @@ MANIFEST_COLUMNS: list[tuple[str, pa.DataType, Callable[[EditSample], Any]]] = [
     ("instruction", pa.string(), lambda s: s.instruction),
     ("num_sub_edits", pa.int32(), lambda s: len(s.sub_edits)),
     ("sub_edit_types", pa.list_(pa.string()), lambda s: [e.type for e in s.sub_edits]),
+    ("sub_edit_texts", pa.list_(pa.string()), lambda s: [e.text for e in s.sub_edits]),
+    ("sub_edit_boxes", pa.list_(pa.list_(pa.int32())), _boxes),
     ("score_overall", pa.float32(), _score("overall")),
     ("score_background", pa.float32(), _score("background")),
     ("score_quality", pa.float32(), _score("quality")),
+    ("background_changed", pa.float32(), _score("background_changed")),
+    ("background_psnr", pa.float32(), _score("background_psnr")),
     (
         "sub_edit_scores",
         pa.list_(pa.float32()),
@@ -289,6 +312,11 @@ MANIFEST_COLUMNS: list[tuple[str, pa.DataType, Callable[[EditSample], Any]]] = [
     ("height", pa.int32(), lambda s: None if s.source is None else int(s.source.shape[0])),
     ("error", pa.string(), lambda s: s.error),
     ("error_stage", pa.string(), lambda s: s.error_stage),
+    ("corrected", pa.bool_(), lambda s: bool((s.human or {}).get("corrected"))),
+    ("source_key", pa.string(), lambda s: s.source_key),
+    ("edit_index", pa.int32(), lambda s: s.edit_index),
+    ("source_sha256", pa.string(), lambda s: pixel_sha256(s.source)),
+    ("target_sha256", pa.string(), lambda s: pixel_sha256(s.target)),
     ("source_kind", pa.string(), lambda s: s.provenance.get("source")),
     ("editor", pa.string(), lambda s: s.provenance.get("editor")),
     ("judge", pa.string(), lambda s: s.provenance.get("judge")),
@@ -302,9 +330,48 @@ SHARD_COLUMNS: list[tuple[str, pa.DataType]] = [
     ("checksum", pa.string()),  # sha256 over the sample's members, as written
 ]
 
+# What each column means: written into the parquet's schema metadata ("mcie.columns"), beside
+# the shard format ("mcie.format"), so a manifest explains itself to whoever opens it.
+COLUMN_MEANINGS: dict[str, str] = {
+    "id": "stable sample id (build seed, source key, edit index); the shard key",
+    "index": "sample number in the build (resume and shard placement)",
+    "verdict": "accept | reject | borderline | error | judge_error",
+    "verdict_by": "judge | human | both | dataset",
+    "instruction": "the complex instruction",
+    "num_sub_edits": "number of sub-edits (bits of regions.png)",
+    "sub_edit_types": "edit type per sub-edit",
+    "sub_edit_texts": "sub-instruction text per sub-edit",
+    "sub_edit_boxes": "[x0, y0, x1, y1] per sub-edit (exclusive upper bounds), null if none",
+    "score_overall": "judge's overall score in [0, 1]",
+    "score_background": "judge's background-preservation score in [0, 1]",
+    "score_quality": "judge's image-quality score in [0, 1]",
+    "background_changed": "share of pixels outside every region that changed",
+    "background_psnr": "PSNR (dB) of the outside pixels, source vs target",
+    "sub_edit_scores": "judge's score per sub-edit; null = could not verify",
+    "sub_edit_pass": "routing's pass/fail per sub-edit",
+    "width": "image width in pixels",
+    "height": "image height in pixels",
+    "error": "why the sample failed (quarantine), one line",
+    "error_stage": "the stage that failed it",
+    "corrected": "a human corrected a region or a text in review",
+    "source_key": "the source's own key of the image (path, tar key, row)",
+    "edit_index": "which of the image's complex instructions this is",
+    "source_sha256": "sha256 of the source pixels (pipeline.record.pixel_sha256)",
+    "target_sha256": "sha256 of the target pixels",
+    "source_kind": "the source backend",
+    "editor": "the editor backend",
+    "judge": "the judge backend",
+    "seed": "the build seed",
+    "code_version": "factory version that wrote the sample",
+    "shard": "where it is: shards/<tar>, review/<id>, rejudge/<id> or quarantine/<id>.json",
+    "checksum": "sha256 over its members (pipeline.dataset.shards.checksum)",
+}
+
 MANIFEST_SCHEMA = pa.schema(
     [pa.field(name, dtype) for name, dtype, _ in MANIFEST_COLUMNS]
-    + [pa.field(name, dtype) for name, dtype in SHARD_COLUMNS]
+    + [pa.field(name, dtype) for name, dtype in SHARD_COLUMNS],
+    metadata={"mcie.format": str(SHARD_FORMAT),
+              "mcie.columns": json.dumps(COLUMN_MEANINGS, sort_keys=True)},
 )
 
 

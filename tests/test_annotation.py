@@ -27,7 +27,7 @@ from annotation.tasks import (
 )
 from labelstudio_fixtures import make_build, out_dir  # noqa: F401  (fixture)
 from pipeline.dataset.output import read_manifest
-from pipeline.dataset.shards import checksum, iter_tar_groups
+from pipeline.dataset.shards import checksum, iter_tar_groups, member_metadata
 
 
 def test_policy_majority_ties_and_minimum():
@@ -179,7 +179,7 @@ def test_commit_decision_moves_sample_once_even_after_a_crash(out_dir, monkeypat
     assert ids[0] not in queue.review_ids(out_dir)
     groups = dict(iter_tar_groups(out_dir / "shards" / shard))
     assert list(_tar_keys(out_dir / "shards" / shard)).count(ids[0]) == 1
-    meta = json.loads(groups[ids[0]]["json"])
+    meta = member_metadata(groups[ids[0]])
     assert (meta["verdict"], meta["verdict_by"], meta["human"]) == ("reject", "human", human)
     assert ids[0] not in _tar_keys(out_dir / "shards" / "train-000000.tar")
     row = next(r for r in read_manifest(out_dir).to_pylist() if r["id"] == ids[0])

@@ -19,7 +19,7 @@ from annotation.sync import ReviewSettings, find_project, project_tasks, pull, p
 from annotation.tasks import labeling_config
 from labelstudio_fixtures import ROOT, TMP_ROOT, ls_conn, ls_server, make_build, out_dir  # noqa: F401
 from pipeline.dataset.output import read_manifest
-from pipeline.dataset.shards import checksum, iter_tar_groups
+from pipeline.dataset.shards import checksum, iter_tar_groups, member_metadata
 
 pytestmark = pytest.mark.slow
 
@@ -127,7 +127,7 @@ def test_annotate_disagree_pull_and_status(ls_conn, out_dir):  # noqa: F811
     assert [k for k, _ in groups].count(ids[0]) == 1
     members = dict(groups)[ids[0]]
     assert checksum(members) == rows[ids[0]]["checksum"]
-    human = json.loads(members["json"])["human"]
+    human = member_metadata(members)["human"]
     assert human["verdict"] == "accept" and human["votes"] == {"accept": 2, "reject": 0}
     assert sorted(a["annotator"] for a in human["annotations"]) == ["alice@mcie.test", "bob@mcie.test"]
     assert human["sub_edit_pass"] == [True, None]  # sub 2: pass vs fail

@@ -151,7 +151,7 @@ def test_samples_that_cannot_go_where_their_verdict_says_are_quarantined(tmp_pat
     ]
     assert not (tmp_path / "shards/train-000000.tar").exists()
     assert stats.verdicts["error"] == 3
-    assert (tmp_path / "quarantine" / f"{no_target.id}.mask_0.png").is_file()  # pixels kept
+    assert (tmp_path / "quarantine" / f"{no_target.id}.regions.png").is_file()  # pixels kept
 
 
 def test_finalize_merges_parts_by_index_with_one_defect_line_per_sample(tmp_path):

@@ -37,23 +37,67 @@ def test_plain_webdataset_reads_the_shard(tmp_path, samples):
     read = list(wds.WebDataset(str(path), shardshuffle=False).decode("pil"))
     assert [r["__key__"] for r in read] == [s.id for s in samples]
     for record, sample in zip(read, samples):
-        masks = sorted(k for k in record if k.startswith("mask_"))
-        assert masks == [f"mask_{i}.png" for i in range(len(sample.sub_edits))]
+        # format 2: the same five members whatever the sub-edit count
         assert set(record) - {"__key__", "__url__", "__local_path__"} == {
-            "json", "source.png", "target.png", "edit_mask.png", *masks
+            "json", "source.png", "target.png", "edit_mask.png", "regions.png"
         }
-        assert record["json"]["id"] == sample.id
+        assert record["json"]["id"] == sample.id and record["json"]["format"] == 2
         assert record["json"]["verdict"] == "accept"
-        for name in ("source.png", "target.png", "edit_mask.png", *masks):
+        assert record["json"]["num_sub_edits"] == len(sample.sub_edits)
+        for name in ("source.png", "target.png", "edit_mask.png", "regions.png"):
             assert record[name].size == (RESOLUTION, RESOLUTION)
-        for name in ("edit_mask.png", *masks):
-            assert set(np.unique(np.asarray(record[name]))) <= {0, 255}
+        assert set(np.unique(np.asarray(record["edit_mask.png"]))) <= {0, 255}
         assert np.array_equal(np.asarray(record["source.png"]), sample.source)
-        assert np.array_equal(np.asarray(record["mask_0.png"])[..., 0] == 255, sample.sub_edits[0].mask)
+        bits = np.asarray(record["regions.png"])[..., 0]  # decode("pil") gives RGB: any channel
+        for i, edit in enumerate(sample.sub_edits):
+            assert np.array_equal((bits >> i) & 1 == 1, edit.mask)
+            assert record["json"]["sub_edits"][i]["region_bit"] == i
     # undecoded, the masks are single-channel (L) PNGs
     raw = next(iter(wds.WebDataset(str(path), shardshuffle=False)))
     assert Image.open(io.BytesIO(raw["edit_mask.png"])).mode == "L"
-    assert Image.open(io.BytesIO(raw["mask_0.png"])).mode == "L"
+    assert Image.open(io.BytesIO(raw["regions.png"])).mode == "L"
+
+
+def test_the_json_has_the_same_keys_and_types_in_every_sample_and_no_nulls(samples):
+    samples[1].verdict_by = None
+    samples[2].scores = {}
+    samples[2].sub_edits[0].box = None
+
+    def shape(value):
+        if isinstance(value, dict):
+            return {k: shape(v) for k, v in sorted(value.items())}
+        if isinstance(value, list):
+            return ["list", shape(value[0]) if value else "empty"]
+        assert value is not None
+        return type(value).__name__
+
+    views = [json.loads(sample_members(s)["json"]) for s in samples]
+    assert len({json.dumps(shape(v), sort_keys=True) for v in views}) == 1
+    from pycocotools import mask as coco
+
+    for view, sample in zip(views, samples):
+        for i, edit in enumerate(sample.sub_edits):
+            rle = view["sub_edits"][i]["mask_rle"]
+            # the COCO RLE pycocotools writes, and it decodes to the mask
+            want = coco.encode(np.asfortranarray(edit.mask.astype(np.uint8)))
+            assert rle == {"size": list(want["size"]), "counts": want["counts"].decode()}
+            assert np.array_equal(coco.decode({"size": rle["size"], "counts": rle["counts"]}) == 1, edit.mask)
+    assert views[2]["sub_edits"][0]["box"] == shards._mask_box(samples[2].sub_edits[0].mask)
+
+
+def test_format_1_samples_still_decode(samples):
+    """A shard written before format 2 (mask_N.png members, metadata() as the json) reads back."""
+    sample = samples[1]
+    old = {"json": shards.dumps(sample.metadata()), "source.png": shards.encode_png(sample.source),
+           "target.png": shards.encode_png(sample.target),
+           "edit_mask.png": shards.encode_mask(~sample.background_mask)}
+    old.update({f"mask_{i}.png": shards.encode_mask(e.mask) for i, e in enumerate(sample.sub_edits)})
+    back = decode_sample(old)
+    assert back.metadata() == json.loads(json.dumps(sample.metadata()))
+    for got, want in zip(back.sub_edits, sample.sub_edits):
+        assert np.array_equal(got.mask, want.mask)
+    with pytest.raises(ValueError, match="format 3"):
+        decode_sample({"json": json.dumps({"id": sample.id, "format": 3}).encode()})
 
 
 def test_read_shard_round_trips_every_field(tmp_path, samples):
@@ -86,7 +130,7 @@ def test_same_samples_give_identical_bytes_in_any_input_order(tmp_path, samples)
     key = samples[2].id
     names = [m.name for m in members if m.name.startswith(key)]
     assert names == [f"{key}.{s}" for s in ("json", "source.png", "target.png", "edit_mask.png",
-                                           "mask_0.png", "mask_1.png", "mask_2.png")]
+                                           "regions.png")]
 
 
 def test_checksum_is_over_suffix_length_and_bytes_in_member_order():
@@ -103,7 +147,7 @@ def test_checksum_and_sample_agree_between_tar_and_sample_dir(tmp_path, samples)
     directory = tmp_path / "review" / samples[1].id
     assert write_sample_dir(directory, samples[1]) == sums[samples[1].id]
     assert sorted(p.name for p in directory.iterdir()) == [
-        "edit_mask.png", "mask_0.png", "mask_1.png", "sample.json", "source.png", "target.png"
+        "edit_mask.png", "regions.png", "sample.json", "source.png", "target.png"
     ]
     back = read_sample_dir(directory)
     assert back.metadata() == json.loads(json.dumps(samples[1].metadata()))
@@ -156,7 +200,7 @@ def test_partial_members_for_quarantine_keep_whatever_pixels_exist(samples):
     sample.target = None
     sample.sub_edits[1].mask = None
     members = sample_members(sample, complete=False)
-    assert list(members) == ["json", "source.png", "edit_mask.png", "mask_0.png", "mask_2.png"]
+    assert list(members) == ["json", "source.png", "edit_mask.png", "regions.png"]
     back = decode_sample(members)
     assert back.target is None and back.sub_edits[1].mask is None
     assert np.array_equal(back.sub_edits[2].mask, sample.sub_edits[2].mask)
@@ -174,8 +218,11 @@ def test_decode_rejects_bad_members(samples):
         decode_sample({k: v for k, v in members.items() if k != "json"})
     with pytest.raises(ValueError, match="differs from the json id"):
         decode_sample({"__key__": "other", **members})
-    with pytest.raises(ValueError, match="only 1 sub-edits"):
-        decode_sample({**members, "mask_1.png": members["mask_0.png"]})
+    with pytest.raises(ValueError, match="unexpected member 'mask_1.png'"):
+        decode_sample({**members, "mask_1.png": members["edit_mask.png"]})
+    two_bits = shards.encode_regions([samples[0].sub_edits[0].mask] * 2, (RESOLUTION, RESOLUTION))
+    with pytest.raises(ValueError, match="bits set beyond its 1 sub-edits"):
+        decode_sample({**members, "regions.png": two_bits})
     grey = io.BytesIO()
     Image.fromarray(np.full((4, 4), 7, np.uint8), "L").save(grey, format="PNG")
     with pytest.raises(ValueError, match="other than 0 and 255"):

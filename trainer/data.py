@@ -22,6 +22,7 @@ import io
 import itertools
 import json
 import logging
+import struct
 import tarfile
 import zlib
 from dataclasses import dataclass, field
@@ -41,7 +42,9 @@ log = logging.getLogger(__name__)
 POSITION = "__position__"
 FROZEN_MEMBER = "frozen.safetensors"  # a cached sample's frozen encodings (see trainer.cache)
 # What `decode_sample` raises for a broken sample (missing member, bad image or JSON): skip it.
-BAD_SAMPLE_ERRORS = (KeyError, ValueError, OSError, json.JSONDecodeError)
+BAD_SAMPLE_ERRORS = (KeyError, ValueError, OSError, json.JSONDecodeError, SyntaxError, EOFError,
+                     struct.error, zlib.error, tarfile.TarError, IndexError, TypeError,
+                     Image.DecompressionBombError)  # what damaged PNG/tar bytes really raise
 
 
 def find_shards(data: str | Path) -> list[Path]:
@@ -84,7 +87,10 @@ def decode_sample(raw: dict[str, Any], resolution: int, max_subs: int, crop_min_
     target = _image(raw["target.png"], "RGB")
     edit_mask = _image(raw["edit_mask.png"], "L")
     masks = []
-    for i in range(len(sub_edits)):
+    if "regions.png" in raw:  # shard format 2: bit i of one L-mode PNG is sub-edit i's mask
+        bits = np.asarray(_image(raw["regions.png"], "L"))
+        masks = [Image.fromarray(((bits >> i) & 1) * 255) for i in range(len(sub_edits))]
+    for i in range(len(masks), len(sub_edits)):  # format 1: one mask_N.png per sub-edit
         member = f"mask_{i}.png"
         if member not in raw:
             raise KeyError(f"missing {member} for sub-edit {i}")

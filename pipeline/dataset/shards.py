@@ -1,16 +1,28 @@
 """A sample as webdataset members, and the deterministic, atomic files that hold them.
 
-One sample is a group of members, each named by a *suffix* (webdataset's extension):
+Format 2 (`FORMAT_VERSION`): every sample has the SAME five members, so every third-party reader
+(Hugging Face `datasets`, Ray Data `read_webdataset`, webdataset + torch `DataLoader`) sees one
+schema:
 
-    json            sample.metadata() as canonical JSON (`record.dumps`)
+    json            fixed keys and types, no nulls (`sample_json`): id, index, seed, instruction,
+                    num_sub_edits, width, height, verdict, verdict_by, corrected, error,
+                    error_stage, source_key, edit_index, format, and `sub_edits`: per sub-edit
+                    type, text, target, box [x0, y0, x1, y1], region_bit and `mask_rle` (COCO RLE,
+                    pycocotools' form). `record` is the complete metadata (`sample.metadata()`) as
+                    JSON text: open dicts (params, scores, provenance, objects) live there, so
+                    their varying keys never change the json's schema. It is what
+                    `decode_sample` reads.
     source.png      uint8 RGB
     target.png      uint8 RGB
     edit_mask.png   union of the sub-edit regions (= not background_mask), L-mode 0/255
-    mask_0.png ...  one per sub-edit, in sub-edit order, L-mode 0/255
+    regions.png     L-mode uint8: bit i is sub-edit i's mask (MAX_SUB_EDITS = 8 fits one byte)
 
-Member order is fixed (`MEMBER_ORDER` above, masks by number, so mask_2 comes before mask_10): json
-first, so a streaming reader can filter on metadata before touching pixels. The same sample lives
-in three kinds of container, all with the same member bytes:
+Format 1 (before): a `mask_N.png` per sub-edit and `sample.metadata()` as the json. It is still
+decoded (`decode_sample`), never written.
+
+Member order is fixed (`MEMBER_ORDER`): json first, so a streaming reader can filter on metadata
+before touching pixels. The same sample lives in three kinds of container, all with the same
+member bytes:
 
     tar shard     `KEY.{suffix}` (KEY = sample id), samples in index order   `write_tar`/`read_shard`
     sample dir    `{suffix}` files, with `json` named `sample.json`           `write_sample_dir`/...
@@ -20,6 +32,10 @@ in three kinds of container, all with the same member bytes:
 `f"{suffix}\\n{len(data)}\\n"` followed by the data. It does not depend on the container, so a tar
 sample and the same sample in a review dir have the same checksum, and verify recomputes it from
 whatever it reads.
+
+Reading is bounded: a tar member whose header declares more than `MAX_MEMBER_BYTES` is never read
+(its sample fails with that reason), images larger than `MAX_PIXELS` are refused from the header,
+and `CORRUPT_DATA_ERRORS` is everything Pillow, zlib, tarfile and json really raise on damaged bytes.
 
 Bytes are deterministic: PNGs carry no timestamp, tar headers have a fixed mtime/uid/gid/mode and
 empty owner names, members and samples are always written in the same order. Every final file is
@@ -37,7 +53,9 @@ import os
 import re
 import secrets
 import shutil
+import struct
 import tarfile
+import zlib
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any, Iterable, Iterator
@@ -45,7 +63,8 @@ from typing import IO, Any, Iterable, Iterator
 import numpy as np
 from PIL import Image
 
-from pipeline.record import EditSample, InventoryObject, SubEdit, dumps
+from pipeline import rle
+from pipeline.record import MAX_SUB_EDITS, SHARD_FORMAT, EditSample, InventoryObject, SubEdit, dumps
 
 # zlib level 1, chosen for speed: a 512 px procedural sample (2 RGB images, edit mask + 3 masks,
 # json) encodes in ~7 ms CPU at level 1 vs ~10 ms at 6 (~19 ms at 9 for the images alone), and
@@ -56,11 +75,26 @@ PNG_COMPRESS_LEVEL = 1
 TAR_MTIME = 0  # fixed header fields: the same samples always give the same tar bytes
 TAR_MODE = 0o644
 
-MEMBER_ORDER = ("json", "source.png", "target.png", "edit_mask.png")
+FORMAT_VERSION = SHARD_FORMAT  # 1: a mask_N.png per sub-edit; 2: one regions.png, fixed-schema json
+MEMBER_ORDER = ("json", "source.png", "target.png", "edit_mask.png", "regions.png")
+REGIONS = "regions.png"
 SAMPLE_JSON = "sample.json"  # the json member's file name inside a sample dir
 TEMP_SUFFIX = ".tmp"
 
-_MASK_SUFFIX = re.compile(r"^mask_(\d+)\.png$")
+_MASK_SUFFIX = re.compile(r"^mask_(\d+)\.png$")  # format 1 only
+
+# Bounds on what a reader accepts from a file (untrusted sizes, issue 17): a member declaring more
+# bytes is not read; an image declaring more pixels is not decoded.
+MAX_MEMBER_BYTES = 256 * 1024 * 1024
+MAX_PIXELS = 64_000_000
+
+# What damaged bytes really raise, from tarfile, json, zlib and Pillow's decoders (a flipped bit
+# gives SyntaxError from a PNG chunk parser, struct.error from a short header, zlib.error from an
+# IDAT stream, DecompressionBombError from a forged size, EOFError from a truncated tar, ...).
+# Every reader of shards and sample dirs catches exactly these and reports a reason.
+CORRUPT_DATA_ERRORS = (ValueError, OSError, SyntaxError, EOFError, struct.error, zlib.error,
+                       tarfile.TarError, KeyError, IndexError, TypeError, OverflowError,
+                       MemoryError, Image.DecompressionBombError, Image.DecompressionBombWarning)
 _KEY = re.compile(r"^[A-Za-z0-9_-]+$")  # no dots (webdataset splits the key at the first dot)
 
 
@@ -136,22 +170,61 @@ def encode_mask(mask: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
+def _open_png(data: bytes) -> Image.Image:
+    """Open PNG bytes, refusing (ValueError) anything that is not a PNG or declares more than
+    MAX_PIXELS before a pixel is decoded."""
+    image = Image.open(io.BytesIO(data), formats=("PNG",))
+    width, height = image.size
+    if width * height > MAX_PIXELS:
+        image.close()
+        raise ValueError(f"PNG declares {width}x{height} pixels, over the cap of {MAX_PIXELS}")
+    return image
+
+
 def decode_png(data: bytes) -> np.ndarray:
-    with Image.open(io.BytesIO(data)) as image:
-        if image.format != "PNG":
-            raise ValueError(f"expected PNG data, got {image.format}")
+    with _open_png(data) as image:
         return np.asarray(image.convert("RGB")).copy()
 
 
 def decode_mask(data: bytes) -> np.ndarray:
     """PNG → bool HxW. Only 0/255 L-mode masks are accepted: anything else is a corrupt mask."""
-    with Image.open(io.BytesIO(data)) as image:
-        if image.format != "PNG" or image.mode != "L":
-            raise ValueError(f"expected an L-mode PNG mask, got {image.format} {image.mode}")
+    with _open_png(data) as image:
+        if image.mode != "L":
+            raise ValueError(f"expected an L-mode PNG mask, got {image.mode}")
         values = np.asarray(image)
     if not np.isin(values, (0, 255)).all():
         raise ValueError("mask has values other than 0 and 255")
     return values == 255
+
+
+def encode_regions(masks: list[np.ndarray | None], shape: tuple[int, int]) -> bytes:
+    """Sub-edit masks → one L-mode PNG whose bit i is mask i (a None mask leaves its bit 0)."""
+    if len(masks) > MAX_SUB_EDITS:
+        raise ValueError(f"{len(masks)} sub-edits do not fit regions.png ({MAX_SUB_EDITS} bits)")
+    bits = np.zeros(shape, dtype=np.uint8)
+    for i, mask in enumerate(masks):
+        if mask is None:
+            continue
+        if not isinstance(mask, np.ndarray) or mask.dtype != bool or mask.shape != tuple(shape):
+            raise ValueError(f"sub-edit {i}: expected a bool {shape} mask, got {_describe(mask)}")
+        bits |= mask.astype(np.uint8) << i
+    buffer = io.BytesIO()
+    Image.fromarray(bits, "L").save(buffer, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
+    return buffer.getvalue()
+
+
+def decode_regions(data: bytes, count: int) -> list[np.ndarray]:
+    """regions.png → the first `count` sub-edit masks (bool HxW). ValueError if a bit at or above
+    `count` is set (a mask for a sub-edit the sample does not have)."""
+    with _open_png(data) as image:
+        if image.mode != "L":
+            raise ValueError(f"expected an L-mode regions.png, got {image.mode}")
+        bits = np.asarray(image)
+    if not 0 <= count <= MAX_SUB_EDITS:
+        raise ValueError(f"{count} sub-edits do not fit regions.png")
+    if int(bits.max(initial=0)) >> count:
+        raise ValueError(f"regions.png has bits set beyond its {count} sub-edits")
+    return [(bits >> i) & 1 == 1 for i in range(count)]
 
 
 def _describe(value: Any) -> str:
@@ -176,15 +249,18 @@ def ordered(members: dict[str, bytes]) -> list[tuple[str, bytes]]:
     return sorted(members.items(), key=lambda item: member_rank(item[0]))
 
 
-def expected_suffixes(num_sub_edits: int) -> list[str]:
-    """The members a complete sample (shard or sample dir) has."""
-    return list(MEMBER_ORDER) + [f"mask_{i}.png" for i in range(num_sub_edits)]
+def expected_suffixes(num_sub_edits: int | None = None) -> list[str]:
+    """The members a complete format-2 sample (shard or sample dir) has: the same five whatever
+    its sub-edit count (the argument is kept for callers that pass it)."""
+    return list(MEMBER_ORDER)
 
 
 def checksum(members: dict[str, bytes]) -> str:
     """sha256 over `f"{suffix}\\n{len(data)}\\n"` + data for each member in the fixed order."""
     digest = hashlib.sha256()
     for suffix, data in ordered(members):
+        if suffix.startswith("__"):  # __key__, __error__: reader annotations, not members
+            continue
         digest.update(f"{suffix}\n{len(data)}\n".encode())
         digest.update(data)
     return digest.hexdigest()
@@ -196,20 +272,66 @@ def check_key(key: str) -> str:
     return key
 
 
+def sample_json(sample: EditSample) -> bytes:
+    """The format-2 json member: a fixed-schema view every reader can type (no nulls, the same
+    keys in every sample) plus `record`, the complete metadata as JSON text."""
+    height, width = sample.source.shape[:2] if sample.source is not None else (0, 0)
+    sub_edits = []
+    for i, edit in enumerate(sample.sub_edits):
+        mask = edit.mask
+        box = edit.box if edit.box is not None else (_mask_box(mask) if mask is not None else None)
+        sub_edits.append({
+            "type": edit.type,
+            "text": edit.text,
+            "target": edit.target,
+            "region_bit": i,
+            "box": [int(v) for v in box] if box is not None else [0, 0, 0, 0],
+            # size [0, 0] = this sub-edit has no mask (only ever in quarantine)
+            "mask_rle": rle.encode(mask) if mask is not None else {"size": [0, 0], "counts": ""},
+        })
+    view = {
+        "format": FORMAT_VERSION,
+        "id": sample.id,
+        "index": int(sample.index),
+        "seed": int(sample.seed),
+        "source_key": str(sample.source_key),
+        "edit_index": int(sample.edit_index),
+        "width": int(width),
+        "height": int(height),
+        "instruction": sample.instruction,
+        "num_sub_edits": len(sample.sub_edits),
+        "sub_edits": sub_edits,
+        "verdict": sample.verdict or "",
+        "verdict_by": sample.verdict_by or "",
+        "corrected": bool((sample.human or {}).get("corrected")),
+        "error": sample.error or "",
+        "error_stage": sample.error_stage or "",
+        "record": dumps(sample.metadata()).decode(),
+    }
+    return dumps(view)
+
+
+def _mask_box(mask: np.ndarray) -> list[int] | None:
+    rows, cols = np.nonzero(mask)
+    if rows.size == 0:
+        return None
+    return [int(cols.min()), int(rows.min()), int(cols.max()) + 1, int(rows.max()) + 1]
+
+
 def sample_members(sample: EditSample, complete: bool = True) -> dict[str, bytes]:
-    """Encode a sample as members (in the fixed order).
+    """Encode a sample as format-2 members (in the fixed order).
 
     complete=True (shards, sample dirs): source, target and every sub-edit mask must exist, else
     ValueError. complete=False (quarantine): whatever pixels exist are kept, nothing is required.
     """
     check_key(sample.id)
-    members: dict[str, bytes] = {"json": dumps(sample.metadata())}
     masks = [edit.mask for edit in sample.sub_edits]
     if complete:
         missing = [name for name, value in (("source", sample.source), ("target", sample.target)) if value is None]
         missing += [f"mask_{i}" for i, mask in enumerate(masks) if mask is None]
         if missing:
             raise ValueError(f"sample {sample.id} is incomplete: no {', '.join(missing)}")
+    members: dict[str, bytes] = {"json": sample_json(sample)}
     if sample.source is not None:
         members["source.png"] = encode_png(sample.source)
     if sample.target is not None:
@@ -219,13 +341,15 @@ def sample_members(sample: EditSample, complete: bool = True) -> dict[str, bytes
         members["edit_mask.png"] = encode_mask(edit_mask)
     elif complete:
         raise ValueError(f"sample {sample.id} has no edit mask (no background mask, no sub-edit masks)")
-    for i, mask in enumerate(masks):
-        if mask is not None:
-            members[f"mask_{i}.png"] = encode_mask(mask)
     if complete:
         shapes = {a.shape[:2] for a in (sample.source, sample.target, edit_mask, *masks)}
         if len(shapes) != 1:
             raise ValueError(f"sample {sample.id}: images and masks differ in size {sorted(shapes)}")
+    present = [m for m in masks if m is not None]
+    if present:
+        members[REGIONS] = encode_regions(masks, present[0].shape)
+    elif complete:
+        raise ValueError(f"sample {sample.id} has no sub-edits")
     return dict(ordered(members))
 
 
@@ -238,31 +362,37 @@ def _edit_mask(sample: EditSample) -> np.ndarray | None:
 
 def decode_sample(members: dict[str, bytes]) -> EditSample:
     """Members (suffix → bytes, webdataset style; `__key__` and other `__` entries are ignored
-    except that `__key__` must match the json id) → EditSample. Missing images stay None; masks
-    become bool arrays in `sub_edits[i].mask`, and background_mask = not edit_mask."""
+    except that `__key__` must match the json id, and `__error__` — a member refused unread —
+    fails the sample) → EditSample. Reads format 2 and format 1. Missing images stay None; masks
+    become bool arrays in `sub_edits[i].mask`, and background_mask = not edit_mask.
+    Raises one of CORRUPT_DATA_ERRORS (a reason) on damaged members."""
+    if "__error__" in members:
+        raise ValueError(members["__error__"])
     if "json" not in members:
         raise ValueError("sample has no json member")
     try:
-        meta = json.loads(members["json"])
+        view = json.loads(members["json"])
     except ValueError as exc:
         raise ValueError(f"json member is not valid JSON: {exc}") from exc
-    if not isinstance(meta, dict) or "id" not in meta:
+    if not isinstance(view, dict) or "id" not in view:
         raise ValueError("json member is not a sample's metadata")
+    version = view.get("format", 1)
+    if version == FORMAT_VERSION:
+        try:
+            meta = json.loads(view["record"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"json member has no readable record: {exc}") from None
+        if not isinstance(meta, dict) or meta.get("id") != view["id"]:
+            raise ValueError("json record does not describe the json's sample")
+    elif version == 1:
+        meta = view
+    else:
+        raise ValueError(f"sample format {version!r} is not one this version reads (1, {FORMAT_VERSION})")
     key = members.get("__key__")
     if key is not None and key != meta["id"]:
         raise ValueError(f"member key {key!r} differs from the json id {meta['id']!r}")
     sub_json = meta.get("sub_edits") or []
-    masks: dict[int, np.ndarray] = {}
-    for suffix, data in members.items():
-        if suffix.startswith("__") or suffix in MEMBER_ORDER:
-            continue
-        match = _MASK_SUFFIX.match(suffix)
-        if not match:
-            raise ValueError(f"sample {meta['id']}: unexpected member {suffix!r}")
-        number = int(match.group(1))
-        if number >= len(sub_json):
-            raise ValueError(f"sample {meta['id']}: {suffix} but only {len(sub_json)} sub-edits")
-        masks[number] = decode_mask(data)
+    masks = _decode_masks(members, meta["id"], sub_json, view if version == FORMAT_VERSION else None)
     sample = EditSample(id=meta["id"], index=int(meta["index"]), seed=int(meta["seed"]))
     sample.instruction = meta.get("instruction", "")
     sample.sub_edits = [SubEdit.from_json(data, mask=masks.get(i)) for i, data in enumerate(sub_json)]
@@ -284,6 +414,53 @@ def decode_sample(members: dict[str, bytes]) -> EditSample:
     if "edit_mask.png" in members:
         sample.background_mask = ~decode_mask(members["edit_mask.png"])
     return sample
+
+
+def member_metadata(members: dict[str, bytes]) -> dict[str, Any]:
+    """The complete metadata (`EditSample.metadata()`) of a sample's members, without decoding
+    pixels: format 2's `record`, or format 1's json itself."""
+    view = json.loads(members["json"])
+    if isinstance(view, dict) and view.get("format", 1) == FORMAT_VERSION:
+        return json.loads(view["record"])
+    return view
+
+
+def member_masks(members: dict[str, bytes]) -> list[np.ndarray]:
+    """The sub-edit masks of a sample's members, in sub-edit order, without decoding its images:
+    format 2 from regions.png (count from the json), format 1 from mask_0.png, mask_1.png, ..."""
+    if REGIONS in members:
+        count = int(json.loads(members["json"])["num_sub_edits"])
+        return decode_regions(members[REGIONS], count)
+    masks = []
+    while f"mask_{len(masks)}.png" in members:
+        masks.append(decode_mask(members[f"mask_{len(masks)}.png"]))
+    return masks
+
+
+def _decode_masks(members: dict[str, bytes], sample_id: str, sub_json: list,
+                  view: dict | None) -> dict[int, np.ndarray]:
+    """Sub-edit masks: format 2 from regions.png (a sub-edit whose view says it has no mask stays
+    None), format 1 from mask_N.png members."""
+    allowed = set(MEMBER_ORDER) if view is not None else set(MEMBER_ORDER) - {REGIONS}
+    masks: dict[int, np.ndarray] = {}
+    for suffix, data in members.items():
+        if suffix.startswith("__") or suffix in allowed:
+            continue
+        match = _MASK_SUFFIX.match(suffix)
+        if view is not None or not match:
+            raise ValueError(f"sample {sample_id}: unexpected member {suffix!r}")
+        number = int(match.group(1))
+        if number >= len(sub_json):
+            raise ValueError(f"sample {sample_id}: {suffix} but only {len(sub_json)} sub-edits")
+        masks[number] = decode_mask(data)
+    if view is not None and REGIONS in members:
+        views = view.get("sub_edits") or []
+        if len(views) != len(sub_json):
+            raise ValueError(f"sample {sample_id}: json lists {len(views)} sub-edits, its record {len(sub_json)}")
+        for i, mask in enumerate(decode_regions(members[REGIONS], len(sub_json))):
+            if list(views[i].get("mask_rle", {}).get("size", [])) != [0, 0]:
+                masks[i] = mask
+    return masks
 
 
 # ---- tar shards -------------------------------------------------------------------------------------
@@ -323,10 +500,14 @@ def _tar_info(name: str, size: int) -> tarfile.TarInfo:
     return info
 
 
-def iter_tar_groups(path: Path) -> Iterator[tuple[str, dict[str, bytes]]]:
+def iter_tar_groups(path: Path, max_member_bytes: int | None = None) -> Iterator[tuple[str, dict[str, bytes]]]:
     """(key, {suffix: bytes}) for each sample of a tar, streaming, the way webdataset groups them:
     consecutive members with the same key. A suffix repeated within a group starts a new group, so
-    a sample written twice shows up twice. Raises tarfile.TarError / ValueError on a broken tar."""
+    a sample written twice shows up twice. A member whose header declares more than
+    `max_member_bytes` (default MAX_MEMBER_BYTES) is not read: its group carries `__error__`
+    with the reason instead (`decode_sample` fails it). Raises one of CORRUPT_DATA_ERRORS
+    (tarfile.TarError, EOFError, ValueError, ...) on a broken tar."""
+    cap = MAX_MEMBER_BYTES if max_member_bytes is None else max_member_bytes
     key: str | None = None
     members: dict[str, bytes] = {}
     with tarfile.open(path, mode="r|") as tar:
@@ -335,14 +516,23 @@ def iter_tar_groups(path: Path) -> Iterator[tuple[str, dict[str, bytes]]]:
                 continue
             name = info.name.rsplit("/", 1)[-1]
             if "." not in name:
-                raise ValueError(f"{path.name}: member {info.name!r} has no extension")
+                raise ValueError(f"{Path(path).name}: member {info.name!r} has no extension")
             member_key, suffix = name.split(".", 1)
-            handle = tar.extractfile(info)
-            data = handle.read() if handle is not None else b""
             if key is not None and (member_key != key or suffix in members):
                 yield key, members
                 members = {}
             key = member_key
+            if info.size > cap or info.issparse():
+                # the declared size is untrusted: never read it (a sparse member expands on read)
+                kind = "sparse member" if info.issparse() else "member"
+                members.setdefault("__error__", f"{kind} {info.name!r} declares {info.size} bytes, "
+                                                f"over the cap of {cap}")
+                members[suffix] = b""
+                continue
+            handle = tar.extractfile(info)
+            data = handle.read() if handle is not None else b""
+            if len(data) != info.size:
+                raise EOFError(f"{Path(path).name}: member {info.name!r} is truncated")
             members[suffix] = data
     if key is not None:
         yield key, members
@@ -386,11 +576,19 @@ def write_members_dir(directory: Path, members: dict[str, bytes]) -> str:
     return checksum(members)
 
 
-def read_members_dir(directory: Path) -> dict[str, bytes]:
+def read_members_dir(directory: Path, max_member_bytes: int | None = None) -> dict[str, bytes]:
+    """The member files of a sample dir. A file over `max_member_bytes` (default
+    MAX_MEMBER_BYTES) is not read: `__error__` carries the reason (`decode_sample` fails it)."""
+    cap = MAX_MEMBER_BYTES if max_member_bytes is None else max_member_bytes
     members: dict[str, bytes] = {}
     for path in sorted(Path(directory).iterdir()):
         if path.is_file():
             suffix = "json" if path.name == SAMPLE_JSON else path.name
+            size = path.stat().st_size
+            if size > cap:
+                members.setdefault("__error__", f"{path.name} is {size} bytes, over the cap of {cap}")
+                members[suffix] = b""
+                continue
             members[suffix] = path.read_bytes()
     return dict(ordered(members))
 

@@ -3,7 +3,8 @@
 Every manifest row is checked against what is on disk:
 - ids (and indices) are unique;
 - a tar row's sample is in exactly one place across all `shards/*.tar`, the one its row names; it
-  decodes; it has exactly the members json, source, target, edit_mask and one mask per sub-edit;
+  decodes; it has exactly the members json, source, target, edit_mask and regions (format 2);
+  each sub-edit's `mask_rle` in the json equals its bit of regions.png;
   images and masks have the row's width/height; its checksum matches; the json's id, index,
   verdict and sub-edit count match the row;
 - a review/rejudge row's sample dir is complete in the same way; a quarantine row's json exists
@@ -16,6 +17,10 @@ Every manifest row is checked against what is on disk:
   line per sample. Verdicts and locations may differ between parts and manifest: a human review or
   a re-judge legitimately moves a sample after its unit was written.
 Each problem names the sample id (or the file, when no sample can be named) and what is wrong.
+Damaged bytes never end the check: whatever a reader raises on them (`CORRUPT_DATA_ERRORS`) becomes
+a problem for that sample or file, and what was found before is kept. A tar member declaring more
+than `shards.MAX_MEMBER_BYTES` is never read. A directory that is not a build, or a build in shard
+format 1, is refused with one line (exit 2).
 """
 
 from __future__ import annotations
@@ -24,13 +29,13 @@ import argparse
 import json
 import os
 import sys
-import tarfile
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from pipeline.dataset.output import (
     DEFECTS,
@@ -44,6 +49,8 @@ from pipeline.dataset.output import (
     read_parts,
 )
 from pipeline.dataset.shards import (
+    CORRUPT_DATA_ERRORS,
+    FORMAT_VERSION,
     checksum,
     decode_sample,
     expected_suffixes,
@@ -51,6 +58,7 @@ from pipeline.dataset.shards import (
     iter_tar_groups,
     read_members_dir,
 )
+from pipeline.rle import encode as rle_encode
 
 # Which verdict each kind of location holds.
 LOCATION_VERDICT = {"train": "accept", "negatives": "reject", REVIEW: "borderline",
@@ -102,7 +110,7 @@ def check_build(out: Path) -> VerifyReport:
     problems = report.problems
     try:
         rows = read_manifest(out).to_pylist()
-    except (OSError, ValueError, pa.ArrowException) as exc:
+    except (*CORRUPT_DATA_ERRORS, pa.ArrowException) as exc:
         problems.append(f"manifest.parquet: {exc}")
         rows = []
     report.samples = len(rows)
@@ -138,6 +146,8 @@ def check_build(out: Path) -> VerifyReport:
 
 def _check_members(row: dict[str, Any], members: dict[str, bytes], where: str, complete: bool) -> list[str]:
     sample_id = row["id"]
+    if "__error__" in members:  # a member refused unread (over the size cap)
+        return [f"{sample_id}: {where}: {members['__error__']}"]
     problems = []
     if complete:
         expected = set(expected_suffixes(row["num_sub_edits"] or 0))
@@ -151,8 +161,9 @@ def _check_members(row: dict[str, Any], members: dict[str, bytes], where: str, c
         problems.append(f"{sample_id}: checksum mismatch in {where}")
     try:
         sample = decode_sample(members)
-    except (ValueError, OSError, KeyError, TypeError) as exc:  # PIL raises OSError on bad PNG
-        problems.append(f"{sample_id}: {where} does not decode: {exc}")
+        views = json.loads(members["json"]).get("sub_edits") if complete else None
+    except CORRUPT_DATA_ERRORS as exc:  # what Pillow, zlib and json really raise on bad bytes
+        problems.append(f"{sample_id}: {where} does not decode: {type(exc).__name__}: {exc}")
         return problems
     for name, found, wanted in (
         ("id", sample.id, sample_id),
@@ -163,6 +174,9 @@ def _check_members(row: dict[str, Any], members: dict[str, bytes], where: str, c
             problems.append(f"{sample_id}: json {name} {found!r} in {where}, manifest says {wanted!r}")
     if complete and len(sample.sub_edits) != row["num_sub_edits"]:
         problems.append(f"{sample_id}: json has {len(sample.sub_edits)} sub-edits, manifest says {row['num_sub_edits']}")
+    for i, (edit, view) in enumerate(zip(sample.sub_edits, views or [])):
+        if edit.mask is not None and view.get("mask_rle") != rle_encode(edit.mask):
+            problems.append(f"{sample_id}: sub-edit {i}'s mask_rle differs from bit {i} of regions.png in {where}")
     size = (row["height"], row["width"])
     arrays = [("source", sample.source), ("target", sample.target), ("edit_mask", sample.background_mask)]
     arrays += [(f"mask_{i}", edit.mask) for i, edit in enumerate(sample.sub_edits)]
@@ -188,8 +202,8 @@ def _check_tars(out: Path, by_id: dict[str, dict[str, Any]], report: VerifyRepor
                     problems.append(f"{key}: in shards/{tar.name} but not in the manifest")
                 elif row["shard"] == tar.name and first_here:
                     problems += _check_members(row, members, f"shards/{tar.name}", complete=True)
-        except (tarfile.TarError, ValueError, OSError, EOFError) as exc:
-            problems.append(f"shards/{tar.name}: unreadable tar: {exc}")
+        except CORRUPT_DATA_ERRORS as exc:  # problems found before the damage are kept
+            problems.append(f"shards/{tar.name}: unreadable tar: {type(exc).__name__}: {exc}")
     for sample_id, row in by_id.items():
         if location_kind(row["shard"], sample_id) not in ("train", "negatives"):
             if found.get(sample_id):
@@ -213,7 +227,7 @@ def _check_dir(directory: Path, row: dict[str, Any]) -> list[str]:
         return [f"{row['id']}: {where}/ is missing"]
     try:
         members = read_members_dir(directory)
-    except OSError as exc:
+    except CORRUPT_DATA_ERRORS as exc:
         return [f"{row['id']}: {where}/ unreadable: {exc}"]
     return _check_members(row, members, where, complete=True)
 
@@ -265,7 +279,7 @@ def _check_parts(out: Path, by_id: dict[str, dict[str, Any]]) -> list[str]:
     problems = []
     try:
         parts = read_parts(out).select(["id", "index"]).to_pylist()
-    except (OSError, ValueError, pa.ArrowException) as exc:
+    except (*CORRUPT_DATA_ERRORS, pa.ArrowException) as exc:
         return [f"{PARTS}/: unreadable: {exc}"]
     in_parts = {}
     for row in parts:
@@ -309,10 +323,34 @@ def register(subparsers: Any) -> None:
     parser.set_defaults(func=run_verify)
 
 
+BUILD_MARKERS = ("manifest.parquet", "config.json", PARTS)
+
+
+def not_a_build(out: Path) -> str | None:
+    """Why `out` cannot be verified (one line), or None: not a directory, not a build (none of
+    manifest.parquet, config.json, parts/), or a build written in another shard format."""
+    if not out.is_dir():
+        return f"{out} is not a directory"
+    if not any((out / name).exists() for name in BUILD_MARKERS):
+        return f"{out} is not a build (no manifest.parquet, config.json or parts/)"
+    manifest = out / "manifest.parquet"
+    if manifest.is_file():
+        try:
+            meta = pq.read_schema(manifest).metadata or {}
+        except (*CORRUPT_DATA_ERRORS, pa.ArrowException):
+            return None  # reported as a problem by the check itself
+        version = meta.get(b"mcie.format", b"1").decode(errors="replace")
+        if version != str(FORMAT_VERSION):
+            return (f"{out} holds shard format {version}; this mcie reads and verifies format "
+                    f"{FORMAT_VERSION} (rebuild it, or use the mcie that wrote it)")
+    return None
+
+
 def run_verify(args: argparse.Namespace) -> int:
     out = Path(args.out)
-    if not out.is_dir():
-        print(f"mcie verify: error: {out} is not a directory", file=sys.stderr)
+    refusal = not_a_build(out)
+    if refusal:
+        print(f"mcie verify: error: {refusal}", file=sys.stderr)
         return 2
     report = check_build(out)
     if report.ok:
