@@ -1,15 +1,18 @@
-"""Images/s of the generative editors, and (on a GPU) the share of a build's wall time the GPU
-is busy.
+"""Images/s of the generative editors through their batched path, and the share of a build's wall
+time the model is busy.
 
-CPU (runs here): the tiny random inpainting and InstructPix2Pix pipelines of
-tests/model_fixtures.py, and the exact photo editor, editing scikit-image photos through the
-real stages (classical grounder, inventory composer, editor) in a bare loop:
-    .venv/bin/python bench/editors.py --cpu [--count 6] [--steps 2]
-GPU (prepared; needs CUDA): an SD-1.5-size inpainting pipeline (UNet 860 M params, in_channels 9,
-the SD VAE and a CLIP-L-size text encoder, all random init) saved with save_pretrained, then
-(a) the pipeline alone at 512 px in batches 1/4/8/16: images/s; (b) a bare-loop build of real
-photos at resolution 512 with `--editor inpaint --editor-device cuda --editor-dtype float16`:
-images/s and the GPU-busy share (CUDA-event time of the pipeline calls / build wall time):
+Both modes run the same two measurements (`measure`), only the model and sizes differ:
+(a) the editor alone, batched: one unit of samples of one photo (so one working size) grounded and
+    composed by the build's own stages, then edited with `batch_size` 1/4/8/16 (the lock-step
+    path of `GenerativeEditor.__call__`): model frames/s and samples/s;
+(b) a build: `UnitPipeline.run` over the units of a photo folder (decoding, classical grounding,
+    composing, the batched editor, the pixel judge, routing and shard writing, as a build worker
+    runs them) with the largest batch: samples/s and the busy share = time inside the diffusers
+    pipeline calls (CUDA events on a GPU, the wall clock on the CPU) / build wall time.
+CPU dry run (tiny random pipelines of tests/model_fixtures.py, 64 px; runs here):
+    HF_HUB_OFFLINE=1 .venv/bin/python bench/editors.py --cpu [--count 8] [--steps 2]
+GPU (an SD-1.5-size inpainting pipeline, UNet 860 M params with in_channels 9, the SD VAE and a
+CLIP-L-size text encoder, all random init, float16, 512 px):
     python bench/editors.py --gpu [--count 64] [--steps 20]
 Prints one JSON line per measurement.
 """
@@ -21,59 +24,127 @@ import json
 import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 
-def build_loop(out: Path, photos: Path, editor: str, options: dict, count: int, resolution: int):
-    """Bare loop over the build's units; returns (seconds, sub-edits applied, samples edited)."""
-    from flows.plan import prepare_build
+def make_config(photos: Path, options: dict, count: int, resolution: int, unit: int,
+                edits_per_image: int = 1):
     from pipeline.config import BuildConfig
+
+    return BuildConfig(count=count, seed=1, resolution=resolution, shard_size=unit, source="folder",
+                       source_options={"path": str(photos)}, editor="inpaint",
+                       editor_options=options, edits_per_image=edits_per_image, defect_rate=0.0,
+                       min_edits=2, max_edits=3)
+
+
+class BusyClock:
+    """Wraps the editor's diffusers pipeline: seconds spent inside its calls, frames made."""
+
+    def __init__(self, pipe, cuda: bool):
+        self.pipe, self.cuda, self.seconds, self.frames = pipe, cuda, 0.0, 0
+
+    def __call__(self, **kwargs):
+        import torch
+
+        if self.cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+        started = time.perf_counter()
+        result = self.pipe(**kwargs)
+        if self.cuda:
+            end.record()
+            end.synchronize()  # the pipeline returns numpy: it has synchronised already
+            self.seconds += start.elapsed_time(end) / 1000
+        else:
+            self.seconds += time.perf_counter() - started
+        self.frames += len(kwargs["prompt"])
+        return result
+
+
+def clocked(editor, cuda: bool) -> BusyClock:
+    editor.model._pipe = BusyClock(editor.model.pipe, cuda)  # loads the model first
+    return editor.model._pipe
+
+
+def editor_alone(tmp: Path, photo: Path, options: dict, count: int, px: int, batches, cuda: bool):
+    """(a): one unit of `count` samples of one photo, edited with each batch size."""
+    import copy
+
+    from flows.plan import prepare_build
+    from pipeline.dataset.source_index import read_index
+    from pipeline.unit import front_stages, make_source, read_sample
+
+    one = tmp / "one-photo"
+    one.mkdir()
+    (one / photo.name).write_bytes(photo.read_bytes())
+    for batch in batches:
+        config = make_config(one, {**options, "batch_size": batch}, count, px, count, count)
+        out = tmp / f"alone-{batch}"
+        prepare_build(out, config)
+        source, index = make_source(config), read_index(out)
+        samples = [read_sample(source, config, index, n) for n in range(count)]
+        grounder, composer, editor = front_stages(config)
+        composer(grounder(samples))
+        clock = clocked(editor, cuda)
+        editor([copy.deepcopy(s) for s in samples[:batch]])  # warm-up (kernels, allocator)
+        clock.seconds, clock.frames = 0.0, 0
+        started = time.perf_counter()
+        editor(samples)
+        seconds = time.perf_counter() - started
+        edited = sum(s.target is not None for s in samples)
+        print(json.dumps({"bench": "editor", "device": options["device"], "px": px,
+                          "steps": options["steps"], "batch_size": batch, "samples": edited,
+                          "frames": clock.frames, "seconds": round(seconds, 2),
+                          "frames_per_s": round(clock.frames / seconds, 3),
+                          "samples_per_s": round(edited / seconds, 3),
+                          "busy_share": round(clock.seconds / seconds, 3)}), flush=True)
+
+
+def build(tmp: Path, photos: Path, options: dict, count: int, px: int, unit: int, cuda: bool):
+    """(b): the units of a build as a worker runs them, shards written."""
+    from flows.plan import prepare_build
     from pipeline.unit import UnitPipeline
 
-    config = BuildConfig(count=count, seed=1, resolution=resolution, shard_size=max(1, count // 2),
-                         source="folder", source_options={"path": str(photos)}, editor=editor,
-                         editor_options=options, edits_per_image=max(1, -(-count // 4)),
-                         defect_rate=0.0, min_edits=2, max_edits=3)
+    images = sum(1 for p in photos.iterdir() if p.is_file())
+    config = make_config(photos, options, count, px, unit, max(1, -(-count // images)))
+    out = tmp / "build"
     prepare_build(out, config)
     pipeline = UnitPipeline(config, out)
+    (editor,) = [s for s in pipeline.stages if s.name == "edit"]
+    clock = clocked(editor, cuda)
     started = time.perf_counter()
-    subs = edited = 0
-    for unit in range(config.num_units(pipeline.total)):
-        for sample in pipeline.process(unit):
-            if sample.target is not None:
-                edited += 1
-                subs += len(sample.sub_edits)
-    return time.perf_counter() - started, subs, edited
+    stats = [pipeline.run(number) for number in range(config.num_units(pipeline.total))]
+    seconds = time.perf_counter() - started
+    verdicts = sum((s.verdicts for s in stats), Counter())
+    print(json.dumps({"bench": "build", "device": options["device"], "px": px,
+                      "steps": options["steps"], "batch_size": options["batch_size"],
+                      "unit": unit, "samples": pipeline.total, "frames": clock.frames,
+                      "seconds": round(seconds, 2),
+                      "samples_per_s": round(pipeline.total / seconds, 3),
+                      "busy_share": round(clock.seconds / seconds, 3),
+                      "verdicts": dict(sorted(verdicts.items()))}), flush=True)
 
 
 def cpu(args) -> None:
     import torch
 
-    from model_fixtures import tiny_inpaint, tiny_instruct
+    from model_fixtures import tiny_inpaint
     from photo_fixtures import photo_folder
 
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         photos = photo_folder(tmp / "photos")
-        backends = {
-            "photo": ("photo", {}),
-            "inpaint": ("inpaint", {"path": str(tiny_inpaint(tmp / "m" / "inpaint")),
-                                    "steps": args.steps, "max_side": args.resolution}),
-            "instruct": ("instruct", {"path": str(tiny_instruct(tmp / "m2" / "instruct")),
-                                      "steps": args.steps, "max_side": args.resolution}),
-        }
-        for name, (editor, options) in backends.items():
-            seconds, subs, edited = build_loop(tmp / f"out-{name}", photos, editor, options,
-                                               args.count, args.resolution)
-            print(json.dumps({"backend": name, "device": "cpu", "threads": args.threads,
-                              "resolution": args.resolution, "steps": args.steps,
-                              "samples": edited, "sub_edits": subs, "seconds": round(seconds, 2),
-                              "images_per_s": round(edited / seconds, 3),
-                              "sub_edits_per_s": round(subs / seconds, 3)}), flush=True)
+        options = {"path": str(tiny_inpaint(tmp / "m" / "inpaint")), "steps": args.steps,
+                   "max_side": args.resolution, "device": "cpu", "dtype": "float32"}
+        editor_alone(tmp, photos / "chelsea.png", options, args.count, args.resolution,
+                     (1, 4, 8, 16), cuda=False)
+        build(tmp, photos, {**options, "batch_size": 16}, args.count, args.resolution,
+              max(args.count // 2, 1), cuda=False)
 
 
 def sd15_inpaint(path: Path, dtype) -> None:
@@ -105,12 +176,9 @@ def sd15_inpaint(path: Path, dtype) -> None:
 
 
 def gpu(args) -> None:
-    import numpy as np
     import torch
-    from PIL import Image
 
     from photo_fixtures import photo_folder
-    from pipeline.editors import inpaint as inpaint_module
 
     if not torch.cuda.is_available():
         sys.exit("bench/editors.py --gpu: no CUDA device here (run --cpu, or on a GPU machine)")
@@ -118,43 +186,12 @@ def gpu(args) -> None:
         tmp = Path(tmp)
         model = tmp / "sd15-inpaint-random"
         sd15_inpaint(model, torch.float16)
-        pipe = inpaint_module.DiffusersModel(str(model), "cuda", "float16").pipe
-        image = Image.fromarray(np.full((512, 512, 3), 128, np.uint8))
-        mask = Image.fromarray(np.pad(np.full((256, 256), 255, np.uint8), 128))
-        for batch in (1, 4, 8, 16):
-            call = lambda: pipe(prompt=["a red cup"] * batch, image=[image] * batch,  # noqa: E731
-                                mask_image=[mask] * batch, height=512, width=512,
-                                num_inference_steps=args.steps, guidance_scale=7.5,
-                                output_type="np")
-            call()  # warm-up
-            torch.cuda.synchronize()
-            started = time.perf_counter()
-            call()
-            torch.cuda.synchronize()
-            seconds = time.perf_counter() - started
-            print(json.dumps({"bench": "pipeline", "batch": batch, "steps": args.steps, "px": 512,
-                              "images_per_s": round(batch / seconds, 3)}), flush=True)
-        # The build: GPU-busy share = CUDA time inside the pipeline calls / build wall time.
-        busy = []
-        real_call = type(pipe).__call__
-
-        def timed(self, *a, **k):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            result = real_call(self, *a, **k)
-            end.record()
-            torch.cuda.synchronize()
-            busy.append(start.elapsed_time(end) / 1000)
-            return result
-
-        type(pipe).__call__ = timed
         photos = photo_folder(tmp / "photos")
-        options = {"path": str(model), "steps": args.steps, "device": "cuda", "dtype": "float16",
-                   "max_side": 512}
-        seconds, subs, edited = build_loop(tmp / "out", photos, "inpaint", options, args.count, 512)
-        print(json.dumps({"bench": "build", "samples": edited, "sub_edits": subs,
-                          "seconds": round(seconds, 2), "images_per_s": round(edited / seconds, 3),
-                          "gpu_busy_share": round(sum(busy) / seconds, 3)}), flush=True)
+        options = {"path": str(model), "steps": args.steps, "max_side": 512, "device": "cuda",
+                   "dtype": "float16"}
+        editor_alone(tmp, photos / "astronaut.png", options, args.count, 512, (1, 4, 8, 16),
+                     cuda=True)
+        build(tmp, photos, {**options, "batch_size": 16}, args.count, 512, 32, cuda=True)
 
 
 def main() -> None:

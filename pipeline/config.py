@@ -115,6 +115,11 @@ class BuildConfig:
                                   "not a backend option")
             try:
                 registry.check_options(name, options, provided=BUILD_CONTEXT)
+                # A backend that reads a file at config time embeds what it read (e.g. the routed
+                # editor's routes), so the file's contents are part of the build's identity.
+                resolve = getattr(registry.factory(name), "resolve_options", None)
+                if resolve is not None:
+                    object.__setattr__(self, f"{registry.seat}_options", resolve(dict(options)))
             except ValueError as exc:
                 raise ConfigError(str(exc)) from None
         if self.rewriter or self.rewriter_options:

@@ -16,6 +16,7 @@ from pipeline.config import BuildConfig
 from pipeline.editors.base import EDITORS
 from pipeline.editors.inpaint import composite, step_seed
 from pipeline.dataset.output import write_preference
+from pipeline.record import EditSample
 from pipeline.unit import UnitPipeline, front_stages, make_source, read_sample
 
 STEPS = {"steps": 2, "max_side": 96}
@@ -179,3 +180,126 @@ def test_editor_options_are_checked(models):
 
     with pytest.raises(ConfigError, match="editor 'inpaint' needs option 'path'"):
         BuildConfig(source="folder", source_options={"path": "x"}, editor="inpaint")
+
+
+# -- batching -------------------------------------------------------------------------------------
+
+
+class Recording:
+    """The editor's diffusers pipeline, recording the batch of each call (and failing on cue)."""
+
+    def __init__(self, pipe):
+        self.pipe, self.poison, self.batches, self.seeds = pipe, None, [], []
+
+    def __call__(self, **kwargs):
+        seeds = [g.initial_seed() for g in kwargs["generator"]]  # one generator per item
+        self.batches.append(list(kwargs["prompt"]))
+        self.seeds.append(seeds)
+        if self.poison in seeds:
+            raise RuntimeError("poisoned seed")
+        return self.pipe(**kwargs)
+
+
+def composed(models, tmp_path: Path, count: int, **options):
+    """`count` samples of one photo (so one working size), grounded and composed."""
+    from flows.plan import prepare_build
+    from pipeline.dataset.source_index import read_index
+
+    one = tmp_path / "one"
+    one.mkdir()
+    (one / "chelsea.png").write_bytes((models["photos"] / "chelsea.png").read_bytes())
+    cfg = BuildConfig(count=count, seed=5, resolution=64, shard_size=count, source="folder",
+                      source_options={"path": str(one)}, editor="inpaint", editor_options={
+                          "path": str(models["inpaint"]), **STEPS, **options},
+                      edits_per_image=count, min_edits=2, max_edits=3, defect_rate=0.0)
+    prepare_build(tmp_path / "out", cfg)
+    source, index = make_source(cfg), read_index(tmp_path / "out")
+    samples = [read_sample(source, cfg, index, n) for n in range(count)]
+    grounder, composer, editor = front_stages(cfg)
+    composer(grounder(samples))
+    assert not any(s.failed for s in samples), [s.error for s in samples]
+    return samples, editor
+
+
+def recorded(editor) -> Recording:
+    editor.model._pipe = Recording(editor.model.pipe)
+    return editor.model._pipe
+
+
+def same_edit(a: EditSample, b: EditSample, regions) -> None:
+    """The same sample edited in two different batches: the same bytes outside its regions, and
+    inside at most one uint8 level apart on a few pixels (the kernels' summation order may follow
+    the batch's shape; on this machine the bytes were identical)."""
+    allowed = np.logical_or.reduce(regions)
+    assert np.array_equal(a.target[~allowed], b.target[~allowed])
+    diff = np.abs(a.target.astype(int) - b.target.astype(int))
+    assert diff.max() <= 1 and (diff > 0).any(axis=2).sum() <= 0.01 * allowed.sum()
+
+
+def test_a_units_samples_go_through_the_model_in_batches(models, tmp_path):
+    import copy
+
+    samples, editor = composed(models, tmp_path, count=4, batch_size=3)
+    regions = {s.id: [sub.mask.copy() for sub in s.sub_edits] for s in samples}
+    alone = copy.deepcopy(samples[2])
+    calls = recorded(editor)
+    editor(samples)
+    assert check_exact(samples, regions) == 4
+    # step 0: four samples in chunks of 3 and 1, then step 1 likewise, then the 3-sub-edit ones
+    steps = [len(s.sub_edits) for s in samples]
+    sizes = [len(b) for b in calls.batches]
+    expected = []
+    for i in range(max(steps)):
+        n = sum(k > i for k in steps)
+        expected += [3] * (n // 3) + ([n % 3] if n % 3 else [])
+    assert sizes == expected and sizes[0] == 3
+    assert "batch_size=3" in samples[0].provenance["editor"]
+    # the same sample alone: same seeds, the same edit up to kernel rounding (module docstring)
+    assert calls.seeds[0] == [step_seed(5, s.index, 0, 0) for s in samples[:3]]
+    first, calls.seeds = calls.seeds[0], []
+    editor([alone])  # the same sample alone: the same seeds, the same edit
+    assert calls.seeds[0] == [first[2]] and not alone.failed
+    same_edit(alone, samples[2], regions[alone.id])
+
+
+def test_one_failing_item_fails_its_sample_only(models, tmp_path):
+    import copy
+
+    samples, editor = composed(models, tmp_path, count=3, batch_size=4)
+    bad = copy.deepcopy(samples)
+    regions = [sub.mask.copy() for sub in samples[2].sub_edits]
+    editor(samples)
+    calls = recorded(editor)
+    calls.poison = step_seed(5, bad[1].index, 0, 0)  # the model fails on sample 1's first step
+    bad[0].source = bad[0].source.astype(np.float32)  # sample 0 fails before the model
+    editor(bad)
+    assert bad[0].failed and "RGB uint8" in bad[0].error
+    assert bad[1].failed and "poisoned seed" in bad[1].error and bad[1].error_stage == "edit"
+    assert not bad[2].failed and bad[2].target is not None
+    assert [len(s) for s in calls.seeds[:3]] == [2, 1, 1]  # together, then one by one
+    same_edit(bad[2], samples[2], regions)
+
+
+def test_the_routes_files_contents_are_part_of_the_builds_identity(models, tmp_path):
+    from flows.plan import prepare_build
+    from pipeline.config import ConfigError
+
+    routes = tmp_path / "routes.json"
+    spec = {"default": {"backend": "photo"},
+            "types": {"add": {"backend": "inpaint", "path": str(models["inpaint"]), **STEPS}}}
+    routes.write_text(json.dumps(spec))
+    cfg = config(models, "routed", routes=str(routes))
+    assert cfg.editor_options["routes"] == spec  # embedded: workers never read the file
+    out = tmp_path / "out"
+    prepare_build(out, cfg)
+    assert json.loads((out / "config.json").read_text())["editor_options"]["routes"] == spec
+    prepare_build(out, config(models, "routed", routes=str(routes)))  # same file: resumes
+    spec["types"]["add"]["steps"] = 3
+    routes.write_text(json.dumps(spec))  # same path, other contents: refused
+    with pytest.raises(ConfigError, match=r"different parameters \(editor_options\)"):
+        prepare_build(out, config(models, "routed", routes=str(routes)))
+    from_file = EDITORS.make("routed", routes=str(routes))
+    assert from_file.settings() == EDITORS.make("routed", routes=spec).settings()
+    routes.write_text("{not json")
+    with pytest.raises(ConfigError, match="routes file .*routes.json"):
+        config(models, "routed", routes=str(routes))

@@ -14,8 +14,8 @@ import numpy as np
 
 from pipeline.compose.regions import FEATHER_PX
 from pipeline.editors.base import EDITORS
-from pipeline.editors.inpaint import (DiffusersModel, GenerativeEditor, _check_common, resize,
-                                      to_uint8, work_size)
+from pipeline.editors.inpaint import (DiffusersModel, GenerativeEditor, Request, _check_common,
+                                      resize, to_uint8, work_size)
 
 
 class InstructEditor(GenerativeEditor):
@@ -25,8 +25,8 @@ class InstructEditor(GenerativeEditor):
                  image_guidance: float = 1.5, device: str = "cpu", dtype: str = "float32",
                  max_side: int = 1024, negative_prompt: str = "", candidates: int = 1,
                  feather: int = FEATHER_PX, seed: int = 0, judge: str = "pixel",
-                 judge_options: dict[str, Any] | None = None):
-        super().__init__(candidates, feather, seed, judge, judge_options)
+                 judge_options: dict[str, Any] | None = None, batch_size: int = 8):
+        super().__init__(candidates, feather, seed, judge, judge_options, batch_size)
         _check_common(steps, guidance, max_side)
         if not isinstance(image_guidance, (int, float)) or not 0 <= image_guidance <= 100:
             raise ValueError(f"image_guidance must be within 0..100, got {image_guidance!r}")
@@ -39,18 +39,23 @@ class InstructEditor(GenerativeEditor):
                 f"image_guidance={self.image_guidance:g},dtype={self.model.dtype},"
                 f"max_side={self.max_side},feather={self.feather}")
 
-    def generate(self, sample, i, image, region, seed):
+    def work_size(self, image: np.ndarray) -> tuple[int, int]:
+        return work_size(image.shape[1], image.shape[0], self.max_side)
+
+    def generate_batch(self, requests: list[Request]) -> list[np.ndarray]:
         from PIL import Image
 
-        height, width = image.shape[:2]
-        size = work_size(width, height, self.max_side)
+        size = self.work_size(requests[0].previous)
         out = self.model.pipe(
-            prompt=sample.sub_edits[i].text, negative_prompt=self.negative_prompt or None,
-            image=Image.fromarray(resize(image, size)), num_inference_steps=self.steps,
-            guidance_scale=self.guidance, image_guidance_scale=self.image_guidance,
-            generator=self.model.generator(seed), output_type="np",
-        ).images[0]
-        return resize(to_uint8(np.asarray(out)), (width, height))
+            prompt=[r.sample.sub_edits[r.i].text for r in requests],
+            negative_prompt=[self.negative_prompt] * len(requests) if self.negative_prompt else None,
+            image=[Image.fromarray(resize(r.previous, size)) for r in requests],
+            num_inference_steps=self.steps, guidance_scale=self.guidance,
+            image_guidance_scale=self.image_guidance,
+            generator=[self.model.generator(r.seed) for r in requests], output_type="np",
+        ).images
+        return [resize(to_uint8(np.asarray(o)), (r.previous.shape[1], r.previous.shape[0]))
+                for o, r in zip(out, requests)]
 
 
 EDITORS.register("instruct")(InstructEditor)

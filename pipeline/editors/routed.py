@@ -10,8 +10,13 @@ in order, each by its type's backend, on the previous result: the photo editor's
 (masks = exactly the pixels changed, inside the region) and the generative backends' composited
 ones (`pipeline.editors.inpaint`), so pixels outside every region stay the source's. `candidates`
 (best of N) and the judge apply to the generative steps. Defect injection is the photo editor's
-own (`--editor photo`): a routed build injects none. The routes file's sha256 is part of
-`provenance["editor"]` with each backend's settings.
+own (`--editor photo`): a routed build injects none. The routes' sha256 (of their canonical JSON)
+is part of `provenance["editor"]` with each backend's settings.
+
+The file's CONTENTS are part of the build's identity: `resolve_options` (called by `BuildConfig`)
+embeds its JSON in `editor_options["routes"]`, so OUT/config.json holds the routes themselves and
+resuming after the file changed is refused like any changed parameter. Generative steps of all
+routes batch together per (backend, working size), as in `pipeline.editors.inpaint`.
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ from pipeline.compose.regions import FEATHER_PX
 from pipeline.editors.base import EDITORS
 from pipeline.editors.inpaint import GenerativeEditor, InpaintEditor
 from pipeline.editors.instruct import InstructEditor
-from pipeline.record import EDIT_TYPES, EditSample
+from pipeline.record import EDIT_TYPES, EditSample, SubEdit
 
 BACKENDS = {"inpaint": InpaintEditor, "instruct": InstructEditor}
 
@@ -36,50 +41,56 @@ BACKENDS = {"inpaint": InpaintEditor, "instruct": InstructEditor}
 class _Photo:
     """The photo editor's per-sub-edit edit, as a routed step (exact: no compositing needed)."""
 
-    def edit_step(self, sample: EditSample, i: int, previous: np.ndarray, region: np.ndarray):
+    def edit_exact(self, sample: EditSample, i: int, previous: np.ndarray, region: np.ndarray):
         from pipeline.editors.photo import _Context, apply_photo_edit
 
         ctx = _Context(sample.objects, sample.private.get("donors") or {}, previous.shape[:2])
-        image, changed = apply_photo_edit(previous, sample.sub_edits[i], region, ctx, i)
-        return image, changed, None, []
+        return apply_photo_edit(previous, sample.sub_edits[i], region, ctx, i)
 
     def provenance(self) -> str:
         return f"photo@{__version__}"
 
 
-def read_routes(path: str) -> tuple[dict[str, dict[str, Any]], str]:
-    """(edit type -> spec for every type, the file's sha256); ValueError saying what is wrong."""
-    file = Path(path)
+def read_routes(path: str) -> dict[str, Any]:
+    """The routes file's JSON (what the build's config embeds); ValueError saying what is wrong."""
     try:
-        raw = file.read_bytes()
-        data = json.loads(raw)
+        data = json.loads(Path(path).read_bytes())
     except (OSError, ValueError) as exc:
         raise ValueError(f"routes file {path}: {exc}") from None
+    check_routes(data, f"routes file {path}")
+    return data
+
+
+def check_routes(data: Any, where: str = "routes") -> dict[str, dict[str, Any]]:
+    """Edit type -> spec for every type; ValueError saying what is wrong."""
     if not isinstance(data, dict) or set(data) - {"default", "types"}:
-        raise ValueError(f"routes file {path}: expected {{\"default\": SPEC, \"types\": {{...}}}}")
+        raise ValueError(f"{where}: expected {{\"default\": SPEC, \"types\": {{...}}}}")
     types = data.get("types", {})
     unknown = sorted(set(types) - set(EDIT_TYPES)) if isinstance(types, dict) else ["?"]
     if unknown:
-        raise ValueError(f"routes file {path}: unknown edit types {unknown}; known: {EDIT_TYPES}")
+        raise ValueError(f"{where}: unknown edit types {unknown}; known: {EDIT_TYPES}")
     default = data.get("default", {"backend": "photo"})
     routes = {kind: types.get(kind, default) for kind in EDIT_TYPES}
     for kind, spec in routes.items():
         backend = spec.get("backend") if isinstance(spec, dict) else None
         if backend != "photo" and backend not in BACKENDS:
-            raise ValueError(f"routes file {path}: {kind}: backend must be photo, "
+            raise ValueError(f"{where}: {kind}: backend must be photo, "
                              f"{' or '.join(BACKENDS)}, got {backend!r}")
-    return routes, hashlib.sha256(raw).hexdigest()
+    return routes
 
 
 class RoutedEditor(GenerativeEditor):
     backend = "routed"
 
-    def __init__(self, routes: str, candidates: int = 1, feather: int = FEATHER_PX, seed: int = 0,
-                 judge: str = "pixel", judge_options: dict[str, Any] | None = None):
-        super().__init__(candidates, feather, seed, judge, judge_options)
-        specs, self.digest = read_routes(routes)
+    def __init__(self, routes: str | dict[str, Any], candidates: int = 1,
+                 feather: int = FEATHER_PX, seed: int = 0, judge: str = "pixel",
+                 judge_options: dict[str, Any] | None = None, batch_size: int = 8):
+        super().__init__(candidates, feather, seed, judge, judge_options, batch_size)
+        data = read_routes(routes) if isinstance(routes, str) else routes
+        specs = check_routes(data)
+        self.digest = hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
         shared = dict(candidates=candidates, feather=feather, seed=seed, judge=judge,
-                      judge_options=judge_options)
+                      judge_options=judge_options, batch_size=batch_size)
         built: dict[str, Any] = {}
         self.routes: dict[str, Any] = {}
         for kind, spec in specs.items():
@@ -97,8 +108,17 @@ class RoutedEditor(GenerativeEditor):
                         raise ValueError(f"routes: {kind}: {exc}") from None
             self.routes[kind] = built[key]
 
-    def edit_step(self, sample: EditSample, i: int, previous: np.ndarray, region: np.ndarray):
-        return self.routes[sample.sub_edits[i].type].edit_step(sample, i, previous, region)
+    @classmethod
+    def resolve_options(cls, options: dict[str, Any]) -> dict[str, Any]:
+        """The options as the build's identity holds them: a routes FILE is read and its JSON
+        embedded, so a changed file is a changed parameter (a resume is refused) and workers
+        never read it again."""
+        if isinstance(options.get("routes"), str):
+            options = {**options, "routes": read_routes(options["routes"])}
+        return options
+
+    def backend_for(self, sub: SubEdit):
+        return self.routes[sub.type]
 
     def settings(self) -> str:
         used = {}
