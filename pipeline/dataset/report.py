@@ -22,7 +22,8 @@ from PIL import Image
 
 from pipeline.dataset.output import QUARANTINE, location_path, read_manifest, read_quarantine
 from pipeline.record import EDIT_TYPES, VERDICTS, EditSample
-from pipeline.dataset.shards import atomic_write_bytes, decode_sample, iter_tar_groups, read_sample_dir
+from pipeline.dataset.shards import (CORRUPT_DATA_ERRORS, atomic_write_bytes, decode_sample, iter_tar_groups,
+                                     read_sample_dir)
 from pipeline.dataset.stats import quarantine_reason, stats_from_manifest
 
 log = logging.getLogger(__name__)
@@ -126,7 +127,8 @@ def mask_overlay(sample: EditSample) -> np.ndarray | None:
 
 
 def load_samples(out: Path, rows: list[dict[str, Any]]) -> dict[str, EditSample]:
-    """The samples of `rows`, read from wherever their manifest row says (each tar read once)."""
+    """The samples of `rows`, read from wherever their manifest row says (each tar read once).
+    A damaged sample or tar is logged with its reason and left out; the rest are still read."""
     found: dict[str, EditSample] = {}
     by_tar: dict[str, set[str]] = defaultdict(set)
     for row in rows:
@@ -138,15 +140,19 @@ def load_samples(out: Path, rows: list[dict[str, Any]]) -> dict[str, EditSample]
                 found[row["id"]] = read_quarantine(out, row["id"])
             elif shard:
                 found[row["id"]] = read_sample_dir(location_path(out, shard))
-        except (OSError, ValueError, KeyError) as exc:
-            log.warning("report: cannot read %s from %s: %s", row["id"], shard, exc)
+        except CORRUPT_DATA_ERRORS as exc:
+            log.warning("report: cannot read %s from %s: %s: %s", row["id"], shard, type(exc).__name__, exc)
     for shard, ids in by_tar.items():
         try:
             for key, members in iter_tar_groups(location_path(out, shard)):
-                if key in ids:
+                if key not in ids:
+                    continue
+                try:
                     found[key] = decode_sample({"__key__": key, **members})
-        except (OSError, ValueError) as exc:
-            log.warning("report: cannot read %s: %s", shard, exc)
+                except CORRUPT_DATA_ERRORS as exc:
+                    log.warning("report: cannot decode %s in %s: %s: %s", key, shard, type(exc).__name__, exc)
+        except CORRUPT_DATA_ERRORS as exc:
+            log.warning("report: cannot read %s: %s: %s", shard, type(exc).__name__, exc)
     return found
 
 
