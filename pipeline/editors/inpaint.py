@@ -24,10 +24,10 @@ working size) in chunks of `batch_size` (bounded by GPU memory): list prompts, s
 masks, one generator per item, so an item's noise is its own seed's whatever shares its batch.
 An item's pixels can still move by a rounding step with its batch: the matmul and convolution
 kernels (MKL/oneDNN on the CPU, cuBLAS/cuDNN on a GPU) sum in an order that depends on the
-batch's shape and on the item's row (measured here: <= 2e-6 of the [0, 1] output, i.e. a uint8
-level on a few pixels; the background stays exact). A unit always forms the same batches, so a
-resumed build still equals an uninterrupted one. A failing call is retried item by item, so a
-failure fails its own sample only.
+batch's shape and on the item's row (measured here: up to 4e-6 of the [0, 1] output, i.e. at
+most a uint8 level on a few pixels; the background stays exact). A unit always forms the same
+batches, so a resumed build still equals an uninterrupted one. A failing call is retried item by
+item, so a failure fails its own sample only.
 
 Best of N (`candidates` K > 1): K candidates per sub-edit with distinct seeds; the build's judge
 (`judge`, `judge_options`: the configured one) scores each as a one-sub-edit pair (the previous
