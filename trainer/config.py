@@ -190,9 +190,9 @@ class TrainConfig:
     num_workers: int = 0
     crop_min_scale: float = 0.8  # paired random crop covers at least this fraction of each side
     edit_weight: float = 2.0  # extra loss weight on edited pixels (0 = plain MSE)
-    mask_loss_weight: float = 0.5  # weight of the region head's loss
+    mask_loss_weight: float = 0.5  # weight of the region decoder's loss
     box_region_prob: float = 0.5  # a sub-edit's region shown to the UNet as its box (else its dilated mask)
-    predicted_region_prob: float = 0.25  # ... as the region head's own (detached) prediction instead
+    predicted_region_prob: float = 0.25  # ... as the region decoder's own (detached) prediction instead
     text_drop: float = 0.05  # classifier-free guidance dropout of the instruction
     image_drop: float = 0.05  # ... of the source image
     both_drop: float = 0.05  # ... of both together

@@ -4,7 +4,7 @@ The complex instruction is split into sub-instructions by the composer's own con
 (`pipeline.compose.procedural.split_instruction`; a small splitter on the same connectives if that module is
 absent), plus a bare "and" before an edit verb, or, with `--split mllm`, by the checkpoint's MLLM
 (asked for a JSON list; the grammar takes over when its answer is not one); each
-sub-instruction's region is predicted by the model's region head (never empty: see
+sub-instruction's region is predicted by the model's region decoder (never empty: see
 `trainer.model.predicted_regions`) unless `--regions` gives it (a mask image or a pixel box
 `x0,y0,x1,y1`, one per sub-instruction). Sampling is DDIM as Stable Diffusion runs it
 (`trainer.model.make_sampler`: no x0 clamping) with InstructPix2Pix's two guidance scales.

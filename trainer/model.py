@@ -7,7 +7,7 @@ Conventions that keep pretrained weights valid: the source latents the UNet read
 InstructPix2Pix's (`latent_dist.mode()`, unscaled), the target latents are scaled by the VAE's own
 `scaling_factor`, and the forward diffusion runs in float32 whatever the autocast.
 
-`MCIEE1` owns what is trained (UNet + processors, connector, source encoder, region head, null
+`MCIEE1` owns what is trained (UNet + processors, connector, source encoder, region decoder, null
 context, LoRA adapters). The frozen parts (VAE, MLLM) are held beside it in `Frozen`, outside the
 module tree, so checkpoints carry only trained weights; `forward(batch)` is the training loss, so
 a DDP-wrapped model runs the whole step inside its forward.
@@ -102,7 +102,7 @@ class Connector(nn.Module):
 
 class SourceEncoder(nn.Module):
     """Features of the source image at latent resolution, read by the background branch and the
-    region head."""
+    region decoder."""
 
     def __init__(self, latent_channels: int, dim: int):
         super().__init__()
@@ -169,7 +169,7 @@ def boxes(masks: torch.Tensor) -> torch.Tensor:
 
 def predicted_regions(logits: torch.Tensor,
                       token_regions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, S, h, w) 0/1 regions from the region head's logits: probability > 0.5. A sub-instruction
+    """(B, S, h, w) 0/1 regions from the region decoder's logits: probability > 0.5. A sub-instruction
     with no such position takes the positions at >= half its peak probability instead — an empty
     region would keep its tokens from every position, so it could not act at all; those are marked
     in the (B, S) bool returned beside. Slots without a sub-instruction (no token in
