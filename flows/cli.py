@@ -19,6 +19,7 @@ from pipeline.cli_args import (add_judge_arguments, judge_options, non_negative_
 COMMAND_MODULES = (
     "flows.import_data",
     "pipeline.dataset.verify",
+    "pipeline.dataset.export",
     "pipeline.dataset.rejudge",
     "pipeline.judges.bench",
     "annotation.cli",

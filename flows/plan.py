@@ -1,6 +1,7 @@
 """What a build still has to do, read from OUT alone (no Prefect, no Ray: the CLI asks this before
 paying for their start-up). The unit's manifest part is its completion marker; a build is complete
-once every unit has one and the merge (manifest, defect log) and the report were written after it.
+once every unit has one and the merge (manifest, defect log) and the report were made from the
+parts as they are (stats.json records their digest).
 """
 
 from __future__ import annotations
@@ -8,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from pipeline.config import BuildConfig, save_config
-from pipeline.dataset.output import DEFECTS, MANIFEST, part_path, unit_done
+from pipeline.dataset.output import DEFECTS, MANIFEST, unit_done
 from pipeline.dataset.report import REPORT
 from pipeline.dataset.source_index import SOURCE_INDEX, make_index, read_index, write_index
 
@@ -50,6 +51,8 @@ def is_complete(out: Path, config: BuildConfig) -> bool:
     finals = [out / MANIFEST, out / DEFECTS, out / REPORT]
     if not all(path.is_file() for path in finals):
         return False
-    units = config.num_units(total_samples(out, config))
-    newest_part = max(part_path(out, u).stat().st_mtime_ns for u in range(units))
-    return min(path.stat().st_mtime_ns for path in finals) >= newest_part
+    # stats.json, written with the report after the merge, names the parts it was made from:
+    # completion is a fact of the bytes, not of file times (a `cp -r` copy stays complete)
+    from pipeline.dataset.card import parts_digest, recorded_parts_digest
+
+    return recorded_parts_digest(out) == parts_digest(out)

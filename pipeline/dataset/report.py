@@ -288,7 +288,11 @@ def render_report(out: Path, samples_per_verdict: int = SAMPLES_PER_VERDICT) -> 
 
 
 def write_report(out: Path, samples_per_verdict: int = SAMPLES_PER_VERDICT) -> Path:
-    """Render OUT/report.html from a finalized build (atomically). Returns its path."""
+    """Render OUT/report.html from a finalized build (atomically), after the dataset card and
+    stats.json (`pipeline.dataset.card`). Returns its path."""
+    from pipeline.dataset.card import write_card
+
+    write_card(Path(out))  # README.md (dataset card) and stats.json: the figures, for the hub and machines
     path = Path(out) / REPORT
     atomic_write_bytes(path, render_report(out, samples_per_verdict).encode())
     log.info("report written to %s", path)
