@@ -29,6 +29,10 @@ COMMAND_MODULES = (
 )
 
 
+class HelpWithDefaults(argparse.ArgumentDefaultsHelpFormatter):
+    """--help shows each option's default."""
+
+
 class UsageError(Exception):
     """A bad argument: one line on stderr, exit code 2."""
 
@@ -38,6 +42,13 @@ class Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> None:  # type: ignore[override]
         raise UsageError(f"{self.prog}: error: {message}")
+
+
+class SubParser(Parser):
+    """A command's parser: one-line usage errors, and --help with defaults."""
+
+    def __init__(self, *args: Any, formatter_class: Any = HelpWithDefaults, **kwargs: Any) -> None:
+        super().__init__(*args, formatter_class=formatter_class, **kwargs)
 
 
 def writable_dir(text: str) -> str:
@@ -50,6 +61,11 @@ def writable_dir(text: str) -> str:
     if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
         raise argparse.ArgumentTypeError(f"cannot write to {text}: permission denied")
     return str(path)
+
+
+def is_build_or_empty(path: Path) -> bool:
+    """A build may go into a new or empty directory, or resume one that holds a build."""
+    return not path.is_dir() or (path / "config.json").is_file() or not any(path.iterdir())
 
 
 def make_out_dir(text: str) -> Path:
@@ -175,6 +191,9 @@ def run_build(args: argparse.Namespace) -> int:
     from pipeline.dataset.lock import OutLocked, out_lock
 
     existed = Path(args.out).exists()
+    if existed and not is_build_or_empty(Path(args.out)):
+        raise UsageError(f"mcie build: error: {args.out} is not empty and holds no build "
+                         "(no config.json): choose a new or empty directory")
     out = make_out_dir(args.out)
     try:
         with out_lock(out):  # one writer per OUT, from planning to the report
@@ -223,7 +242,7 @@ def _locked_build(args: argparse.Namespace, config, existed: bool) -> int:
 
 def build_parser() -> Parser:
     parser = Parser(prog="mcie", description="Complex image-editing dataset factory and MCIE-E1 trainer")
-    subparsers = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
+    subparsers = parser.add_subparsers(dest="command", required=True, parser_class=SubParser)
     register_build(subparsers)
     for name in COMMAND_MODULES:
         try:

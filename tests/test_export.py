@@ -152,3 +152,18 @@ def test_completion_is_a_fact_of_the_bytes_not_of_file_times(build, tmp_path):
     part = sorted((copy / "parts").glob("unit-*.defects.jsonl"))[0]
     part.write_bytes(part.read_bytes() + b"\n")  # a part changed after the merge: merge again
     assert not is_complete(copy, config)
+
+
+def test_build_refuses_a_non_empty_directory_that_is_not_a_build_and_help_shows_defaults(tmp_path, capsys):
+    from flows.cli import build_parser, main
+
+    junk = tmp_path / "junk"
+    junk.mkdir()
+    (junk / "notes.txt").write_text("mine")
+    assert main(["build", "--out", str(junk), "--count", "2"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.endswith("is not empty and holds no build (no config.json): choose a new or empty directory")
+    assert sorted(p.name for p in junk.iterdir()) == ["notes.txt"]  # nothing created
+    parser = build_parser()
+    help_text = parser._subparsers._group_actions[0].choices["export"].format_help()
+    assert "(default: ip2p)" in help_text and "(default: accept)" in help_text
