@@ -16,7 +16,6 @@ a DDP-wrapped model runs the whole step inside its forward.
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import dataclass
 
 import numpy as np

@@ -12,7 +12,6 @@ schedule is a function of the step, so it needs no state. Re-running with the sa
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
