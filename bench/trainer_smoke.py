@@ -7,6 +7,15 @@ channels-last, torch.compile, cuDNN attention and an EMA, trained 3 steps, check
 
     python bench/trainer_smoke.py --regions 1000  # the region decoder learns "in the top left"
 
+    python bench/trainer_smoke.py --speed base 20 # GPU: `base`, random weights, samples/s with and without train-cache
+
+`--speed SIZE STEPS` runs `trainer.train` itself for STEPS steps twice — on shards of random
+shapes at the model's resolution, then on their `mcie train-cache` — and prints the samples/s of a
+full step (from the second step on) of each, and the cache's time. `base` is built randomly: the
+SD-1.5-size UNet and VAE from configs, and a Qwen2.5-VL shaped like the 3B (36 layers, width 2048;
+a 32-block vision tower) with the byte-level tokenizer, built on the GPU; eager unless
+`--compile MODE`; `--batch N` (default `base`'s 32). `tiny` is the CPU dry run of the same path.
+
 `--regions STEPS` trains only the region path of tiny MCIE-E1 (MLLM frozen and random; connector,
 source encoder, region decoder) on scenes of two identical red squares in two different quadrants,
 told "remove the square in the top left" (or another quadrant), and prints the share of the
@@ -152,7 +161,75 @@ def regions(steps: int, batch: int = 16) -> int:
     return 0
 
 
+QWEN25_VL_3B_SHAPE = {  # random weights of the 3B's shapes (its config.json), the byte tokenizer's vocabulary
+    "text": {"hidden_size": 2048, "intermediate_size": 11008, "num_hidden_layers": 36, "num_attention_heads": 16,
+             "num_key_value_heads": 2, "max_position_embeddings": 32768, "rope_theta": 1000000.0,
+             "rope_scaling": {"type": "mrope", "mrope_section": [16, 24, 24]}},
+    "vision": {"depth": 32, "hidden_size": 1280, "intermediate_size": 3420, "num_heads": 16, "out_hidden_size": 2048,
+               "fullatt_block_indexes": [7, 15, 23, 31], "window_size": 112, "patch_size": 14,
+               "spatial_merge_size": 2, "temporal_patch_size": 2},
+}
+
+
+def _option(name: str, default: str | None) -> str | None:
+    return sys.argv[sys.argv.index(name) + 1] if name in sys.argv else default
+
+
+def speed(size: str, steps: int) -> int:
+    from dataclasses import replace
+
+    import trainer.mllm
+    from trainer.cache import encode_build
+    from trainer.config import Config, preset, sd_vae, with_train
+    from trainer.train import train
+
+    cuda = torch.cuda.is_available()
+    if size == "base":
+        base = preset("base")
+        model = replace(base.model, unet_path=None, vae=sd_vae(), vae_path=None, mllm=QWEN25_VL_3B_SHAPE,
+                        mllm_path=None)
+        config = Config(model, base.train)
+        if cuda:  # a 3.8 G-parameter random init is minutes on the CPU, seconds on the GPU
+            build = trainer.mllm.build_tiny_mllm
+
+            def on_gpu(spec, seed):
+                with torch.device("cuda"):
+                    return build(spec, seed)
+
+            trainer.mllm.build_tiny_mllm = on_gpu
+    elif size == "tiny":
+        config = preset("tiny")
+    else:
+        raise SystemExit(f"--speed: size must be base or tiny, got {size!r}")
+    batch = int(_option("--batch", str(config.train.batch_size)))
+    config = with_train(config, batch_size=batch, ema_decay=0.0, checkpoint_every=steps, num_workers=2,
+                        compile=_option("--compile", "off"), mixed_precision="bf16" if cuda else "no")
+    figures = {"check": "train_speed", "size": size, "device": torch.cuda.get_device_name() if cuda else "cpu",
+               "batch": batch, "steps": steps, "compile": config.train.compile,
+               "resolution": config.model.resolution}
+    with tempfile.TemporaryDirectory() as tmp:
+        per_shard = -(-batch * (steps + 1) // 2)
+        _bench_train().write_bench_shards(Path(tmp) / "shards", 2, per_shard, config.model.resolution)
+        started = time.perf_counter()
+        plain = train(tmp, config, Path(tmp) / "ckpt", steps)
+        figures["train_s"] = round(time.perf_counter() - started, 1)
+        figures["samples_per_s"] = round(plain.samples_per_s, 2)
+        started = time.perf_counter()
+        encode_build(tmp, config, Path(tmp) / "cache", batch_size=batch)
+        figures["train_cache_s"] = round(time.perf_counter() - started, 1)
+        cached = train(Path(tmp) / "cache", config, Path(tmp) / "ckpt-cached", steps)
+        figures["cached_samples_per_s"] = round(cached.samples_per_s, 2)
+        figures["losses_finite"] = all(map(math.isfinite, [*plain.losses.values(), *cached.losses.values()]))
+        if cuda:
+            figures["peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 1)
+    print(json.dumps(figures))
+    return 0 if figures["losses_finite"] else 1
+
+
 def main() -> int:
+    if "--speed" in sys.argv:
+        at = sys.argv.index("--speed")
+        return speed(sys.argv[at + 1], int(sys.argv[at + 2]))
     if "--regions" in sys.argv:
         return regions(int(sys.argv[sys.argv.index("--regions") + 1]))
     if "--ic-bc" in sys.argv:
