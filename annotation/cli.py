@@ -94,8 +94,7 @@ def _review_handler(action: str):
                       f"{r.queued} queued, {r.already_imported} already imported, {r.imported} imported")
             elif action == "pull":
                 r = pull(args.out, conn, settings)
-                print(f"{r.decided} decided ({r.accepted} accept, {r.rejected} reject), "
-                      f"{r.open} still open ({r.ties} ties)")
+                print(r.summary())
             else:
                 print("\n".join(status(args.out, conn, settings).lines()))
         except OutLocked as exc:  # another writer holds OUT: refused at once

@@ -4,8 +4,10 @@
   import every queued sample the project does not hold yet. Idempotent: the project's tasks are
   listed first and matched by `data.sample_id`, so a second push, or a push after a crash (even one
   that lost the answer to an import that the server did commit), imports nothing twice.
-- `pull(out)`: read the annotations, apply the `AgreementPolicy`, and move each decided sample into
-  the train / negatives shards and the manifest (`annotation.queue.commit_decision`).
+- `pull(out)`: read the annotations, apply the `AgreementPolicy`, apply the reviewer's corrected
+  regions and texts (`annotation.corrections`; taken from the latest counted vote that agrees with
+  the decision and changes something), and move each decided sample into the train / negatives
+  shards and the manifest (`annotation.queue.commit_decision`).
 - `status(out)`: queued / imported / annotated / decided counts, judge-vs-human agreement.
 
 `verdict_by` of a human decision: "both" when the humans' verdict equals the judge's lean (overall
@@ -14,6 +16,7 @@ score >= `lean_threshold` leans accept), "human" when it overrides it.
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 from dataclasses import dataclass, field
@@ -29,6 +32,7 @@ from annotation.client import (
     list_pages,
     translated_errors,
 )
+from annotation.corrections import apply_proposal, tally
 from annotation.queue import commit_decision, read_review, read_rows, review_ids, sync_lock
 from annotation.tasks import (
     ImageRef,
@@ -106,6 +110,18 @@ class PullResult:
     open: int = 0  # annotated but not decided yet (too few votes, or a tie)
     ties: int = 0
     decided_ids: list[str] = field(default_factory=list)
+    corrected: int = 0  # decided samples a human corrected (a region or a text)
+    # {"region"|"text": {edit type ("instruction" for the complex instruction): count}}
+    corrections: dict[str, dict[str, int]] = field(default_factory=lambda: {"region": {}, "text": {}})
+
+    def summary(self) -> str:
+        parts = [f"{self.decided} decided ({self.accepted} accept, {self.rejected} reject), "
+                 f"{self.open} still open ({self.ties} ties)"]
+        for kind in ("region", "text"):
+            counts = self.corrections.get(kind) or {}
+            detail = ", ".join(f"{t} {n}" for t, n in counts.items())
+            parts.append(f"{kind}s corrected: {sum(counts.values())}" + (f" ({detail})" if detail else ""))
+        return f"{parts[0]}; {self.corrected} corrected by a human; " + "; ".join(parts[1:])
 
 
 @dataclass
@@ -393,14 +409,31 @@ def pull(
             lean = judge_lean(item.meta.get("scores") or {}, settings.lean_threshold)
             verdict_by = "both" if verdict == lean else "human"
             human = human_record(sample_votes, verdict, lean, policy, users, title, conn.url)
-            commit_decision(out, item, verdict, verdict_by, human)
+            changes: list[tuple[str, str]] = []
+            agreeing = [v for v in reversed(sample_votes) if v.verdict == verdict and v.proposal]
+            commit_decision(out, item, verdict, verdict_by, human,
+                            corrections=lambda sample: changes.extend(_correct(sample, agreeing)))
+            if changes:
+                result.corrected += 1
+                for kind, counts in tally(changes).items():
+                    for edit_type, n in counts.items():
+                        result.corrections[kind][edit_type] = result.corrections[kind].get(edit_type, 0) + n
             result.decided += 1
             result.accepted += verdict == "accept"
             result.rejected += verdict == "reject"
             result.decided_ids.append(sample_id)
-    log.info("pull %s <- %r: %d decided (%d accept, %d reject), %d open (%d ties)", out, title,
-             result.decided, result.accepted, result.rejected, result.open, result.ties)
+    log.info("pull %s <- %r: %s", out, title, result.summary())
     return result
+
+
+def _correct(sample, votes: list[Vote]) -> list[tuple[str, str]]:
+    """Apply the first of `votes` (latest first) whose regions or texts differ from the sample.
+    Each vote hands back the whole pre-filled form, so one that changed nothing is skipped rather
+    than letting it hide an earlier reviewer's correction."""
+    for vote in votes:
+        if apply_proposal(copy.deepcopy(sample), vote.proposal, vote.annotation_id).changes:
+            return apply_proposal(sample, vote.proposal, vote.annotation_id).changes
+    return []
 
 
 # ---- status -----------------------------------------------------------------------------------------

@@ -20,6 +20,7 @@ from urllib.parse import quote
 import numpy as np
 from PIL import Image, ImageDraw
 
+from annotation.corrections import Proposal, prefill_results, read_proposal
 from pipeline.dataset.shards import decode_png, member_masks
 
 log = logging.getLogger(__name__)
@@ -125,11 +126,11 @@ def build_task(meta: dict[str, Any], members: dict[str, bytes], image_ref: Image
     scores = meta.get("scores") or {}
     lean = judge_lean(scores, lean_threshold)
     data["judge_summary"] = _judge_summary(meta, scores, lean)
-    task: dict[str, Any] = {"data": data}
     prediction = judge_prediction(meta, lean)
-    if prediction is not None:
-        task["predictions"] = [prediction]
-    return task
+    # the editable regions and texts start from ours, whether or not the judge leans anywhere
+    prediction["result"] += prefill_results(meta.get("instruction", ""), sub_edits,
+                                            member_masks(members), MAX_SUB_INSTRUCTIONS)
+    return {"data": data, "predictions": [prediction]}
 
 
 def _judge_summary(meta: dict[str, Any], scores: dict[str, Any], lean: str | None) -> str:
@@ -149,21 +150,21 @@ def _judge_summary(meta: dict[str, Any], scores: dict[str, Any], lean: str | Non
     return "\n".join(lines)
 
 
-def judge_prediction(meta: dict[str, Any], lean: str | None) -> dict[str, Any] | None:
+def judge_prediction(meta: dict[str, Any], lean: str | None) -> dict[str, Any]:
     """The judge's opinion as a pre-annotation: model_version = judge name@version, score =
-    overall score (Label Studio orders and samples tasks by it)."""
+    overall score (Label Studio orders and samples tasks by it); no verdict when it leans nowhere."""
     scores = meta.get("scores") or {}
-    if lean is None:
-        return None
-    result = [_choice("verdict", "Accept" if lean == "accept" else "Reject")]
+    result = [] if lean is None else [_choice("verdict", "Accept" if lean == "accept" else "Reject")]
     for n, passed in enumerate(sub_edit_passes(scores)[:MAX_SUB_INSTRUCTIONS], start=1):
         if passed is not None:
             result.append(_choice(f"sub_{n}", "pass" if passed else "fail"))
-    return {
+    prediction: dict[str, Any] = {
         "model_version": (meta.get("provenance") or {}).get("judge") or "judge",
-        "score": float(scores["overall"]),
         "result": result,
     }
+    if scores.get("overall") is not None:
+        prediction["score"] = float(scores["overall"])
+    return prediction
 
 
 def _choice(name: str, value: str) -> dict[str, Any]:
@@ -182,6 +183,7 @@ class Vote:
     comment: str
     created_at: str
     updated_at: str
+    proposal: Proposal = Proposal()  # the regions and texts it hands back (annotation.corrections)
 
 
 def parse_annotation(annotation: dict[str, Any], task_id: int, num_sub: int) -> Vote | None:
@@ -206,6 +208,12 @@ def parse_annotation(annotation: dict[str, Any], task_id: int, num_sub: int) -> 
             comment = " ".join(value.get("text") or [])
     if verdict is None:
         return None
+    try:
+        proposal = read_proposal(annotation.get("result") or [], min(num_sub, MAX_SUB_INSTRUCTIONS))
+    except (ValueError, TypeError, KeyError, AttributeError) as exc:  # typed by people: costs the corrections only
+        log.warning("annotation %s of task %s: its regions/texts are unreadable and ignored: %s",
+                    annotation.get("id"), task_id, exc)
+        proposal = Proposal()
     return Vote(
         annotation_id=int(annotation["id"]),
         task_id=task_id,
@@ -215,6 +223,7 @@ def parse_annotation(annotation: dict[str, Any], task_id: int, num_sub: int) -> 
         comment=comment,
         created_at=str(annotation.get("created_at") or ""),
         updated_at=str(annotation.get("updated_at") or annotation.get("created_at") or ""),
+        proposal=proposal,
     )
 
 

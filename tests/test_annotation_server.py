@@ -208,3 +208,57 @@ def test_a_project_made_with_an_older_labeling_config_is_brought_up_to_date(ls_c
     assert result.project_id == created.id and result.imported == 1
     config = client.projects.get(id=created.id).label_config
     assert "$source_image" in config and "$source\"" not in config
+
+
+def test_corrected_region_and_text(ls_conn, out_dir):  # noqa: F811
+    """The labeling config's brush and text controls hold what push pre-fills; a reviewer's
+    corrected region and texts (brushlabels in Label Studio's RLE, textareas) reach the shard."""
+    import numpy as np
+    from label_studio_sdk.converter.brush import mask2rle
+
+    from pipeline import rle
+    from pipeline.dataset.shards import decode_regions
+
+    ids = make_build(out_dir, borderline=2)  # ids[0]: 2 sub-edits (recolor, add); ids[1]: 3
+    settings = _settings("corrections")
+    project_id = push(out_dir, ls_conn, settings).project_id
+    client = connect(ls_conn)
+    task = _task_of(client, project_id, ids[0])
+    (prediction,) = task.predictions
+    pred = prediction if isinstance(prediction, dict) else prediction.model_dump()
+    prefilled = [r for r in pred["result"] if r["type"] in ("brushlabels", "textarea")]
+    assert len(prefilled) == 2 + 3  # two regions; the instruction and two sub-instruction texts
+
+    # the reviewer keeps the prediction, repaints region 2 and rewrites a text (as the UI submits)
+    corrected = np.zeros((64, 64), np.uint8)
+    corrected[30:52, 8:27] = 255
+    corrected[50:60, 40:44] = 255
+    result = [r for r in prefilled if r.get("value", {}).get("brushlabels") != ["Region 2"]
+              and r["from_name"] != "sub_1_edit"]
+    result += [
+        {"from_name": "regions", "to_name": "target", "type": "brushlabels", "original_width": 64,
+         "original_height": 64, "image_rotation": 0,
+         "value": {"format": "rle", "rle": mask2rle(corrected), "brushlabels": ["Region 2"]}},
+        {"from_name": "sub_1_edit", "to_name": "target", "type": "textarea",
+         "value": {"text": ["turn the square green"]}},
+        {"from_name": "verdict", "to_name": "target", "type": "choices", "value": {"choices": ["Accept"]}},
+    ]
+    client.annotations.create(id=task.id, result=result)
+    # the other sample: the form as pre-filled, only a verdict → decided, nothing corrected
+    other = _task_of(client, project_id, ids[1])
+    other_pred = other.predictions[0] if isinstance(other.predictions[0], dict) else other.predictions[0].model_dump()
+    client.annotations.create(id=other.id, result=[r for r in other_pred["result"] if r["type"] != "choices"] + [
+        {"from_name": "verdict", "to_name": "target", "type": "choices", "value": {"choices": ["Reject"]}}])
+
+    result = pull(out_dir, ls_conn, settings)
+    assert (result.decided, result.corrected) == (2, 1)
+    assert result.corrections == {"region": {"add": 1}, "text": {"recolor": 1}}
+    rows = {r["id"]: r for r in read_manifest(out_dir).to_pylist()}
+    assert rows[ids[0]]["corrected"] and not rows[ids[1]]["corrected"]
+    members = dict(iter_tar_groups(out_dir / "shards" / rows[ids[0]]["shard"]))[ids[0]]
+    view = json.loads(members["json"])
+    assert np.array_equal(decode_regions(members["regions.png"], 2)[1], corrected > 0)  # exactly
+    assert np.array_equal(rle.decode(view["sub_edits"][1]["mask_rle"]), corrected > 0)
+    assert view["sub_edits"][0]["text"] == "turn the square green" and view["corrected"] is True
+    human = member_metadata(members)["human"]
+    assert human["corrections"]["regions"] == [1] and human["corrections"]["texts"] == [0]

@@ -1,0 +1,164 @@
+"""A reviewer's corrected regions and texts: pre-filled into the task, read back from an
+annotation, applied to the sample.
+
+Push pre-fills the labeling interface's `regions` brush (one region labelled "Region N" per
+sub-edit, our mask in Label Studio's brush RLE, `annotation.brush`), `instruction_edit` and
+`sub_N_edit` (the texts). An annotation that starts from that prediction hands all of it back;
+only what differs from the sample is a correction:
+
+- a region: the union of the annotation's "Region N" brush results, when it is not empty and not
+  equal to sub-edit N's mask. It replaces that mask (and its box); the background mask is
+  re-derived as everything outside the sub-edits' regions, as every editor derives it.
+- a text: `instruction_edit` or `sub_N_edit`, whitespace-trimmed, when it is not empty and differs.
+
+The sample's `human` record gets `corrected: true` and `corrections` (what changed, the original
+texts and the original masks in COCO RLE, the annotation that corrected them), so nothing is lost.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from annotation import brush
+from pipeline import rle
+from pipeline.record import EditSample
+
+log = logging.getLogger(__name__)
+
+BRUSH = "regions"  # the BrushLabels control
+TARGET = "target"  # the image it paints on
+INSTRUCTION = "instruction_edit"
+REGION_LABEL = "Region {}"
+
+
+def sub_text_control(n: int) -> str:
+    return f"sub_{n}_edit"  # 1-based, like the interface's sub_N controls
+
+
+@dataclass(frozen=True)
+class Proposal:
+    """What one annotation hands back: regions by sub-edit index (0-based) and texts by key
+    ("instruction" or the 0-based sub-edit index)."""
+
+    regions: dict[int, np.ndarray] = field(default_factory=dict)
+    texts: dict[Any, str] = field(default_factory=dict)
+
+    def __bool__(self) -> bool:
+        return bool(self.regions or self.texts)
+
+
+def prefill_results(instruction: str, sub_edits: list[dict[str, Any]], masks: list[np.ndarray],
+                    limit: int) -> list[dict[str, Any]]:
+    """Prediction results that pre-fill the editable regions and texts (first `limit` sub-edits)."""
+    results: list[dict[str, Any]] = [_text(INSTRUCTION, instruction)]
+    for i, edit in enumerate(sub_edits[:limit]):
+        results.append(_text(sub_text_control(i + 1), str(edit.get("text", ""))))
+        if i < len(masks) and masks[i].any():
+            height, width = masks[i].shape
+            results.append({
+                "id": f"region-{i + 1}",
+                "from_name": BRUSH, "to_name": TARGET, "type": "brushlabels",
+                "original_width": int(width), "original_height": int(height), "image_rotation": 0,
+                "value": {"format": "rle", "rle": brush.encode(masks[i]),
+                          "brushlabels": [REGION_LABEL.format(i + 1)]},
+            })
+    return results
+
+
+def _text(name: str, text: str) -> dict[str, Any]:
+    return {"from_name": name, "to_name": TARGET, "type": "textarea", "value": {"text": [text]}}
+
+
+def read_proposal(result: list[dict[str, Any]], num_sub: int) -> Proposal:
+    """Regions and texts of an annotation's result list (malformed entries raise ValueError)."""
+    regions: dict[int, np.ndarray] = {}
+    texts: dict[Any, str] = {}
+    for entry in result:
+        name = entry.get("from_name", "")
+        value = entry.get("value") or {}
+        if name == BRUSH:
+            labels = value.get("brushlabels") or []
+            numbers = [int(label.split()[-1]) for label in labels
+                       if isinstance(label, str) and label.split()[-1:] and label.split()[-1].isdigit()]
+            if value.get("format", "rle") != "rle" or "rle" not in value:
+                raise ValueError(f"brush result with no RLE (format {value.get('format')!r})")
+            mask = brush.decode(value["rle"], int(entry["original_height"]), int(entry["original_width"]))
+            for n in numbers:
+                if 1 <= n <= num_sub:
+                    regions[n - 1] = regions[n - 1] | mask if n - 1 in regions else mask
+        elif name == INSTRUCTION or (name.startswith("sub_") and name.endswith("_edit")):
+            text = " ".join(str(t) for t in value.get("text") or []).strip()
+            if name == INSTRUCTION:
+                texts["instruction"] = text
+            else:
+                n = int(name[len("sub_"):-len("_edit")])
+                if 1 <= n <= num_sub:
+                    texts[n - 1] = text
+    return Proposal(regions, texts)
+
+
+@dataclass
+class Applied:
+    """What a correction changed on one sample: (edit type, kind) pairs, kind "region" or "text";
+    the instruction's edit type is "instruction"."""
+
+    changes: list[tuple[str, str]] = field(default_factory=list)
+
+
+def apply_proposal(sample: EditSample, proposal: Proposal, annotation_id: int | None) -> Applied:
+    """Apply what differs from the sample (see the module docstring); record it in `human`."""
+    applied = Applied()
+    record: dict[str, Any] = {"annotation_id": annotation_id, "regions": [], "texts": [],
+                              "original_masks": {}, "original_texts": {}}
+    for i, mask in sorted(proposal.regions.items()):
+        edit = sample.sub_edits[i]
+        if not mask.any():
+            log.warning("sample %s: the reviewer's region %d is empty; the sub-edit keeps its mask",
+                        sample.id, i + 1)
+            continue
+        if edit.mask is not None and mask.shape != edit.mask.shape:
+            raise ValueError(f"sample {sample.id}: corrected region {i + 1} is {mask.shape}, "
+                             f"the image {edit.mask.shape}")
+        if edit.mask is not None and np.array_equal(mask, edit.mask):
+            continue
+        if edit.mask is not None:
+            record["original_masks"][str(i)] = rle.encode(edit.mask)
+        edit.mask = mask
+        rows, cols = np.nonzero(mask)
+        edit.box = [int(cols.min()), int(rows.min()), int(cols.max()) + 1, int(rows.max()) + 1]
+        record["regions"].append(i)
+        applied.changes.append((edit.type, "region"))
+    for key, text in proposal.texts.items():
+        old = sample.instruction if key == "instruction" else sample.sub_edits[key].text
+        text = text.strip()
+        if not text or text == old.strip():
+            continue
+        record["original_texts"][str(key)] = old
+        if key == "instruction":
+            sample.instruction = text
+        else:
+            sample.sub_edits[key].text = text
+        record["texts"].append(key)
+        applied.changes.append(("instruction" if key == "instruction" else sample.sub_edits[key].type, "text"))
+    if record["regions"]:
+        # every editor's rule: the background is what no sub-edit's region covers
+        sample.background_mask = ~np.logical_or.reduce([e.mask for e in sample.sub_edits])
+    if applied.changes:
+        human = dict(sample.human or {})
+        human["corrected"] = True
+        human["corrections"] = record
+        sample.human = human
+    return applied
+
+
+def tally(changes: list[tuple[str, str]]) -> dict[str, dict[str, int]]:
+    """{kind: {edit type: count}} of applied changes (the pull summary)."""
+    counts: dict[str, Counter] = {"region": Counter(), "text": Counter()}
+    for edit_type, kind in changes:
+        counts[kind][edit_type] += 1
+    return {kind: dict(sorted(c.items())) for kind, c in counts.items()}
