@@ -5,6 +5,12 @@ shard / queue / quarantine readers (the contact sheet). No network, no JavaScrip
 bars are inline SVG, images are small PNG thumbnails inlined as data URLs. Which samples the
 contact sheet shows is deterministic (the first few per verdict by index), so the same build gives
 the same page.
+
+What a reader needs to trust the numbers is on the page: the build's settings (config.json) at the
+top, the routing thresholds drawn on the histograms, each failed routing check of a sample with its
+reason, every borderline sample by id and path, scores floored (never rounded up) to three
+decimals with more digits where that would put a score on the wrong side of a threshold, and,
+where the editor injected faults, the judge's recall and false-reject rate against the defect log.
 """
 
 from __future__ import annotations
@@ -12,19 +18,22 @@ from __future__ import annotations
 import base64
 import html
 import io
+import json
 import logging
 from collections import Counter, defaultdict
+from decimal import ROUND_FLOOR, Decimal
 from pathlib import Path
 from typing import Any, Iterable
 
 import numpy as np
 from PIL import Image
 
-from pipeline.dataset.output import QUARANTINE, location_path, read_manifest, read_quarantine
+from pipeline.dataset.output import DEFECTS, QUARANTINE, location_path, read_manifest, read_quarantine
 from pipeline.record import EDIT_TYPES, VERDICTS, EditSample
-from pipeline.dataset.shards import (CORRUPT_DATA_ERRORS, atomic_write_bytes, decode_sample, iter_tar_groups,
-                                     read_sample_dir)
+from pipeline.dataset.shards import (CORRUPT_DATA_ERRORS, SAMPLE_JSON, atomic_write_bytes, decode_sample,
+                                     iter_tar_groups, member_metadata, read_sample_dir)
 from pipeline.dataset.stats import quarantine_reason, stats_from_manifest
+from pipeline.routing import RoutingPolicy
 
 log = logging.getLogger(__name__)
 
@@ -65,8 +74,10 @@ def per_sub_edit_count(rows: list[dict[str, Any]]) -> list[tuple[Any, int, int]]
 # ---- SVG --------------------------------------------------------------------------------------------
 
 def histogram_svg(values_by_verdict: dict[str, list[float]], title: str,
-                  width: int = 360, height: int = 150) -> str:
-    """Stacked histogram over [0, 1] of one score, coloured by verdict."""
+                  width: int = 360, height: int = 150,
+                  thresholds: Iterable[tuple[str, float]] = ()) -> str:
+    """Stacked histogram over [0, 1] of one score, coloured by verdict, with a dashed vertical line
+    at each routing threshold (name, value) on that score."""
     edges = np.linspace(0.0, 1.0, HIST_BINS + 1)
     counts = {v: np.histogram(np.clip(values, 0, 1), bins=edges)[0]
               for v, values in values_by_verdict.items() if values}
@@ -88,6 +99,13 @@ def histogram_svg(values_by_verdict: dict[str, list[float]], title: str,
                          f'<title>{verdict} {edges[i]:.2f}-{edges[i + 1]:.2f}: {counts[verdict][i]}</title></rect>')
     axis_y = height - bottom
     parts.append(f'<line x1="{left}" y1="{axis_y}" x2="{width - 10}" y2="{axis_y}" stroke="#333"/>')
+    for k, (name, value) in enumerate(thresholds):
+        x = left + float(value) * (width - left - 10)
+        parts.append(f'<line class="threshold" data-name="{html.escape(name)}" data-value="{value!r}" '
+                     f'x1="{x:.1f}" y1="{axis_y - plot_h}" x2="{x:.1f}" y2="{axis_y}" stroke="#000" '
+                     f'stroke-dasharray="4 3"><title>{html.escape(name)} = {value!r}</title></line>'
+                     f'<text x="{x + 2:.1f}" y="{axis_y - plot_h + 10 + 11 * k}" font-size="9">'
+                     f'{html.escape(name)} {value!r}</text>')
     for tick in (0.0, 0.5, 1.0):
         x = left + tick * (width - left - 10)
         parts.append(f'<text x="{x:.0f}" y="{axis_y + 14}" font-size="10" text-anchor="middle">{tick:g}</text>')
@@ -168,6 +186,7 @@ td.n{text-align:right;font-variant-numeric:tabular-nums}
 .cap{font-size:11px;color:#666}.sw{display:inline-block;width:10px;height:10px;margin-right:4px}
 .err{color:#a22;font-family:monospace;font-size:12px;max-width:420px;white-space:pre-wrap}
 .inst{max-width:420px}.scores{font-family:monospace;font-size:12px}
+.fails{color:#a22;font-size:12px;margin:4px 0;padding-left:18px}.cfg{font-family:monospace;font-size:12px;max-width:760px;word-break:break-all}
 """
 
 
@@ -181,11 +200,216 @@ def _rate_table(title: str, items: Iterable[tuple[Any, int, int]]) -> str:
             f"<th>accept rate</th><th></th></tr>{rows}</table>")
 
 
-def _fmt(value: Any) -> str:
-    return "–" if value is None else f"{value:.3f}"
+MAX_DIGITS = 12
 
 
-def _sample_row(row: dict[str, Any], sample: EditSample | None) -> str:
+def _floor(value: float, digits: int) -> Decimal:
+    return Decimal(repr(float(value))).quantize(Decimal(1).scaleb(-digits), rounding=ROUND_FLOOR)
+
+
+def score_text(value: Any, thresholds: Iterable[float] = ()) -> str:
+    """A score floored to 3 decimals, so a failing score never reads as its threshold (0.9199 →
+    0.919, not 0.920); more digits where flooring would show a passing score below a threshold
+    that has more than 3 decimals."""
+    if value is None:
+        return "–"
+    exact = Decimal(repr(float(value)))
+    digits = 3
+    while digits < MAX_DIGITS and any(_floor(value, digits) < Decimal(repr(float(t))) <= exact
+                                      for t in thresholds):
+        digits += 1
+    return f"{_floor(value, digits):.{digits}f}"
+
+
+def _fmt(value: Any, thresholds: Iterable[float] = ()) -> str:
+    return score_text(value, thresholds)
+
+
+def read_config(out: Path) -> dict[str, Any]:
+    try:
+        config = json.loads((Path(out) / "config.json").read_text())
+    except (OSError, ValueError) as exc:
+        log.warning("report: no readable config.json in %s: %s", out, exc)
+        return {}
+    return config if isinstance(config, dict) else {}
+
+
+def routing_policy(config: dict[str, Any]) -> RoutingPolicy:
+    """The thresholds the build routed with: the judge's own defaults, then config's overrides."""
+    from pipeline.judges.base import JUDGES
+
+    overrides = config.get("routing") or {}
+    try:
+        return RoutingPolicy.for_judge(JUDGES.factory(config.get("judge") or "pixel"), overrides)
+    except ValueError:  # an unknown judge (a build made by another version): its overrides only
+        return RoutingPolicy(**overrides)
+
+
+def _settings_table(config: dict[str, Any], policy: RoutingPolicy) -> str:
+    if not config:
+        return "<h2>Settings</h2><p class=err>config.json is missing or unreadable</p>"
+    rows = []
+    for key in sorted(config):
+        value = config[key]
+        text = value if isinstance(value, str) else json.dumps(value, sort_keys=True)
+        if len(text) > 400:
+            text = text[:400] + f"… ({len(text)} characters)"
+        rows.append(f"<tr><th>{html.escape(key)}</th><td class=cfg>{html.escape(text)}</td></tr>")
+    rows.append("<tr><th>routing thresholds in effect</th><td class=cfg>"
+                + html.escape(", ".join(f"{k} {v!r}" for k, v in policy.to_dict().items())) + "</td></tr>")
+    return f"<h2>Settings (config.json)</h2><table class=settings>{''.join(rows)}</table>"
+
+
+def manifest_score(value: Any) -> float | None:
+    """A manifest score (stored as float32) as the float the judge gave, where that had at most 7
+    significant digits (float32 0.699999988 → 0.7): what routing compared with its thresholds."""
+    return None if value is None else float(str(np.float32(value)))
+
+
+def exact_scores(row: dict[str, Any], sample: EditSample | None) -> dict[str, Any]:
+    """The judge's scores of a sample: its record's own (float64, as routing saw them) when it was
+    read, else the manifest's."""
+    if sample is not None and sample.scores.get("overall") is not None:
+        return sample.scores
+    return {"overall": manifest_score(row.get("score_overall")),
+            "background": manifest_score(row.get("score_background")),
+            "quality": manifest_score(row.get("score_quality")),
+            "sub_edits": [manifest_score(v) for v in row.get("sub_edit_scores") or []]}
+
+
+def failed_checks(row: dict[str, Any], sample: EditSample | None, policy: RoutingPolicy) -> list[str]:
+    """Each routing check the sample failed, with the score, the threshold and the judge's reason
+    (`sub_edit_reasons`) where it gave one."""
+    exact = exact_scores(row, sample)
+    if exact.get("overall") is None:
+        return []
+    failed = []
+    scores = exact.get("sub_edits") or []
+    types = row["sub_edit_types"] or []
+    reasons = (sample.scores.get("sub_edit_reasons") if sample is not None else None) or []
+    t = policy.sub_edit_pass
+    for i, score in enumerate(scores):
+        kind = types[i] if i < len(types) else "?"
+        why = f" — {reasons[i]}" if i < len(reasons) and reasons[i] else ""
+        if score is None:
+            failed.append(f"sub-edit {i + 1} ({kind}): unknown, the judge could not verify it{why}")
+        elif float(score) < t:
+            failed.append(f"sub-edit {i + 1} ({kind}): {score_text(score, [t])} < sub_edit_pass {t!r}{why}")
+    for name in ("background", "overall"):
+        value = exact.get(name)
+        if value is None:
+            continue
+        reject, accept = getattr(policy, f"{name}_reject"), getattr(policy, f"{name}_accept")
+        shown = score_text(value, [reject, accept])
+        if float(value) < reject:
+            failed.append(f"{name} {shown} < {name}_reject {reject!r} (rejects)")
+        elif float(value) < accept:
+            failed.append(f"{name} {shown} < {name}_accept {accept!r}")
+    return failed
+
+
+def queued_overall(out: Path, rows: list[dict[str, Any]]) -> dict[str, float]:
+    """id → the judge's exact overall score of each queued (borderline) sample, from its
+    sample.json alone (no pixels decoded); a sample whose json cannot be read is left out."""
+    found = {}
+    for row in rows:
+        if row["verdict"] != "borderline" or not row["shard"]:
+            continue
+        try:
+            meta = member_metadata({"json": (location_path(out, row["shard"]) / SAMPLE_JSON).read_bytes()})
+            if (meta.get("scores") or {}).get("overall") is not None:
+                found[row["id"]] = float(meta["scores"]["overall"])
+        except (OSError, *CORRUPT_DATA_ERRORS, KeyError, TypeError) as exc:
+            log.warning("report: cannot read %s's json: %s: %s", row["id"], type(exc).__name__, exc)
+    return found
+
+
+def _borderline_list(rows: list[dict[str, Any]], policy: RoutingPolicy,
+                     overall: dict[str, float]) -> str:
+    """Every borderline sample: id, index, where it waits (a link relative to the report), score."""
+    queued = [r for r in rows if r["verdict"] == "borderline"]
+    if not queued:
+        return "<h2>Borderline samples (0)</h2><p>none: nothing waits for a person</p>"
+    items = "".join(
+        f"<tr><td><code>{html.escape(r['id'])}</code></td><td class=n>{r['index']}</td>"
+        f"<td><a href=\"{html.escape(r['shard'] or '')}/\">{html.escape(r['shard'] or '')}</a></td>"
+        f"<td class=n>{score_text(overall.get(r['id'], manifest_score(r['score_overall'])), [policy.overall_reject, policy.overall_accept])}</td>"
+        f"<td class=inst>{html.escape(r['instruction'] or '')}</td></tr>"
+        for r in queued)
+    return (f"<h2 id=borderline>Borderline samples ({len(queued)})</h2><p class=cap>every sample waiting "
+            "for a person (<code>mcie review push OUT</code>), by index</p><table class=borderline>"
+            f"<tr><th>id</th><th>index</th><th>where</th><th>overall</th><th>instruction</th></tr>{items}</table>")
+
+
+def read_defect_log(out: Path) -> dict[str, list[dict[str, Any]]]:
+    """id → the editor's injected faults, from OUT/defects.jsonl (empty when there is none)."""
+    path = Path(out) / DEFECTS
+    found: dict[str, list[dict[str, Any]]] = {}
+    try:
+        lines = path.read_text().splitlines()
+    except OSError:
+        return found
+    for n, line in enumerate(lines, start=1):
+        try:
+            entry = json.loads(line)
+            found[str(entry["id"])] = list(entry.get("defects") or [])
+        except (ValueError, KeyError, TypeError) as exc:
+            log.warning("report: %s line %d unreadable: %s", DEFECTS, n, exc)
+    return found
+
+
+def judge_route(row: dict[str, Any]) -> str | None:
+    """What the judge's routing said: a human-decided sample was sent to a person (borderline)."""
+    if row["verdict"] in ("error", "judge_error", None):
+        return None
+    return "borderline" if row["verdict_by"] in ("human", "both") else row["verdict"]
+
+
+def judge_vs_defects(rows: list[dict[str, Any]], defects: dict[str, list]) -> dict[str, Any] | None:
+    """The judge against the hidden defect log (the definitions of `pipeline.judges.bench`):
+    recall = defective samples not accepted / defective samples; false-reject rate = clean samples
+    rejected / clean samples. None when the build injected no fault."""
+    if not any(defects.values()):
+        return None
+    counts = {"clean": Counter(), "defective": Counter()}
+    for row in rows:
+        route = judge_route(row)
+        if route is None or row["id"] not in defects:
+            continue
+        counts["defective" if defects[row["id"]] else "clean"][route] += 1
+    clean, bad = counts["clean"], counts["defective"]
+    n_clean, n_bad = sum(clean.values()), sum(bad.values())
+    return {
+        "defective": n_bad, "clean": n_clean,
+        "recall": None if not n_bad else 1 - bad["accept"] / n_bad,
+        "recall_rejected": None if not n_bad else bad["reject"] / n_bad,
+        "false_reject_rate": None if not n_clean else clean["reject"] / n_clean,
+        "false_borderline_rate": None if not n_clean else clean["borderline"] / n_clean,
+        "verdicts": {k: dict(sorted(v.items())) for k, v in counts.items()},
+    }
+
+
+def _pct(value: float | None) -> str:
+    return "–" if value is None else f"{value:.1%}"
+
+
+def _defects_section(figures: dict[str, Any] | None) -> str:
+    if figures is None:
+        return ""
+    f = figures
+    rows = [("judge recall (defective samples not accepted)", _pct(f["recall"]), f"of {f['defective']}"),
+            ("defective samples rejected", _pct(f["recall_rejected"]), f"of {f['defective']}"),
+            ("false-reject rate (clean samples rejected)", _pct(f["false_reject_rate"]), f"of {f['clean']}"),
+            ("clean samples sent to a person", _pct(f["false_borderline_rate"]), f"of {f['clean']}")]
+    body = "".join(f"<tr><td>{a}</td><td class=n>{b}</td><td class=n>{c}</td></tr>" for a, b, c in rows)
+    detail = html.escape(json.dumps(f["verdicts"], sort_keys=True))
+    return ("<h2 id=faults>Judge against the injected faults</h2><p class=cap>the editor's hidden defect "
+            "log (defects.jsonl), which the judge never saw; a human-decided sample counts as sent to a "
+            f"person</p><table class=faults>{body}</table><p class=cap>judge routes: {detail}</p>")
+
+
+def _sample_row(row: dict[str, Any], sample: EditSample | None,
+                policy: RoutingPolicy = RoutingPolicy()) -> str:
     cells = []
     for label, image in (("source", None if sample is None else sample.source),
                          ("target", None if sample is None else sample.target),
@@ -196,13 +420,15 @@ def _sample_row(row: dict[str, Any], sample: EditSample | None) -> str:
              f" by {html.escape(row['verdict_by'] or '–')}",
              f"<div class=inst>{html.escape(row['instruction'] or '')}</div>"]
     passes = row["sub_edit_pass"] or []
-    scores = row["sub_edit_scores"] or []
+    exact = exact_scores(row, sample)
+    scores = exact.get("sub_edits") or []
     edits = sample.sub_edits if sample is not None else []
     reasons = (sample.scores.get("sub_edit_reasons") if sample is not None else None) or []
     items = []
     for i, edit in enumerate(edits):
         color = "#%02x%02x%02x" % MASK_COLORS[i % len(MASK_COLORS)]
-        score = "" if i >= len(scores) else " unknown" if scores[i] is None else f" {scores[i]:.2f}"
+        score = "" if i >= len(scores) else " unknown" if scores[i] is None else \
+            f" {score_text(scores[i], [policy.sub_edit_pass])}"
         failed = i < len(passes) and not passes[i]
         mark = (" ✗" if failed else " ✓") if i < len(passes) else ""
         why = f"<div class=cap>{html.escape(str(reasons[i]))}</div>" if failed and i < len(reasons) else ""
@@ -210,8 +436,12 @@ def _sample_row(row: dict[str, Any], sample: EditSample | None) -> str:
                      f"{html.escape(edit.text)}<span class=scores>{score}{mark}</span>{why}</li>")
     if items:
         lines.append(f"<ol>{''.join(items)}</ol>")
-    lines.append(f"<div class=scores>overall {_fmt(row['score_overall'])} · background "
-                 f"{_fmt(row['score_background'])} · quality {_fmt(row['score_quality'])}</div>")
+    lines.append(f"<div class=scores>overall {_fmt(exact.get('overall'), [policy.overall_reject, policy.overall_accept])}"
+                 f" · background {_fmt(exact.get('background'), [policy.background_reject, policy.background_accept])}"
+                 f" · quality {_fmt(exact.get('quality'))}</div>")
+    checks = failed_checks(row, sample, policy)
+    if checks:
+        lines.append("<ul class=fails>" + "".join(f"<li>{html.escape(c)}</li>" for c in checks) + "</ul>")
     if row["error"]:
         lines.append(f"<div class=err>{html.escape(row['error_stage'] or '')}: {html.escape(row['error'])}</div>")
     cells.append(f"<td>{''.join(lines)}</td>")
@@ -224,9 +454,12 @@ def render_report(out: Path, samples_per_verdict: int = SAMPLES_PER_VERDICT) -> 
     rows = table.to_pylist()
     stats = stats_from_manifest(table)
     n = len(rows)
+    config = read_config(out)
+    policy = routing_policy(config)
     parts = [f"<!doctype html><html><head><meta charset=utf-8><title>MCIE build {html.escape(out.name)}</title>"
              f"<style>{STYLE}</style></head><body>",
-             f"<h1>Build <code>{html.escape(str(out))}</code></h1>"]
+             f"<h1>Build <code>{html.escape(str(out))}</code></h1>",
+             _settings_table(config, policy)]
 
     verdict_rows = "".join(
         f'<tr><td><span class=sw style="background:{VERDICT_COLORS.get(v, "#000")}"></span>{v}</td>'
@@ -245,12 +478,16 @@ def render_report(out: Path, samples_per_verdict: int = SAMPLES_PER_VERDICT) -> 
         for row in rows:
             if row[column] is not None:
                 by_verdict[row["verdict"] or "error"].append(float(row[column]))
-        parts.append(histogram_svg(by_verdict, f"{label} score"))
+        name = column.removeprefix("score_")
+        lines = [(f"{name}_{k}", getattr(policy, f"{name}_{k}")) for k in ("reject", "accept")
+                 if hasattr(policy, f"{name}_{k}")]
+        parts.append(histogram_svg(by_verdict, f"{label} score", thresholds=lines))
     sub_scores: dict[str, list[float]] = defaultdict(list)
     for row in rows:
         sub_scores[row["verdict"] or "error"].extend(
             float(s) for s in row["sub_edit_scores"] or [] if s is not None)
-    parts.append(histogram_svg(sub_scores, "sub-edit scores"))
+    parts.append(histogram_svg(sub_scores, "sub-edit scores",
+                               thresholds=[("sub_edit_pass", policy.sub_edit_pass)]))
     parts.append("</div>")
 
     parts.append("<h2>Accept rate per edit type</h2><p class=cap>a sample counts for every edit "
@@ -271,17 +508,21 @@ def render_report(out: Path, samples_per_verdict: int = SAMPLES_PER_VERDICT) -> 
             f"<tr><td class=n>{count}</td><td class=err>{html.escape(reason)}</td></tr>"
             for reason, count in reasons.most_common()) + "</table>")
 
+    parts.append(_defects_section(judge_vs_defects(rows, read_defect_log(out))))
+    parts.append(_borderline_list(rows, policy, queued_overall(out, rows)))
+
     shown = {v: [r for r in rows if r["verdict"] == v][:samples_per_verdict] for v in VERDICTS}
     samples = load_samples(out, [r for group in shown.values() for r in group])
     parts.append("<h2>Contact sheet</h2><p class=cap>source | target | sub-edit masks over the target "
-                 "(colours match the numbered sub-edits; ✓/✗ = judged carried out) | instruction and "
-                 "scores; the first samples of each verdict by index</p>")
+                 "(colours match the numbered sub-edits; ✓/✗ = judged carried out) | instruction, "
+                 "scores (floored) and, in red, each routing check it failed; the first samples of each "
+                 "verdict by index</p>")
     for verdict, group in shown.items():
         if not group:
             continue
         parts.append(f'<h3><span class=sw style="background:{VERDICT_COLORS[verdict]}"></span>{verdict} '
                      f"({stats.verdicts[verdict]} samples, showing {len(group)})</h3><table class=sheet>")
-        parts.extend(_sample_row(row, samples.get(row["id"])) for row in group)
+        parts.extend(_sample_row(row, samples.get(row["id"]), policy) for row in group)
         parts.append("</table>")
     parts.append("</body></html>\n")
     return "".join(parts)
