@@ -49,7 +49,8 @@ def register(subparsers) -> None:
         if name == "push":
             sub.add_argument("--images", choices=IMAGE_MODES, default="auto",
                              help="local-files (server shares the disk), inline (data URLs), auto")
-            sub.add_argument("--batch-size", type=int, default=20)
+            sub.add_argument("--batch-size", type=int, default=20,
+                             help="tasks per import request")
         sub.set_defaults(func=_review_handler(name))
 
     ls = subparsers.add_parser("labelstudio", help="run a local Label Studio server")
@@ -57,7 +58,7 @@ def register(subparsers) -> None:
     serve = ls_actions.add_parser(
         "serve", help="start Label Studio on 127.0.0.1 (admin and token from LABEL_STUDIO_USERNAME, "
         "LABEL_STUDIO_PASSWORD, LABEL_STUDIO_USER_TOKEN)")
-    serve.add_argument("--port", type=int, default=8080)
+    serve.add_argument("--port", type=int, default=8080, help="port on 127.0.0.1")
     serve.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR,
                        help=f"the server's database and media (default: {DEFAULT_DATA_DIR})")
     serve.add_argument("--document-root", type=Path, default=DEFAULT_DOCUMENT_ROOT,

@@ -132,6 +132,7 @@ def build_dataset(
     edits_per_image: int = 1,
     rewriter: str = "",
     rewriter_options: dict[str, Any] | None = None,
+    license: str = "",
     ray_address: str | None = None,
     num_gpus: float = 0,
 ) -> dict[str, Any]:
@@ -147,7 +148,7 @@ def build_dataset(
         grounder_options=grounder_options or {}, composer=composer,
         composer_options=composer_options or {}, editor=editor,
         editor_options=editor_options or {}, edits_per_image=edits_per_image,
-        rewriter=rewriter, rewriter_options=rewriter_options or {},
+        rewriter=rewriter, rewriter_options=rewriter_options or {}, license=license,
     )
     Path(out).mkdir(parents=True, exist_ok=True)
     with out_lock(out):  # a scheduled run and a manual one never write into one OUT together

@@ -30,7 +30,83 @@ COMMAND_MODULES = (
 
 
 class HelpWithDefaults(argparse.ArgumentDefaultsHelpFormatter):
-    """--help shows each option's default."""
+    """--help shows each option's default; the example line is kept whole, to copy and paste."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        if text.startswith("example: "):
+            return indent + text
+        return super()._fill_text(text, width, indent)
+
+
+# One line per command, shown under its --help ("example: ..."), keyed by the command's path.
+EXAMPLES = {
+    "build": "mcie build --out out/demo --count 300 --shard-size 50 --license cc-by-4.0",
+    "import": "mcie import --format magicbrush --input MagicBrush/ --out out/magicbrush",
+    "verify": "mcie verify out/demo",
+    "export": "mcie export out/demo --format ip2p --out out/demo-ip2p --verdict accept",
+    "rejudge": "mcie rejudge out/demo --judge vllm --judge-url http://127.0.0.1:8000/v1",
+    "judge-bench": "mcie judge-bench --count 200 --defect-rate 0.5",
+    "review": "mcie review push out/demo",
+    "review push": "mcie review push out/demo --url http://127.0.0.1:8080",
+    "review pull": "mcie review pull out/demo",
+    "review status": "mcie review status out/demo",
+    "labelstudio": "mcie labelstudio serve --port 8080",
+    "labelstudio serve": "mcie labelstudio serve --port 8080 --document-root ~/mcie-data",
+    "train": "mcie train --data out/demo --config tiny --steps 30 --out out/demo/ckpt",
+    "train-cache": "mcie train-cache --data out/demo --out out/demo/cache --config tiny",
+    "edit": "mcie edit --checkpoint out/demo/ckpt --image photo.png --instruction "
+            "'make the cup blue' --out edited.png",
+    "bench": "mcie bench build --out out/ciebench --count 100",
+    "bench build": "mcie bench build --out out/ciebench --count 100",
+    "eval": "mcie eval --bench out/ciebench --checkpoint out/demo/ckpt --out out/eval",
+}
+
+# Help for options their command module registers without any (filled in only where missing).
+OPTION_HELP = {
+    "import --seed": "build seed: with the source key it fixes every sample id",
+    "judge-bench --seed": "seed of the scenes and edits the judge is measured on",
+    "judge-bench --resolution": "short image side in px",
+    "train --batch-size": "samples per optimizer step and device (before accumulation)",
+    "train --grad-accum": "micro-batches accumulated into one optimizer step",
+    "train --lr": "AdamW learning rate",
+    "train --gradient-checkpointing": "recompute activations in the backward pass (less memory)",
+    "train --lr-schedule": "learning-rate schedule over --steps",
+    "train --lr-warmup-steps": "steps of linear warm-up of the learning rate",
+    "train --checkpoint-every": "save checkpoint-{step} every this many steps",
+    "train --checkpoint-limit": "checkpoints kept (older ones are deleted)",
+    "train --num-workers": "data loader worker processes",
+    "train --mixed-precision": "accelerate mixed precision (auto: bf16 on a GPU that has it)",
+    "train --seed": "seed of initialisation, data order and noise",
+    "train-cache --batch-size": "samples encoded per batch",
+    "edit --image": "the image to edit (PNG, JPEG, ...)",
+    "edit --instruction": "the complex instruction, in words",
+    "edit --steps": "denoising steps",
+    "edit --text-guidance": "classifier-free guidance scale on the instruction",
+    "edit --image-guidance": "guidance scale on the source image",
+    "edit --seed": "seed of the initial noise",
+}
+
+
+def finish_help(parser: argparse.ArgumentParser, path: tuple[str, ...] = ()) -> None:
+    """Give every command's --help a description, a one-line example and help on every option."""
+    for action in parser._actions:
+        if not isinstance(action, argparse._SubParsersAction):
+            continue
+        action.help = action.help or "the action, one of: " + ", ".join(action.choices)
+        summaries = {a.dest: a.help for a in action._choices_actions}
+        for name, sub in action.choices.items():
+            command = " ".join((*path, name))
+            if not sub.description and summaries.get(name):
+                sub.description = summaries[name][0].upper() + summaries[name][1:] + "."
+            if sub.formatter_class in (argparse.HelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+                sub.formatter_class = HelpWithDefaults  # defaults shown, the example kept whole
+            if command in EXAMPLES and not sub.epilog:
+                sub.epilog = f"example: {EXAMPLES[command]}"
+            for option in sub._actions:
+                key = f"{command} {option.option_strings[0]}" if option.option_strings else ""
+                if not option.help and key in OPTION_HELP:
+                    option.help = OPTION_HELP[key]
+            finish_help(sub, (*path, name))
 
 
 class UsageError(Exception):
@@ -101,9 +177,13 @@ def register_build(subparsers) -> None:
     p.add_argument("--count", type=positive_int, default=None,
                    help="number of samples (needed for procedural; default: every image of the "
                         "source × --edits-per-image)")
-    p.add_argument("--seed", type=non_negative_int, default=0)
+    p.add_argument("--seed", type=non_negative_int, default=0,
+                   help="build seed: with the source key it fixes every sample id and edit")
     p.add_argument("--resolution", type=resolution, default=512,
                    help="short image side in px (the long side follows the aspect, rounded to 64)")
+    p.add_argument("--license", default="",
+                   help="the dataset's license for its card and config.json (e.g. cc-by-4.0); "
+                        "default: the sources' own licenses")
     p.add_argument("--source", default="procedural",
                    help="source backend: procedural (default), folder, list, webdataset, parquet")
     p.add_argument("--source-path", help="the folder, list file, tar shards or parquet to read")
@@ -141,8 +221,10 @@ def register_build(subparsers) -> None:
                    help="samples per work unit; each unit writes one train and one negatives shard")
     p.add_argument("--defect-rate", type=rate, default=0.25,
                    help="share of pairs the procedural editor spoils on purpose")
-    p.add_argument("--min-edits", type=positive_int, default=2)
-    p.add_argument("--max-edits", type=positive_int, default=5)
+    p.add_argument("--min-edits", type=positive_int, default=2,
+                   help="fewest sub-edits in one complex instruction")
+    p.add_argument("--max-edits", type=positive_int, default=5,
+                   help="most sub-edits in one complex instruction")
     p.add_argument("--ray-address", default=None, help="existing Ray cluster (else $RAY_ADDRESS or local)")
     add_judge_arguments(p)
     p.set_defaults(func=run_build)
@@ -179,6 +261,7 @@ def run_build(args: argparse.Namespace) -> int:
             grounder_options=dict(args.grounder_option), editor=args.editor,
             editor_options=editor_options, edits_per_image=args.edits_per_image,
             rewriter=args.rewriter, rewriter_options=dict(args.rewriter_option),
+            license=args.license,
         )
         from pipeline.unit import make_source
 
@@ -252,6 +335,7 @@ def build_parser() -> Parser:
                 raise
             continue
         module.register(subparsers)
+    finish_help(parser)
     return parser
 
 

@@ -57,8 +57,11 @@ class BuildConfig:
     edits_per_image: int = 1  # different complex instructions per source image
     rewriter: str = ""  # "" = keep the composer's grammar text; "vllm" = an LLM rewrites it
     rewriter_options: dict[str, Any] = field(default_factory=dict)
+    license: str = ""  # the dataset's license (the card's); "" = the sources' own licenses
 
     def __post_init__(self) -> None:
+        if not isinstance(self.license, str) or len(self.license) > 100 or not self.license.isprintable():
+            raise ConfigError(f"license must be a short name such as cc-by-4.0, got {self.license!r}")
         self._fill_default_seats()
         if self.count is not None and (not isinstance(self.count, int) or self.count < 1):
             raise ConfigError(f"count must be a positive integer, got {self.count!r}")
@@ -178,6 +181,8 @@ class BuildConfig:
             data[name] = {k: v for k, v in data[name].items() if not _is_secret(k)}
         if not self.rewriter and not self.rewriter_options:  # OUTs from before the rewriter resume
             del data["rewriter"], data["rewriter_options"]
+        if not self.license:  # likewise OUTs from before --license
+            del data["license"]
         return data
 
 
