@@ -6,7 +6,8 @@ the sub-instructions, and returns its hidden states with each sub-instruction's 
 three from a local directory. The prompt is laid out by hand — `<|vision_start|>`, the image pads
 expanded to the processor's grid, `<|vision_end|>`, then each sub-instruction encoded on its own —
 so the span of sub-instruction i is known exactly (no processor class, which needs torchvision). Each
-sub-instruction is read against the image prefix alone (see `MLLMEncoder.encode`).
+sub-instruction is read against the image prefix alone, as a continuation of its cached keys and
+values (see `MLLMEncoder.encode`).
 """
 
 from __future__ import annotations
@@ -175,65 +176,61 @@ class MLLMEncoder:
     def encode(self, images: np.ndarray, sub_texts: list[list[str]]) -> Encoded:
         """images: uint8 (B, H, W, 3); sub_texts: per sample, its sub-instructions in order.
 
-        Every sub-instruction is read in its own sequence `prefix + text` (the vision encoder runs
-        once per image; its output is shared by the image's sequences), so the hidden states of
+        The image prefix is read once per image (its keys and values cached), then every
+        sub-instruction is read as its own continuation of that cache, so the hidden states of
         sub-instruction s depend on the image and on its own text only — the spatial restriction
         downstream would otherwise leak another sub-instruction's words into s's region."""
-        from transformers.modeling_outputs import BaseModelOutputWithPooling
-
         if len(images) != len(sub_texts):
             raise ValueError(f"{len(images)} images but {len(sub_texts)} instruction lists")
         device = self.device
         dtype = next(self.model.parameters()).dtype
         pixels = self._pixels(images)
         grid = pixels["image_grid_thw"]
-        vision = self.model.model.get_image_features(pixels["pixel_values"].to(device, dtype),
-                                                     grid.to(device), return_dict=True)
-        # one sequence per (sample, sub-instruction); a sample without any reads its prefix alone
-        rows: list[tuple[int, int | None, list[int], int]] = []  # (sample, slot, ids, prefix length)
-        for b, (g, texts) in enumerate(zip(grid, sub_texts)):
-            prefix = self._prefix(int(g.prod()) // self.merge**2)
-            texts = texts[: self.max_sub_edits]
-            for s, text in enumerate(texts):
-                rows.append((b, s, prefix + self._piece(text), len(prefix)))
-            if not texts:
-                rows.append((b, None, prefix, len(prefix)))
-        length = max(len(ids) for _, _, ids, _ in rows)
-        input_ids = torch.full((len(rows), length), self.pad, dtype=torch.long)
-        mask = torch.zeros(len(rows), length, dtype=torch.long)
-        for r, (_, _, ids, _) in enumerate(rows):
-            input_ids[r, : len(ids)] = torch.tensor(ids)  # right padding: positions stay aligned
-            mask[r, : len(ids)] = 1
-        input_ids = input_ids.to(device)
-        shared = BaseModelOutputWithPooling(
-            last_hidden_state=None, pooler_output=tuple(vision.pooler_output[b] for b, *_ in rows))
-        hidden = self.model.model(
-            input_ids=input_ids,
-            attention_mask=mask.to(device),
-            image_grid_thw=grid[[b for b, *_ in rows]].to(device),
-            mm_token_type_ids=(input_ids == self.image_token).long(),
-            mm_encoder_outputs={"image": shared},
-        ).last_hidden_state
+        batch = len(sub_texts)
+        # every image is shown at image_size², so every prefix has the same length
+        prefix = torch.tensor([self._prefix(int(grid[0].prod()) // self.merge**2)] * batch, device=device)
+        model = self.model.model
+        read = model(input_ids=prefix, attention_mask=torch.ones_like(prefix),
+                     pixel_values=pixels["pixel_values"].to(device, dtype), image_grid_thw=grid.to(device),
+                     mm_token_type_ids=(prefix == self.image_token).long(), use_cache=True)
+        texts = [t[: self.max_sub_edits] for t in sub_texts]
+        slots = max(1, max(len(t) for t in texts))
+        # rows b·slots + s; a missing sub-instruction reads one padding token (and is dropped)
+        pieces = [self._piece(t[s]) if s < len(t) else [self.pad] for t in texts for s in range(slots)]
+        length = max(len(piece) for piece in pieces)
+        input_ids = torch.full((len(pieces), length), self.pad, dtype=torch.long)
+        mask = torch.zeros(len(pieces), length, dtype=torch.long)
+        for r, piece in enumerate(pieces):
+            input_ids[r, : len(piece)] = torch.tensor(piece)  # right padding: positions stay aligned
+            mask[r, : len(piece)] = 1
+        cache = read.past_key_values
+        cache.batch_repeat_interleave(slots)
+        # text after the image: M-RoPE's three axes all count on from the prefix (its rope delta)
+        positions = torch.arange(length, device=device)[None] + prefix.shape[1]
+        positions = positions + model.rope_deltas.to(device).repeat_interleave(slots, 0)
+        spans_hidden = model(input_ids=input_ids.to(device),
+                             attention_mask=torch.cat([torch.ones_like(prefix).repeat_interleave(slots, 0),
+                                                       mask.to(device)], 1),
+                             position_ids=positions[None].expand(3, -1, -1), cache=cache,
+                             use_cache=False).last_hidden_state
         # lay out [prefix | span 0 | span 1 | ...] per sample
-        pieces: list[list[torch.Tensor]] = [[] for _ in sub_texts]
-        slots: list[list[tuple[int, int, int]]] = [[] for _ in sub_texts]  # (slot, start, end)
-        for r, (b, s, ids, prefix) in enumerate(rows):
-            if not pieces[b]:  # causal: the prefix's states are the same in each of b's sequences
-                pieces[b].append(hidden[r, :prefix])
-            if s is not None:
-                start = sum(p.shape[0] for p in pieces[b])
-                pieces[b].append(hidden[r, prefix: len(ids)])
-                slots[b].append((s, start, start + len(ids) - prefix))
-        total = max(sum(p.shape[0] for p in sample) for sample in pieces)
-        out = hidden.new_zeros(len(sub_texts), total, hidden.shape[-1])
-        valid = torch.zeros(len(sub_texts), total, dtype=torch.bool)
-        spans = torch.zeros(len(sub_texts), self.max_sub_edits, total, dtype=torch.bool)
-        for b, sample in enumerate(pieces):
-            joined = torch.cat(sample)
-            out[b, : joined.shape[0]] = joined
-            valid[b, : joined.shape[0]] = True
-            for s, start, end in slots[b]:
-                spans[b, s, start:end] = True
+        prefix_hidden = read.last_hidden_state
+        lengths = [prefix.shape[1] + sum(len(pieces[b * slots + s]) for s in range(len(t)))
+                   for b, t in enumerate(texts)]
+        total = max(lengths)
+        out = prefix_hidden.new_zeros(batch, total, prefix_hidden.shape[-1])
+        valid = torch.zeros(batch, total, dtype=torch.bool)
+        spans = torch.zeros(batch, self.max_sub_edits, total, dtype=torch.bool)
+        for b, t in enumerate(texts):
+            joined = [prefix_hidden[b]]
+            start = prefix.shape[1]
+            for s in range(len(t)):
+                n = len(pieces[b * slots + s])
+                joined.append(spans_hidden[b * slots + s, :n])
+                spans[b, s, start:start + n] = True
+                start += n
+            out[b, :start] = torch.cat(joined)
+            valid[b, :start] = True
         return Encoded(hidden=out, valid=valid.to(device), spans=spans.to(device),
                        sub_valid=spans.any(-1).to(device))
 
