@@ -325,3 +325,19 @@ def test_gradient_checkpointing_gives_the_same_gradients(batch):
     assert all(torch.allclose(grads[0][n], grads[1][n], atol=1e-6) for n in grads[0])
     with pytest.raises(ConfigError):
         with_train(preset("tiny"), box_region_prob=0.8, predicted_region_prob=0.5)
+
+
+def test_each_sub_instruction_reads_as_if_it_alone_followed_the_image(model):
+    """The prefix-cache continuation equals one plain forward of `image prefix + that text`."""
+    encoder = model.frozen.mllm
+    image = np.random.default_rng(3).integers(0, 255, (1, 40, 40, 3), dtype=np.uint8)
+    with torch.no_grad():
+        together = encoder.encode(image, [["make the cup red", "remove the star"]])
+        pixels = encoder._pixels(image)
+        for s, text in enumerate(["make the cup red", "remove the star"]):
+            ids = torch.tensor([encoder._prefix(together.prefix.sum().item() - 2) + encoder._piece(text)])
+            alone = encoder.model.model(input_ids=ids, attention_mask=torch.ones_like(ids),
+                                        pixel_values=pixels["pixel_values"], image_grid_thw=pixels["image_grid_thw"],
+                                        mm_token_type_ids=(ids == encoder.image_token).long()).last_hidden_state[0]
+            assert torch.allclose(together.hidden[0][together.spans[0, s]], alone[-len(encoder._piece(text)):], atol=1e-5)
+            assert torch.allclose(together.hidden[0][together.prefix[0]], alone[: int(together.prefix.sum())], atol=1e-5)
