@@ -150,24 +150,44 @@ def remove_path(path: Path) -> None:
 
 # ---- pixels <-> PNG ---------------------------------------------------------------------------------
 
+def _png_bytes(rows: np.ndarray, width: int, color_type: int) -> bytes:
+    """uint8 rows (H x W·channels) → an 8-bit PNG of `color_type` (0 grey, 2 RGB): every row
+    filtered with Up, deflated as run-lengths, one IDAT, no ancillary chunk (so no timestamp).
+    Written here rather than by Pillow, whose level-1 encoder (adaptive per-row filters, default
+    strategy) took ~2× as long on a 512 px photo for ~7% smaller files; the same pixels always
+    give the same bytes, and every PNG reader decodes them."""
+    height = rows.shape[0]
+    raw = np.empty((height, rows.shape[1] + 1), np.uint8)
+    raw[:, 0] = 2  # filter type Up: each byte minus the byte above (row 0: minus zero)
+    raw[0, 1:] = rows[0]
+    np.subtract(rows[1:], rows[:-1], out=raw[1:, 1:])
+    deflate = zlib.compressobj(PNG_COMPRESS_LEVEL, zlib.DEFLATED, 15, 8, zlib.Z_RLE)
+    data = deflate.compress(raw) + deflate.flush()
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, color_type, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", data) + chunk(b"IEND", b"")
+
+
 def encode_png(image: np.ndarray) -> bytes:
     """uint8 HxWx3 RGB → PNG bytes (deterministic: no timestamp or text chunks)."""
     if not isinstance(image, np.ndarray) or image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
         raise ValueError(f"expected a uint8 HxWx3 image, got {_describe(image)}")
-    buffer = io.BytesIO()
-    Image.fromarray(image, "RGB").save(buffer, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
-    return buffer.getvalue()
+    if image.size == 0:
+        raise ValueError(f"expected a non-empty image, got {_describe(image)}")
+    height, width = image.shape[:2]
+    return _png_bytes(image.reshape(height, width * 3), width, 2)
 
 
 def encode_mask(mask: np.ndarray) -> bytes:
     """bool HxW → L-mode PNG with 0 (false) and 255 (true)."""
     if not isinstance(mask, np.ndarray) or mask.ndim != 2 or mask.dtype != bool:
         raise ValueError(f"expected a bool HxW mask, got {_describe(mask)}")
-    buffer = io.BytesIO()
-    Image.fromarray(mask.astype(np.uint8) * 255, "L").save(
-        buffer, format="PNG", compress_level=PNG_COMPRESS_LEVEL
-    )
-    return buffer.getvalue()
+    if mask.size == 0:
+        raise ValueError(f"expected a non-empty mask, got {_describe(mask)}")
+    return _png_bytes(mask.view(np.uint8) * np.uint8(255), mask.shape[1], 0)
 
 
 def _open_png(data: bytes) -> Image.Image:
