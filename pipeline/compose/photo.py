@@ -95,7 +95,10 @@ def _usable(obj: InventoryObject, shape: tuple[int, int]) -> bool:
         return False
     h, w = shape
     x0, y0, x1, y1 = obj.box
-    share = float(obj.attributes.get("area", obj.mask.sum() / (h * w)))
+    share = obj.attributes.get("area")
+    if share is None:  # computed only when the grounder did not say (a whole-mask sum)
+        share = obj.mask.sum() / (h * w)
+    share = float(share)
     return DONOR_AREA[0] <= share <= DONOR_AREA[1] and x0 > 0 and y0 > 0 and x1 < w and y1 < h
 
 
@@ -502,7 +505,8 @@ def _draft_add_text(plan: _Plan, rng: np.random.Generator) -> SubEdit | None:
 
 def _achromatic(image: np.ndarray) -> bool:
     """Whether the image is (nearly) grey: its channels differ by a few levels on average."""
-    spread = image.max(axis=2).astype(np.int16) - image.min(axis=2)
+    r, g, b = image[..., 0], image[..., 1], image[..., 2]  # (3 channel maxima: ~5× .max(axis=2))
+    spread = np.maximum(np.maximum(r, g), b).astype(np.int16) - np.minimum(np.minimum(r, g), b)
     return float(spread.mean()) < 6.0
 
 

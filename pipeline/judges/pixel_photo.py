@@ -139,6 +139,12 @@ def _share(hit: np.ndarray, total: int) -> float:
     return float(np.count_nonzero(hit)) / max(1, total)
 
 
+def _close(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Pixels of two uint8 RGB images within MATCH_LEVEL of each other in every channel."""
+    d = cv2.absdiff(a, b)
+    return (d[..., 0] <= MATCH_LEVEL) & (d[..., 1] <= MATCH_LEVEL) & (d[..., 2] <= MATCH_LEVEL)
+
+
 def _found_at(pair: PhotoPair, own: np.ndarray, movers: list[np.ndarray]) -> tuple[float | None, str]:
     """Share of the object pixels whose content reappears where one of the affine maps takes it.
 
@@ -148,14 +154,13 @@ def _found_at(pair: PhotoPair, own: np.ndarray, movers: list[np.ndarray]) -> tup
     source[p] in every channel. Returns (the matched share above the share that matches with no
     edit at all, scaled to 0..1; reason)."""
     box = _box(own, 2)
-    src, tgt = pair.source[box], pair.target[box]
+    src, tgt = np.ascontiguousarray(pair.source[box]), np.ascontiguousarray(pair.target[box])
     own_c = own[box]
     h, w = own_c.shape
     origin = np.array([box[1].start, box[0].start], dtype=np.float64)
     counted = np.zeros((h, w), dtype=bool)
     matched = np.zeros((h, w), dtype=bool)
     unmoved = np.zeros((h, w), dtype=bool)
-    src16 = src.astype(np.int16)
     for matrix in movers:
         m = np.array(matrix, dtype=np.float64)
         m[:, 2] += m[:, :2] @ origin - origin  # into crop coordinates
@@ -168,8 +173,8 @@ def _found_at(pair: PhotoPair, own: np.ndarray, movers: list[np.ndarray]) -> tup
 
         lands = own_c & pull(own_c.astype(np.uint8)).astype(bool)
         counted |= lands
-        matched |= lands & (np.abs(pull(tgt).astype(np.int16) - src16).max(axis=2) <= MATCH_LEVEL)
-        unmoved |= lands & (np.abs(pull(src).astype(np.int16) - src16).max(axis=2) <= MATCH_LEVEL)
+        matched |= lands & _close(pull(tgt), src)
+        unmoved |= lands & _close(pull(src), src)
     total = int(np.count_nonzero(counted))
     if total < MIN_PIXELS:
         return None, "too few object pixels land inside the region to find them"
