@@ -7,9 +7,12 @@ photographs through the list source (decode + resize), the classical grounder, t
 composer, the photo editor and the pixel judge (`--edits-per-image` as needed to reach the count).
 
 0. stages: ms per pair of each stage (source, ground, compose, edit, judge), in this process after
-   a warm-up (the figures the README's per-stage breakdown quotes);
+   a warm-up (the figures the README's per-stage breakdown quotes), wall and CPU;
 1. bare loop: `UnitPipeline.run` over the units in this process (one core), after one warm-up
-   unit: the stage code's own speed, pairs/s (= pairs/s per core);
+   unit: the stage code's own speed, pairs/s (= pairs/s per core), and pairs per CPU-second of
+   this process (process time: the steadier figure on a loaded, shared machine, where wall time
+   also counts the other processes' turns; OpenCV may add a second thread, so on an idle
+   machine it can read below the wall figure);
 2. `mcie build --workers 1` and `--workers 2`: pairs/s of the processing (first unit start to last
    unit end), steady-state pairs/s (after each worker's first unit), and start-up (Prefect + Ray +
    actors) apart;
@@ -87,13 +90,13 @@ def bare_loop(build: list[str], out: Path) -> dict:
     total = prepare_build(out, config)
     pipeline = UnitPipeline(config, out)
     pipeline.run(0)  # warm-up: imports, caches, first allocations
-    warm = time.perf_counter()
+    warm, cpu = time.perf_counter(), time.process_time()
     samples = 0
     for unit in range(1, config.num_units(total)):
         samples += pipeline.run(unit).samples
-    seconds = time.perf_counter() - warm
+    seconds, cpu_seconds = time.perf_counter() - warm, time.process_time() - cpu
     return {"pairs_per_s": samples / seconds, "samples": samples, "seconds": seconds,
-            "startup_s": warm - started}
+            "cpu_pairs_per_s": samples / cpu_seconds, "startup_s": warm - started}
 
 
 def stage_times(build: list[str], count: int) -> dict:
@@ -109,18 +112,22 @@ def stage_times(build: list[str], count: int) -> dict:
     judge = make_judge("pixel")
 
     def one_round(numbers: range) -> dict:
-        times = [time.perf_counter()]
+        times, cpu = [time.perf_counter()], [time.process_time()]
         samples = [read_sample(source, config, index, n) for n in numbers]
         times.append(time.perf_counter())
+        cpu.append(time.process_time())
         for stage in (grounder, composer, editor):
             stage(samples)
             times.append(time.perf_counter())
+            cpu.append(time.process_time())
         judge.score_batch([s.judge_view() for s in samples if not s.failed])
         times.append(time.perf_counter())
+        cpu.append(time.process_time())
         n = len(samples)
         names = ("source", "ground", "compose", "edit", "judge")
-        return {f"{name}_ms": (b - a) / n * 1e3 for name, a, b in zip(names, times, times[1:])} | {
-            "failed": sum(s.failed for s in samples)}
+        return ({f"{name}_ms": (b - a) / n * 1e3 for name, a, b in zip(names, times, times[1:])}
+                | {f"{name}_cpu": (b - a) / n * 1e3 for name, a, b in zip(names, cpu, cpu[1:])}
+                | {"failed": sum(s.failed for s in samples)})
 
     one_round(range(min(4, count)))  # warm-up: imports and shape caches
     return one_round(range(count))
@@ -198,10 +205,13 @@ def main() -> int:
             print("stages, ms per pair    " + ", ".join(
                 f"{name[:-3]} {value:.1f}" for name, value in stages.items() if name.endswith("_ms"))
                 + f" ({stages['failed']} of the pairs failed a stage)")
+            print("  CPU ms per pair      " + ", ".join(
+                f"{name[:-4]} {value:.1f}" for name, value in stages.items() if name.endswith("_cpu")))
         if "bare" not in args.skip:
             bare = results["bare"] = bare_loop(build, work / "bare")
             print(f"bare loop (1 process)  {bare['pairs_per_s']:7.2f} pairs/s  (= per core; "
-                  f"{bare['samples']} samples in {bare['seconds']:.1f} s after {bare['startup_s']:.1f} s warm-up)")
+                  f"{bare['samples']} samples in {bare['seconds']:.1f} s after {bare['startup_s']:.1f} s warm-up;"
+                  f" {bare['cpu_pairs_per_s']:.2f} pairs per CPU-second)")
         if "flow" not in args.skip:
             for workers in (1, 2):
                 run = results[f"flow{workers}"] = mcie_build(work / f"flow{workers}", build, workers, env)
