@@ -54,8 +54,9 @@ EDGE_BAND_PX = 3  # full-size edge refinement looks this far either side of the 
 
 def fill_holes(mask: np.ndarray) -> np.ndarray:
     """The bool mask with every hole (background not connected to the frame) filled."""
-    padded = np.pad(~mask, 1).astype(np.uint8)
-    padded[0, :] = padded[-1, :] = padded[:, 0] = padded[:, -1] = 1
+    h, w = mask.shape
+    padded = np.ones((h + 2, w + 2), np.uint8)  # a frame of background around it
+    padded[1:-1, 1:-1] = ~mask
     flood = np.zeros((padded.shape[0] + 2, padded.shape[1] + 2), np.uint8)
     cv2.floodFill(padded, flood, (0, 0), 2)
     return (padded[1:-1, 1:-1] != 2)
