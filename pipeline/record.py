@@ -294,14 +294,16 @@ MANIFEST_COLUMNS: list[tuple[str, pa.DataType, Callable[[EditSample], Any]]] = [
     ("sub_edit_types", pa.list_(pa.string()), lambda s: [e.type for e in s.sub_edits]),
     ("sub_edit_texts", pa.list_(pa.string()), lambda s: [e.text for e in s.sub_edits]),
     ("sub_edit_boxes", pa.list_(pa.list_(pa.int32())), _boxes),
-    ("score_overall", pa.float32(), _score("overall")),
-    ("score_background", pa.float32(), _score("background")),
-    ("score_quality", pa.float32(), _score("quality")),
-    ("background_changed", pa.float32(), _score("background_changed")),
-    ("background_psnr", pa.float32(), _score("background_psnr")),
+    # Scores in float64, as the judge and routing computed them: a float32 column could not tell
+    # 0.91999995 from a 0.92 threshold.
+    ("score_overall", pa.float64(), _score("overall")),
+    ("score_background", pa.float64(), _score("background")),
+    ("score_quality", pa.float64(), _score("quality")),
+    ("background_changed", pa.float64(), _score("background_changed")),
+    ("background_psnr", pa.float64(), _score("background_psnr")),
     (
         "sub_edit_scores",
-        pa.list_(pa.float32()),
+        pa.list_(pa.float64()),
         # null = "unknown": the judge could not verify that sub-edit (the pair goes to review)
         lambda s: [None if x is None else float(x) for x in s.scores.get("sub_edits", [])],
     ),
