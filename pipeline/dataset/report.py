@@ -260,21 +260,13 @@ def _settings_table(config: dict[str, Any], policy: RoutingPolicy) -> str:
     return f"<h2>Settings (config.json)</h2><table class=settings>{''.join(rows)}</table>"
 
 
-def manifest_score(value: Any) -> float | None:
-    """A manifest score (stored as float32) as the float the judge gave, where that had at most 7
-    significant digits (float32 0.699999988 → 0.7): what routing compared with its thresholds."""
-    return None if value is None else float(str(np.float32(value)))
-
-
 def exact_scores(row: dict[str, Any], sample: EditSample | None) -> dict[str, Any]:
-    """The judge's scores of a sample: its record's own (float64, as routing saw them) when it was
-    read, else the manifest's."""
+    """The judge's scores of a sample, as routing saw them: its record's own when it was read,
+    else the manifest's (float64 columns, the same values)."""
     if sample is not None and sample.scores.get("overall") is not None:
         return sample.scores
-    return {"overall": manifest_score(row.get("score_overall")),
-            "background": manifest_score(row.get("score_background")),
-            "quality": manifest_score(row.get("score_quality")),
-            "sub_edits": [manifest_score(v) for v in row.get("sub_edit_scores") or []]}
+    return {"overall": row.get("score_overall"), "background": row.get("score_background"),
+            "quality": row.get("score_quality"), "sub_edits": list(row.get("sub_edit_scores") or [])}
 
 
 def failed_checks(row: dict[str, Any], sample: EditSample | None, policy: RoutingPolicy) -> list[str]:
@@ -333,7 +325,7 @@ def _borderline_list(rows: list[dict[str, Any]], policy: RoutingPolicy,
     items = "".join(
         f"<tr><td><code>{html.escape(r['id'])}</code></td><td class=n>{r['index']}</td>"
         f"<td><a href=\"{html.escape(r['shard'] or '')}/\">{html.escape(r['shard'] or '')}</a></td>"
-        f"<td class=n>{score_text(overall.get(r['id'], manifest_score(r['score_overall'])), [policy.overall_reject, policy.overall_accept])}</td>"
+        f"<td class=n>{score_text(overall.get(r['id'], r['score_overall']), [policy.overall_reject, policy.overall_accept])}</td>"
         f"<td class=inst>{html.escape(r['instruction'] or '')}</td></tr>"
         for r in queued)
     return (f"<h2 id=borderline>Borderline samples ({len(queued)})</h2><p class=cap>every sample waiting "
