@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.compose.procedural import REGIONS
+from pipeline.compose.frame import REGIONS
 from pipeline.compose.referring import describe, refer, resolve
 from pipeline.grounders.attributes import (
     COLOR_NAMES,

@@ -32,12 +32,10 @@ import cv2
 import numpy as np
 
 from pipeline.compose.base import COMPOSERS
+from pipeline.compose.frame import CELLS, REGION_PHRASES, SIZE_WORDS
 from pipeline.compose.procedural import (
     CELL_INSET,
-    CELLS,
     DIRECTIONS,
-    REGION_PHRASES,
-    SIZE_WORDS,
     TEXT_WORDS,
     article,
     join_instruction,

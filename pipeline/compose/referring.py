@@ -17,19 +17,20 @@ grown by that margin, so no other object is even close to matching.
 
 from __future__ import annotations
 
-import math
 from typing import Any, Sequence
 
 import numpy as np
 
-from pipeline.compose.procedural import (
+from pipeline.compose.frame import (
     POSITION_MARGIN,
     REGION_PHRASES,
     REGIONS,
-    RELATION_GAP,
     RELATION_SLACK,
     RELATIONS,
     SIZE_WORDS,
+    clearly_related,
+    in_region,
+    related,
 )
 from pipeline.record import InventoryObject
 
@@ -48,44 +49,6 @@ def centre(obj: InventoryObject, shape: Sequence[int]) -> tuple[float, float]:
     """Box centre of the object as fractions (cx of the width, cy of the height)."""
     x0, y0, x1, y1 = obj.box
     return (x0 + x1) / 2 / shape[1], (y0 + y1) / 2 / shape[0]
-
-
-def _in_band(value: float, band: int, slack: float) -> bool:
-    low = -math.inf if band == 0 else band / 3 - slack
-    high = math.inf if band == 2 else (band + 1) / 3 + slack
-    return low <= value < high
-
-
-def in_region(point: tuple[float, float], region: str, slack: float = 0.0) -> bool:
-    """Whether the point (cx, cy) lies in the region grown by `slack` (shrunk if negative)."""
-    row, col = REGIONS[region]
-    return (row is None or _in_band(point[1], row, slack)) and (
-        col is None or _in_band(point[0], col, slack))
-
-
-def _related(a: tuple[float, float], relation: str, b: tuple[float, float], slack: float) -> bool:
-    dx, dy = a[0] - b[0], a[1] - b[1]
-    if relation == "left of":
-        return dx < slack
-    if relation == "right of":
-        return dx > -slack
-    if relation == "above":
-        return dy < slack
-    if relation == "below":
-        return dy > -slack
-    raise ValueError(f"unknown relation {relation!r}")
-
-
-def _clearly_related(a: tuple[float, float], relation: str, b: tuple[float, float]) -> bool:
-    dx, dy = a[0] - b[0], a[1] - b[1]
-    horizontal = abs(dx) >= abs(dy)
-    if relation == "left of":
-        return horizontal and dx < -RELATION_GAP
-    if relation == "right of":
-        return horizontal and dx > RELATION_GAP
-    if relation == "above":
-        return not horizontal and dy < -RELATION_GAP
-    return not horizontal and dy > RELATION_GAP
 
 
 def resolve(ref: dict[str, Any], objects: Sequence[InventoryObject],
@@ -111,7 +74,7 @@ def resolve(ref: dict[str, Any], objects: Sequence[InventoryObject],
         if "position" in ref and not in_region(point, ref["position"], slack):
             continue
         if relation is not None and not any(
-            lm.id != obj.id and _related(point, relation["type"], centre(lm, shape), slack)
+            lm.id != obj.id and related(point, relation["type"], centre(lm, shape), slack)
             for lm in landmarks
         ):
             continue
@@ -189,7 +152,7 @@ def refer(obj: InventoryObject, objects: Sequence[InventoryObject], rng: np.rand
         if lm_ref is None:
             continue
         for relation in RELATIONS:
-            if _clearly_related(point, relation, centre(landmark, shape)):
+            if clearly_related(point, relation, centre(landmark, shape)):
                 relational.append({"type": relation, "landmark": lm_ref})
     known = {k: obj.attributes[k] for k in ATTRIBUTES if obj.attributes.get(k)}
     extras_list: list[dict[str, Any]] = [{}] + [{k: v} for k, v in known.items()]

@@ -347,6 +347,19 @@ def expected_place(trace: EditTrace, record: dict[str, Any]) -> np.ndarray:
     return trace.regions[record["sub_edit"]]
 
 
+def check_defect_settings(defect_rate: float, defect_types: Sequence[str]) -> tuple[str, ...]:
+    """The editor's fault-injection settings, checked: ValueError for a rate outside 0..1 or an
+    unknown or empty set of types; returns the types as a tuple."""
+    if not 0.0 <= defect_rate <= 1.0:
+        raise ValueError(f"defect_rate must be within 0..1, got {defect_rate}")
+    defect_types = tuple(defect_types)
+    unknown = [t for t in defect_types if t not in DEFECT_TYPES]
+    if unknown or not defect_types:
+        raise ValueError(f"defect_types must be a non-empty subset of {DEFECT_TYPES}, "
+                         f"got {defect_types}")
+    return defect_types
+
+
 def inject_defect(
     rng: np.random.Generator, trace: EditTrace, types: Sequence[str] = DEFECT_TYPES
 ) -> Injected | None:

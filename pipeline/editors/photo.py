@@ -56,6 +56,7 @@ from pipeline.compose.regions import (
 from pipeline.editors.base import EDITORS
 from pipeline.editors.defects import (
     DEFECT_TYPES,
+    check_defect_settings,
     WRONG_COLOR_DISTANCE,
     Detail,
     EditTrace,
@@ -597,15 +598,8 @@ class PhotoEditor(RecordStage):
     name = "edit"
 
     def __init__(self, defect_rate: float = 0.25, defect_types: Sequence[str] = DEFECT_TYPES):
-        if not 0.0 <= defect_rate <= 1.0:
-            raise ValueError(f"defect_rate must be within 0..1, got {defect_rate}")
-        defect_types = tuple(defect_types)
-        unknown = [t for t in defect_types if t not in DEFECT_TYPES]
-        if unknown or not defect_types:
-            raise ValueError(f"defect_types must be a non-empty subset of {DEFECT_TYPES}, "
-                             f"got {defect_types}")
+        self.defect_types = check_defect_settings(defect_rate, defect_types)
         self.defect_rate = defect_rate
-        self.defect_types = defect_types
 
     def process(self, sample: EditSample) -> None:
         source = sample.source

@@ -19,7 +19,7 @@ from typing import Any, Sequence
 import cv2
 import numpy as np
 
-from pipeline.compose.procedural import CELLS
+from pipeline.compose.frame import CELLS
 from pipeline.sources.scene import bbox
 
 # name -> representative sRGB. Achromatic names first, then hue families with their shades.

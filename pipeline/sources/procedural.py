@@ -19,7 +19,7 @@ from pipeline.sources.scene import Scene, bbox, random_scene, render
 
 def scene_objects(scene: Scene, ids: np.ndarray) -> list[InventoryObject]:
     """The visible objects of a rendered scene as an exact inventory."""
-    from pipeline.compose.procedural import CELLS  # the nine position words
+    from pipeline.compose.frame import CELLS  # the nine position words
 
     objects = []
     for obj in sorted(scene.objects, key=lambda o: o.id):
