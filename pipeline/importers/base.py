@@ -115,6 +115,16 @@ def hf_split(file_name: str) -> str:
     return Path(file_name).name.split("-", 1)[0].split(".", 1)[0]
 
 
+def split_parquet_files(path: str | Path, split: str | None, dataset: str) -> dict[str, Path]:
+    """The Hugging Face parquet shards under `path`, those of `split` only when one is given."""
+    files = parquet_files(path)
+    if split is not None:
+        files = {n: p for n, p in files.items() if hf_split(n) == split}
+        if not files:
+            raise ValueError(f"no {dataset} parquet shards of split {split!r} under {path}")
+    return files
+
+
 class RowReader:
     """Reads single rows of parquet files one row group at a time (the last few cached per
     process), never a whole file for one row."""

@@ -13,7 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from pipeline.importers.base import (IMPORTERS, MaskSpec, RawSession, RawTurn, RowReader,
-                                     hf_split, image_value_bytes, parquet_files, session_key)
+                                     hf_split, image_value_bytes, session_key, split_parquet_files)
 
 
 @IMPORTERS.register("ultraedit")
@@ -22,12 +22,7 @@ class UltraEdit:
     license = "CC-BY-4.0"
 
     def __init__(self, *, path: str, split: str | None = None):
-        files = parquet_files(path)
-        if split is not None:
-            files = {n: p for n, p in files.items() if hf_split(n) == split}
-            if not files:
-                raise ValueError(f"no UltraEdit parquet shards of split {split!r} under {path}")
-        self.reader = RowReader(files)
+        self.reader = RowReader(split_parquet_files(path, split, "UltraEdit"))
         self.folder = Path(path) if Path(path).is_dir() else Path(path).parent
         self._rows: dict[str, list[tuple[str, int]]] | None = None
 
