@@ -67,12 +67,6 @@ from PIL import Image
 from pipeline import rle
 from pipeline.record import MAX_SUB_EDITS, SHARD_FORMAT, EditSample, InventoryObject, SubEdit, dumps
 
-# zlib level 1, chosen for speed: a 512 px procedural sample (2 RGB images, edit mask + 3 masks,
-# json) encodes in ~7 ms CPU at level 1 vs ~10 ms at 6 (~19 ms at 9 for the images alone), and
-# decodes in ~5 vs ~8 ms; files are ~24 KiB vs ~12 KiB. Encoding runs on every sample and decoding
-# on every training read; disk is cheaper than worker time.
-PNG_COMPRESS_LEVEL = 1
-
 TAR_MTIME = 0  # fixed header fields: the same samples always give the same tar bytes
 TAR_MODE = 0o644
 
@@ -234,9 +228,7 @@ def encode_regions(masks: list[np.ndarray | None], shape: tuple[int, int]) -> by
         if not isinstance(mask, np.ndarray) or mask.dtype != bool or mask.shape != tuple(shape):
             raise ValueError(f"sub-edit {i}: expected a bool {shape} mask, got {_describe(mask)}")
         bits |= mask.astype(np.uint8) << i
-    buffer = io.BytesIO()
-    Image.fromarray(bits, "L").save(buffer, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
-    return buffer.getvalue()
+    return _png_bytes(bits, bits.shape[1], 0)
 
 
 def decode_regions(data: bytes, count: int) -> list[np.ndarray]:
