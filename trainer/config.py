@@ -8,7 +8,7 @@ file is JSON: `{"preset": "base", "model": {...overrides}, "train": {...override
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import MISSING, asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -262,9 +262,22 @@ class Config:
 
 
 def _check_keys(kind: type, values: dict[str, Any]) -> None:
-    unknown = set(values) - set(kind.__dataclass_fields__)
+    """Known keys only, each value of its field's type (read off the field's default: a JSON
+    config with `"learning_rate": "fast"` is one clear error, not a traceback mid-training)."""
+    fields = kind.__dataclass_fields__
+    unknown = set(values) - set(fields)
     if unknown:
         raise ConfigError(f"unknown {kind.__name__} keys: {sorted(unknown)}")
+    for key, value in values.items():
+        field_ = fields[key]
+        default = field_.default if field_.default is not MISSING else (
+            field_.default_factory() if field_.default_factory is not MISSING else None)
+        if default is None or value is None:
+            continue  # optional fields: None or a value of any type their validation accepts
+        expected = (int, float) if type(default) is float else type(default)
+        if not isinstance(value, expected) or (isinstance(value, bool) and type(default) is not bool):
+            raise ConfigError(f"{kind.__name__}.{key} must be {type(default).__name__}, "
+                              f"got {value!r}")
 
 
 def _build(kind: type, values: dict[str, Any]) -> Any:

@@ -58,14 +58,20 @@ def find_shards(data: str | Path) -> list[Path]:
 
 
 def count_samples(shard: Path) -> int:
-    """Samples in a shard, from the tar headers only (member data is skipped, not read)."""
+    """Samples in a shard, from the tar headers only (member data is skipped, not read). A damaged
+    shard (truncated, corrupt) counts the samples before the damage, with a warning: the reader
+    skips what it cannot decode, as it does for any bad sample."""
     keys = set()
-    with tarfile.open(shard) as tar:
-        for member in tar:
-            if member.isfile():
-                name = member.name
-                base = name.rsplit("/", 1)[-1]
-                keys.add(name[: len(name) - len(base)] + base.split(".", 1)[0])
+    try:
+        with tarfile.open(shard) as tar:
+            for member in tar:
+                if member.isfile():
+                    name = member.name
+                    base = name.rsplit("/", 1)[-1]
+                    keys.add(name[: len(name) - len(base)] + base.split(".", 1)[0])
+    except (tarfile.TarError, EOFError, zlib.error, OSError) as exc:
+        log.warning("shard %s is damaged after %d samples (%s): training reads those", shard,
+                    len(keys), str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
     return len(keys)
 
 
