@@ -5,7 +5,7 @@ channels-last, torch.compile, cuDNN attention and an EMA, trained 3 steps, check
     python bench/trainer_smoke.py                 # cuda when available, else the CPU (float32)
     python bench/trainer_smoke.py --ic-bc 400     # tiny MCIE-E1 on the CPU: IC/BC before and after
 
-    python bench/trainer_smoke.py --regions 1000  # the region decoder learns "in the top left"
+    python bench/trainer_smoke.py --regions 2000  # the region decoder learns "in the top left"
 
     python bench/trainer_smoke.py --speed base 20 # GPU: `base`, random weights, samples/s with and without train-cache
 
@@ -20,7 +20,8 @@ a 32-block vision tower) with the byte-level tokenizer, built on the GPU; eager 
 source encoder, region decoder) on scenes of two identical red squares in two different quadrants,
 told "remove the square in the top left" (or another quadrant), and prints the share of the
 predicted probability mass on the named square and on the other one, and how much of each the
-predicted region (what the UNet is shown) covers, on 64 new scenes, before and after.
+predicted region (what the UNet is shown) covers, on 64 new scenes, before and after (`--lr`,
+default 1e-3; `--seed` of the training scenes).
 
 `--ic-bc STEPS` trains the tiny model for STEPS steps on procedural train shards made by the
 factory's own source, composer, editor and shard writer, with a CIE-Bench slice as --val-bench:
@@ -126,7 +127,8 @@ def regions(steps: int, batch: int = 16) -> int:
     torch.set_num_threads(1)
     model = build_model(preset("tiny").model)
     params = [p for name, p in model.trained_named_parameters() if not name.startswith("unet.")]
-    optimizer = torch.optim.AdamW(params, lr=3e-3, weight_decay=0.0)
+    lr, seed = float(_option("--lr", "1e-3")), int(_option("--seed", "0"))
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     held_out = _two_squares(np.random.default_rng(1), 64)
 
     @torch.no_grad()
@@ -146,7 +148,7 @@ def regions(steps: int, batch: int = 16) -> int:
                 "other_square_covered": share(predicted, other)}
 
     before = on_target()
-    rng, started = np.random.default_rng(0), time.perf_counter()
+    rng, started = np.random.default_rng([seed, 0]) if seed else np.random.default_rng(0), time.perf_counter()
     for _ in range(steps):
         images, source, texts, masks = _two_squares(rng, batch)
         cond = model.condition(source, texts, images, background=None, region_masks=masks)
@@ -156,7 +158,7 @@ def regions(steps: int, batch: int = 16) -> int:
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-    print(json.dumps({"check": "regions", "steps": steps, "batch": batch, "before": before, "after": on_target(),
+    print(json.dumps({"check": "regions", "steps": steps, "batch": batch, "lr": lr, "seed": seed, "before": before, "after": on_target(),
                       "last_loss": round(loss.item(), 5), "seconds": round(time.perf_counter() - started, 1)}))
     return 0
 
