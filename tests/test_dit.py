@@ -1,0 +1,191 @@
+"""MCIE-E1 on a DiT backbone (trainer/dit): property tests on tiny random FLUX.1 Kontext and
+Qwen-Image-Edit transformers built from diffusers configs.
+
+(a) perturbing the text of sub-instruction j moves the image outputs only inside region j;
+(b) with the background gate at its limit, background tokens do not depend on the instruction;
+(c) with the gate at 0 and every token global, the model is diffusers' own, bit for bit.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from trainer.dit import (
+    GLOBAL_TOKEN,
+    PADDING_TOKEN,
+    JointCondition,
+    install_mcie_processors,
+    kontext_inputs,
+    mcie_parameters,
+    qwen_edit_inputs,
+    tiny_flux_kontext,
+    tiny_qwen_image_edit,
+)
+
+B, H, W, T = 2, 4, 4, 9
+PIXELS = 16  # region/background masks at 4× the token grid, as latents or pixels would be
+# text: 2 global, 3 of sub-instruction 0, 3 of sub-instruction 1, 1 global
+SPANS = [GLOBAL_TOKEN, GLOBAL_TOKEN, 0, 0, 0, 1, 1, 1, GLOBAL_TOKEN]
+
+
+def _masks():
+    """Region 0: left half; region 1: a block in the lower right overlapping region 0 in one
+    column; background: everything outside both."""
+    regions = torch.zeros(B, 2, PIXELS, PIXELS)
+    regions[:, 0, :, :8] = 1
+    regions[:, 1, 8:, 6:14] = 1
+    background = (regions.amax(1, keepdim=True) == 0).float()
+    return regions, background
+
+
+def _data(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return dict(target=torch.randn(B, H * W, 16, generator=g), source=torch.randn(B, H * W, 16, generator=g),
+                text=torch.randn(B, T, 24, generator=g), pooled=torch.randn(B, 20, generator=g),
+                sigma=torch.tensor([0.3, 0.8]))
+
+
+def _condition(data, spans=SPANS, regions=None, background=None):
+    default_regions, default_background = _masks()
+    regions = default_regions if regions is None else regions
+    background = default_background if background is None else background
+    return JointCondition(torch.tensor([spans] * B), regions, background, (H, W), source=data["source"])
+
+
+def _run(model, data, cond, text=None, mask=None):
+    """The target tokens' prediction (B, H·W, C) and the whole output."""
+    text = data["text"] if text is None else text
+    with torch.no_grad():
+        if isinstance(model, type(tiny_flux_kontext())):
+            kwargs = kontext_inputs(model, data["target"], data["source"], text, data["pooled"], data["sigma"])
+            extra = {} if cond is None else {"joint_attention_kwargs": {"mcie": cond}}
+        else:
+            kwargs = qwen_edit_inputs(data["target"], data["source"], text, data["sigma"], (H, W), text_mask=mask)
+            extra = {} if cond is None else {"attention_kwargs": {"mcie": cond}}
+        out = model(**kwargs, **extra)[0]
+    return out[:, : H * W], out
+
+
+def _set_gates(model, value):
+    with torch.no_grad():
+        for name, p in mcie_parameters(model).items():
+            if name.endswith("gate"):
+                p.fill_(value)
+
+
+@pytest.fixture(scope="module", params=["flux-kontext", "qwen-image-edit"])
+def backbone(request):
+    """(plain diffusers model, the same weights with the MCIE processors installed)."""
+    plain = tiny_flux_kontext() if request.param == "flux-kontext" else tiny_qwen_image_edit()
+    mcie = copy.deepcopy(plain)
+    install_mcie_processors(mcie)
+    return plain, mcie
+
+
+def test_mask_follows_the_label_set_rule():
+    """On a hand-made joint sequence: spans ↔ their regions, global everywhere, padding never read,
+    tokens that have read span j hidden from those that may not."""
+    regions = torch.zeros(1, 2, 2, 2)
+    regions[0, 0, 0, 0] = 1  # token 0 in region 0
+    regions[0, 1, 0, 1] = 1  # token 1 in region 1
+    regions[0, 0, 1, 1] = regions[0, 1, 1, 1] = 1  # token 3 in both
+    cond = JointCondition(torch.tensor([[GLOBAL_TOKEN, 0, 1, PADDING_TOKEN]]), regions,
+                          torch.ones(1, 1, 2, 2), (2, 2))
+    mask = cond.attention_mask(image_length=5)[0, 0]  # 4 text, 4 target, 1 source
+    g, s0, s1, pad, t0, t1, t2, t01, src = range(9)
+    may = lambda q, k: bool(mask[q, k])  # noqa: E731
+    assert all(may(q, g) and may(q, src) and may(q, t2) for q in (g, s0, s1, t0, t1, t2, t01, src))
+    assert may(t0, s0) and may(s0, t0) and may(t1, s1) and may(s1, t1)
+    assert not may(t1, s0) and not may(t2, s0) and not may(g, s0) and not may(src, s0)
+    assert not may(s1, s0) and not may(s0, t1) and not may(t0, t01) and not may(t2, t0)
+    assert may(t01, s0) and may(t01, s1) and may(t01, t0) and may(t01, t1)
+    assert not any(may(q, pad) for q in (g, s0, s1, t0, t1, t2, t01, src)) and may(pad, pad)
+    assert mask.any(1).all()  # no empty row
+
+
+def test_spans_of_j_move_only_region_j(backbone):
+    """(a) through every layer of both backbones, with the injection half open."""
+    _, model = backbone
+    _set_gates(model, 0.5)
+    try:
+        data = _data()
+        cond = _condition(data)
+        in_region = cond.regions()[:, 1]  # (B, H·W)
+        base, whole = _run(model, data, cond)
+        text = data["text"].clone()
+        text[:, 5:8] += torch.randn(B, 3, 24, generator=torch.Generator().manual_seed(1))  # sub-instruction 1
+        moved, whole_moved = _run(model, data, _condition(data), text=text)
+        change = (moved - base).abs().amax(-1)
+        assert change[~in_region].max() <= 1e-6
+        assert change[in_region].min() > 1e-4  # every token of region 1 hears sub-instruction 1
+        assert (whole_moved[:, H * W:] - whole[:, H * W:]).abs().max() <= 1e-6  # nor the source tokens
+    finally:
+        _set_gates(model, 0.0)
+
+
+def test_closed_gate_keeps_background_free_of_the_instruction(backbone):
+    """(b) gate at its limit: background target tokens ignore all text (global and spans); at 0
+    they read the global instruction, so the gate is what cuts them off."""
+    _, model = backbone
+    data = _data()
+    background = _condition(data).background_tokens(torch.float32)[..., 0].bool()
+    assert background.any() and (~background).any()
+    text = data["text"] + torch.randn(B, T, 24, generator=torch.Generator().manual_seed(2))
+    _set_gates(model, 1.0)
+    try:
+        base, _ = _run(model, data, _condition(data))
+        moved, _ = _run(model, data, _condition(data), text=text)
+        change = (moved - base).abs().amax(-1)
+        assert change[background].max() <= 1e-6
+        assert change[~background].min() > 1e-4
+    finally:
+        _set_gates(model, 0.0)
+    base, _ = _run(model, data, _condition(data))
+    moved, _ = _run(model, data, _condition(data), text=text)
+    assert (moved - base).abs().amax(-1)[background].min() > 1e-4
+
+
+def test_gate_zero_and_global_tokens_is_diffusers_model_exactly(backbone):
+    """(c) oracle: the unmodified diffusers model with the same weights."""
+    plain, model = backbone
+    data = _data()
+    cond = _condition(data, spans=[GLOBAL_TOKEN] * T, regions=torch.zeros(B, 0, PIXELS, PIXELS))
+    ours, _ = _run(model, data, cond)
+    theirs, _ = _run(plain, data, None)
+    assert torch.equal(ours, theirs)
+    regions_without_spans = _condition(data, spans=[GLOBAL_TOKEN] * T)  # regions given, nothing names them
+    assert regions_without_spans.restricts  # ... still a mask (regions hide from the background)
+
+
+def test_qwen_padding_is_never_read():
+    """Qwen's text mask and PADDING labels agree with diffusers' own padding mask on every real token."""
+    plain = tiny_qwen_image_edit()
+    model = copy.deepcopy(plain)
+    install_mcie_processors(model)
+    data = _data()
+    text_mask = torch.ones(B, T, dtype=torch.bool)
+    text_mask[:, -2:] = False
+    labels = [GLOBAL_TOKEN] * (T - 2) + [PADDING_TOKEN] * 2
+    ours, _ = _run(model, data, _condition(data, spans=labels, regions=torch.zeros(B, 0, PIXELS, PIXELS)),
+                   mask=text_mask)
+    theirs, _ = _run(plain, data, None, mask=text_mask)
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
+    scrambled = data["text"].clone()
+    scrambled[:, -2:] = 1e3
+    again, _ = _run(model, data, _condition(data, spans=labels, regions=torch.zeros(B, 0, PIXELS, PIXELS)),
+                    text=scrambled, mask=text_mask)
+    assert (again - ours).abs().max() <= 1e-6
+
+
+def test_missing_condition_and_unknown_backbone_are_one_line_errors(backbone):
+    _, model = backbone
+    data = _data()
+    with pytest.raises(ValueError, match="needs the transformer's"):
+        _run(model, data, None)
+    with pytest.raises(ValueError, match="no MCIE processor for Linear"):
+        install_mcie_processors(torch.nn.Linear(2, 2))
+    with pytest.raises(ValueError, match="names sub-instruction 2"):
+        JointCondition(torch.tensor([[0, 2]]), torch.zeros(1, 2, 4, 4), torch.ones(1, 1, 4, 4), (2, 2))

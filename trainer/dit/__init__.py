@@ -1,0 +1,18 @@
+"""MCIE-E1 on a flow-matching DiT editor (FLUX.1 Kontext, Qwen-Image-Edit): the spatial-aware
+joint-attention mask and the background-consistent injection as diffusers attention processors,
+tiny CPU configs of both backbones, and a flow-matching LoRA training step (groundwork for issue 19;
+not yet wired into trainer/config.py, train.py or the `mcie` CLI)."""
+
+from trainer.dit.condition import GLOBAL_TOKEN, PADDING_TOKEN, JointCondition
+from trainer.dit.processors import (
+    FluxMCIEAttnProcessor,
+    QwenMCIEAttnProcessor,
+    SourceInjection,
+    install_mcie_processors,
+    mcie_parameters,
+)
+from trainer.dit.tiny import kontext_inputs, qwen_edit_inputs, tiny_flux_kontext, tiny_qwen_image_edit
+
+__all__ = ["GLOBAL_TOKEN", "PADDING_TOKEN", "JointCondition", "FluxMCIEAttnProcessor", "QwenMCIEAttnProcessor",
+           "SourceInjection", "install_mcie_processors", "mcie_parameters", "kontext_inputs", "qwen_edit_inputs",
+           "tiny_flux_kontext", "tiny_qwen_image_edit"]

@@ -1,0 +1,174 @@
+"""MCIE-E1's two modules as diffusers attention processors for a DiT's joint attention.
+
+diffusers style: the attention module keeps its weights, a processor does the arithmetic and is
+swapped in with `set_attn_processor`; the background module's weights live in the processor (an
+`nn.Module`, as IP-Adapter's do), so they travel with the transformer's state dict.
+
+- **Spatial-aware joint attention**: `JointCondition.attention_mask` (the label-set rule of
+  condition.py) on the joint `[text, target, source]` attention. FLUX's processor takes a mask,
+  so it is wrapped, not forked; Qwen-Image's refuses one, so its arithmetic is repeated here line
+  for line with the mask added.
+- **Background-consistent injection**: for target tokens at background positions the attention
+  output is mixed with a projection of the source image's token at the same position:
+  `out·(1 - g·b) + proj(source)·g·b`, `b` the token's background flag, `g = clamp(gate, 0, 1)`
+  zero-initialised (ControlNet practice: a pretrained model is undisturbed at step 0). The source
+  features are the packed source latents, instruction-free, so at `g = 1` a background token's
+  attention output no longer depends on any text.
+"""
+
+from __future__ import annotations
+
+import torch
+from diffusers.models.attention_dispatch import dispatch_attention_fn
+from diffusers.models.transformers.transformer_flux import FluxAttnProcessor, FluxTransformer2DModel
+from diffusers.models.transformers.transformer_qwenimage import (
+    QwenImageTransformer2DModel,
+    apply_rotary_emb_qwen,
+)
+from torch import nn
+
+from trainer.dit.condition import JointCondition
+
+PROCESSOR_PREFIX = ".processor."  # how the new modules' parameters are named in the transformer
+
+
+class SourceInjection(nn.Module):
+    """Gated same-position injection of source features into background target tokens."""
+
+    def __init__(self, source_dim: int, inner_dim: int):
+        super().__init__()
+        self.proj = nn.Linear(source_dim, inner_dim)
+        self.gate = nn.Parameter(torch.zeros(()))  # 0: exactly the pretrained output
+
+    def mix(self, out: torch.Tensor, cond: JointCondition, offset: int,
+            project: nn.Module | None = None) -> torch.Tensor:
+        """`out` (B, L, D) with the target tokens at rows [offset, offset + h·w). `project` is the
+        attention's output projection when `out` has already been through it (affine, so mixing
+        after it equals mixing before it)."""
+        if cond.source is None:
+            raise ValueError("the background injection needs JointCondition.source (packed source latents)")
+        length = cond.target_length
+        weight = self.gate.clamp(0.0, 1.0).to(out.dtype) * cond.background_tokens(out.dtype)
+        source = self.proj(cond.source.to(self.proj.weight.dtype)).to(out.dtype)
+        if project is not None:
+            source = project(source)
+        rows = out[:, offset: offset + length]
+        # a·(1-w) + s·w rather than lerp: at w = 1 the result is s exactly, whatever a holds
+        mixed = rows * (1.0 - weight) + source * weight
+        return torch.cat([out[:, :offset], mixed, out[:, offset + length:]], 1)
+
+
+def _condition(mcie: JointCondition | None, processor: nn.Module) -> JointCondition:
+    if not isinstance(mcie, JointCondition):
+        raise ValueError(f"{type(processor).__name__} needs the transformer's joint_attention_kwargs / "
+                         "attention_kwargs to hold {'mcie': JointCondition}")
+    return mcie
+
+
+class FluxMCIEAttnProcessor(nn.Module):
+    """FLUX (Kontext) joint attention with the spatial mask and the background injection, for
+    both the double-stream blocks (text and image given apart) and the single-stream blocks (one
+    `[text, image]` sequence, no output projection)."""
+
+    def __init__(self, source_dim: int, inner_dim: int):
+        super().__init__()
+        self.injection = SourceInjection(source_dim, inner_dim)
+        self._base = FluxAttnProcessor()  # plain object: holds no weights
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None,
+                 image_rotary_emb=None, mcie: JointCondition | None = None):
+        cond = _condition(mcie, self)
+        if attention_mask is not None:
+            raise ValueError("FluxMCIEAttnProcessor builds its own mask; pass none")
+        text = cond.text_length
+        if encoder_hidden_states is not None and encoder_hidden_states.shape[1] != text:
+            raise ValueError(f"condition has {text} text tokens, the block {encoder_hidden_states.shape[1]}")
+        image_length = hidden_states.shape[1] - (0 if encoder_hidden_states is not None else text)
+        mask = cond.attention_mask(image_length) if cond.restricts else None
+        out = self._base(attn, hidden_states, encoder_hidden_states, mask, image_rotary_emb)
+        if encoder_hidden_states is None:  # single-stream: rows are [text, image], not projected
+            return self.injection.mix(out, cond, offset=text)
+        image_out, text_out = out
+        return self.injection.mix(image_out, cond, offset=0, project=attn.to_out[0]), text_out
+
+
+class QwenMCIEAttnProcessor(nn.Module):
+    """Qwen-Image(-Edit) double-stream joint attention (diffusers' `QwenDoubleStreamAttnProcessor2_0`,
+    same operations in the same order) with the spatial mask and the background injection."""
+
+    def __init__(self, source_dim: int, inner_dim: int):
+        super().__init__()
+        self.injection = SourceInjection(source_dim, inner_dim)
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, encoder_hidden_states_mask=None,
+                 attention_mask=None, image_rotary_emb=None, mcie: JointCondition | None = None):
+        cond = _condition(mcie, self)
+        if encoder_hidden_states is None:
+            raise ValueError("QwenMCIEAttnProcessor requires encoder_hidden_states (text stream)")
+        if attention_mask is not None:
+            raise ValueError("QwenMCIEAttnProcessor builds its own mask; pass encoder_hidden_states_mask")
+        seq_txt, seq_img = encoder_hidden_states.shape[1], hidden_states.shape[1]
+        if seq_txt != cond.text_length:
+            raise ValueError(f"condition has {cond.text_length} text tokens, the block {seq_txt}")
+        if cond.restricts:
+            attention_mask = cond.attention_mask(seq_img, key_valid=encoder_hidden_states_mask)
+        elif encoder_hidden_states_mask is not None:  # diffusers' own mask, as it builds it
+            image_mask = torch.ones((hidden_states.shape[0], seq_img), dtype=torch.bool, device=hidden_states.device)
+            attention_mask = torch.cat([encoder_hidden_states_mask, image_mask], dim=1)[:, None, None, :]
+
+        head_dim = attn.inner_dim // attn.heads
+        img_query, img_key, img_value = (p(hidden_states).unflatten(-1, (-1, head_dim))
+                                         for p in (attn.to_q, attn.to_k, attn.to_v))
+        txt_query, txt_key, txt_value = (p(encoder_hidden_states).unflatten(-1, (-1, head_dim))
+                                         for p in (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj))
+        if attn.norm_q is not None:
+            img_query = attn.norm_q(img_query)
+        if attn.norm_k is not None:
+            img_key = attn.norm_k(img_key)
+        if attn.norm_added_q is not None:
+            txt_query = attn.norm_added_q(txt_query)
+        if attn.norm_added_k is not None:
+            txt_key = attn.norm_added_k(txt_key)
+        if image_rotary_emb is not None:
+            img_freqs, txt_freqs = image_rotary_emb
+            img_query = apply_rotary_emb_qwen(img_query, img_freqs, use_real=False)
+            img_key = apply_rotary_emb_qwen(img_key, img_freqs, use_real=False)
+            txt_query = apply_rotary_emb_qwen(txt_query, txt_freqs, use_real=False)
+            txt_key = apply_rotary_emb_qwen(txt_key, txt_freqs, use_real=False)
+
+        joint_query = torch.cat([txt_query, img_query], dim=1)
+        joint = dispatch_attention_fn(joint_query, torch.cat([txt_key, img_key], dim=1),
+                                      torch.cat([txt_value, img_value], dim=1), attn_mask=attention_mask,
+                                      dropout_p=0.0, is_causal=False)
+        joint = joint.flatten(2, 3).to(joint_query.dtype)
+        img_out = attn.to_out[0](joint[:, seq_txt:, :].contiguous())
+        if len(attn.to_out) > 1:
+            img_out = attn.to_out[1](img_out)
+        txt_out = attn.to_add_out(joint[:, :seq_txt, :].contiguous())
+        return self.injection.mix(img_out, cond, offset=0, project=attn.to_out[0]), txt_out
+
+
+def install_mcie_processors(transformer: nn.Module, source_dim: int | None = None) -> dict[str, nn.Module]:
+    """Swap every joint attention of a FLUX or Qwen-Image transformer for its MCIE processor, on
+    the transformer's device and dtype. `source_dim` is the width of `JointCondition.source`
+    (default: the packed latent width, `config.in_channels`). Returns {module path: processor}."""
+    if isinstance(transformer, FluxTransformer2DModel):
+        make = FluxMCIEAttnProcessor
+    elif isinstance(transformer, QwenImageTransformer2DModel):
+        make = QwenMCIEAttnProcessor
+    else:
+        raise ValueError(f"no MCIE processor for {type(transformer).__name__} "
+                         "(FluxTransformer2DModel or QwenImageTransformer2DModel)")
+    source_dim = source_dim or transformer.config.in_channels
+    parameter = next(transformer.parameters())
+    processors = {}
+    for name in transformer.attn_processors:
+        attn = transformer.get_submodule(name.removesuffix(".processor"))
+        processors[name] = make(source_dim, attn.inner_dim).to(device=parameter.device, dtype=parameter.dtype)
+    transformer.set_attn_processor(dict(processors))  # set_attn_processor pops from the dict it gets
+    return processors
+
+
+def mcie_parameters(transformer: nn.Module) -> dict[str, nn.Parameter]:
+    """The new modules' parameters (trained in full), by name."""
+    return {name: p for name, p in transformer.named_parameters() if PROCESSOR_PREFIX in f".{name}"}
