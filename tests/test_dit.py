@@ -189,3 +189,35 @@ def test_missing_condition_and_unknown_backbone_are_one_line_errors(backbone):
         install_mcie_processors(torch.nn.Linear(2, 2))
     with pytest.raises(ValueError, match="names sub-instruction 2"):
         JointCondition(torch.tensor([[0, 2]]), torch.zeros(1, 2, 4, 4), torch.ones(1, 1, 4, 4), (2, 2))
+
+
+def test_one_lora_flow_matching_step_moves_only_lora_and_new_modules():
+    """Kontext-style step: LoRA (peft) + MCIE modules trainable, base frozen; undisturbed at step 0;
+    the loss is finite and the zero-initialised gate is what learns first."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from trainer.dit.flow import add_lora, kontext_training_step, make_optimizer
+
+    plain = tiny_flux_kontext()
+    model = copy.deepcopy(plain)
+    install_mcie_processors(model)
+    groups = add_lora(model, rank=4)
+    model.train()
+    data = _data()
+    everything_global = _condition(data, spans=[GLOBAL_TOKEN] * T, regions=torch.zeros(B, 0, PIXELS, PIXELS))
+    torch.testing.assert_close(_run(model, data, everything_global)[0], _run(plain, data, None)[0],
+                               rtol=0, atol=1e-6)  # LoRA B = 0 and gate = 0: the pretrained model
+
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {n for n in before if "lora_" in n} | set(mcie_parameters(model))
+    optimizer = make_optimizer(groups, lr=1e-3, mcie_lr=1e-2)
+    loss = kontext_training_step(model, optimizer, FlowMatchEulerDiscreteScheduler(), data["target"],
+                                 data["source"], data["text"], data["pooled"], _condition(data),
+                                 generator=torch.Generator().manual_seed(3))
+    assert torch.isfinite(loss) and loss > 0
+    changed = {name for name, p in model.named_parameters() if not torch.equal(p, before[name])}
+    assert changed and changed <= trainable
+    assert any("lora_B" in n for n in changed)  # B starts at 0 and takes the first gradient
+    gates = {n for n in mcie_parameters(model) if n.endswith("gate")}
+    assert gates <= changed
