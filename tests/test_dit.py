@@ -12,6 +12,7 @@ import copy
 
 import pytest
 import torch
+from diffusers import FluxTransformer2DModel
 
 from trainer.dit import (
     GLOBAL_TOKEN,
@@ -59,7 +60,7 @@ def _run(model, data, cond, text=None, mask=None):
     """The target tokens' prediction (B, H·W, C) and the whole output."""
     text = data["text"] if text is None else text
     with torch.no_grad():
-        if isinstance(model, type(tiny_flux_kontext())):
+        if isinstance(model, FluxTransformer2DModel):
             kwargs = kontext_inputs(model, data["target"], data["source"], text, data["pooled"], data["sigma"])
             extra = {} if cond is None else {"joint_attention_kwargs": {"mcie": cond}}
         else:
