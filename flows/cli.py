@@ -61,34 +61,9 @@ EXAMPLES = {
     "eval": "mcie eval --bench out/ciebench --checkpoint out/demo/ckpt --out out/eval",
 }
 
-# Help for options their command module registers without any (filled in only where missing).
-OPTION_HELP = {
-    "import --seed": "build seed: with the source key it fixes every sample id",
-    "judge-bench --seed": "seed of the scenes and edits the judge is measured on",
-    "judge-bench --resolution": "short image side in px",
-    "train --batch-size": "samples per optimizer step and device (before accumulation)",
-    "train --grad-accum": "micro-batches accumulated into one optimizer step",
-    "train --lr": "AdamW learning rate",
-    "train --gradient-checkpointing": "recompute activations in the backward pass (less memory)",
-    "train --lr-schedule": "learning-rate schedule over --steps",
-    "train --lr-warmup-steps": "steps of linear warm-up of the learning rate",
-    "train --checkpoint-every": "save checkpoint-{step} every this many steps",
-    "train --checkpoint-limit": "checkpoints kept (older ones are deleted)",
-    "train --num-workers": "data loader worker processes",
-    "train --mixed-precision": "accelerate mixed precision (auto: bf16 on a GPU that has it)",
-    "train --seed": "seed of initialisation, data order and noise",
-    "train-cache --batch-size": "samples encoded per batch",
-    "edit --image": "the image to edit (PNG, JPEG, ...)",
-    "edit --instruction": "the complex instruction, in words",
-    "edit --steps": "denoising steps",
-    "edit --text-guidance": "classifier-free guidance scale on the instruction",
-    "edit --image-guidance": "guidance scale on the source image",
-    "edit --seed": "seed of the initial noise",
-}
-
-
 def finish_help(parser: argparse.ArgumentParser, path: tuple[str, ...] = ()) -> None:
-    """Give every command's --help a description, a one-line example and help on every option."""
+    """Give every command's --help a description and a one-line example (each module writes its
+    options' help itself)."""
     for action in parser._actions:
         if not isinstance(action, argparse._SubParsersAction):
             continue
@@ -102,10 +77,6 @@ def finish_help(parser: argparse.ArgumentParser, path: tuple[str, ...] = ()) -> 
                 sub.formatter_class = HelpWithDefaults  # defaults shown, the example kept whole
             if command in EXAMPLES and not sub.epilog:
                 sub.epilog = f"example: {EXAMPLES[command]}"
-            for option in sub._actions:
-                key = f"{command} {option.option_strings[0]}" if option.option_strings else ""
-                if not option.help and key in OPTION_HELP:
-                    option.help = OPTION_HELP[key]
             finish_help(sub, (*path, name))
 
 

@@ -40,7 +40,8 @@ def register(subparsers: Any) -> None:
     p.add_argument("--max-edits", type=positive_int, default=8, help="keep the first N turns")
     p.add_argument("--resolution", type=resolution, default=512,
                    help="short image side in px (the long side follows the aspect, rounded to 64)")
-    p.add_argument("--seed", type=non_negative_int, default=0)
+    p.add_argument("--seed", type=non_negative_int, default=0,
+                   help="build seed: with the source key it fixes every sample id")
     p.add_argument("--shard-size", type=positive_int, default=64, help="sessions per work unit")
     p.add_argument("--workers", type=positive_int, default=2, help="Ray workers (actors)")
     p.add_argument("--ray-address", default=None, help="existing Ray cluster (else $RAY_ADDRESS or local)")

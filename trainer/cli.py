@@ -24,19 +24,30 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                                             "4-channel one widened with zeros); sets model.unet_path")
     train.add_argument("--steps", type=int, default=100, help="train up to this many steps in total")
     train.add_argument("--out", default="checkpoints", help="checkpoint dir (re-run to resume)")
-    train.add_argument("--batch-size", type=int)
-    train.add_argument("--grad-accum", type=int)
-    train.add_argument("--lr", type=float, dest="learning_rate")
+    train.add_argument("--batch-size", type=int,
+                       help="samples per optimizer step and device (before accumulation)")
+    train.add_argument("--grad-accum", type=int,
+                       help="micro-batches accumulated into one optimizer step")
+    train.add_argument("--lr", type=float, dest="learning_rate",
+                       help="AdamW learning rate")
     train.add_argument("--new-lr", type=float, dest="new_learning_rate",
                        help="learning rate of the modules a pretrained UNet lacks (default: --lr)")
-    train.add_argument("--gradient-checkpointing", action="store_true", default=None)
-    train.add_argument("--lr-schedule", choices=LR_SCHEDULES)
-    train.add_argument("--lr-warmup-steps", type=int)
-    train.add_argument("--checkpoint-every", type=int)
-    train.add_argument("--checkpoint-limit", type=int)
-    train.add_argument("--num-workers", type=int)
-    train.add_argument("--mixed-precision", choices=["auto", "no", "bf16", "fp16"])
-    train.add_argument("--seed", type=int)
+    train.add_argument("--gradient-checkpointing", action="store_true", default=None,
+                       help="recompute activations in the backward pass (less memory)")
+    train.add_argument("--lr-schedule", choices=LR_SCHEDULES,
+                       help="learning-rate schedule over --steps")
+    train.add_argument("--lr-warmup-steps", type=int,
+                       help="steps of linear warm-up of the learning rate")
+    train.add_argument("--checkpoint-every", type=int,
+                       help="save checkpoint-{step} every this many steps")
+    train.add_argument("--checkpoint-limit", type=int,
+                       help="checkpoints kept (older ones are deleted)")
+    train.add_argument("--num-workers", type=int,
+                       help="data loader worker processes")
+    train.add_argument("--mixed-precision", choices=["auto", "no", "bf16", "fp16"],
+                       help="accelerate mixed precision (auto: bf16 on a GPU that has it)")
+    train.add_argument("--seed", type=int,
+                       help="seed of initialisation, data order and noise")
     train.add_argument("--compile", choices=COMPILE_MODES, help="torch.compile the UNet (base: default)")
     train.add_argument("--channels-last", action="store_true", default=None,
                        help="channels-last convolution weights (base: on)")
@@ -47,21 +58,28 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     cache.add_argument("--data", required=True, help="a build OUT (reads OUT/shards/train-*.tar)")
     cache.add_argument("--out", required=True, help="the cache: train on it with mcie train --data OUT")
     cache.add_argument("--config", default="tiny", help="the config training will use (tiny | base | FILE)")
-    cache.add_argument("--batch-size", type=int, default=16)
+    cache.add_argument("--batch-size", type=int, default=16,
+                       help="samples encoded per batch")
     cache.add_argument("--device", default=None, help="cuda when available, else cpu")
     cache.set_defaults(func=run_cache)
 
     edit = subparsers.add_parser("edit", help="edit an image with a trained MCIE-E1 checkpoint")
     edit.add_argument("--checkpoint", required=True, help="checkpoint-N dir or a training --out dir")
-    edit.add_argument("--image", required=True)
-    edit.add_argument("--instruction", required=True)
+    edit.add_argument("--image", required=True,
+                      help="the image to edit (PNG, JPEG, ...)")
+    edit.add_argument("--instruction", required=True,
+                      help="the complex instruction, in words")
     edit.add_argument("--regions", nargs="+", metavar="MASK_OR_BOX",
                       help="one per sub-instruction: a mask image or x0,y0,x1,y1 (overrides prediction)")
     edit.add_argument("--out", required=True, help="output PNG")
-    edit.add_argument("--steps", type=int, default=20)
-    edit.add_argument("--text-guidance", type=float, default=7.5)
-    edit.add_argument("--image-guidance", type=float, default=1.5)
-    edit.add_argument("--seed", type=int, default=0)
+    edit.add_argument("--steps", type=int, default=20,
+                      help="denoising steps")
+    edit.add_argument("--text-guidance", type=float, default=7.5,
+                      help="classifier-free guidance scale on the instruction")
+    edit.add_argument("--image-guidance", type=float, default=1.5,
+                      help="guidance scale on the source image")
+    edit.add_argument("--seed", type=int, default=0,
+                      help="seed of the initial noise")
     edit.add_argument("--split", choices=["grammar", "mllm"], default="grammar",
                       help="split the instruction by the composer's grammar or by asking the MLLM")
     edit.add_argument("--weights", choices=["ema", "trained"], default="ema",

@@ -231,8 +231,10 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
                         help="pairs to build (needed for procedural; default: every image of the "
                              "source × --edits-per-image)")
     parser.add_argument("--defect-rate", type=rate, required=True, help="share of spoiled pairs")
-    parser.add_argument("--seed", type=non_negative_int, default=0)
-    parser.add_argument("--resolution", type=resolution, default=512)
+    parser.add_argument("--seed", type=non_negative_int, default=0,
+                        help="seed of the scenes and edits the judge is measured on")
+    parser.add_argument("--resolution", type=resolution, default=512,
+                        help="short image side in px")
     parser.add_argument("--source", default="procedural",
                         help="source backend: procedural (default), folder, list, webdataset, parquet")
     parser.add_argument("--source-path", help="the folder, list file, tar shards or parquet to read")
