@@ -21,16 +21,16 @@ def prepare_build(out: Path, config: BuildConfig) -> int:
     from pipeline.unit import make_source
 
     out = Path(out)
-    if (out / SOURCE_INDEX).is_file() or (out / "config.json").is_file():
-        save_config(out, config)  # a resume: the saved parameters and key list hold
-        return total_samples(out, config)
-    index, table = make_index(make_source(config))
-    total = config.total_samples(index.size)
-    out.mkdir(parents=True, exist_ok=True)
+    if (out / "config.json").is_file():
+        save_config(out, config)  # a resume: the saved parameters must match
+    if not (out / SOURCE_INDEX).is_file():  # first run (or a kill before the index was saved)
+        index, table = make_index(make_source(config))
+        config.total_samples(index.size)  # a count the source cannot give: refused here
+        out.mkdir(parents=True, exist_ok=True)
+        if table is not None:
+            write_index(out, table)
     save_config(out, config)
-    if table is not None:
-        write_index(out, table)
-    return total
+    return total_samples(out, config)
 
 
 def total_samples(out: Path, config: BuildConfig) -> int:

@@ -91,3 +91,15 @@ def test_a_folder_build_is_deterministic_and_a_rerun_unit_writes_the_same_bytes(
     # a file added to the folder later does not move the build's key list
     (folder / "zzz.png").write_bytes((folder / "chelsea.png").read_bytes())
     assert prepare_build(first, config) == 12
+
+
+def test_a_kill_between_config_and_key_list_resumes(tmp_path):
+    """config.json written but the source index not yet (a kill in between): the rerun makes the
+    index and goes on, rather than taking the source for a generator."""
+    folder = photo_folder(tmp_path / "photos", ["astronaut", "chelsea"])
+    config = BuildConfig(source="folder", source_options={"path": str(folder)}, resolution=128,
+                         edits_per_image=2, shard_size=4, seed=1)
+    out = tmp_path / "out"
+    assert prepare_build(out, config) == 4
+    (out / "source_index.parquet").unlink()
+    assert prepare_build(out, config) == 4 and (out / "source_index.parquet").is_file()
