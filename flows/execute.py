@@ -98,6 +98,19 @@ def _worker_class():
     return UnitWorker
 
 
+def _settle(in_flight: dict) -> None:
+    """Before giving up: collect the units still in flight (their errors are the same story), so
+    Ray has no unretrieved task error to print as a traceback when their refs are dropped."""
+    import ray
+
+    for ref in list(in_flight):
+        try:
+            ray.get(ref)
+        except Exception:  # noqa: BLE001 - already reported by the failure being raised
+            pass
+    in_flight.clear()
+
+
 def run_units(
     config: BuildConfig,
     out: Path,
@@ -142,9 +155,11 @@ def run_units(
         except (RayActorError, RayTaskError) as exc:
             fatal = fatal_io_error(exc)
             if fatal is not None:
+                _settle(in_flight)
                 raise OutputUnwritable(f"cannot write {out}: {fatal} (free space or fix "
                                        f"permissions, then run the same command to resume)") from None
             if attempts[unit] >= MAX_UNIT_ATTEMPTS:
+                _settle(in_flight)
                 raise UnitFailed(f"unit {unit} failed {attempts[unit]} times: {one_line(exc)}") from None
             log.warning("unit %d failed (attempt %d), retrying: %s", unit, attempts[unit], one_line(exc))
             result.retries += 1
