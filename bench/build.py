@@ -72,13 +72,12 @@ def build_args(args: argparse.Namespace, count: int, work: Path) -> list[str]:
 def config_of(build: list[str]):
     """The BuildConfig `mcie build` makes of these arguments."""
     from flows.cli import build_parser
+    from pipeline.cli_args import seat_fields
     from pipeline.config import BuildConfig
 
     ns = build_parser().parse_args(["build", "--out", "unused", *build])
-    options = {"path": ns.source_path} if ns.source_path else {}
     return BuildConfig(count=ns.count, seed=ns.seed, resolution=ns.resolution,
-                       shard_size=ns.shard_size, source=ns.source, source_options=options,
-                       edits_per_image=ns.edits_per_image)
+                       shard_size=ns.shard_size, **seat_fields(ns))
 
 
 def bare_loop(build: list[str], out: Path) -> dict:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import json
 import logging
 import os
 import shutil
@@ -12,8 +11,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from pipeline.cli_args import (add_judge_arguments, judge_options, non_negative_int,
-                               positive_int, rate, resolution)
+from pipeline.cli_args import (add_judge_arguments, add_seat_arguments, judge_options, key_value,
+                               non_negative_int, positive_int, rate, resolution, seat_fields)
 
 # Modules that add subcommands with `register(subparsers)`, in the order `mcie --help` lists them.
 COMMAND_MODULES = (
@@ -127,17 +126,6 @@ def make_out_dir(text: str) -> Path:
     return path
 
 
-def key_value(text: str) -> tuple[str, Any]:
-    """KEY=VALUE, the value read as JSON where it parses (3, 0.5, true, [1, 2]), else a string."""
-    key, sep, value = text.partition("=")
-    if not sep or not key:
-        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
-    try:
-        return key, json.loads(value)
-    except json.JSONDecodeError:
-        return key, value
-
-
 def register_build(subparsers) -> None:
     p = subparsers.add_parser(
         "build", help="build a complex-edit dataset (Prefect flow on Ray)",
@@ -155,20 +143,7 @@ def register_build(subparsers) -> None:
     p.add_argument("--license", default="",
                    help="the dataset's license for its card and config.json (e.g. cc-by-4.0); "
                         "default: the sources' own licenses")
-    p.add_argument("--source", default="procedural",
-                   help="source backend: procedural (default), folder, list, webdataset, parquet")
-    p.add_argument("--source-path", help="the folder, list file, tar shards or parquet to read")
-    p.add_argument("--edits-per-image", type=positive_int, default=1,
-                   help="different complex instructions per source image")
-    p.add_argument("--min-side", type=positive_int,
-                   help="file sources: quarantine images whose shorter side is under this (px)")
-    p.add_argument("--max-aspect", type=float,
-                   help="file sources: quarantine images longer than this many times their width")
-    p.add_argument("--grounder", default="",
-                   help="grounder backend: given (regions from the source) or classical "
-                        "(default for photos)")
-    p.add_argument("--editor", default="",
-                   help="editor backend: procedural (default for procedural scenes) or photo")
+    add_seat_arguments(p)
     p.add_argument("--rewriter", default="",
                    help="instruction rewriter: vllm (an LLM rewrites the grammar-joined "
                         "instruction; a rewrite that loses a target or attribute is refused)")
@@ -184,9 +159,8 @@ def register_build(subparsers) -> None:
                         "(the others go to OUT/preference as negatives)")
     p.add_argument("--num-gpus", type=float, default=0,
                    help="GPUs each Ray worker asks for (a generative editor on a cluster)")
-    for seat in ("source", "grounder", "editor", "rewriter"):
-        p.add_argument(f"--{seat}-option", action="append", type=key_value, default=[],
-                       metavar="KEY=VALUE", help=f"an option of the {seat} backend (repeatable)")
+    p.add_argument("--rewriter-option", action="append", type=key_value, default=[],
+                   metavar="KEY=VALUE", help="an option of the rewriter backend (repeatable)")
     p.add_argument("--workers", type=positive_int, default=2, help="Ray workers (actors)")
     p.add_argument("--shard-size", type=positive_int, default=64,
                    help="samples per work unit; each unit writes one train and one negatives shard")
@@ -210,12 +184,8 @@ def run_build(args: argparse.Namespace) -> int:
         make_judge(args.judge, **options)  # checks the name and options; opens no connection
     except (ValueError, TypeError) as exc:
         raise UsageError(f"mcie build: error: {exc}") from None
-    source_options = dict(args.source_option)
-    for name, value in (("path", args.source_path), ("min_side", args.min_side),
-                        ("max_aspect", args.max_aspect)):
-        if value is not None:
-            source_options[name] = value
-    editor_options = dict(args.editor_option)
+    seats = seat_fields(args)
+    editor_options = seats["editor_options"]
     for name, value in (("path", args.editor_path), ("steps", args.editor_steps),
                         ("guidance", args.editor_guidance), ("device", args.editor_device),
                         ("dtype", args.editor_dtype), ("candidates", args.candidates)):
@@ -227,10 +197,7 @@ def run_build(args: argparse.Namespace) -> int:
         config = BuildConfig(
             count=args.count, seed=args.seed, resolution=args.resolution,
             shard_size=args.shard_size, defect_rate=args.defect_rate, min_edits=args.min_edits,
-            max_edits=args.max_edits, judge=args.judge, judge_options=options,
-            source=args.source, source_options=source_options, grounder=args.grounder,
-            grounder_options=dict(args.grounder_option), editor=args.editor,
-            editor_options=editor_options, edits_per_image=args.edits_per_image,
+            max_edits=args.max_edits, judge=args.judge, judge_options=options, **seats,
             rewriter=args.rewriter, rewriter_options=dict(args.rewriter_option),
             license=args.license,
         )

@@ -1,10 +1,11 @@
-"""Argument types and the judge options shared by every `mcie` subcommand.
+"""Argument types, the judge options and the front seats' flags shared by `mcie` subcommands.
 
 argparse turns an `ArgumentTypeError` into a one-line usage error (exit 2)."""
 
 from __future__ import annotations
 
 import argparse
+import json
 from typing import Any
 
 # A judge that is down costs one timeout per unit, not timeout x retries x pairs (issue 17).
@@ -90,3 +91,49 @@ def judge_options(args: argparse.Namespace) -> dict[str, Any]:
     if args.judge == "vllm" and "url" not in options:
         raise ValueError(f"--judge {args.judge} needs --judge-url")
     return options
+
+
+def key_value(text: str) -> tuple[str, Any]:
+    """KEY=VALUE, the value read as JSON where it parses (3, 0.5, true, [1, 2]), else a string."""
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value
+
+
+def add_seat_arguments(parser: argparse.ArgumentParser) -> None:
+    """The front seats' flags (source, grounder, editor), shared by build and judge-bench."""
+    parser.add_argument("--source", default="procedural",
+                        help="source backend: procedural (default), folder, list, webdataset, parquet")
+    parser.add_argument("--source-path", help="the folder, list file, tar shards or parquet to read")
+    parser.add_argument("--edits-per-image", type=positive_int, default=1,
+                        help="different complex instructions per source image")
+    parser.add_argument("--min-side", type=positive_int,
+                        help="file sources: quarantine images whose shorter side is under this (px)")
+    parser.add_argument("--max-aspect", type=float,
+                        help="file sources: quarantine images longer than this many times their width")
+    parser.add_argument("--grounder", default="",
+                        help="grounder backend: given (regions from the source) or classical "
+                             "(default for photos)")
+    parser.add_argument("--editor", default="",
+                        help="editor backend: procedural (default for procedural scenes) or photo")
+    for seat in ("source", "grounder", "editor"):
+        parser.add_argument(f"--{seat}-option", action="append", type=key_value, default=[],
+                            metavar="KEY=VALUE", help=f"an option of the {seat} backend (repeatable)")
+
+
+def seat_fields(args: argparse.Namespace) -> dict[str, Any]:
+    """BuildConfig's seat fields from `add_seat_arguments`' flags (the shorthands --source-path,
+    --min-side and --max-aspect join the source's options)."""
+    source_options = dict(args.source_option)
+    for name, value in (("path", args.source_path), ("min_side", args.min_side),
+                        ("max_aspect", args.max_aspect)):
+        if value is not None:
+            source_options[name] = value
+    return {"source": args.source, "source_options": source_options,
+            "grounder": args.grounder, "grounder_options": dict(args.grounder_option),
+            "editor": args.editor, "editor_options": dict(args.editor_option),
+            "edits_per_image": args.edits_per_image}

@@ -27,7 +27,8 @@ import time
 from collections import defaultdict
 from typing import Any
 
-from pipeline.cli_args import add_judge_arguments, judge_options, non_negative_int, positive_int, rate, resolution
+from pipeline.cli_args import (add_judge_arguments, add_seat_arguments, judge_options,
+                               non_negative_int, positive_int, rate, resolution, seat_fields)
 from pipeline.config import BuildConfig
 from pipeline.dataset.source_index import make_index
 from pipeline.judges.base import JudgeStage, make_judge
@@ -142,7 +143,9 @@ def judge_bench(
     source: str = "procedural",
     source_options: dict[str, Any] | None = None,
     grounder: str = "",
+    grounder_options: dict[str, Any] | None = None,
     editor: str = "",
+    editor_options: dict[str, Any] | None = None,
     edits_per_image: int = 1,
     shard_size: int = BATCH,
 ) -> dict[str, Any]:
@@ -154,7 +157,8 @@ def judge_bench(
         count=count, seed=seed, resolution=resolution, shard_size=shard_size,
         defect_rate=defect_rate, judge=judge, judge_options=dict(judge_options or {}),
         source=source, source_options=dict(source_options or {}), grounder=grounder,
-        editor=editor, edits_per_image=edits_per_image,
+        grounder_options=dict(grounder_options or {}), editor=editor,
+        editor_options=dict(editor_options or {}), edits_per_image=edits_per_image,
     )
     judge_impl = make_judge(judge, **config.judge_options)
     policy = policy or RoutingPolicy.for_judge(judge_impl)
@@ -235,13 +239,7 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
                         help="seed of the scenes and edits the judge is measured on")
     parser.add_argument("--resolution", type=resolution, default=512,
                         help="short image side in px")
-    parser.add_argument("--source", default="procedural",
-                        help="source backend: procedural (default), folder, list, webdataset, parquet")
-    parser.add_argument("--source-path", help="the folder, list file, tar shards or parquet to read")
-    parser.add_argument("--edits-per-image", type=positive_int, default=1,
-                        help="different complex instructions per source image")
-    parser.add_argument("--grounder", default="", help="grounder backend (default: the source's)")
-    parser.add_argument("--editor", default="", help="editor backend (default: the source's)")
+    add_seat_arguments(parser)
     add_judge_arguments(parser)
     parser.set_defaults(func=_run)
     return parser
@@ -251,9 +249,7 @@ def _run(args: argparse.Namespace) -> int:
     try:
         report = judge_bench(
             args.count, args.defect_rate, seed=args.seed, judge=args.judge,
-            resolution=args.resolution, judge_options=judge_options(args), source=args.source,
-            source_options={} if args.source_path is None else {"path": args.source_path},
-            grounder=args.grounder, editor=args.editor, edits_per_image=args.edits_per_image)
+            resolution=args.resolution, judge_options=judge_options(args), **seat_fields(args))
     except (ValueError, TypeError, OSError) as exc:  # unknown backend, bad options, missing path
         message = " ".join(str(exc).split())
         print(f"mcie judge-bench: error: {message}", file=sys.stderr)
