@@ -209,53 +209,62 @@ def run_build(args: argparse.Namespace) -> int:
         front_stages(config)  # cheap (models load on first use): a bad editor path is refused here
     except (ConfigError, ValueError, TypeError, OSError) as exc:
         raise UsageError(f"mcie build: error: {exc}") from None
+    return launch_build(args.out, config, args.workers, args.ray_address, args.num_gpus)
+
+
+def launch_build(out_arg: str, config, workers: int, ray_address: str | None,
+                 num_gpus: float = 0, command: str = "build") -> int:
+    """Run a validated build (or import) into `out_arg`: refuse a non-empty directory that holds
+    no build, take OUT's writer lock, fix the config and key list, skip a finished build, run the
+    flow. Shared by `mcie build` and `mcie import`; `command` names it in messages."""
     from pipeline.dataset.lock import OutLocked, out_lock
 
-    existed = Path(args.out).exists()
-    if existed and not is_build_or_empty(Path(args.out)):
-        raise UsageError(f"mcie build: error: {args.out} is not empty and holds no build "
+    existed = Path(out_arg).exists()
+    if existed and not is_build_or_empty(Path(out_arg)):
+        raise UsageError(f"mcie {command}: error: {out_arg} is not empty and holds no build "
                          "(no config.json): choose a new or empty directory")
-    out = make_out_dir(args.out)
+    out = make_out_dir(out_arg)
     try:
         with out_lock(out):  # one writer per OUT, from planning to the report
-            return _locked_build(args, config, existed)
+            return _locked_build(out, config, existed, workers, ray_address, num_gpus, command)
     except OutLocked as exc:
-        raise UsageError(f"mcie build: error: {exc}") from None
+        raise UsageError(f"mcie {command}: error: {exc}") from None
     except OSError as exc:  # a read-only or full OUT: one line (see pipeline.dataset.lock)
-        print(f"mcie build: failed: {exc}", file=sys.stderr)
+        print(f"mcie {command}: failed: {exc}", file=sys.stderr)
         return 1
 
 
-def _locked_build(args: argparse.Namespace, config, existed: bool) -> int:
+def _locked_build(out: Path, config, existed: bool, workers: int, ray_address: str | None,
+                  num_gpus: float, command: str) -> int:
     from pipeline.config import ConfigError
     from flows.plan import is_complete, prepare_build
 
     try:
-        prepare_build(Path(args.out), config)
+        prepare_build(out, config)
     except ConfigError as exc:
         if not existed:  # a refused command leaves nothing behind
-            shutil.rmtree(args.out, ignore_errors=True)
-        raise UsageError(f"mcie build: error: {exc}") from None
+            shutil.rmtree(out, ignore_errors=True)
+        raise UsageError(f"mcie {command}: error: {exc}") from None
 
-    if is_complete(Path(args.out), config):  # decided from OUT alone: no Prefect, no Ray
-        print(f"{args.out}: build already complete, nothing to do")
+    if is_complete(out, config):  # decided from OUT alone: no Prefect, no Ray
+        print(f"{out}: {command} already complete, nothing to do")
         return 0
     from flows.build import build_dataset
 
     try:
         result = build_dataset(
-            out=args.out, workers=args.workers, ray_address=args.ray_address, num_gpus=args.num_gpus,
+            out=str(out), workers=workers, ray_address=ray_address, num_gpus=num_gpus,
             **{k: v for k, v in config.to_dict().items() if k != "routing"},
         )
     except Exception as exc:  # Prefect has logged the details; the run can be resumed
         if type(exc).__name__ == "FailedRun":  # the flow ended itself with a one-line reason
-            print(f"mcie build: failed: {exc}", file=sys.stderr)
+            print(f"mcie {command}: failed: {exc}", file=sys.stderr)
         else:
-            print(f"mcie build: failed: {type(exc).__name__}: {exc} (run the same command to "
-                  "resume)", file=sys.stderr)
+            print(f"mcie {command}: failed: {type(exc).__name__}: {exc} (run the same command "
+                  "to resume)", file=sys.stderr)
         return 1
     if result.get("already_complete"):
-        print(f"{args.out}: build already complete, nothing to do")
+        print(f"{out}: {command} already complete, nothing to do")
     print(result["summary"])
     print(f"report: {result['report']}")
     return 0

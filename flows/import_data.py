@@ -10,7 +10,6 @@ the build's own; re-running the same command on a finished OUT does nothing and 
 from __future__ import annotations
 
 import argparse
-import shutil
 import sys
 from pathlib import Path
 from typing import Any
@@ -72,7 +71,6 @@ def _usage(message: str) -> int:
 
 
 def run_import(args: argparse.Namespace) -> int:
-    from flows.cli import make_out_dir
     from pipeline.config import ConfigError
     from pipeline.judges.base import make_judge
     from pipeline.unit import make_source
@@ -91,29 +89,10 @@ def run_import(args: argparse.Namespace) -> int:
         return _usage(str(exc))
     print(f"{args.format}: {source.found} sessions, {source.skipped} skipped "
           f"(fewer than {config.min_edits} turns), {len(keys)} to import")
-    from flows.plan import is_complete, prepare_build
-
-    existed = Path(args.out).exists()
-    try:
-        if not existed:
-            Path(args.out).mkdir(parents=True)
-        prepare_build(make_out_dir(args.out), config)
-    except (ConfigError, OSError) as exc:
-        if not existed:  # a refused command leaves nothing behind
-            shutil.rmtree(args.out, ignore_errors=True)
-        return _usage(str(exc))
-    if is_complete(Path(args.out), config):  # decided from OUT alone: no Prefect, no Ray
-        print(f"{args.out}: import already complete, nothing to do")
-        return 0
-    from flows.build import build_dataset
+    from flows.cli import UsageError, launch_build
 
     try:
-        result = build_dataset(out=args.out, workers=args.workers, ray_address=args.ray_address,
-                               **{k: v for k, v in config.to_dict().items() if k != "routing"})
-    except Exception as exc:  # Prefect has logged the details; the run can be resumed
-        print(f"mcie import: failed: {type(exc).__name__}: {exc} (run the same command to resume)",
-              file=sys.stderr)
-        return 1
-    print(result["summary"])
-    print(f"report: {result['report']}")
-    return 0
+        return launch_build(args.out, config, args.workers, args.ray_address, command="import")
+    except UsageError as exc:
+        print(exc, file=sys.stderr)
+        return 2

@@ -374,6 +374,15 @@ def test_bad_import_arguments_are_one_line_and_create_nothing(tmp_path):
         assert result.returncode == 2, result.stderr
         assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
         assert not out.exists()
+    # an import, like a build, never writes into a directory that holds something else
+    magicbrush(tmp_path / "mb")
+    junk = tmp_path / "junk"
+    junk.mkdir()
+    (junk / "notes.txt").write_text("mine")
+    result = mcie("import", "--format", "magicbrush", "--input", str(tmp_path / "mb"),
+                  "--out", str(junk))
+    assert result.returncode == 2 and "is not empty and holds no build" in result.stderr
+    assert sorted(p.name for p in junk.iterdir()) == ["notes.txt"]
 
 
 @pytest.mark.slow
@@ -391,3 +400,18 @@ def test_mcie_import_runs_the_build_flow_and_a_rerun_does_nothing(tmp_path):
     assert mcie("verify", str(out)).returncode == 0
     again = mcie(*args)
     assert again.returncode == 0 and "already complete, nothing to do" in again.stdout
+    # one writer per OUT: an import is refused while another process holds the build's lock
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys\nfrom pathlib import Path\n"
+         "from pipeline.dataset.lock import out_lock\n"
+         "with out_lock(Path(sys.argv[1]), 'holder'):\n"
+         "    print('locked', flush=True)\n    sys.stdin.readline()", str(out)],
+        cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        refused = mcie(*args)
+        assert refused.returncode == 2 and f"pid {holder.pid}" in refused.stderr
+        assert len(refused.stderr.strip().splitlines()) == 1
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=30)
