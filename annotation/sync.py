@@ -47,7 +47,7 @@ from annotation.tasks import (
 )
 from pipeline.dataset.move import is_sample_id
 from pipeline.dataset.shards import atomic_write_bytes
-from pipeline.sources.decode import _DECODE_ERRORS as DECODE_ERRORS
+from pipeline.sources.decode import DECODE_ERRORS
 
 log = logging.getLogger(__name__)
 

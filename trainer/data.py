@@ -22,7 +22,6 @@ import io
 import itertools
 import json
 import logging
-import struct
 import tarfile
 import zlib
 from dataclasses import dataclass, field
@@ -35,16 +34,16 @@ import webdataset as wds
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from pipeline.dataset.shards import CORRUPT_DATA_ERRORS
 from trainer.config import ModelConfig, TrainConfig
 
 log = logging.getLogger(__name__)
 
 POSITION = "__position__"
 FROZEN_MEMBER = "frozen.safetensors"  # a cached sample's frozen encodings (see trainer.cache)
-# What `decode_sample` raises for a broken sample (missing member, bad image or JSON): skip it.
-BAD_SAMPLE_ERRORS = (KeyError, ValueError, OSError, json.JSONDecodeError, SyntaxError, EOFError,
-                     struct.error, zlib.error, tarfile.TarError, IndexError, TypeError,
-                     Image.DecompressionBombError)  # what damaged PNG/tar bytes really raise
+# What `decode_sample` raises for a broken sample (missing member, bad image or JSON, damaged tar):
+# skip it. The same list every reader of shards catches.
+BAD_SAMPLE_ERRORS = CORRUPT_DATA_ERRORS
 
 
 def find_shards(data: str | Path) -> list[Path]:

@@ -42,7 +42,7 @@ from pipeline.dataset.output import (
 )
 from pipeline.dataset.shards import is_temp_name, read_sample_dir, remove_path, sample_members
 from pipeline.judges.base import Judge, JudgeStage
-from pipeline.sources.decode import _DECODE_ERRORS as DECODE_ERRORS
+from pipeline.sources.decode import DECODE_ERRORS
 from pipeline.record import EditSample
 from pipeline.routing import RouteStage, RoutingPolicy
 

@@ -65,6 +65,7 @@ from isal import isal_zlib
 from PIL import Image
 
 from pipeline import rle
+from pipeline.sources.decode import DECODE_ERRORS
 from pipeline.record import MAX_SUB_EDITS, SHARD_FORMAT, EditSample, InventoryObject, SubEdit, dumps
 
 TAR_MTIME = 0  # fixed header fields: the same samples always give the same tar bytes
@@ -83,13 +84,10 @@ _MASK_SUFFIX = re.compile(r"^mask_(\d+)\.png$")  # format 1 only
 MAX_MEMBER_BYTES = 256 * 1024 * 1024
 MAX_PIXELS = 64_000_000
 
-# What damaged bytes really raise, from tarfile, json, zlib and Pillow's decoders (a flipped bit
-# gives SyntaxError from a PNG chunk parser, struct.error from a short header, zlib.error from an
-# IDAT stream, DecompressionBombError from a forged size, EOFError from a truncated tar, ...).
-# Every reader of shards and sample dirs catches exactly these and reports a reason.
-CORRUPT_DATA_ERRORS = (ValueError, OSError, SyntaxError, EOFError, struct.error, zlib.error,
-                       tarfile.TarError, KeyError, IndexError, TypeError, OverflowError,
-                       MemoryError, Image.DecompressionBombError, Image.DecompressionBombWarning)
+# What damaged bytes really raise: Pillow's decoders (`DECODE_ERRORS`), and tarfile on a
+# truncated or corrupt tar (json's errors are ValueErrors). Every reader of shards and sample dirs
+# catches exactly these and reports a reason.
+CORRUPT_DATA_ERRORS = (*DECODE_ERRORS, tarfile.TarError)
 _KEY = re.compile(r"^[A-Za-z0-9_-]+$")  # no dots (webdataset splits the key at the first dot)
 
 

@@ -42,11 +42,13 @@ IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".webp", "
                             ".tif", ".tiff", ".gif"})
 REASON_MAX_CHARS = 200
 
-# Everything Pillow and its codecs are known to raise on hostile input.
-_DECODE_ERRORS = (OSError, ValueError, SyntaxError, struct.error, zlib.error, EOFError,
-                  TypeError, IndexError, KeyError, AttributeError, MemoryError, OverflowError,
-                  ZeroDivisionError, RuntimeError, NotImplementedError, Image.DecompressionBombError,
-                  Image.DecompressionBombWarning)
+# Everything Pillow and its codecs are known to raise on hostile input (a flipped bit gives
+# SyntaxError from a PNG chunk parser, struct.error from a short header, zlib.error from an IDAT
+# stream, DecompressionBombError from a forged size, ...). Every image reader catches these.
+DECODE_ERRORS = (OSError, ValueError, SyntaxError, struct.error, zlib.error, EOFError,
+                 TypeError, IndexError, KeyError, AttributeError, MemoryError, OverflowError,
+                 ZeroDivisionError, RuntimeError, NotImplementedError, Image.DecompressionBombError,
+                 Image.DecompressionBombWarning)
 
 
 @dataclass
@@ -86,7 +88,7 @@ def decode_image(data: bytes, *, max_pixels: int = MAX_PIXELS,
             return _decode(im, max_pixels)
     except SourceError:
         raise
-    except _DECODE_ERRORS as exc:
+    except DECODE_ERRORS as exc:
         raise SourceError(one_line(_reason(exc))) from None
 
 
@@ -126,7 +128,7 @@ def _decode(im: Image.Image, max_pixels: int) -> DecodedImage:
                           "pixels")
     try:
         orientation = int(im.getexif().get(0x0112, 1) or 1)
-    except _DECODE_ERRORS:
+    except DECODE_ERRORS:
         orientation = 1
         notes.append("exif unreadable, orientation not applied")
     oriented = im
