@@ -3,7 +3,8 @@ Qwen-Image-Edit transformers built from diffusers configs.
 
 (a) perturbing the text of sub-instruction j moves the image outputs only inside region j;
 (b) with the background gate at its limit, background tokens do not depend on the instruction;
-(c) with the gate at 0 and every token global, the model is diffusers' own, bit for bit.
+(c) with the gate at 0 and every token global, the model is diffusers' own, bit for bit;
+(d) the flex_attention path (BlockMask) is the dense-mask SDPA path: same mask, same outputs.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import copy
 import pytest
 import torch
 from diffusers import FluxTransformer2DModel
+from torch.nn.attention.flex_attention import create_mask
 
 from trainer.dit import (
     GLOBAL_TOKEN,
@@ -49,11 +51,12 @@ def _data(seed=0):
                 sigma=torch.tensor([0.3, 0.8]))
 
 
-def _condition(data, spans=SPANS, regions=None, background=None):
+def _condition(data, spans=SPANS, regions=None, background=None, attention="sdpa"):
     default_regions, default_background = _masks()
     regions = default_regions if regions is None else regions
     background = default_background if background is None else background
-    return JointCondition(torch.tensor([spans] * B), regions, background, (H, W), source=data["source"])
+    return JointCondition(torch.tensor([spans] * B), regions, background, (H, W), source=data["source"],
+                          attention=attention)
 
 
 def _run(model, data, cond, text=None, mask=None):
@@ -107,18 +110,19 @@ def test_mask_follows_the_label_set_rule():
     assert mask.any(1).all()  # no empty row
 
 
-def test_spans_of_j_move_only_region_j(backbone):
-    """(a) through every layer of both backbones, with the injection half open."""
+@pytest.mark.parametrize("attention", ["sdpa", "flex"])
+def test_spans_of_j_move_only_region_j(backbone, attention):
+    """(a) through every layer of both backbones, with the injection half open, dense mask or flex."""
     _, model = backbone
     _set_gates(model, 0.5)
     try:
         data = _data()
-        cond = _condition(data)
+        cond = _condition(data, attention=attention)
         in_region = cond.regions()[:, 1]  # (B, H·W)
         base, whole = _run(model, data, cond)
         text = data["text"].clone()
         text[:, 5:8] += torch.randn(B, 3, 24, generator=torch.Generator().manual_seed(1))  # sub-instruction 1
-        moved, whole_moved = _run(model, data, _condition(data), text=text)
+        moved, whole_moved = _run(model, data, _condition(data, attention=attention), text=text)
         change = (moved - base).abs().amax(-1)
         assert change[~in_region].max() <= 1e-6
         assert change[in_region].min() > 1e-4  # every token of region 1 hears sub-instruction 1
@@ -190,6 +194,8 @@ def test_missing_condition_and_unknown_backbone_are_one_line_errors(backbone):
         install_mcie_processors(torch.nn.Linear(2, 2))
     with pytest.raises(ValueError, match="names sub-instruction 2"):
         JointCondition(torch.tensor([[0, 2]]), torch.zeros(1, 2, 4, 4), torch.ones(1, 1, 4, 4), (2, 2))
+    with pytest.raises(ValueError, match="attention must be one of"):
+        JointCondition(torch.tensor([[0]]), torch.zeros(1, 1, 4, 4), torch.ones(1, 1, 4, 4), (2, 2), attention="xformers")
 
 
 def test_one_lora_flow_matching_step_moves_only_lora_and_new_modules():
@@ -222,3 +228,51 @@ def test_one_lora_flow_matching_step_moves_only_lora_and_new_modules():
     assert any("lora_B" in n for n in changed)  # B starts at 0 and takes the first gradient
     gates = {n for n in mcie_parameters(model) if n.endswith("gate")}
     assert gates <= changed
+
+
+def test_block_mask_is_the_dense_mask():
+    """(d) the flex `mask_mod` evaluated on every (q, k) is `attention_mask` exactly, with Qwen's
+    key mask folded in; and the BlockMask's block summary is the dense mask pooled per 128×128
+    block, over a sequence long enough (521 tokens, 5 blocks) for some blocks to be skipped."""
+    spans = [GLOBAL_TOKEN, 0, 0, 1, 1, 1, GLOBAL_TOKEN, PADDING_TOKEN, PADDING_TOKEN]
+    regions = torch.zeros(2, 2, 16, 16)
+    regions[:, 0, :8] = 1  # region 0: top half of the 16×16 target grid
+    regions[:, 1, 7:] = 1  # region 1: bottom half, overlapping region 0 in row 7
+    regions[1, 1, :, :4] = 1  # the second sample differs
+    key_valid = torch.ones(2, len(spans), dtype=torch.bool)
+    key_valid[1, 6] = False  # the model's own mask hides one more text token in sample 1
+    cond = JointCondition(torch.tensor([spans] * 2), regions, torch.zeros(2, 1, 16, 16), (16, 16), attention="flex")
+    image_length = 2 * 256  # target + source
+    n = len(spans) + image_length
+    for valid in (None, key_valid):
+        dense = cond.attention_mask(image_length, key_valid=valid)
+        block_mask = cond.block_mask(image_length, key_valid=valid)
+        assert block_mask is cond.block_mask(image_length, key_valid=valid)  # cached like the dense mask
+        assert torch.equal(create_mask(block_mask.mask_mod, 2, 1, n, n, device="cpu"), dense)
+        padded = torch.nn.functional.pad(dense.float(), (0, 640 - n, 0, 640 - n))
+        pooled = torch.nn.functional.max_pool2d(padded, 128) > 0  # (B, 1, 5, 5): any allowed pair in the block
+        assert torch.equal(block_mask.to_dense().bool(), pooled)
+    assert not pooled.all()  # some blocks (source rows × region-1 columns) are skipped by the kernel
+
+
+def test_flex_equals_sdpa(backbone):
+    """(d) on the property fixtures (spans, overlapping regions, padding: a PADDING label, and for
+    Qwen also its text mask), every output token of flex equals the dense-mask SDPA path; with
+    nothing to restrict, flex is diffusers' model exactly (no mask at all)."""
+    plain, model = backbone
+    data = _data()
+    spans = SPANS[:-1] + [PADDING_TOKEN]
+    text_mask = None
+    if not isinstance(model, FluxTransformer2DModel):
+        text_mask = torch.ones(B, T, dtype=torch.bool)
+        text_mask[:, -1] = False
+    _set_gates(model, 0.5)
+    try:
+        _, dense = _run(model, data, _condition(data, spans=spans), mask=text_mask)
+        _, flex = _run(model, data, _condition(data, spans=spans, attention="flex"), mask=text_mask)
+    finally:
+        _set_gates(model, 0.0)
+    torch.testing.assert_close(flex, dense, rtol=1e-5, atol=2e-6)  # float32: observed ≤ 4e-7
+    everything_global = _condition(data, spans=[GLOBAL_TOKEN] * T, regions=torch.zeros(B, 0, PIXELS, PIXELS),
+                                   attention="flex")
+    assert torch.equal(_run(model, data, everything_global)[0], _run(plain, data, None)[0])

@@ -15,20 +15,34 @@ text tokens that have already read it; global tokens and the source are seen eve
 induction over layers, the information of sub-instruction j stays inside region j. With no
 sub-instructions every label set is ∅ and the mask is dropped: the pretrained attention, exactly.
 
-Label sets are int64 bitsets (≤ 62 sub-instructions), so the mask is `(bits_k & ~bits_q) == 0`
-— the same test a `flex_attention` `mask_mod` would run per block on a GPU.
+Label sets are int64 bitsets (≤ 62 sub-instructions), so the mask is `(bits_k & ~bits_q) == 0`.
+The rule reaches the attention in one of two forms, chosen by `JointCondition.attention`:
+
+- "sdpa" (default): a dense (B, 1, N, N) bool mask for `scaled_dot_product_attention`. Simple and
+  exact, but a mask keeps SDPA off its flash kernels and costs N² memory (N ≈ 8.3k joint tokens
+  per sample at 1024 px).
+- "flex": the same test as a `flex_attention` `mask_mod` in a `BlockMask`. Only per-block summaries
+  of the mask are stored (N²/128² entries), blocks no query may read (source rows × region
+  columns, region i × region j) are skipped, all-true blocks run without evaluating the mask, and
+  the rule is evaluated inside a fused kernel. On CUDA the block mask is built with
+  `create_block_mask(_compile=True)` (never materialising N²) and the processors call a
+  `torch.compile`d `flex_attention`; elsewhere both run eagerly (a reference implementation that
+  materialises the scores — fine for the tiny CPU models of the tests).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask
 
 GLOBAL_TOKEN = -1  # same labels as trainer/attention.py (the UNet path)
 PADDING_TOKEN = -2
 MAX_SPANS = 62  # label sets are int64 bitsets
+ATTENTION_KINDS = ("sdpa", "flex")  # how the processors apply the mask (module docstring)
 
 
 @dataclass
@@ -45,6 +59,8 @@ class JointCondition:
                   sequence, h·w of them; any tokens after them are the source/reference image).
     source:       (B, h·w, C) — instruction-free features of the source image at the same token
                   positions (the packed source latents), read by the background injection.
+    attention:    "sdpa" (dense mask, `attention_mask`) or "flex" (`block_mask` + flex_attention):
+                  the same rule, the same outputs; "flex" is the one that scales (module docstring).
     """
 
     token_spans: torch.Tensor
@@ -52,9 +68,12 @@ class JointCondition:
     background: torch.Tensor
     grid: tuple[int, int]
     source: torch.Tensor | None = None
+    attention: str = "sdpa"
     _cache: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self):
+        if self.attention not in ATTENTION_KINDS:
+            raise ValueError(f"attention must be one of {ATTENTION_KINDS}, got {self.attention!r}")
         if self.token_spans.ndim != 2:
             raise ValueError(f"token_spans must be (B, T), got shape {tuple(self.token_spans.shape)}")
         batch, spans = self.region_masks.shape[:2]
@@ -128,6 +147,14 @@ class JointCondition:
         self._cache[key] = (bits, readable)
         return bits, readable
 
+    def _readable(self, image_length: int, key_valid: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """`bits(image_length)` with the model's own text mask folded into "readable"."""
+        bits, readable = self.bits(image_length)
+        if key_valid is not None:
+            readable = readable.clone()
+            readable[:, : self.text_length] &= key_valid.bool()
+        return bits, readable
+
     def attention_mask(self, image_length: int, key_valid: torch.Tensor | None = None) -> torch.Tensor:
         """(B, 1, N, N) bool SDPA mask over the joint sequence (N = T + image_length): query q may
         read key k iff L(k) ⊆ L(q) and k is readable; every token also reads itself, so no row is
@@ -136,12 +163,29 @@ class JointCondition:
         key = ("mask", image_length, None if key_valid is None else key_valid.data_ptr())
         if key in self._cache:
             return self._cache[key]
-        bits, readable = self.bits(image_length)
-        if key_valid is not None:
-            readable = readable.clone()
-            readable[:, : self.text_length] &= key_valid.bool()
+        bits, readable = self._readable(image_length, key_valid)
         subset = (bits[:, None, :] & ~bits[:, :, None]) == 0  # [b, q, k]: L(k) ⊆ L(q)
         n = bits.shape[1]
         allowed = (subset & readable[:, None, :]) | torch.eye(n, dtype=torch.bool, device=bits.device)
         self._cache[key] = allowed[:, None]
+        return self._cache[key]
+
+    def mask_mod(self, image_length: int, key_valid: torch.Tensor | None = None) -> Callable:
+        """`attention_mask`'s rule as a flex_attention `mask_mod(b, h, q, k) -> bool` (all heads alike)."""
+        bits, readable = self._readable(image_length, key_valid)
+
+        def mask_mod(b, h, q, k):
+            return (((bits[b, k] & ~bits[b, q]) == 0) & readable[b, k]) | (q == k)
+
+        return mask_mod
+
+    def block_mask(self, image_length: int, key_valid: torch.Tensor | None = None) -> BlockMask:
+        """`attention_mask` as a flex_attention `BlockMask` (B, 1, N, N), cached the same way.
+        On CUDA it is built compiled, so the N × N mask is never materialised."""
+        key = ("block", image_length, None if key_valid is None else key_valid.data_ptr())
+        if key not in self._cache:
+            device = self.token_spans.device
+            n = self.text_length + image_length
+            self._cache[key] = create_block_mask(self.mask_mod(image_length, key_valid), self.token_spans.shape[0],
+                                                 None, n, n, device=device, _compile=device.type == "cuda")
         return self._cache[key]

@@ -4,10 +4,17 @@ diffusers style: the attention module keeps its weights, a processor does the ar
 swapped in with `set_attn_processor`; the background module's weights live in the processor (an
 `nn.Module`, as IP-Adapter's do), so they travel with the transformer's state dict.
 
-- **Spatial-aware joint attention**: `JointCondition.attention_mask` (the label-set rule of
-  condition.py) on the joint `[text, target, source]` attention. FLUX's processor takes a mask,
-  so it is wrapped, not forked; Qwen-Image's refuses one, so its arithmetic is repeated here line
-  for line with the mask added.
+- **Spatial-aware joint attention**: the label-set rule of condition.py on the joint
+  `[text, target, source]` attention, in the form `JointCondition.attention` names:
+  "sdpa" — the dense `attention_mask` through diffusers' `dispatch_attention_fn`. FLUX's processor
+  takes a mask, so it is wrapped, not forked; Qwen-Image's refuses one, so its arithmetic is
+  repeated here line for line with the mask added.
+  "flex" — `block_mask` through `flex_attention`: no N² mask, masked-out blocks skipped, flash-like
+  fused kernels (what the dense mask costs SDPA); on CUDA `flex_attention` is `torch.compile`d
+  once, lazily (uncompiled it is a slow reference that materialises the scores; CPU runs that).
+  FLUX's processor then repeats `FluxAttnProcessor`'s arithmetic (diffusers 0.42) with flex in
+  place of `dispatch_attention_fn`. With nothing to restrict (`cond.restricts` false) both forms
+  fall back to the unmasked (or, for Qwen's padding, diffusers' own) attention.
 - **Background-consistent injection**: for target tokens at background positions the attention
   output is mixed with a projection of the source image's token at the same position:
   `out·(1 - g·b) + proj(source)·g·b`, `b` the token's background flag, `g = clamp(gate, 0, 1)`
@@ -18,18 +25,45 @@ swapped in with `set_attn_processor`; the background module's weights live in th
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from diffusers.models.attention_dispatch import dispatch_attention_fn
-from diffusers.models.transformers.transformer_flux import FluxAttnProcessor, FluxTransformer2DModel
+from diffusers.models.embeddings import apply_rotary_emb
+from diffusers.models.transformers.transformer_flux import (
+    FluxAttnProcessor,
+    FluxTransformer2DModel,
+    _get_qkv_projections,
+)
 from diffusers.models.transformers.transformer_qwenimage import (
     QwenImageTransformer2DModel,
     apply_rotary_emb_qwen,
 )
 from torch import nn
+from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 from trainer.dit.condition import JointCondition
 
 PROCESSOR_PREFIX = ".processor."  # how the new modules' parameters are named in the transformer
+_compiled_flex = None  # torch.compile(flex_attention), made on the first CUDA call
+
+
+def flex_joint_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                         block_mask: BlockMask) -> torch.Tensor:
+    """`dispatch_attention_fn`'s layout, (B, N, heads, D) in and out, through `flex_attention`
+    (which wants (B, heads, N, D)). Compiled on CUDA; eager elsewhere, its warning silenced there
+    (eager is the intended reference on CPU, and compiling for CPU costs more than tiny models run)."""
+    global _compiled_flex
+    query, key, value = (t.transpose(1, 2) for t in (query, key, value))
+    if query.device.type == "cuda":
+        if _compiled_flex is None:
+            _compiled_flex = torch.compile(flex_attention, dynamic=False)
+        out = _compiled_flex(query, key, value, block_mask=block_mask)
+    else:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
+            out = flex_attention(query, key, value, block_mask=block_mask)
+    return out.transpose(1, 2)
 
 
 class SourceInjection(nn.Module):
@@ -84,12 +118,47 @@ class FluxMCIEAttnProcessor(nn.Module):
         if encoder_hidden_states is not None and encoder_hidden_states.shape[1] != text:
             raise ValueError(f"condition has {text} text tokens, the block {encoder_hidden_states.shape[1]}")
         image_length = hidden_states.shape[1] - (0 if encoder_hidden_states is not None else text)
-        mask = cond.attention_mask(image_length) if cond.restricts else None
-        out = self._base(attn, hidden_states, encoder_hidden_states, mask, image_rotary_emb)
+        if cond.restricts and cond.attention == "flex":
+            out = self._flex(attn, hidden_states, encoder_hidden_states, cond.block_mask(image_length),
+                             image_rotary_emb)
+        else:
+            mask = cond.attention_mask(image_length) if cond.restricts else None
+            out = self._base(attn, hidden_states, encoder_hidden_states, mask, image_rotary_emb)
         if encoder_hidden_states is None:  # single-stream: rows are [text, image], not projected
             return self.injection.mix(out, cond, offset=text)
         image_out, text_out = out
         return self.injection.mix(image_out, cond, offset=0, project=attn.to_out[0]), text_out
+
+    @staticmethod
+    def _flex(attn, hidden_states, encoder_hidden_states, block_mask, image_rotary_emb):
+        """`FluxAttnProcessor.__call__` (diffusers 0.42), same operations in the same order, with
+        `flex_joint_attention` in place of `dispatch_attention_fn`."""
+        query, key, value, encoder_query, encoder_key, encoder_value = _get_qkv_projections(
+            attn, hidden_states, encoder_hidden_states)
+        query, key, value = (t.unflatten(-1, (-1, attn.head_dim)) for t in (query, key, value))
+        query = attn.norm_q(query)
+        key = attn.norm_k(key)
+        if attn.added_kv_proj_dim is not None:
+            encoder_query, encoder_key, encoder_value = (t.unflatten(-1, (-1, attn.head_dim))
+                                                         for t in (encoder_query, encoder_key, encoder_value))
+            encoder_query = attn.norm_added_q(encoder_query)
+            encoder_key = attn.norm_added_k(encoder_key)
+            query = torch.cat([encoder_query, query], dim=1)
+            key = torch.cat([encoder_key, key], dim=1)
+            value = torch.cat([encoder_value, value], dim=1)
+        if image_rotary_emb is not None:
+            query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
+            key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
+
+        hidden_states = flex_joint_attention(query, key, value, block_mask)
+        hidden_states = hidden_states.flatten(2, 3).to(query.dtype)
+        if encoder_hidden_states is None:
+            return hidden_states
+        text = encoder_hidden_states.shape[1]
+        encoder_hidden_states, hidden_states = hidden_states.split_with_sizes(
+            [text, hidden_states.shape[1] - text], dim=1)
+        hidden_states = attn.to_out[1](attn.to_out[0](hidden_states.contiguous()))
+        return hidden_states, attn.to_add_out(encoder_hidden_states.contiguous())
 
 
 class QwenMCIEAttnProcessor(nn.Module):
@@ -110,7 +179,10 @@ class QwenMCIEAttnProcessor(nn.Module):
         seq_txt, seq_img = encoder_hidden_states.shape[1], hidden_states.shape[1]
         if seq_txt != cond.text_length:
             raise ValueError(f"condition has {cond.text_length} text tokens, the block {seq_txt}")
-        if cond.restricts:
+        block_mask = None
+        if cond.restricts and cond.attention == "flex":
+            block_mask = cond.block_mask(seq_img, key_valid=encoder_hidden_states_mask)
+        elif cond.restricts:
             attention_mask = cond.attention_mask(seq_img, key_valid=encoder_hidden_states_mask)
         elif encoder_hidden_states_mask is not None:  # diffusers' own mask, as it builds it
             image_mask = torch.ones((hidden_states.shape[0], seq_img), dtype=torch.bool, device=hidden_states.device)
@@ -137,9 +209,12 @@ class QwenMCIEAttnProcessor(nn.Module):
             txt_key = apply_rotary_emb_qwen(txt_key, txt_freqs, use_real=False)
 
         joint_query = torch.cat([txt_query, img_query], dim=1)
-        joint = dispatch_attention_fn(joint_query, torch.cat([txt_key, img_key], dim=1),
-                                      torch.cat([txt_value, img_value], dim=1), attn_mask=attention_mask,
-                                      dropout_p=0.0, is_causal=False)
+        joint_key, joint_value = torch.cat([txt_key, img_key], dim=1), torch.cat([txt_value, img_value], dim=1)
+        if block_mask is not None:
+            joint = flex_joint_attention(joint_query, joint_key, joint_value, block_mask)
+        else:
+            joint = dispatch_attention_fn(joint_query, joint_key, joint_value, attn_mask=attention_mask,
+                                          dropout_p=0.0, is_causal=False)
         joint = joint.flatten(2, 3).to(joint_query.dtype)
         img_out = attn.to_out[0](joint[:, seq_txt:, :].contiguous())
         if len(attn.to_out) > 1:
