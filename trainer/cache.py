@@ -34,12 +34,13 @@ from trainer.data import BAD_SAMPLE_ERRORS, FROZEN_MEMBER, decode_sample, find_s
 log = logging.getLogger(__name__)
 
 FINGERPRINT_FILE = "frozen.json"
-_FINGERPRINT_FIELDS = ("resolution", "vae", "vae_path", "vae_scaling", "mllm", "mllm_path",
+_FINGERPRINT_FIELDS = ("backbone", "resolution", "vae", "vae_path", "vae_scaling", "mllm", "mllm_path",
                        "mllm_image_size", "max_sub_edits")
 
 
 # 2: source latents unscaled (InstructPix2Pix's convention), each sub-instruction read against the
-# image prefix alone (trainer.mllm.MLLMEncoder.encode)
+# image prefix alone (trainer.mllm.MLLMEncoder.encode); the backbone names the latents' space (a DiT
+# normalises source and target alike, `trainer.dit.model.DiTFrozen`)
 CACHE_FORMAT = 2
 
 
@@ -68,6 +69,7 @@ def check_cache(data: str | Path, config: Config, dtype: torch.dtype = torch.flo
     if config.model.mllm_tuning == "lora":
         raise ConfigError(f"{data} holds frozen MLLM encodings; LoRA tuning needs the MLLM live "
                           "(train on the build itself)")
+    saved.setdefault("backbone", "unet")  # caches made before DiT backbones existed
     wanted = fingerprint(config.model, dtype)
     changed = sorted(k for k in wanted if saved.get(k) != wanted[k])
     if changed:

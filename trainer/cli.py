@@ -8,7 +8,11 @@ import json
 import sys
 from pathlib import Path
 
-from trainer.config import COMPILE_MODES, LR_SCHEDULES  # trainer.config imports no torch
+from trainer.config import BACKBONES, COMPILE_MODES, LR_SCHEDULES  # trainer.config imports no torch
+
+BACKBONE_HELP = ("the denoiser: unet (InstructPix2Pix-style UNet), flux-kontext or qwen-image-edit "
+                 "(flow-matching DiTs; MCIE-E1's modules in their joint attention); default: the "
+                 "config file's, else unet")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -20,6 +24,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                                            "train.bench_cases cases, IC/BC logged (at step 0, then "
                                            "every train.bench_every steps)")
     train.add_argument("--config", default="tiny", help="tiny | base | a JSON config file")
+    train.add_argument("--backbone", choices=BACKBONES, help=BACKBONE_HELP)
     train.add_argument("--init-unet", help="start from this UNet dir (an InstructPix2Pix UNet, or a "
                                             "4-channel one widened with zeros); sets model.unet_path")
     train.add_argument("--steps", type=int, default=100, help="train up to this many steps in total")
@@ -58,6 +63,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     cache.add_argument("--data", required=True, help="a build OUT (reads OUT/shards/train-*.tar)")
     cache.add_argument("--out", required=True, help="the cache: train on it with mcie train --data OUT")
     cache.add_argument("--config", default="tiny", help="the config training will use (tiny | base | FILE)")
+    cache.add_argument("--backbone", choices=BACKBONES, help=BACKBONE_HELP)
     cache.add_argument("--batch-size", type=int, default=16,
                        help="samples encoded per batch")
     cache.add_argument("--device", default=None, help="cuda when available, else cpu")
@@ -74,10 +80,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     edit.add_argument("--out", required=True, help="output PNG")
     edit.add_argument("--steps", type=int, default=20,
                       help="denoising steps")
-    edit.add_argument("--text-guidance", type=float, default=7.5,
-                      help="classifier-free guidance scale on the instruction")
-    edit.add_argument("--image-guidance", type=float, default=1.5,
-                      help="guidance scale on the source image")
+    edit.add_argument("--text-guidance", type=float,
+                      help="classifier-free guidance scale on the instruction (default: the backbone's, "
+                           "UNet 7.5, DiT 4.0)")
+    edit.add_argument("--image-guidance", type=float,
+                      help="guidance scale on the source image (default: UNet 1.5, DiT 1.0)")
     edit.add_argument("--seed", type=int, default=0,
                       help="seed of the initial noise")
     edit.add_argument("--split", choices=["grammar", "mllm"], default="grammar",
@@ -99,7 +106,7 @@ def run_train(args: argparse.Namespace) -> int:
     try:
         if args.steps < 1:
             raise ConfigError("--steps must be >= 1")
-        config = with_train(load_config(args.config), batch_size=args.batch_size,
+        config = with_train(load_config(args.config, args.backbone), batch_size=args.batch_size,
                             grad_accum=args.grad_accum, learning_rate=args.learning_rate,
                             lr_schedule=args.lr_schedule, lr_warmup_steps=args.lr_warmup_steps,
                             checkpoint_every=args.checkpoint_every,
@@ -130,7 +137,7 @@ def run_cache(args: argparse.Namespace) -> int:
     try:
         if args.batch_size < 1:
             raise ConfigError("--batch-size must be >= 1")
-        summary = encode_build(args.data, load_config(args.config), args.out, args.batch_size, args.device)
+        summary = encode_build(args.data, load_config(args.config, args.backbone), args.out, args.batch_size, args.device)
     except (ConfigError, FileNotFoundError, ValueError) as exc:
         print(f"mcie train-cache: error: {exc}", file=sys.stderr)
         return 2

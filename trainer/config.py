@@ -1,8 +1,12 @@
-"""MCIE-E1 configuration: small frozen dataclasses, two presets (`tiny`, `base`) and JSON files.
+"""MCIE-E1 configuration: small frozen dataclasses, presets and JSON files.
 
-`tiny` builds every component randomly from small configs (CPU, seconds); `base` is the real
-model: an SD-1.5-size UNet + VAE and a Qwen2.5-VL read from local weight directories. A config
-file is JSON: `{"preset": "base", "model": {...overrides}, "train": {...overrides}}`.
+Two presets (`tiny`, `base`) for each of three denoising backbones (`model.backbone`):
+`unet` — an InstructPix2Pix-style SD-1.5-size UNet (ε-prediction, `attn2` cross-attention); and
+the flow-matching DiT editors `flux-kontext` (FLUX.1 Kontext) and `qwen-image-edit`, whose joint
+attention carries MCIE-E1's two modules (`trainer.dit`). `tiny` builds every component randomly
+from small configs (CPU, seconds); `base` is the real model read from local weight directories.
+A config file is JSON: `{"preset": "base", "model": {"backbone": ..., ...overrides}, "train":
+{...overrides}}`; its backbone picks that backbone's preset before the overrides apply.
 """
 
 from __future__ import annotations
@@ -16,6 +20,12 @@ MLLM_TUNING = ("frozen", "lora")
 MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
 COMPILE_MODES = ("off", "default", "max-autotune-no-cudagraphs", "max-autotune")  # torch.compile modes
 LR_SCHEDULES = ("constant", "constant_with_warmup", "cosine", "linear")  # diffusers' get_scheduler names
+FLOW_TIMESTEPS = ("logit_normal", "mode", "uniform")  # DiT training σ density (diffusers' SD3 / FLUX schemes)
+BACKBONES = ("unet", "flux-kontext", "qwen-image-edit")
+DIT_BACKBONES = BACKBONES[1:]
+DIT_ATTENTION = ("sdpa", "flex")  # the spatial mask as a dense SDPA mask or a flex_attention BlockMask
+# peft target modules of both DiTs' joint attentions (image and text projections)
+DIT_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
 
 
 class ConfigError(ValueError):
@@ -82,6 +92,29 @@ def _tiny_vae() -> dict[str, Any]:
     }
 
 
+# Toy-width DiTs of each backbone's own class (same block structure, 3-axis RoPE, Kontext's
+# guidance embedding): 2 heads × 16 = 32 wide; RoPE axes 4 + 6 + 6 = head_dim; they read the tiny
+# VAE's 4 latent channels packed 2×2 (16 per token); text width = the tiny connector's output.
+TINY_FLUX_KONTEXT = dict(patch_size=1, in_channels=16, num_layers=2, num_single_layers=2,
+                         attention_head_dim=16, num_attention_heads=2, joint_attention_dim=24,
+                         pooled_projection_dim=20, guidance_embeds=True, axes_dims_rope=(4, 6, 6))
+TINY_QWEN_IMAGE_EDIT = dict(patch_size=2, in_channels=16, out_channels=4, num_layers=2,
+                            attention_head_dim=16, num_attention_heads=2, joint_attention_dim=24,
+                            axes_dims_rope=(4, 6, 6))
+
+
+def _tiny_qwen_vae() -> dict[str, Any]:
+    """Qwen-Image's video VAE at toy width (one-frame videos; latents normalised by mean / std)."""
+    return {"_class_name": "AutoencoderKLQwenImage", "base_dim": 16, "z_dim": 4, "dim_mult": [1, 2],
+            "num_res_blocks": 1, "attn_scales": [], "temperal_downsample": [False],
+            "latents_mean": [0.1, -0.2, 0.05, 0.0], "latents_std": [1.2, 0.8, 1.0, 1.5]}
+
+
+def tiny_transformer(backbone: str) -> dict[str, Any]:
+    spec = TINY_FLUX_KONTEXT if backbone == "flux-kontext" else TINY_QWEN_IMAGE_EDIT
+    return {key: list(value) if isinstance(value, tuple) else value for key, value in spec.items()}
+
+
 def _tiny_mllm() -> dict[str, Any]:
     return {
         "text": {
@@ -111,9 +144,17 @@ def _tiny_mllm() -> dict[str, Any]:
 @dataclass(frozen=True)
 class ModelConfig:
     name: str = "tiny"
+    backbone: str = "unet"  # unet | flux-kontext | qwen-image-edit
     resolution: int = 32  # training / inference square size in pixels
-    unet: dict[str, Any] = field(default_factory=_tiny_unet)  # UNet2DConditionModel kwargs
+    unet: dict[str, Any] | None = field(default_factory=_tiny_unet)  # UNet2DConditionModel kwargs (unet)
     unet_path: str | None = None  # optional pretrained UNet dir (4-ch input is widened to 8)
+    transformer: dict[str, Any] | None = None  # random-init DiT kwargs (Flux / QwenImage Transformer2DModel)
+    transformer_path: str | None = None  # local DiT dir (config.json + weights; replaces `transformer`)
+    scheduler_path: str | None = None  # local FlowMatchEulerDiscreteScheduler dir (DiT; None = shift 1)
+    transformer_lora_rank: int = 4  # LoRA (peft) on the DiT's attention; 0 = train the DiT in full
+    transformer_lora_targets: list[str] = field(default_factory=lambda: list(DIT_LORA_TARGETS))
+    attention: str = "sdpa"  # DiT: spatial mask as a dense SDPA mask (sdpa) or a flex_attention BlockMask
+    guidance: float = 2.5  # FLUX.1 Kontext's distilled guidance embedding (training and editing)
     vae: dict[str, Any] | None = field(default_factory=_tiny_vae)  # random-init VAE config
     vae_path: str | None = None  # local AutoencoderKL dir (replaces `vae`)
     vae_scaling: float | None = None  # latent scale; None = the VAE's own config (scaling_factor)
@@ -135,14 +176,32 @@ class ModelConfig:
     seed: int = 0  # seeds the random init of components built from configs
 
     def __post_init__(self) -> None:
-        if self.resolution < 16 or self.resolution % 8:
-            raise ConfigError(f"resolution must be a multiple of 8 and >= 16, got {self.resolution}")
+        if self.backbone not in BACKBONES:
+            raise ConfigError(f"backbone must be one of {BACKBONES}, got {self.backbone!r}")
+        step = 16 if self.is_dit else 8  # a DiT packs 2×2 latent cells into one token
+        if self.resolution < 16 or self.resolution % step:
+            raise ConfigError(f"resolution must be a multiple of {step} and >= 16, got {self.resolution}")
         if self.mllm_image_size < 28 or self.mllm_image_size % 28:
             raise ConfigError(f"mllm_image_size must be a positive multiple of 28, got {self.mllm_image_size}")
         if self.mllm_tuning not in MLLM_TUNING:
             raise ConfigError(f"mllm_tuning must be one of {MLLM_TUNING}, got {self.mllm_tuning!r}")
-        if self.unet.get("in_channels") != 8:
-            raise ConfigError("the UNet must take 8 input channels (noisy latents + source latents)")
+        if self.is_dit:
+            if (self.transformer is None) == (self.transformer_path is None):
+                raise ConfigError(f"backbone {self.backbone}: give exactly one of model.transformer (config) "
+                                  "and model.transformer_path (weights)")
+            if self.unet is not None or self.unet_path is not None:
+                raise ConfigError(f"backbone {self.backbone} has no UNet: model.unet and model.unet_path must be null")
+            if self.transformer_lora_rank < 0:
+                raise ConfigError(f"transformer_lora_rank must be >= 0, got {self.transformer_lora_rank}")
+            if self.transformer_lora_rank and not self.transformer_lora_targets:
+                raise ConfigError("transformer_lora_targets must name at least one module")
+            if self.attention not in DIT_ATTENTION:
+                raise ConfigError(f"attention must be one of {DIT_ATTENTION}, got {self.attention!r}")
+        else:
+            if self.unet is None or self.unet.get("in_channels") != 8:
+                raise ConfigError("the UNet must take 8 input channels (noisy latents + source latents)")
+            if self.transformer is not None or self.transformer_path is not None:
+                raise ConfigError("backbone unet: model.transformer and model.transformer_path must be null")
         if (self.vae is None) == (self.vae_path is None):
             raise ConfigError("give exactly one of model.vae (config) and model.vae_path (weights)")
         if (self.mllm is None) == (self.mllm_path is None):
@@ -155,22 +214,29 @@ class ModelConfig:
         if self.vae_scaling is not None and self.vae_scaling <= 0:
             raise ConfigError(f"vae_scaling must be > 0 (or null: the VAE's own), got {self.vae_scaling}")
 
+    @property
+    def is_dit(self) -> bool:
+        return self.backbone in DIT_BACKBONES
+
     def resolved(self) -> "ModelConfig":
         """The same config with its weight directories as absolute paths, so a checkpoint's
         config.json loads from any working directory."""
         paths = {key: str(Path(getattr(self, key)).expanduser().resolve())
-                 for key in ("unet_path", "vae_path", "mllm_path") if getattr(self, key) is not None}
+                 for key in WEIGHT_PATHS if getattr(self, key) is not None}
         return replace(self, **paths)
 
     def check_paths(self) -> None:
         """Fail with the missing directory's name before anything heavy loads."""
-        for key in ("unet_path", "vae_path", "mllm_path"):
+        for key in WEIGHT_PATHS:
             path = getattr(self, key)
             if path is not None and not Path(path).is_dir():
                 raise ConfigError(
                     f"model.{key}: weight directory {path!r} does not exist "
                     f"(set it in the config file; nothing is downloaded)"
                 )
+
+
+WEIGHT_PATHS = ("unet_path", "transformer_path", "scheduler_path", "vae_path", "mllm_path")
 
 
 @dataclass(frozen=True)
@@ -199,7 +265,8 @@ class TrainConfig:
     mixed_precision: str = "auto"  # auto = bf16 on GPU, none on CPU
     ema_decay: float = 0.0  # > 0: keep an EMA of the trained weights (what `mcie edit` uses)
     channels_last: bool = False  # NHWC convolution weights (tensor-core convs without transposes)
-    compile: str = "off"  # torch.compile the UNet and source encoder: off or a compile mode
+    compile: str = "off"  # torch.compile the denoiser (UNet / DiT) and source encoder: off or a compile mode
+    flow_timesteps: str = "logit_normal"  # DiT backbones: how training draws σ
     gradient_checkpointing: bool = False  # recompute the UNet's activations in backward (memory)
     cudnn_attention: bool = False  # try cuDNN's SDPA kernel first (Hopper)
     log_every: int = 10
@@ -245,6 +312,8 @@ class TrainConfig:
                 raise ConfigError(f"train.{name} must be >= 0, got {getattr(self, name)}")
         if self.compile not in COMPILE_MODES:
             raise ConfigError(f"train.compile must be one of {COMPILE_MODES}, got {self.compile!r}")
+        if self.flow_timesteps not in FLOW_TIMESTEPS:
+            raise ConfigError(f"train.flow_timesteps must be one of {FLOW_TIMESTEPS}, got {self.flow_timesteps!r}")
 
 
 @dataclass(frozen=True)
@@ -285,40 +354,79 @@ def _build(kind: type, values: dict[str, Any]) -> Any:
     return kind(**values)
 
 
-def preset(name: str) -> Config:
+PRESETS = ("tiny", "base")
+
+# `base` DiT backbones: the diffusers pipeline folders of FLUX.1-Kontext-dev / Qwen-Image-Edit
+# (their transformer/, vae/, scheduler/) and the Qwen2.5-VL that reads the instruction.
+_BASE_DIT = {
+    "flux-kontext": dict(root="weights/flux1-kontext-dev", mllm_path="weights/qwen2.5-vl-3b", context=4096),
+    "qwen-image-edit": dict(root="weights/qwen-image-edit", mllm_path="weights/qwen2.5-vl-7b", context=3584),
+}
+
+
+def preset(name: str, backbone: str = "unet") -> Config:
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r} (tiny, base, or a JSON file)")
+    if backbone not in BACKBONES:
+        raise ConfigError(f"backbone must be one of {BACKBONES}, got {backbone!r}")
+    if backbone != "unet":
+        return _dit_preset(name, backbone)
     if name == "tiny":
         return Config(ModelConfig(), TrainConfig())
-    if name == "base":
-        model = ModelConfig(
-            name="base",
-            resolution=512,
-            unet=base_unet(),
-            vae=None,
-            vae_path="weights/sd15/vae",
-            mllm=None,
-            mllm_path="weights/qwen2.5-vl-3b",
-            mllm_image_size=448,
-            global_queries=32,
-            sub_queries=8,
-            connector_layers=2,
-            connector_heads=12,
-            source_feature_dim=128,
-            background_grid=32,
-            mask_head_dim=128,
-            unet_path="weights/sd15/unet",
-        )
-        train = TrainConfig(batch_size=32, learning_rate=5e-5, new_learning_rate=1e-4,
-                            lr_schedule="constant_with_warmup",
-                            lr_warmup_steps=500, ema_decay=0.9999, checkpoint_every=1000,
-                            shuffle_buffer=1000, num_workers=4, channels_last=True, compile="default")
-        return Config(model, train)
-    raise ConfigError(f"unknown preset {name!r} (tiny, base, or a JSON file)")
+    model = ModelConfig(
+        name="base",
+        resolution=512,
+        unet=base_unet(),
+        vae=None,
+        vae_path="weights/sd15/vae",
+        mllm=None,
+        mllm_path="weights/qwen2.5-vl-3b",
+        mllm_image_size=448,
+        global_queries=32,
+        sub_queries=8,
+        connector_layers=2,
+        connector_heads=12,
+        source_feature_dim=128,
+        background_grid=32,
+        mask_head_dim=128,
+        unet_path="weights/sd15/unet",
+    )
+    train = TrainConfig(batch_size=32, learning_rate=5e-5, new_learning_rate=1e-4,
+                        lr_schedule="constant_with_warmup",
+                        lr_warmup_steps=500, ema_decay=0.9999, checkpoint_every=1000,
+                        shuffle_buffer=1000, num_workers=4, channels_last=True, compile="default")
+    return Config(model, train)
 
 
-def load_config(spec: str) -> Config:
-    """`tiny`, `base`, or a JSON file `{"preset": ..., "model": {...}, "train": {...}}`."""
-    if spec in ("tiny", "base"):
-        return preset(spec)
+def _dit_preset(name: str, backbone: str) -> Config:
+    """`tiny`: toy transformer of the backbone's class, tiny VAE and MLLM (CPU). `base`: the
+    released transformer, VAE and scheduler from local dirs, LoRA rank 64 on the joint attention,
+    the new modules in full, bf16 and gradient checkpointing (the 20B Qwen-Image transformer's
+    weights alone take 41 GB in bf16)."""
+    if name == "tiny":
+        vae = _tiny_qwen_vae() if backbone == "qwen-image-edit" else _tiny_vae()
+        return Config(ModelConfig(name="tiny", backbone=backbone, unet=None, transformer=tiny_transformer(backbone),
+                                  vae=vae), TrainConfig())
+    spec = _BASE_DIT[backbone]
+    root = spec["root"]
+    model = ModelConfig(
+        name="base", backbone=backbone, resolution=512, unet=None, transformer=None,
+        transformer_path=f"{root}/transformer", scheduler_path=f"{root}/scheduler", vae=None,
+        vae_path=f"{root}/vae", mllm=None, mllm_path=spec["mllm_path"], mllm_image_size=448,
+        transformer_lora_rank=64, global_queries=32, sub_queries=8, connector_layers=2, connector_heads=16,
+        source_feature_dim=128, mask_head_dim=128,
+    )
+    train = TrainConfig(batch_size=8, learning_rate=1e-4, new_learning_rate=1e-4, lr_schedule="constant_with_warmup",
+                        lr_warmup_steps=200, checkpoint_every=500, shuffle_buffer=1000, num_workers=4,
+                        gradient_checkpointing=True, mixed_precision="bf16")
+    return Config(model, train)
+
+
+def load_config(spec: str, backbone: str | None = None) -> Config:
+    """`tiny`, `base`, or a JSON file `{"preset": ..., "model": {...}, "train": {...}}`; `backbone`
+    (the CLI's --backbone) picks the preset's backbone, and must agree with a file's own."""
+    if spec in PRESETS:
+        return preset(spec, backbone or "unet")
     path = Path(spec)
     if not path.is_file():
         raise ConfigError(f"config {spec!r} is neither a preset (tiny, base) nor a file")
@@ -326,8 +434,13 @@ def load_config(spec: str) -> Config:
         data = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
         raise ConfigError(f"config file {spec}: invalid JSON ({exc})") from exc
-    base = preset(data.get("preset", "tiny"))
     model_over = data.get("model", {})
+    if not isinstance(model_over, dict):
+        raise ConfigError(f"config file {spec}: \"model\" must be an object")
+    own = model_over.get("backbone")
+    if backbone is not None and own is not None and own != backbone:
+        raise ConfigError(f"config file {spec} sets backbone {own!r} but --backbone is {backbone!r}")
+    base = preset(data.get("preset", "tiny"), backbone or own or "unet")
     train_over = data.get("train", {})
     unknown = set(data) - {"preset", "model", "train"}
     if unknown:

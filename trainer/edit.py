@@ -184,10 +184,8 @@ def read_image(path: str | Path) -> tuple[np.ndarray, list[str]]:
 
 
 def downsampling(model: MCIEE1) -> int:
-    """Pixels per latent cell times the UNet's own downsampling: the multiple an image side must be."""
-    vae = 2 ** (len(model.frozen.vae.config.block_out_channels) - 1)
-    unet = 2 ** (len(model.unet.config.block_out_channels) - 1)
-    return vae * unet
+    """The multiple an image side must be (VAE × UNet downsampling, or VAE × a DiT's 2×2 packing)."""
+    return model.pixel_multiple
 
 
 def working_size(width: int, height: int, resolution: int, multiple: int) -> tuple[int, int]:
@@ -232,13 +230,16 @@ def _resize(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 
 @torch.no_grad()
 def edit_image(model: MCIEE1, image: Image.Image | np.ndarray, instruction: str,
-               regions: list[str] | None = None, steps: int = 20, text_guidance: float = 7.5,
-               image_guidance: float = 1.5, seed: int = 0, splitter: str = "grammar",
+               regions: list[str] | None = None, steps: int = 20, text_guidance: float | None = None,
+               image_guidance: float | None = None, seed: int = 0, splitter: str = "grammar",
                paste_back: bool = True, blend: bool = True) -> tuple[Image.Image, dict]:
     """Edit `image` (any size and aspect) by `instruction`. Outside the sub-instructions' regions
     the result is the source's pixels exactly with `paste_back` (the default); `blend` keeps the
-    source's latents there while sampling."""
+    source's latents there while sampling. Guidance scales default to the backbone's
+    (`model.guidance`: UNet 7.5 / 1.5 as InstructPix2Pix, DiT 4.0 / 1.0: true CFG on the text)."""
     config = model.config
+    text_guidance = model.guidance[0] if text_guidance is None else text_guidance
+    image_guidance = model.guidance[1] if image_guidance is None else image_guidance
     subs, split_by = split_with(model, instruction, splitter)
     if not subs:
         raise ValueError("the instruction is empty")
@@ -276,10 +277,13 @@ def edit_image(model: MCIEE1, image: Image.Image | np.ndarray, instruction: str,
                            drop_image=torch.tensor([False, False, True], device=device))
     generator = torch.Generator(device="cpu").manual_seed(seed)
     noise = torch.randn(cond.source_latents[:1].shape, generator=generator).to(device)
-    known = cond.source_latents[:1].float() * model.frozen.scaling  # undropped row: the source's
+    known = model.to_target_space(cond.source_latents[:1].float())  # undropped row: the source's
     keep = cond.condition.background[:1] if blend else None
-    latents = sample_latents(lambda x, t: model.denoise(x, t, cond), make_sampler(config), noise, steps,
-                             text_guidance, image_guidance, known=known, keep=keep)
+    if config.is_dit:  # rectified flow, Euler on the backbone's sigmas
+        latents = model.sample(cond, noise, steps, text_guidance, image_guidance, known=known, keep=keep)
+    else:
+        latents = sample_latents(lambda x, t: model.denoise(x, t, cond), make_sampler(config), noise, steps,
+                                 text_guidance, image_guidance, known=known, keep=keep)
     decoded = model.frozen.decode(latents).float().clamp(-1, 1)
     pixels = ((decoded[0].permute(1, 2, 0) + 1) * 127.5).round().byte().cpu().numpy()
     result = _resize(pixels, (width, height))
@@ -292,6 +296,8 @@ def edit_image(model: MCIEE1, image: Image.Image | np.ndarray, instruction: str,
         "regions_from": "given" if regions else "predicted",
         "relaxed_regions": relaxed,  # sub-instructions whose predicted region fell back to half the peak
         "weights": model.weights_used,
+        "backbone": config.backbone,
+        "guidance": [text_guidance, image_guidance],
         "working_size": list(size),
         "edited_fraction": round(float(edited.mean()), 4),
         "paste_back": paste_back,

@@ -3,16 +3,21 @@
 ```
 checkpoint-N/
   model_index.json            what each folder holds (diffusers' `[library, class]` pairs)
-  mcie_config.json            the ModelConfig (frozen VAE / MLLM by absolute path or random-init spec)
-  unet/                       UNet2DConditionModel: config.json + diffusion_pytorch_model.safetensors
-  scheduler/                  scheduler_config.json: the DDIM sampler `mcie edit` uses
-  mcie_attention/             the cross-attention processors' own weights (source branch, gate)
-  connector/  source_encoder/  region_decoder/  [lora/]    config.json + weights each
+  mcie_config.json            the ModelConfig (frozen VAE / MLLM / base DiT by absolute path or random-init spec)
+  unet/                       UNet backbone: UNet2DConditionModel (config.json + diffusion_pytorch_model.safetensors)
+  transformer/                DiT backbone trained in full: Flux / QwenImage Transformer2DModel
+  transformer_lora/           DiT backbone with LoRA: pytorch_lora_weights.safetensors (diffusers' LoRA
+                              format; the base is `transformer_path` of mcie_config.json, never copied)
+  scheduler/                  scheduler_config.json: DDIM (UNet) or FlowMatchEulerDiscrete (DiT)
+  mcie_attention/             the attention processors' own weights (source branch / injection, gate)
+  connector/  source_encoder/  region_decoder/  [pooled/]  [lora/]    config.json + weights each
 ```
 
 `unet/` loads with plain diffusers (`UNet2DConditionModel.from_pretrained(CKPT, subfolder="unet")`,
-its default attention processors) and `scheduler/` with `DDIMScheduler.from_pretrained`; the
-weights are those inference uses (the EMA's when training kept one; `model_index.json` says which).
+its default attention processors), `transformer/` likewise, `transformer_lora/` with
+`transformer.load_lora_adapter(CKPT / "transformer_lora", prefix="transformer")` or a pipeline's
+`load_lora_weights`, and `scheduler/` with the scheduler's `from_pretrained`; the weights are
+those inference uses (the EMA's when training kept one; `model_index.json` says which).
 `trainer.edit.load_model` loads either this layout or the accelerate state.
 """
 
@@ -27,17 +32,26 @@ import torch
 INDEX_FILE = "model_index.json"
 CONFIG_FILE = "mcie_config.json"
 WEIGHTS = "diffusion_pytorch_model.safetensors"
-PARTS = ("connector", "source_encoder", "region_decoder", "lora")  # MCIEE1 submodules with own folders
+PARTS = ("connector", "source_encoder", "region_decoder", "pooled", "lora")  # submodules with own folders
 PROCESSORS = "mcie_attention"
+TRANSFORMER_LORA = "transformer_lora"
+LORA_WEIGHTS = "pytorch_lora_weights.safetensors"  # diffusers' LoRA file name
+ADAPTER = ".default"  # peft's adapter name inside our module names; diffusers' LoRA files omit it
 
 
 def _split(state: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
-    """A full MCIEE1 state dict by folder: the UNet's own weights, its processors', each part's."""
+    """A full model state dict by folder: the denoiser's own weights, its processors', its LoRA
+    (keys as diffusers' LoRA files name them: `transformer.<module>.lora_A.weight`), each part's."""
     folders: dict[str, dict[str, torch.Tensor]] = {}
     for name, tensor in state.items():
         head, _, rest = name.partition(".")
-        if head == "unet":
-            folder = PROCESSORS if ".processor." in rest else "unet"
+        if head in ("unet", "transformer"):
+            if ".processor." in rest:
+                folder = PROCESSORS
+            elif ".lora_" in rest:
+                folder, rest = TRANSFORMER_LORA, f"transformer.{rest.replace(ADAPTER + '.', '.')}"
+            else:
+                folder = head
         elif head in PARTS:
             folder = head
         elif head == "null_context":
@@ -61,25 +75,37 @@ def save_pretrained(model, directory: str | Path, weights: dict[str, torch.Tenso
     state = {name: tensor for name, tensor in model.state_dict().items()}
     state.update(weights or {})
     folders = _split(state)
+    denoiser = "transformer" if model.config.is_dit else "unet"
+    latent_channels = model.source_encoder.net[0].in_channels
     configs = {
         "connector": {"hidden_size": model.frozen.mllm.hidden_size},
-        "source_encoder": {"latent_channels": model.unet.config.out_channels,
-                           "dim": model.config.source_feature_dim},
+        "source_encoder": {"latent_channels": latent_channels, "dim": model.config.source_feature_dim},
         "region_decoder": {"dim": model.config.mask_head_dim, "grid": list(model.region_decoder.grid)},
         PROCESSORS: {"source_dim": model.config.source_feature_dim, "grid": model.config.background_grid},
+        "pooled": {"pooled_projection_dim": getattr(model.denoiser.config, "pooled_projection_dim", None)},
         "lora": {"rank": model.config.lora_rank},
+        TRANSFORMER_LORA: {"rank": model.config.transformer_lora_rank,
+                           "alpha": model.config.transformer_lora_rank,
+                           "targets": list(model.config.transformer_lora_targets)},
     }
     for folder, tensors in folders.items():
         (directory / folder).mkdir(parents=True, exist_ok=True)
-        save_file(tensors, str(directory / folder / WEIGHTS))
-        if folder == "unet":
-            model.unet.save_config(directory / "unet")
+        if folder == TRANSFORMER_LORA:
+            save_file(tensors, str(directory / folder / LORA_WEIGHTS))
+        else:
+            save_file(tensors, str(directory / folder / WEIGHTS))
+        if folder == denoiser:
+            model.denoiser.save_config(directory / folder)
         else:
             (directory / folder / "config.json").write_text(json.dumps(configs[folder], indent=2))
-    make_sampler(model.config).save_config(directory / "scheduler")
+    sampler = model.scheduler if model.config.is_dit else make_sampler(model.config)
+    sampler.save_config(directory / "scheduler")
     index = {"_class_name": "MCIEE1", "_diffusers_version": diffusers.__version__, "weights": weights_used,
-             "unet": ["diffusers", "UNet2DConditionModel"], "scheduler": ["diffusers", "DDIMScheduler"],
-             **{folder: ["trainer", folder] for folder in folders if folder != "unet"}}
+             "backbone": model.config.backbone, "scheduler": ["diffusers", type(sampler).__name__],
+             **{folder: ["trainer", folder] for folder in folders},
+             **({denoiser: ["diffusers", type(model.denoiser).__name__]} if denoiser in folders else {})}
+    if TRANSFORMER_LORA in folders:
+        index[TRANSFORMER_LORA] = ["diffusers", "lora"]
     (directory / INDEX_FILE).write_text(json.dumps(index, indent=2))
     (directory / CONFIG_FILE).write_text(json.dumps(asdict(model.config), indent=2))
     return directory
@@ -99,16 +125,21 @@ def load_pretrained(directory: str | Path):
     directory = Path(directory)
     config = ModelConfig(**json.loads((directory / CONFIG_FILE).read_text()))
     model = build_model(config)
+    denoiser = "transformer" if config.is_dit else "unet"
     state: dict[str, torch.Tensor] = {}
-    for folder in ("unet", PROCESSORS, *PARTS):
-        path = directory / folder / WEIGHTS
+    for folder in (denoiser, PROCESSORS, TRANSFORMER_LORA, *PARTS):
+        path = directory / folder / (LORA_WEIGHTS if folder == TRANSFORMER_LORA else WEIGHTS)
         if not path.is_file():
             continue
         for name, tensor in load_file(str(path)).items():
             if folder == "connector" and name == "null_context":
                 state["null_context"] = tensor
+            elif folder == TRANSFORMER_LORA:  # transformer.<module>.lora_A.weight → ....lora_A.default.weight
+                module, _, kind = name.rpartition(".lora_")
+                part, _, leaf = kind.partition(".")
+                state[f"{module}.lora_{part}{ADAPTER}.{leaf}"] = tensor
             else:
-                state[f"unet.{name}" if folder in ("unet", PROCESSORS) else f"{folder}.{name}"] = tensor
+                state[f"{denoiser}.{name}" if folder in (denoiser, PROCESSORS) else f"{folder}.{name}"] = tensor
     model.load_state_dict(state)
     model.weights_used = json.loads((directory / INDEX_FILE).read_text()).get("weights", "trained")
     return model

@@ -15,8 +15,10 @@ a DDP-wrapped model runs the whole step inside its forward.
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -218,17 +220,46 @@ def _seeded(seed: int, build):
         return build()
 
 
-def build_frozen(config: ModelConfig, dtype: torch.dtype = torch.float32) -> Frozen:
-    from diffusers import AutoencoderKL
+VAE_CLASSES = ("AutoencoderKL", "AutoencoderKLQwenImage")  # SD / FLUX, Qwen-Image (a video VAE)
 
-    config.check_paths()
+
+def _vae_class(config: ModelConfig) -> type:
+    """The VAE's diffusers class: from `vae_path/config.json`'s `_class_name`, or the `vae` config's
+    own `_class_name` key (default AutoencoderKL)."""
+    import diffusers
+
     if config.vae_path is not None:
-        vae = AutoencoderKL.from_pretrained(config.vae_path, torch_dtype=dtype)
+        name = json.loads((Path(config.vae_path) / "config.json").read_text()).get("_class_name", "AutoencoderKL")
     else:
-        vae = _seeded(config.seed + 1, lambda: AutoencoderKL(**config.vae))
+        name = config.vae.get("_class_name", "AutoencoderKL")
+    if name not in VAE_CLASSES:
+        raise ValueError(f"VAE class {name!r} is not supported (one of {VAE_CLASSES})")
+    return getattr(diffusers, name)
+
+
+def vae_factor(vae: nn.Module) -> int:
+    """Pixels per latent cell of a VAE (as its diffusers pipeline computes it)."""
+    if hasattr(vae.config, "temperal_downsample"):  # AutoencoderKLQwenImage
+        return 2 ** len(vae.config.temperal_downsample)
+    return 2 ** (len(vae.config.block_out_channels) - 1)
+
+
+def build_frozen(config: ModelConfig, dtype: torch.dtype = torch.float32) -> Frozen:
+    """The frozen VAE and MLLM (a DiT backbone's: `trainer.dit.model.DiTFrozen`, its latent space)."""
+    config.check_paths()
+    kind = Frozen
+    if config.is_dit:
+        from trainer.dit.model import DiTFrozen as kind
+    vae_class = _vae_class(config)
+    if config.vae_path is not None:
+        vae = vae_class.from_pretrained(config.vae_path, torch_dtype=dtype)
+    else:
+        spec = {key: value for key, value in config.vae.items() if key != "_class_name"}
+        vae = _seeded(config.seed + 1, lambda: vae_class(**spec))
     vae.requires_grad_(False).eval()
-    scaling = config.vae_scaling if config.vae_scaling is not None else float(vae.config.scaling_factor)
-    return Frozen(vae=vae, mllm=MLLMEncoder.from_config(config, dtype), scaling=scaling)
+    own = getattr(vae.config, "scaling_factor", None)  # Qwen-Image's VAE normalises by mean/std instead
+    scaling = config.vae_scaling if config.vae_scaling is not None else float(own if own is not None else 1.0)
+    return kind(vae=vae, mllm=MLLMEncoder.from_config(config, dtype), scaling=scaling)
 
 
 def build_unet(config: ModelConfig) -> nn.Module:
@@ -274,30 +305,53 @@ def make_sampler(config: ModelConfig):
 
 
 class MCIEE1(nn.Module):
+    """MCIE-E1 on the UNet backbone. `trainer.dit.model.MCIEDiT` is the same model on a DiT: it
+    overrides what touches the denoiser (`_build`, `_attention_condition`, `denoise`,
+    `diffusion_loss`, `pixel_multiple`, `to_target_space`) and shares the rest."""
+
     weights_used = "trained"  # which weights `trainer.edit.load_model` put in: trained or ema
+    guidance = (7.5, 1.5)  # `mcie edit`'s default (text, image) guidance scales: InstructPix2Pix's
 
     def __init__(self, config: ModelConfig, frozen: Frozen):
         super().__init__()
         self.config = config
         self.__dict__["frozen"] = frozen  # not a submodule: never saved, never wrapped by DDP
+        _seeded(config.seed + 3, lambda: self._build(frozen))
+
+    def _build(self, frozen: Frozen) -> None:
         from diffusers import DDPMScheduler
 
+        config = self.config
         self.scheduler = DDPMScheduler(num_train_timesteps=config.scheduler_steps, beta_schedule="scaled_linear",
                                        beta_start=0.00085, beta_end=0.012, clip_sample=False, steps_offset=1)
-        context_dim = config.unet["cross_attention_dim"]
+        self.unet = build_unet(config)
+        install_mcie_processors(self.unet, config.source_feature_dim, config.background_grid)
+        self._build_conditioning(frozen, config.unet["cross_attention_dim"], self.unet.config.out_channels)
 
-        def build():
-            self.unet = build_unet(config)
-            install_mcie_processors(self.unet, config.source_feature_dim, config.background_grid)
-            latent_channels = self.unet.config.out_channels
-            self.connector = Connector(frozen.mllm.hidden_size, context_dim, config)
-            self.source_encoder = SourceEncoder(latent_channels, config.source_feature_dim)
-            self.region_decoder = RegionDecoder(config.source_feature_dim, frozen.mllm.hidden_size, context_dim,
-                                                config.mask_head_dim, frozen.mllm.token_grid)
-            self.null_context = nn.Parameter(torch.randn(config.global_queries, context_dim) * 0.02)
-            self.lora = attach_lora(frozen.mllm, config.lora_rank) if config.mllm_tuning == "lora" else None
+    def _build_conditioning(self, frozen: Frozen, context_dim: int, latent_channels: int) -> None:
+        """What reads the instruction and the source for any denoiser: the connector to its
+        context width, the source encoder, the region decoder, the null context, the MLLM's LoRA."""
+        config = self.config
+        self.connector = Connector(frozen.mllm.hidden_size, context_dim, config)
+        self.source_encoder = SourceEncoder(latent_channels, config.source_feature_dim)
+        self.region_decoder = RegionDecoder(config.source_feature_dim, frozen.mllm.hidden_size, context_dim,
+                                            config.mask_head_dim, frozen.mllm.token_grid)
+        self.null_context = nn.Parameter(torch.randn(config.global_queries, context_dim) * 0.02)
+        self.lora = attach_lora(frozen.mllm, config.lora_rank) if config.mllm_tuning == "lora" else None
 
-        _seeded(config.seed + 3, build)
+    @property
+    def denoiser(self) -> nn.Module:
+        return self.unet
+
+    @property
+    def pixel_multiple(self) -> int:
+        """Pixels per latent cell times the UNet's own downsampling: the multiple an image side must be."""
+        return vae_factor(self.frozen.vae) * 2 ** (len(self.unet.config.block_out_channels) - 1)
+
+    def to_target_space(self, source_latents: torch.Tensor) -> torch.Tensor:
+        """Source latents as the diffused (target) latents are scaled (InstructPix2Pix: times the
+        VAE's scaling factor)."""
+        return source_latents * self.frozen.scaling
 
     def trained_named_parameters(self) -> list[tuple[str, nn.Parameter]]:
         """The weights training updates (everything but the frozen parts), in a fixed order: the
@@ -311,10 +365,12 @@ class MCIEE1(nn.Module):
         weight is new."""
         pretrained, new = [], []
         for name, param in self.trained_named_parameters():
-            own = self.config.unet_path is not None and name.startswith("unet.") and ".processor." not in name
-            (pretrained if own else new).append(param)
+            (pretrained if self._is_pretrained(name) else new).append(param)
         groups = [{"params": pretrained, "lr": learning_rate, "name": "pretrained"}] if pretrained else []
         return groups + [{"params": new, "lr": new_learning_rate or learning_rate, "name": "new"}]
+
+    def _is_pretrained(self, name: str) -> bool:
+        return self.config.unet_path is not None and name.startswith("unet.") and ".processor." not in name
 
     # ---- conditioning -----------------------------------------------------------------------
 
@@ -372,9 +428,13 @@ class MCIEE1(nn.Module):
             background = 1.0 - region_masks.amax(1, keepdim=True)
         else:
             background = 1.0 - F.adaptive_max_pool2d(1.0 - background.float(), latent_size)
-        condition = CrossAttnCondition(region_masks=region_masks, token_regions=labels,
-                                       background=background, source_features=features)
+        condition = self._attention_condition(region_masks, labels, background, features, source_latents)
         return Conditioning(context, condition, source_latents, logits, relaxed)
+
+    def _attention_condition(self, region_masks, labels, background, features, source_latents):
+        """What the denoiser's attention processors read (`trainer.attention`)."""
+        return CrossAttnCondition(region_masks=region_masks, token_regions=labels,
+                                  background=background, source_features=features)
 
     def coarsen(self, exact: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor,
                 p_box: float, p_predicted: float) -> torch.Tensor:
@@ -398,6 +458,18 @@ class MCIEE1(nn.Module):
         return self.unet(sample, timesteps, encoder_hidden_states=cond.context,
                          cross_attention_kwargs={"mcie": cond.condition}).sample
 
+    def diffusion_loss(self, latents: torch.Tensor, cond: Conditioning, weight: torch.Tensor) -> torch.Tensor:
+        """Noise-prediction MSE, weighted per latent position by `weight` (B, 1, h, w)."""
+        size = latents.shape[0]
+        # float32 and drawn contiguous: randn_like would follow the latents' dtype and memory
+        # layout (the VAE's output may be bf16 and channels-last)
+        noise = torch.randn(latents.shape, device=latents.device, dtype=torch.float32)
+        timesteps = torch.randint(0, self.scheduler.config.num_train_timesteps, (size,), device=latents.device)
+        noisy = self.noised(latents, noise, timesteps)
+        prediction = self.denoise(noisy, timesteps, cond)
+        error = (prediction.float() - noise) ** 2
+        return (weight * error).sum() / (weight.sum() * error.shape[1])
+
     # ---- training ---------------------------------------------------------------------------
 
     def forward(self, batch: dict, edit_weight: float = 0.0, mask_loss_weight: float = 0.0,
@@ -417,17 +489,9 @@ class MCIEE1(nn.Module):
                               region_masks=batch["sub_masks"], drop_text=drop_text, drop_image=drop_image,
                               cached=cached, coarsen=regions)
         latents = cached["target_latents"] if cached is not None else self.frozen.latents(target)
-        # float32 and drawn contiguous: randn_like would follow the latents' dtype and memory
-        # layout (the VAE's output may be bf16 and channels-last)
-        noise = torch.randn(latents.shape, device=latents.device, dtype=torch.float32)
-        timesteps = torch.randint(0, self.scheduler.config.num_train_timesteps, (size,), device=device)
-        noisy = self.noised(latents, noise, timesteps)
-        prediction = self.denoise(noisy, timesteps, cond)
         latent_size = latents.shape[-2:]
         edited = F.adaptive_max_pool2d(batch["edit_mask"].float(), latent_size)
-        weight = 1.0 + edit_weight * edited
-        error = (prediction.float() - noise) ** 2
-        diffusion = (weight * error).sum() / (weight.sum() * error.shape[1])
+        diffusion = self.diffusion_loss(latents, cond, 1.0 + edit_weight * edited)
         # No region loss where there is nothing to locate from: a dropped instruction or image.
         valid = (batch["sub_valid"] & ~drop_text[:, None] & ~drop_image[:, None]).float()[:, :, None, None]
         target_regions = F.adaptive_max_pool2d(batch["sub_masks"].float(), latent_size)
@@ -438,6 +502,11 @@ class MCIEE1(nn.Module):
 
 
 def build_model(config: ModelConfig, dtype: torch.dtype = torch.float32) -> MCIEE1:
+    """MCIE-E1 on the config's backbone; `dtype` is the frozen parts' (and a LoRA-tuned DiT's base)."""
+    if config.is_dit:
+        from trainer.dit.model import build_dit_model
+
+        return build_dit_model(config, dtype)
     frozen = build_frozen(config, dtype)
     model = MCIEE1(config, frozen)
     log.info("MCIE-E1 %s: %.1f M trained parameters", config.name,

@@ -3,7 +3,8 @@
 `OUT_CKPT/checkpoint-{step}/` holds accelerate's state (trained weights, optimiser, RNG states),
 `ema.safetensors` (with `train.ema_decay`), `config.json` and, written last as the completion mark,
 `trainer_state.json` (step, every rank's loader position, the EMA's step); beside them the model
-in diffusers layout (`unet/`, `scheduler/`, `connector/`, ..., see `trainer.export`), with the
+in diffusers layout (`unet/` or `transformer/` / `transformer_lora/`, `scheduler/`, `connector/`, ...,
+see `trainer.export`), with the
 weights inference uses (the EMA's when kept). The learning-rate
 schedule is a function of the step, so it needs no state. Re-running with the same
 `--out` resumes from the newest checkpoint and trains up to `--steps` in total; only the newest
@@ -153,18 +154,21 @@ class Trainer:
         self.lr_schedule = None
 
     def _speed_up(self, model) -> None:
-        """The kernel settings `bench/train.py` measures (see `trainer.kernels`)."""
+        """The kernel settings `bench/train.py` (UNet) and `bench/dit_train.py` (DiT) measure (see
+        `trainer.kernels`)."""
         train = self.config.train
         vae = model.frozen.vae  # frozen, but it encodes 2 images per sample (≈ 1.1 TFLOP each at 512 px)
+        if hasattr(model, "flow_timesteps"):
+            model.flow_timesteps = train.flow_timesteps
         if train.gradient_checkpointing:
-            model.unet.enable_gradient_checkpointing()
-        if train.channels_last:
+            model.denoiser.enable_gradient_checkpointing()
+        if train.channels_last and not self.config.model.is_dit:  # a DiT has no convolution to speak of
             kernels.to_channels_last(model.unet, model.source_encoder, model.region_decoder, vae)
         if self.accelerator.device.type == "cuda":
             kernels.set_conv_autotune(True)  # fixed shapes: every batch has the same size
             torch.backends.cuda.matmul.allow_tf32 = True  # the parts autocast leaves in float32
             torch.backends.cudnn.allow_tf32 = True
-        kernels.compile_modules(train.compile, model.unet, model.source_encoder, vae.encoder)
+        kernels.compile_modules(train.compile, model.denoiser, model.source_encoder, vae.encoder)
 
     # ---- checkpoints --------------------------------------------------------------------------
 

@@ -13,13 +13,7 @@ from __future__ import annotations
 import torch
 from diffusers import FluxTransformer2DModel, QwenImageTransformer2DModel
 
-# 2 heads × 16 = 32 wide; RoPE axes 4 + 6 + 6 = head_dim; packed latents 4 channels × 2 × 2 = 16
-TINY_FLUX_KONTEXT = dict(patch_size=1, in_channels=16, num_layers=2, num_single_layers=2,
-                         attention_head_dim=16, num_attention_heads=2, joint_attention_dim=24,
-                         pooled_projection_dim=20, guidance_embeds=True, axes_dims_rope=(4, 6, 6))
-TINY_QWEN_IMAGE_EDIT = dict(patch_size=2, in_channels=16, out_channels=4, num_layers=2,
-                            attention_head_dim=16, num_attention_heads=2, joint_attention_dim=24,
-                            axes_dims_rope=(4, 6, 6))
+from trainer.config import TINY_FLUX_KONTEXT, TINY_QWEN_IMAGE_EDIT  # noqa: F401  (re-exported)
 
 
 def tiny_flux_kontext(seed: int = 0) -> FluxTransformer2DModel:
@@ -34,12 +28,12 @@ def tiny_qwen_image_edit(seed: int = 0) -> QwenImageTransformer2DModel:
 
 def kontext_inputs(model: FluxTransformer2DModel, target: torch.Tensor, source: torch.Tensor,
                    text: torch.Tensor, pooled: torch.Tensor, sigma: torch.Tensor,
-                   guidance: float = 2.5) -> dict:
+                   guidance: float = 2.5, grid: tuple[int, int] | None = None) -> dict:
     """Forward kwargs for a Kontext transformer: `target`/`source` packed (B, h·w, C), `text`
     (B, T, joint_attention_dim), `pooled` (B, pooled_projection_dim), `sigma` (B,) in [0, 1]
-    (the pipeline passes t / 1000)."""
+    (the pipeline passes t / 1000); `grid` (h, w), square when not given."""
     batch, length, _ = target.shape
-    h, w = _grid(length)
+    h, w = grid if grid is not None else _grid(length)
     target_ids = _ids(h, w, first=0, device=target.device)
     source_ids = _ids(h, w, first=1, device=target.device)
     kwargs = dict(hidden_states=torch.cat([target, source], 1), encoder_hidden_states=text,

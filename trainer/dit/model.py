@@ -1,0 +1,270 @@
+"""MCIE-E1 on a flow-matching DiT editor (`model.backbone`: flux-kontext | qwen-image-edit).
+
+The same model as `trainer.model.MCIEE1` — the MLLM reads the source and every sub-instruction
+leak-free, the connector turns that reading into labelled text tokens, the region decoder predicts
+each sub-instruction's region — with a diffusers DiT as the denoiser in place of the UNet:
+
+- the DiT reads `[text, target tokens, source tokens]` as its pipeline feeds it (VAE latents
+  normalised as the pipeline does, packed 2×2 into tokens; Kontext's source ids on axis 0 = 1,
+  Qwen-Image-Edit's `img_shapes` listing both images), so a released checkpoint keeps its meaning;
+- the connector's tokens are the DiT's text tokens (`joint_attention_dim` wide; for Kontext a
+  linear map of the global tokens' mean stands in for CLIP's pooled embedding), labelled global,
+  sub-instruction i, or padding — the labels the spatial-aware joint attention reads;
+- MCIE-E1's two modules are the DiT's attention processors (`trainer.dit.processors`): the label-set
+  mask (`trainer.dit.condition`) and the zero-gated background injection of the source tokens;
+- rectified flow: x_σ = (1 - σ)·x0 + σ·ε, the DiT predicts ε - x0 on the target tokens, σ drawn as
+  `train.flow_timesteps` says from the scheduler's training grid; sampling is Euler on the
+  scheduler's sigmas (with the resolution-dependent shift where the scheduler asks for it);
+- LoRA (peft) on the DiT's attention projections with the base frozen (`transformer_lora_rank`;
+  0 trains the DiT in full); the frozen base weights are left out of state dicts, so checkpoints
+  hold what was trained only and the base reloads from `transformer_path` (or its seed).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn.modules.module import _IncompatibleKeys
+
+from trainer.config import ModelConfig
+from trainer.dit.condition import PADDING_TOKEN, JointCondition
+from trainer.dit.flow import add_lora, sample_sigmas
+from trainer.dit.processors import PROCESSOR_PREFIX, install_mcie_processors
+from trainer.dit.tiny import kontext_inputs, qwen_edit_inputs
+from trainer.model import MCIEE1, Conditioning, Frozen, build_frozen, vae_factor
+
+log = logging.getLogger(__name__)
+
+
+def pack(latents: torch.Tensor) -> torch.Tensor:
+    """(B, C, h, w) → (B, h/2 · w/2, 4C): the FLUX / Qwen-Image pipelines' 2×2 packing."""
+    b, c, h, w = latents.shape
+    return latents.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, (h // 2) * (w // 2), c * 4)
+
+
+def unpack(tokens: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """The inverse of `pack` for latents of (height, width)."""
+    b, _, packed = tokens.shape
+    c = packed // 4
+    return tokens.view(b, height // 2, width // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, c, height, width)
+
+
+@dataclass
+class DiTFrozen(Frozen):
+    """The frozen VAE and MLLM of a DiT backbone: source and target latents alike are the VAE's
+    mode normalised as the backbone's pipeline does it — `(z - shift_factor) · scaling_factor`
+    (FLUX's AutoencoderKL) or `(z - latents_mean) / latents_std` (Qwen-Image's video VAE, which
+    takes and returns one-frame videos)."""
+
+    def _video(self) -> bool:
+        return hasattr(self.vae.config, "temperal_downsample")  # AutoencoderKLQwenImage
+
+    def _stats(self, like: torch.Tensor) -> tuple[torch.Tensor | float, torch.Tensor | float]:
+        """(shift, scale): normalised = (z - shift) · scale."""
+        config = self.vae.config
+        if self._video():
+            mean = torch.tensor(config.latents_mean, device=like.device, dtype=torch.float32).view(1, -1, 1, 1)
+            std = torch.tensor(config.latents_std, device=like.device, dtype=torch.float32).view(1, -1, 1, 1)
+            return mean, 1.0 / std
+        return float(getattr(config, "shift_factor", None) or 0.0), self.scaling
+
+    @torch.no_grad()
+    def latents(self, images: torch.Tensor) -> torch.Tensor:
+        vae_dtype = next(self.vae.parameters()).dtype
+        pixels = images.to(vae_dtype)
+        if self._video():
+            z = self.vae.encode(pixels[:, :, None]).latent_dist.mode()[:, :, 0]
+        else:
+            z = self.vae.encode(pixels).latent_dist.mode()
+        shift, scale = self._stats(z)
+        return ((z.float() - shift) * scale).to(z.dtype)
+
+    source_latents = latents  # Kontext / Qwen-Image-Edit read the source in the target's space
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        vae_dtype = next(self.vae.parameters()).dtype
+        shift, scale = self._stats(latents)
+        z = (latents.float() / scale + shift).to(vae_dtype)
+        if self._video():
+            return self.vae.decode(z[:, :, None]).sample[:, :, 0]
+        return self.vae.decode(z).sample
+
+
+def build_transformer(config: ModelConfig, dtype: torch.dtype) -> nn.Module:
+    """The backbone's diffusers transformer: from `transformer_path` (in `dtype` when LoRA-tuned:
+    the base is frozen, so a 20B model loads in bf16, not float32) or random-init from `transformer`."""
+    from diffusers import FluxTransformer2DModel, QwenImageTransformer2DModel
+
+    kind = FluxTransformer2DModel if config.backbone == "flux-kontext" else QwenImageTransformer2DModel
+    if config.transformer_path is not None:
+        load_dtype = dtype if config.transformer_lora_rank else torch.float32
+        return kind.from_pretrained(config.transformer_path, torch_dtype=load_dtype)
+    return kind(**config.transformer)
+
+
+def make_flow_scheduler(config: ModelConfig):
+    """The backbone's FlowMatchEulerDiscreteScheduler (its released config, or shift 1)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    if config.scheduler_path is not None:
+        return FlowMatchEulerDiscreteScheduler.from_pretrained(config.scheduler_path)
+    return FlowMatchEulerDiscreteScheduler(num_train_timesteps=config.scheduler_steps)
+
+
+def resolution_shift(scheduler, tokens: int) -> float:
+    """`mu` of the resolution-dependent shift: linear in the image's token count between the
+    scheduler's (base_image_seq_len, base_shift) and (max_image_seq_len, max_shift) — the FLUX /
+    Qwen-Image pipelines' `calculate_shift`."""
+    c = scheduler.config
+    slope = (c.max_shift - c.base_shift) / (c.max_image_seq_len - c.base_image_seq_len)
+    return tokens * slope + c.base_shift - slope * c.base_image_seq_len
+
+
+class MCIEDiT(MCIEE1):
+    guidance = (4.0, 1.0)  # true CFG on the instruction; the source image is not guided
+    flow_timesteps = "logit_normal"  # how training draws σ: the trainer sets train.flow_timesteps
+
+    def __init__(self, config: ModelConfig, frozen: Frozen, base_dtype: torch.dtype = torch.float32):
+        object.__setattr__(self, "_base_dtype", base_dtype)  # read by _build, before nn.Module exists
+        super().__init__(config, frozen)
+
+    def _build(self, frozen: Frozen) -> None:
+        config = self.config
+        # training reads its σ grid; sampling sets timesteps on a copy (`sample`), never on it
+        self.scheduler = make_flow_scheduler(config)
+        self.transformer = build_transformer(config, self._base_dtype)
+        latent_channels = self.transformer.config.in_channels // 4
+        processors = install_mcie_processors(self.transformer)
+        for processor in processors.values():  # trained in full: float32 master weights
+            processor.float()
+        if config.transformer_lora_rank:
+            add_lora(self.transformer, config.transformer_lora_rank, alpha=config.transformer_lora_rank,
+                     targets=tuple(config.transformer_lora_targets))
+        context_dim = self.transformer.config.joint_attention_dim
+        self._build_conditioning(frozen, context_dim, latent_channels)
+        pooled = getattr(self.transformer.config, "pooled_projection_dim", None)
+        self.pooled = nn.Linear(context_dim, pooled) if config.backbone == "flux-kontext" else None
+
+    @property
+    def denoiser(self) -> nn.Module:
+        return self.transformer
+
+    @property
+    def pixel_multiple(self) -> int:
+        return vae_factor(self.frozen.vae) * 2  # 2×2 latent cells per token
+
+    def to_target_space(self, source_latents: torch.Tensor) -> torch.Tensor:
+        return source_latents
+
+    def _is_pretrained(self, name: str) -> bool:
+        """LoRA adapters of a released DiT (or its own weights, trained in full) learn at
+        `learning_rate`; the new modules at `new_learning_rate`."""
+        return (self.config.transformer_path is not None and name.startswith("transformer.")
+                and PROCESSOR_PREFIX not in f".{name}")
+
+    # ---- checkpoints hold what is trained, never the frozen base ------------------------------
+
+    def _base_weights(self) -> list[str]:
+        if not self.config.transformer_lora_rank:
+            return []
+        return [f"transformer.{name}" for name, p in self.transformer.named_parameters() if not p.requires_grad]
+
+    def state_dict(self, *args, destination=None, prefix="", keep_vars=False):
+        state = super().state_dict(*args, destination=destination, prefix=prefix, keep_vars=keep_vars)
+        for name in self._base_weights():
+            state.pop(prefix + name, None)
+        return state
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        result = super().load_state_dict(state_dict, strict=False, assign=assign)
+        base = set(self._base_weights())
+        missing = [key for key in result.missing_keys if key not in base]
+        if strict and (missing or result.unexpected_keys):
+            raise RuntimeError(f"MCIE-E1 ({self.config.backbone}) state dict: missing {missing[:5]}, "
+                               f"unexpected {result.unexpected_keys[:5]}")
+        return _IncompatibleKeys(missing, result.unexpected_keys)
+
+    # ---- conditioning and denoising -----------------------------------------------------------
+
+    def _attention_condition(self, region_masks, labels, background, features, source_latents):
+        height, width = source_latents.shape[-2:]
+        extra = {} if self.config.attention == "sdpa" else {"attention": self.config.attention}
+        return JointCondition(token_spans=labels, region_masks=region_masks, background=background,
+                              grid=(height // 2, width // 2), source=pack(source_latents.float()), **extra)
+
+    def denoise(self, noisy: torch.Tensor, sigmas: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        """The velocity (B, C, h, w) at `noisy` (B, C, h, w), σ (B,) in [0, 1]."""
+        height, width = noisy.shape[-2:]
+        grid = (height // 2, width // 2)
+        dtype = next(self.transformer.parameters()).dtype
+        target, source = pack(noisy).to(dtype), pack(cond.source_latents).to(dtype)
+        text = cond.context.to(dtype)
+        labels = cond.condition.token_spans
+        if self.config.backbone == "flux-kontext":
+            globals_ = text[:, : self.config.global_queries].mean(1)
+            pooled = self.pooled(globals_.to(self.pooled.weight.dtype)).to(dtype)
+            inputs = kontext_inputs(self.transformer, target, source, text, pooled, sigmas.to(dtype),
+                                    guidance=self.config.guidance, grid=grid)
+            out = self.transformer(**inputs, joint_attention_kwargs={"mcie": cond.condition})[0]
+        else:
+            inputs = qwen_edit_inputs(target, source, text, sigmas.to(dtype), grid, text_mask=labels != PADDING_TOKEN)
+            out = self.transformer(**inputs, attention_kwargs={"mcie": cond.condition})[0]
+        return unpack(out[:, : grid[0] * grid[1]], height, width)
+
+    def diffusion_loss(self, latents: torch.Tensor, cond: Conditioning, weight: torch.Tensor) -> torch.Tensor:
+        """Flow matching: MSE against the velocity ε - x0, weighted per latent position; σ, the
+        noise and the interpolation in float32 whatever the autocast."""
+        x0 = latents.float()
+        noise = torch.randn(x0.shape, device=x0.device, dtype=torch.float32)
+        sigmas, _ = sample_sigmas(self.scheduler, x0.shape[0], self.flow_timesteps)
+        sigmas = sigmas.to(x0.device, torch.float32)
+        with torch.autocast(x0.device.type, enabled=False):
+            noisy = (1.0 - sigmas[:, None, None, None]) * x0 + sigmas[:, None, None, None] * noise
+        prediction = self.denoise(noisy, sigmas, cond)
+        error = (prediction.float() - (noise - x0)) ** 2
+        return (weight * error).sum() / (weight.sum() * error.shape[1])
+
+    # ---- sampling -----------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def sample(self, cond: Conditioning, noise: torch.Tensor, steps: int, text_guidance: float,
+               image_guidance: float, known: torch.Tensor | None = None,
+               keep: torch.Tensor | None = None) -> torch.Tensor:
+        """Euler from σ = 1 over `steps` on the scheduler's sigmas, with guidance over the three
+        conditions of `cond` (full, image only, none) as `trainer.edit.sample_latents` combines
+        them. `known`/`keep`: latent blending — after every step the kept positions are set to
+        `known` at the next σ with the starting noise, `(1 - σ)·known + σ·noise`."""
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        sampler = FlowMatchEulerDiscreteScheduler.from_config(self.scheduler.config)
+        sigmas = np.linspace(1.0, 1.0 / steps, steps)
+        extra = {}
+        if sampler.config.use_dynamic_shifting:
+            tokens = noise.shape[-2] * noise.shape[-1] // 4
+            extra["mu"] = resolution_shift(sampler, tokens)
+        sampler.set_timesteps(sigmas=sigmas, device=noise.device, **extra)
+        latents = noise.float()
+        for i, t in enumerate(sampler.timesteps):
+            sigma = sampler.sigmas[i].to(noise.device)
+            full, image_only, none = self.denoise(latents.expand(3, -1, -1, -1), sigma.expand(3), cond).float().chunk(3)
+            velocity = none + image_guidance * (image_only - none) + text_guidance * (full - image_only)
+            latents = sampler.step(velocity, t, latents).prev_sample.float()
+            if keep is not None:
+                following = float(sampler.sigmas[i + 1])
+                target = (1.0 - following) * known.float() + following * noise.float()
+                latents = torch.lerp(latents, target, keep.float())
+        return latents
+
+
+def build_dit_model(config: ModelConfig, dtype: torch.dtype = torch.float32) -> MCIEDiT:
+    frozen = build_frozen(config, dtype)
+    model = MCIEDiT(config, frozen, base_dtype=dtype)
+    log.info("MCIE-E1 %s on %s: %.1f M trained parameters", config.name, config.backbone,
+             sum(p.numel() for _, p in model.trained_named_parameters()) / 1e6)
+    return model
+
