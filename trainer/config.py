@@ -404,7 +404,9 @@ def _dit_preset(name: str, backbone: str) -> Config:
     the new modules in full, bf16 and gradient checkpointing (the 20B Qwen-Image transformer's
     weights alone take 41 GB in bf16)."""
     if name == "tiny":
-        vae = _tiny_qwen_vae() if backbone == "qwen-image-edit" else _tiny_vae()
+        # FLUX's VAE normalises by shift and scale, Qwen-Image's by per-channel mean and std
+        vae = _tiny_qwen_vae() if backbone == "qwen-image-edit" else dict(_tiny_vae(), shift_factor=0.1159,
+                                                                          scaling_factor=0.3611)
         return Config(ModelConfig(name="tiny", backbone=backbone, unet=None, transformer=tiny_transformer(backbone),
                                   vae=vae), TrainConfig())
     spec = _BASE_DIT[backbone]

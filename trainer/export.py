@@ -15,7 +15,8 @@ checkpoint-N/
 
 `unet/` loads with plain diffusers (`UNet2DConditionModel.from_pretrained(CKPT, subfolder="unet")`,
 its default attention processors), `transformer/` likewise, `transformer_lora/` with
-`transformer.load_lora_adapter(CKPT / "transformer_lora", prefix="transformer")` or a pipeline's
+`transformer.load_lora_adapter(CKPT / "transformer_lora", prefix="transformer",
+weight_name="pytorch_lora_weights.safetensors")` or a pipeline's
 `load_lora_weights`, and `scheduler/` with the scheduler's `from_pretrained`; the weights are
 those inference uses (the EMA's when training kept one; `model_index.json` says which).
 `trainer.edit.load_model` loads either this layout or the accelerate state.

@@ -1,0 +1,330 @@
+"""MCIE-E1 on the DiT backbones (`--backbone flux-kontext | qwen-image-edit`), tiny configs on CPU:
+the latents and tokens as the diffusers pipelines make them, the spatial property through the
+whole model (MLLM, connector, joint attention), flow-matching sampling against an oracle, training
+with resume through `mcie train`, the diffusers-layout checkpoint (LoRA loadable by plain
+diffusers, the frozen base never saved), and `mcie edit` keeping the background exactly."""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from pipeline.compose.procedural import Composer
+from pipeline.dataset.shards import write_tar
+from pipeline.editors.procedural import ProceduralEditor
+from pipeline.sources.procedural import ProceduralSource
+from trainer.config import ConfigError, load_config, preset, with_model, with_train
+from trainer.dit.condition import GLOBAL_TOKEN
+from trainer.dit.model import MCIEDiT, pack, unpack
+from trainer.dit.processors import mcie_parameters
+from trainer.dit.tiny import kontext_inputs, qwen_edit_inputs
+from trainer.edit import edit_image, load_model
+from trainer.export import save_pretrained
+from trainer.model import build_model
+from trainer.train import train
+
+BACKBONES = ["flux-kontext", "qwen-image-edit"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def build(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("dit-build")
+    (out / "shards").mkdir()
+    source, composer, editor = ProceduralSource(64), Composer(1, 5), ProceduralEditor(defect_rate=0.0)
+    samples = [s for s in editor(composer([source.make(3, i) for i in range(8)])) if not s.failed]
+    for sample in samples:
+        sample.verdict, sample.verdict_by = "accept", "judge"
+    write_tar(out / "shards" / "train-000000.tar", samples)
+    return out
+
+
+@pytest.fixture(scope="module", params=BACKBONES)
+def trained(request, build, tmp_path_factory):
+    """(backbone, training dir) after 2 steps then a resume to 3, with an EMA."""
+    out = tmp_path_factory.mktemp(f"ckpt-{request.param}")
+    config = with_train(preset("tiny", request.param), batch_size=2, checkpoint_every=2, ema_decay=0.9)
+    first = train(build, config, out, 2)
+    again = train(build, config, out, 3)
+    assert again.resumed_from == 2 and set(again.losses) == {3}
+    assert all(np.isfinite(v) for v in {**first.losses, **again.losses}.values())
+    return request.param, out
+
+
+def _set_gates(model, value: float) -> None:
+    with torch.no_grad():
+        for name, p in mcie_parameters(model.transformer).items():
+            if name.endswith("gate"):
+                p.fill_(value)
+
+
+# ---- the pipelines' own conventions -----------------------------------------------------------
+
+@pytest.mark.parametrize("backbone", BACKBONES)
+def test_latents_and_tokens_are_the_pipelines(backbone):
+    """Source/target latents are what FluxKontextPipeline / QwenImageEditPipeline's own
+    `_encode_vae_image` makes (run unbound on our VAE), tokens their `_pack_latents`, and decoding
+    inverts the normalisation exactly."""
+    from diffusers import FluxKontextPipeline, QwenImageEditPipeline
+
+    model = build_model(preset("tiny", backbone).model)
+    images = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    ours = model.frozen.latents(images)
+    if backbone == "flux-kontext":
+        theirs = FluxKontextPipeline._encode_vae_image(SimpleNamespace(vae=model.frozen.vae), images, None)
+        packer = FluxKontextPipeline._pack_latents
+    else:
+        pipe = SimpleNamespace(vae=model.frozen.vae, latent_channels=4)
+        theirs = QwenImageEditPipeline._encode_vae_image(pipe, images[:, :, None], None)[:, :, 0]
+        packer = QwenImageEditPipeline._pack_latents
+    assert float(ours.std()) > 0.1
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(model.frozen.source_latents(images), ours, rtol=0, atol=0)
+    b, c, h, w = ours.shape
+    assert torch.equal(pack(ours), packer(ours, b, c, h, w))
+    assert torch.equal(unpack(pack(ours), h, w), ours)
+    vae = model.frozen.vae  # decode = the VAE's decode of the un-normalised latents
+    shift, scale = model.frozen._stats(ours)
+    raw = ours / scale + shift
+    direct = vae.decode(raw[:, :, None]).sample[:, :, 0] if backbone == "qwen-image-edit" else vae.decode(raw).sample
+    torch.testing.assert_close(model.frozen.decode(ours), direct, rtol=1e-5, atol=1e-5)
+
+
+# ---- maths through the whole model ------------------------------------------------------------
+
+@pytest.mark.parametrize("backbone", BACKBONES)
+def test_sub_instruction_j_moves_only_region_j(backbone):
+    """MLLM → connector → joint attention, background gate half open: changing the words of
+    sub-instruction 1 changes the predicted velocity only in region 1's tokens (and changes all
+    of them); sub-instruction 0's region and the background do not move."""
+    model = build_model(preset("tiny", backbone).model).eval()
+    _set_gates(model, 0.5)
+    source = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    uint8 = ((source[0].permute(1, 2, 0) + 1) * 127.5).round().byte().numpy()[None]
+    regions = torch.zeros(1, model.config.max_sub_edits, 32, 32)
+    regions[0, 0, :, :12] = 1  # left strip
+    regions[0, 1, 20:, 16:] = 1  # lower-right block
+    noisy = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(2))
+
+    def velocity(texts):
+        cond = model.condition(source, [texts], uint8, background=None, region_masks=regions)
+        return model.denoise(noisy, torch.tensor([0.6]), cond), cond
+
+    with torch.no_grad():
+        base, cond = velocity(["make the circle blue", "remove the red star"])
+        moved, _ = velocity(["make the circle blue", "add the word SALE"])
+    change = pack((moved - base).abs()).amax(-1)[0]  # per token
+    in_one = cond.condition.regions()[0, 1]
+    assert change[~in_one].max() <= 1e-6
+    assert change[in_one].min() > 1e-5
+
+
+def test_euler_sampling_reaches_the_oracle_and_keeps_the_background():
+    """With the exact velocity of a known x0 ((x - x0) / σ, for every condition), the sampler
+    lands on x0 — with and without FLUX's resolution-dependent shift; positions kept by latent
+    blending end exactly at the known latents."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    model = build_model(preset("tiny", "flux-kontext").model)
+    x0 = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(3))
+    noise = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(4))
+
+    def oracle(x, sigmas, cond):
+        return (x - x0) / sigmas[:, None, None, None]
+
+    model.denoise = oracle
+    for scheduler in (FlowMatchEulerDiscreteScheduler(),
+                      FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                                                      base_image_seq_len=256, max_image_seq_len=4096)):
+        model.scheduler = scheduler
+        out = model.sample(None, noise, 7, text_guidance=4.0, image_guidance=1.0)
+        torch.testing.assert_close(out, x0, rtol=1e-5, atol=1e-5)
+    known = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(5))
+    keep = torch.zeros(1, 1, 16, 16)
+    keep[..., :8] = 1
+    out = model.sample(None, noise, 5, 4.0, 1.0, known=known, keep=keep)
+    assert torch.equal(out[..., :8], known[..., :8])
+    torch.testing.assert_close(out[..., 8:], x0[..., 8:], rtol=1e-5, atol=1e-5)
+
+
+def test_flex_attention_config_equals_sdpa():
+    """`model.attention = flex` (a flex_attention BlockMask) predicts what the dense mask does."""
+    config = preset("tiny", "qwen-image-edit").model
+    sdpa = build_model(config).eval()
+    flex = build_model(with_model(preset("tiny", "qwen-image-edit"), attention="flex").model).eval()
+    flex.load_state_dict(sdpa.state_dict())
+    for model in (sdpa, flex):
+        _set_gates(model, 0.5)
+    source = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(6)) * 2 - 1
+    uint8 = ((source.permute(0, 2, 3, 1) + 1) * 127.5).round().byte().numpy()
+    regions = torch.zeros(2, config.max_sub_edits, 32, 32)
+    regions[:, 0, 4:20, 4:20] = 1
+    noisy = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(7))
+    texts = [["make the circle blue", "remove the star"], ["turn the square green"]]
+    with torch.no_grad():
+        outs = [m.denoise(noisy, torch.tensor([0.3, 0.9]),
+                          m.condition(source, texts, uint8, background=None, region_masks=regions))
+                for m in (sdpa, flex)]
+    torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=2e-6)
+
+
+# ---- training, checkpoints, editing -----------------------------------------------------------
+
+def test_checkpoint_holds_what_was_trained_and_lora_loads_in_plain_diffusers(trained):
+    """The accelerate state and the diffusers layout hold LoRA + new modules, never the frozen
+    base; `transformer_lora/` loads into a plain diffusers transformer with `load_lora_adapter`,
+    which then computes what our transformer computes with the MCIE modules neutral."""
+    backbone, out = trained
+    ckpt = out / "checkpoint-3"
+    model = load_model(out)  # the EMA's weights: what the diffusers layout holds
+    assert isinstance(model, MCIEDiT) and model.weights_used == "ema"
+    saved = load_file(str(ckpt / "model.safetensors"))
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    assert set(saved) == trainable  # no frozen base weight in the accelerate state
+    assert any(".lora_B." in name for name in saved)
+    index = json.loads((ckpt / "model_index.json").read_text())
+    assert index["backbone"] == backbone and index["transformer_lora"] == ["diffusers", "lora"]
+    assert "transformer" not in index and not (ckpt / "transformer").exists()
+    assert index["scheduler"] == ["diffusers", "FlowMatchEulerDiscreteScheduler"]
+
+    # a plain diffusers transformer of the same base (random-init: the model's seed) + our LoRA file
+    from diffusers import FluxTransformer2DModel, QwenImageTransformer2DModel
+
+    from trainer.model import _seeded
+
+    kind = FluxTransformer2DModel if backbone == "flux-kontext" else QwenImageTransformer2DModel
+    plain = _seeded(model.config.seed + 3, lambda: kind(**model.config.transformer)).eval()
+    plain.load_lora_adapter(str(ckpt / "transformer_lora"), prefix="transformer",
+                            weight_name="pytorch_lora_weights.safetensors")
+    ours = copy.deepcopy(model).eval()
+    _set_gates(ours, 0.0)
+    g = torch.Generator().manual_seed(8)
+    target, source = torch.randn(1, 64, 16, generator=g), torch.randn(1, 64, 16, generator=g)
+    text = torch.randn(1, 5, ours.transformer.config.joint_attention_dim, generator=g)
+    from trainer.dit.condition import JointCondition
+
+    neutral = JointCondition(torch.full((1, 5), GLOBAL_TOKEN), torch.zeros(1, 0, 16, 16), torch.ones(1, 1, 16, 16),
+                             (8, 8), source=source)
+    with torch.no_grad():
+        if backbone == "flux-kontext":
+            pooled = torch.randn(1, ours.transformer.config.pooled_projection_dim, generator=g)
+            inputs = kontext_inputs(plain, target, source, text, pooled, torch.tensor([0.5]))
+            mine = ours.transformer(**inputs, joint_attention_kwargs={"mcie": neutral})[0]
+        else:
+            inputs = qwen_edit_inputs(target, source, text, torch.tensor([0.5]), (8, 8))
+            mine = ours.transformer(**inputs, attention_kwargs={"mcie": neutral})[0]
+        theirs = plain(**inputs)[0]
+    torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-5)
+    assert (mine - plain.__class__(**model.config.transformer).eval()(**inputs)[0]).abs().max() > 1e-3
+
+
+def test_diffusers_layout_round_trips(trained, tmp_path):
+    backbone, out = trained
+    model = load_model(out, weights="ema")
+    assert model.weights_used == "ema"
+    save_pretrained(model, tmp_path / "export", weights_used="ema")
+    again = load_model(tmp_path / "export")
+    mine, theirs = model.state_dict(), again.state_dict()
+    assert set(mine) == set(theirs) and all(torch.equal(mine[k], theirs[k]) for k in mine)
+    broken = dict(mine)
+    broken.pop(next(name for name in mine if ".lora_A." in name))
+    with pytest.raises(RuntimeError, match="missing"):
+        again.load_state_dict(broken)
+
+
+def test_mcie_edit_cli_keeps_the_background_exactly(trained, build, tmp_path):
+    """`mcie edit` on a DiT checkpoint, regions given as boxes: every pixel outside them is the
+    photo's own, pixels inside are the model's."""
+    import tarfile
+
+    backbone, out = trained
+    with tarfile.open(build / "shards" / "train-000000.tar") as tar:
+        member = next(m for m in tar.getmembers() if m.name.endswith("source.png"))
+        (tmp_path / "in.png").write_bytes(tar.extractfile(member).read())
+    result = subprocess.run(
+        [sys.executable, "-m", "flows.cli", "edit", "--checkpoint", str(out), "--image", str(tmp_path / "in.png"),
+         "--instruction", "make the circle blue, then remove the star", "--regions", "0,0,24,24", "30,30,60,50",
+         "--steps", "3", "--out", str(tmp_path / "out.png")],
+        capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])
+    assert result.returncode == 0, result.stderr[-2000:]
+    info = json.loads(result.stdout.strip().splitlines()[-1])
+    assert info["backbone"] == backbone and info["guidance"] == [4.0, 1.0] and info["regions_from"] == "given"
+    source = np.asarray(Image.open(tmp_path / "in.png").convert("RGB"))
+    edited = np.asarray(Image.open(tmp_path / "out.png"))
+    inside = np.zeros(source.shape[:2], bool)
+    inside[0:24, 0:24] = inside[30:50, 30:60] = True
+    assert np.array_equal(edited[~inside], source[~inside])
+    assert not np.array_equal(edited[inside], source[inside])
+
+
+def test_edit_on_an_odd_aspect_photo(trained):
+    """A non-square photo is edited at its own aspect (a rectangular token grid)."""
+    _, out = trained
+    model = load_model(out)
+    photo = (np.random.default_rng(0).random((40, 72, 3)) * 255).astype(np.uint8)
+    result, info = edit_image(model, photo, "make the circle blue", steps=2)
+    assert result.size == (72, 40)
+    width, height = info["working_size"]
+    assert width != height and width % model.pixel_multiple == 0 and height % model.pixel_multiple == 0
+
+
+# ---- configuration ----------------------------------------------------------------------------
+
+def test_backbone_configs_and_their_errors(tmp_path):
+    for backbone in BACKBONES:
+        config = load_config("tiny", backbone)
+        assert config.model.backbone == backbone and config.model.unet is None
+        base = load_config("base", backbone).model
+        assert base.transformer_path and base.transformer_lora_rank == 64 and base.vae_path.endswith("/vae")
+    assert load_config("tiny").model.backbone == "unet"
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps({"preset": "tiny", "model": {"backbone": "qwen-image-edit", "transformer_lora_rank": 0}}))
+    assert load_config(str(path)).model.transformer["num_layers"] == 2
+    with pytest.raises(ConfigError, match="--backbone is 'flux-kontext'"):
+        load_config(str(path), "flux-kontext")
+    with pytest.raises(ConfigError, match="has no UNet"):
+        with_model(preset("tiny", "flux-kontext"), unet_path="/x")
+    with pytest.raises(ConfigError, match="multiple of 16"):
+        with_model(preset("tiny", "flux-kontext"), resolution=40)
+    with pytest.raises(ConfigError, match="attention must be one of"):
+        with_model(preset("tiny", "flux-kontext"), attention="dense")
+    with pytest.raises(ConfigError, match="model.transformer_path: weight directory"):
+        load_config("base", "qwen-image-edit").model.check_paths()
+
+
+def test_full_fine_tune_without_lora_trains_every_transformer_weight():
+    model = build_model(with_model(preset("tiny", "qwen-image-edit"), transformer_lora_rank=0).model)
+    assert all(p.requires_grad for p in model.transformer.parameters())
+    assert not any("lora_" in name for name, _ in model.named_parameters())
+    assert set(model.state_dict()) >= {f"transformer.{n}" for n, _ in model.transformer.named_parameters()}
+
+
+def test_cli_backbone_argument(build, tmp_path):
+    from trainer.cli import register
+
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers())
+    with pytest.raises(SystemExit) as exit_:
+        parser.parse_args(["train", "--data", str(build), "--backbone", "sd3"])
+    assert exit_.value.code == 2
+    args = parser.parse_args(["train", "--data", str(build), "--backbone", "flux-kontext", "--init-unet", "/x",
+                              "--out", str(tmp_path / "o")])
+    assert args.func(args) == 2 and not (tmp_path / "o").exists()
