@@ -11,6 +11,7 @@ import copy
 import json
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -24,7 +25,7 @@ from pipeline.compose.procedural import Composer
 from pipeline.dataset.shards import write_tar
 from pipeline.editors.procedural import ProceduralEditor
 from pipeline.sources.procedural import ProceduralSource
-from trainer.config import ConfigError, load_config, preset, with_model, with_train
+from trainer.config import Config, ConfigError, load_config, preset, with_model, with_train
 from trainer.dit.condition import GLOBAL_TOKEN
 from trainer.dit.model import MCIEDiT, pack, unpack
 from trainer.dit.processors import mcie_parameters
@@ -32,7 +33,7 @@ from trainer.dit.tiny import kontext_inputs, qwen_edit_inputs
 from trainer.edit import edit_image, load_model
 from trainer.export import save_pretrained
 from trainer.model import build_model
-from trainer.train import train
+from trainer.train import Trainer, train
 
 BACKBONES = ["flux-kontext", "qwen-image-edit"]
 
@@ -328,3 +329,86 @@ def test_cli_backbone_argument(build, tmp_path):
     args = parser.parse_args(["train", "--data", str(build), "--backbone", "flux-kontext", "--init-unet", "/x",
                               "--out", str(tmp_path / "o")])
     assert args.func(args) == 2 and not (tmp_path / "o").exists()
+
+
+# ---- `base`: the released weights' code path, on tiny models saved with save_pretrained ---------
+
+def _saved_backbone(root: Path, backbone: str) -> dict:
+    """A tiny transformer, VAE and scheduler written as a diffusers pipeline folder would hold them."""
+    from diffusers import (AutoencoderKL, AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler,
+                           FluxTransformer2DModel, QwenImageTransformer2DModel)
+
+    tiny = preset("tiny", backbone).model
+    kind = FluxTransformer2DModel if backbone == "flux-kontext" else QwenImageTransformer2DModel
+    kind(**tiny.transformer).save_pretrained(root / "transformer")
+    vae_class = AutoencoderKLQwenImage if backbone == "qwen-image-edit" else AutoencoderKL
+    vae_class(**{k: v for k, v in tiny.vae.items() if k != "_class_name"}).save_pretrained(root / "vae")
+    FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True).save_pretrained(root / "scheduler")
+    return dict(transformer=None, transformer_path=str(root / "transformer"), vae=None, vae_path=str(root / "vae"),
+                scheduler_path=str(root / "scheduler"))
+
+
+@pytest.mark.parametrize("backbone", BACKBONES)
+def test_base_loads_local_weights_and_trains_lora_on_them(backbone, build, tmp_path):
+    """The `base` code path (from_pretrained of transformer/, vae/ (class read from its config) and
+    scheduler/ dirs) on tiny saved models: the LoRA adapters of the released DiT train at
+    `learning_rate`, the new modules at `new_learning_rate`, the base stays as loaded, and the
+    checkpoint's config names the weight dirs by absolute path."""
+    from diffusers import FluxTransformer2DModel, QwenImageTransformer2DModel
+
+    paths = _saved_backbone(tmp_path / "weights", backbone)
+    tiny = preset("tiny", backbone)
+    config = with_train(Config(replace(tiny.model, **paths), tiny.train), batch_size=2, learning_rate=1e-3,
+                        new_learning_rate=5e-3)
+    model = build_model(config.model)
+    kind = FluxTransformer2DModel if backbone == "flux-kontext" else QwenImageTransformer2DModel
+    released = kind.from_pretrained(paths["transformer_path"]).state_dict()
+    groups = {g["name"]: g for g in model.parameter_groups(1e-3, 5e-3)}
+    pretrained = {id(p) for p in groups["pretrained"]["params"]}
+    lora = {id(p) for n, p in model.named_parameters() if ".lora_" in n and n.startswith("transformer.")}
+    assert pretrained == lora and groups["new"]["lr"] == 5e-3
+    assert model.scheduler.config.use_dynamic_shifting
+    out = tmp_path / "ckpt"
+    train(build, config, out, 1)
+    trained = load_model(out)
+    base = {n.replace(".base_layer", ""): p for n, p in trained.transformer.named_parameters()
+            if ".lora_" not in n and ".processor." not in n}
+    assert all(torch.equal(base[n], released[n]) for n in released if n in base) and len(base) == len(released)
+    saved = json.loads((out / "checkpoint-1" / "mcie_config.json").read_text())
+    assert saved["transformer_path"] == str(Path(paths["transformer_path"]).resolve())
+
+
+def test_bf16_with_gradient_checkpointing_trains(build, tmp_path):
+    """The `base` settings that matter for memory (bf16 autocast, recomputed activations) on the
+    tiny DiT: finite losses, the DiT's checkpointing switched on, LoRA weights moved."""
+    config = with_train(preset("tiny", "flux-kontext"), batch_size=2, mixed_precision="bf16",
+                        gradient_checkpointing=True, checkpoint_every=2)
+    trainer = Trainer(build, config, tmp_path / "bf16")
+    assert trainer.accelerator.mixed_precision == "bf16" and trainer.raw_model.transformer.gradient_checkpointing
+    result = trainer.fit(2)
+    assert all(np.isfinite(v) for v in result.losses.values())
+    model = load_model(tmp_path / "bf16", weights="trained")
+    assert any(float(p.detach().abs().max()) > 0 for n, p in model.named_parameters() if ".lora_B." in n)
+
+
+def test_train_cache_for_a_dit_and_refused_for_another_backbone(build, tmp_path):
+    from trainer.cache import encode_build
+
+    config = with_train(preset("tiny", "qwen-image-edit"), batch_size=2, checkpoint_every=1)
+    summary = encode_build(build, config, tmp_path / "cache", batch_size=4)
+    assert summary["samples"] > 0
+    result = train(tmp_path / "cache", config, tmp_path / "ckpt", 1)
+    assert np.isfinite(result.losses[1])
+    with pytest.raises(ConfigError, match="backbone"):
+        train(tmp_path / "cache", with_train(preset("tiny", "flux-kontext"), batch_size=2), tmp_path / "other", 1)
+
+
+def test_mcie_eval_runs_a_dit_checkpoint(trained, tmp_path):
+    from pipeline.ciebench.cases import BenchConfig, build_bench
+    from trainer.evaluate import evaluate, load_checkpoint_editor
+
+    _, out = trained
+    build_bench(tmp_path / "bench", BenchConfig(count=2, resolution=64))
+    summary, report = evaluate(tmp_path / "bench", editor=load_checkpoint_editor(out, steps=2), out=tmp_path / "r")
+    assert summary["cases"] == 2 and summary["failed_cases"] == 0
+    assert 0.0 <= summary["instruction_compliance"] <= 1.0
