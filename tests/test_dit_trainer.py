@@ -111,12 +111,22 @@ def test_latents_and_tokens_are_the_pipelines(backbone):
 
 # ---- maths through the whole model ------------------------------------------------------------
 
-@pytest.mark.parametrize("backbone", BACKBONES)
-def test_sub_instruction_j_moves_only_region_j(backbone):
-    """MLLM → connector → joint attention, background gate half open: changing the words of
-    sub-instruction 1 changes the predicted velocity only in region 1's tokens (and changes all
-    of them); sub-instruction 0's region and the background do not move."""
-    model = build_model(preset("tiny", backbone).model).eval()
+def _own_states(backbone: str) -> Config:
+    """Text tokens = the MLLM's hidden states, the DiT's text width = the MLLM's (no projection),
+    as Qwen-Image-Edit with its Qwen2.5-VL-7B."""
+    tiny = preset("tiny", backbone)
+    width = tiny.model.mllm["text"]["hidden_size"]
+    return with_model(tiny, text_tokens="mllm", transformer=dict(tiny.model.transformer, joint_attention_dim=width))
+
+
+@pytest.mark.parametrize("backbone,text_tokens", [("flux-kontext", "connector"), ("qwen-image-edit", "connector"),
+                                                  ("qwen-image-edit", "mllm")])
+def test_sub_instruction_j_moves_only_region_j(backbone, text_tokens):
+    """MLLM → connector (or the MLLM's own states) → joint attention, background gate half open:
+    changing the words of sub-instruction 1 changes the predicted velocity only in region 1's
+    tokens (and changes all of them); sub-instruction 0's region and the background do not move."""
+    config = preset("tiny", backbone) if text_tokens == "connector" else _own_states(backbone)
+    model = build_model(config.model).eval()
     _set_gates(model, 0.5)
     source = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(1)) * 2 - 1
     uint8 = ((source[0].permute(1, 2, 0) + 1) * 127.5).round().byte().numpy()[None]
@@ -376,6 +386,44 @@ def test_base_loads_local_weights_and_trains_lora_on_them(backbone, build, tmp_p
     assert all(torch.equal(base[n], released[n]) for n in released if n in base) and len(base) == len(released)
     saved = json.loads((out / "checkpoint-1" / "mcie_config.json").read_text())
     assert saved["transformer_path"] == str(Path(paths["transformer_path"]).resolve())
+
+
+def test_qwen_image_edit_layout_feeds_its_own_mllm_states(build, tmp_path):
+    """`base` qwen-image-edit reads a pipeline folder: the MLLM from text_encoder/ with its
+    tokenizer/ and processor/ beside it, and its last hidden states are the DiT's text tokens as
+    they are (image prefix global, each sub-instruction's span labelled, padding unread); a
+    dropped instruction leaves the image prefix."""
+    from trainer.mllm import build_tiny_mllm
+
+    root = tmp_path / "qwen-image-edit"
+    paths = _saved_backbone(root, "qwen-image-edit")
+    own = _own_states("qwen-image-edit")
+    from diffusers import QwenImageTransformer2DModel
+
+    QwenImageTransformer2DModel(**own.model.transformer).save_pretrained(root / "transformer")
+    mllm, tokenizer, processor = build_tiny_mllm(own.model.mllm, 0)
+    mllm.save_pretrained(root / "text_encoder")
+    tokenizer.save_pretrained(root / "tokenizer")
+    processor.save_pretrained(root / "processor")
+    base = load_config("base", "qwen-image-edit")
+    assert base.model.text_tokens == "mllm" and base.model.mllm_path.endswith("qwen-image-edit/text_encoder")
+    config = Config(replace(own.model, **paths, mllm=None, mllm_path=str(root / "text_encoder")),
+                    with_train(own, batch_size=2, checkpoint_every=1).train)
+    model = build_model(config.model)
+    assert model.text_proj is None and not hasattr(model, "connector")
+    uint8 = (np.random.default_rng(1).random((1, 32, 32, 3)) * 255).astype(np.uint8)
+    encoded = model.read_instruction(uint8, [["make the circle blue", "remove the star"]])
+    text, labels = model.text_tokens(encoded)
+    assert text is encoded.hidden
+    spans = encoded.spans[0]
+    assert torch.equal(labels[0][spans[0]], torch.zeros(int(spans[0].sum()), dtype=labels.dtype))
+    assert torch.equal(labels[0][spans[1]], torch.ones(int(spans[1].sum()), dtype=labels.dtype))
+    prefix = encoded.valid[0] & ~spans.any(0)
+    assert (labels[0][prefix] == GLOBAL_TOKEN).all() and prefix[: model.region_decoder.grid[0] ** 2 + 2].all()
+    _, dropped = model.drop_instruction(text, labels, torch.tensor([True]))
+    assert (dropped[0][spans.any(0)] < GLOBAL_TOKEN).all() and torch.equal(dropped[0][prefix], labels[0][prefix])
+    result = train(build, config, tmp_path / "ckpt", 1)
+    assert np.isfinite(result.losses[1])
 
 
 def test_bf16_with_gradient_checkpointing_trains(build, tmp_path):

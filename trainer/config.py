@@ -23,6 +23,7 @@ LR_SCHEDULES = ("constant", "constant_with_warmup", "cosine", "linear")  # diffu
 FLOW_TIMESTEPS = ("logit_normal", "mode", "uniform")  # DiT training σ density (diffusers' SD3 / FLUX schemes)
 BACKBONES = ("unet", "flux-kontext", "qwen-image-edit")
 DIT_BACKBONES = BACKBONES[1:]
+TEXT_TOKENS = ("connector", "mllm")  # the DiT's text tokens: connector queries, or the MLLM's own states
 DIT_ATTENTION = ("sdpa", "flex")  # the spatial mask as a dense SDPA mask or a flex_attention BlockMask
 # peft target modules of both DiTs' joint attentions (image and text projections)
 DIT_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
@@ -155,6 +156,7 @@ class ModelConfig:
     transformer_lora_targets: list[str] = field(default_factory=lambda: list(DIT_LORA_TARGETS))
     attention: str = "sdpa"  # DiT: spatial mask as a dense SDPA mask (sdpa) or a flex_attention BlockMask
     guidance: float = 2.5  # FLUX.1 Kontext's distilled guidance embedding (training and editing)
+    text_tokens: str = "connector"  # DiT: connector queries, or "mllm": the MLLM's hidden states themselves
     vae: dict[str, Any] | None = field(default_factory=_tiny_vae)  # random-init VAE config
     vae_path: str | None = None  # local AutoencoderKL dir (replaces `vae`)
     vae_scaling: float | None = None  # latent scale; None = the VAE's own config (scaling_factor)
@@ -197,11 +199,15 @@ class ModelConfig:
                 raise ConfigError("transformer_lora_targets must name at least one module")
             if self.attention not in DIT_ATTENTION:
                 raise ConfigError(f"attention must be one of {DIT_ATTENTION}, got {self.attention!r}")
+            if self.text_tokens not in TEXT_TOKENS:
+                raise ConfigError(f"text_tokens must be one of {TEXT_TOKENS}, got {self.text_tokens!r}")
         else:
             if self.unet is None or self.unet.get("in_channels") != 8:
                 raise ConfigError("the UNet must take 8 input channels (noisy latents + source latents)")
             if self.transformer is not None or self.transformer_path is not None:
                 raise ConfigError("backbone unet: model.transformer and model.transformer_path must be null")
+            if self.text_tokens != "connector":
+                raise ConfigError("backbone unet reads the connector's tokens (text_tokens must be connector)")
         if (self.vae is None) == (self.vae_path is None):
             raise ConfigError("give exactly one of model.vae (config) and model.vae_path (weights)")
         if (self.mllm is None) == (self.mllm_path is None):
@@ -358,9 +364,14 @@ PRESETS = ("tiny", "base")
 
 # `base` DiT backbones: the diffusers pipeline folders of FLUX.1-Kontext-dev / Qwen-Image-Edit
 # (their transformer/, vae/, scheduler/) and the Qwen2.5-VL that reads the instruction.
+# Qwen-Image-Edit is conditioned by Qwen2.5-VL-7B's last hidden states (3584 wide = its
+# joint_attention_dim): its own text encoder is the MLLM and its states are the text tokens
+# (`text_tokens: mllm`), so the released model's conditioning is kept; Kontext was trained on T5,
+# so a connector maps a Qwen2.5-VL's reading to its 4096-wide text tokens.
 _BASE_DIT = {
-    "flux-kontext": dict(root="weights/flux1-kontext-dev", mllm_path="weights/qwen2.5-vl-3b", context=4096),
-    "qwen-image-edit": dict(root="weights/qwen-image-edit", mllm_path="weights/qwen2.5-vl-7b", context=3584),
+    "flux-kontext": dict(root="weights/flux1-kontext-dev", mllm_path="weights/qwen2.5-vl-3b", text_tokens="connector"),
+    "qwen-image-edit": dict(root="weights/qwen-image-edit", mllm_path="weights/qwen-image-edit/text_encoder",
+                            text_tokens="mllm"),
 }
 
 
@@ -415,6 +426,7 @@ def _dit_preset(name: str, backbone: str) -> Config:
         name="base", backbone=backbone, resolution=512, unet=None, transformer=None,
         transformer_path=f"{root}/transformer", scheduler_path=f"{root}/scheduler", vae=None,
         vae_path=f"{root}/vae", mllm=None, mllm_path=spec["mllm_path"], mllm_image_size=448,
+        text_tokens=spec["text_tokens"],
         transformer_lora_rank=64, global_queries=32, sub_queries=8, connector_layers=2, connector_heads=16,
         source_feature_dim=128, mask_head_dim=128,
     )

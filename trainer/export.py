@@ -10,7 +10,7 @@ checkpoint-N/
                               format; the base is `transformer_path` of mcie_config.json, never copied)
   scheduler/                  scheduler_config.json: DDIM (UNet) or FlowMatchEulerDiscrete (DiT)
   mcie_attention/             the attention processors' own weights (source branch / injection, gate)
-  connector/  source_encoder/  region_decoder/  [pooled/]  [lora/]    config.json + weights each
+  [connector/]  source_encoder/  region_decoder/  [text_proj/]  [pooled/]  [lora/]    config.json + weights each
 ```
 
 `unet/` loads with plain diffusers (`UNet2DConditionModel.from_pretrained(CKPT, subfolder="unet")`,
@@ -33,7 +33,7 @@ import torch
 INDEX_FILE = "model_index.json"
 CONFIG_FILE = "mcie_config.json"
 WEIGHTS = "diffusion_pytorch_model.safetensors"
-PARTS = ("connector", "source_encoder", "region_decoder", "pooled", "lora")  # submodules with own folders
+PARTS = ("connector", "source_encoder", "region_decoder", "text_proj", "pooled", "lora")  # submodules with own folders
 PROCESSORS = "mcie_attention"
 TRANSFORMER_LORA = "transformer_lora"
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"  # diffusers' LoRA file name
@@ -83,6 +83,7 @@ def save_pretrained(model, directory: str | Path, weights: dict[str, torch.Tenso
         "source_encoder": {"latent_channels": latent_channels, "dim": model.config.source_feature_dim},
         "region_decoder": {"dim": model.config.mask_head_dim, "grid": list(model.region_decoder.grid)},
         PROCESSORS: {"source_dim": model.config.source_feature_dim, "grid": model.config.background_grid},
+        "text_proj": {"text_tokens": model.config.text_tokens},
         "pooled": {"pooled_projection_dim": getattr(model.denoiser.config, "pooled_projection_dim", None)},
         "lora": {"rank": model.config.lora_rank},
         TRANSFORMER_LORA: {"rank": model.config.transformer_lora_rank,

@@ -89,9 +89,17 @@ def load_mllm(path: str, dtype: torch.dtype):
     if config.model_type not in ("qwen2_5_vl", "qwen2_vl"):
         raise ValueError(f"{path}: expected a Qwen2.5-VL or Qwen2-VL model, found {config.model_type!r}")
     model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype)
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    processor = _image_processor_class().from_pretrained(path)
+    tokenizer = AutoTokenizer.from_pretrained(_beside(path, "tokenizer_config.json", "tokenizer"))
+    processor = _image_processor_class().from_pretrained(_beside(path, "preprocessor_config.json", "processor"))
     return model, tokenizer, processor
+
+
+def _beside(path: str, marker: str, sibling: str) -> str:
+    """`path` when it holds `marker`, else its sibling folder `sibling`: a diffusers pipeline
+    (Qwen-Image-Edit) keeps the MLLM's weights in text_encoder/, its tokenizer and image
+    processor in tokenizer/ and processor/ beside it."""
+    other = Path(path).parent / sibling
+    return str(other) if not (Path(path) / marker).is_file() and (other / marker).is_file() else path
 
 
 @dataclass

@@ -328,15 +328,19 @@ class MCIEE1(nn.Module):
         install_mcie_processors(self.unet, config.source_feature_dim, config.background_grid)
         self._build_conditioning(frozen, config.unet["cross_attention_dim"], self.unet.config.out_channels)
 
-    def _build_conditioning(self, frozen: Frozen, context_dim: int, latent_channels: int) -> None:
+    def _build_conditioning(self, frozen: Frozen, context_dim: int, latent_channels: int,
+                            connector: bool = True) -> None:
         """What reads the instruction and the source for any denoiser: the connector to its
-        context width, the source encoder, the region decoder, the null context, the MLLM's LoRA."""
+        context width (and the null context) unless the MLLM's states are the text tokens, the
+        source encoder, the region decoder, the MLLM's LoRA."""
         config = self.config
-        self.connector = Connector(frozen.mllm.hidden_size, context_dim, config)
+        if connector:
+            self.connector = Connector(frozen.mllm.hidden_size, context_dim, config)
         self.source_encoder = SourceEncoder(latent_channels, config.source_feature_dim)
         self.region_decoder = RegionDecoder(config.source_feature_dim, frozen.mllm.hidden_size, context_dim,
                                             config.mask_head_dim, frozen.mllm.token_grid)
-        self.null_context = nn.Parameter(torch.randn(config.global_queries, context_dim) * 0.02)
+        if connector:
+            self.null_context = nn.Parameter(torch.randn(config.global_queries, context_dim) * 0.02)
         self.lora = attach_lora(frozen.mllm, config.lora_rank) if config.mllm_tuning == "lora" else None
 
     @property
@@ -374,18 +378,44 @@ class MCIEE1(nn.Module):
 
     # ---- conditioning -----------------------------------------------------------------------
 
+    def read_instruction(self, source_uint8: np.ndarray, sub_texts: list[list[str]],
+                         cached: dict | None = None) -> Encoded:
+        """The MLLM's leak-free reading of the source and each sub-instruction (or the cached one)."""
+        if cached is not None:  # the MLLM's encodings from `mcie train-cache`
+            return Encoded(hidden=cached["hidden"], valid=cached["valid"], spans=cached["spans"],
+                           sub_valid=cached["spans"].any(-1))
+        with torch.set_grad_enabled(self.lora is not None and self.training):
+            return self.frozen.mllm.encode(source_uint8, sub_texts)
+
+    def text_tokens(self, encoded: Encoded) -> tuple[torch.Tensor, torch.Tensor]:
+        """→ the denoiser's text tokens (B, T, D) and their labels (B, T): the connector's."""
+        return self.connector(encoded)
+
     def encode_instruction(self, source_uint8: np.ndarray, sub_texts: list[list[str]],
                            cached: dict | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """→ context (B, T, D), token labels (B, T), the MLLM's image tokens (B, N, D_mllm)."""
-        if cached is not None:  # the MLLM's encodings from `mcie train-cache`
-            encoded = Encoded(hidden=cached["hidden"], valid=cached["valid"], spans=cached["spans"],
-                              sub_valid=cached["spans"].any(-1))
-        else:
-            with torch.set_grad_enabled(self.lora is not None and self.training):
-                encoded = self.frozen.mllm.encode(source_uint8, sub_texts)
+        encoded = self.read_instruction(source_uint8, sub_texts, cached)
         rows, cols = self.region_decoder.grid
         image_tokens = encoded.hidden[:, 1: 1 + rows * cols]  # after <|vision_start|>
-        return (*self.connector(encoded), image_tokens)
+        return (*self.text_tokens(encoded), image_tokens)
+
+    def drop_instruction(self, context: torch.Tensor, labels: torch.Tensor,
+                         drop_text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Classifier-free guidance's "no instruction" for the rows in `drop_text`: the learned
+        null context on the global tokens, the sub-instruction tokens made padding. Always built
+        when training, even if no sample drops its text this step: null_context must be in every
+        step's graph (DDP expects a gradient for every parameter), and `drop_text.any()` would
+        wait for the GPU."""
+        null = torch.full_like(labels, PADDING_TOKEN)
+        null[:, : self.config.global_queries] = GLOBAL_TOKEN
+        null_context = torch.zeros_like(context)
+        null_context[:, : self.config.global_queries] = self.null_context.to(context.dtype)
+        keep = ~drop_text[:, None]
+        return torch.where(keep[..., None], context, null_context), torch.where(keep, labels, null)
+
+    def sub_embeddings(self, context: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """(B, S, D): what the region decoder reads of each sub-instruction."""
+        return self.connector.sub_embeddings(context)
 
     def condition(self, source: torch.Tensor, sub_texts: list[list[str]], source_uint8: np.ndarray,
                   background: torch.Tensor | None, region_masks: torch.Tensor | None,
@@ -402,19 +432,10 @@ class MCIEE1(nn.Module):
         if drop_image is not None:
             source_latents = source_latents * (~drop_image).to(source_latents.dtype)[:, None, None, None]
         context, labels, image_tokens = self.encode_instruction(source_uint8, sub_texts, cached)
-        # Always built when training, even if no sample drops its text this step: null_context
-        # must be in every step's graph (DDP expects a gradient for every parameter), and
-        # `drop_text.any()` would wait for the GPU.
         if drop_text is not None:
-            null = torch.full_like(labels, PADDING_TOKEN)
-            null[:, : self.config.global_queries] = GLOBAL_TOKEN
-            null_context = torch.zeros_like(context)
-            null_context[:, : self.config.global_queries] = self.null_context.to(context.dtype)
-            keep = ~drop_text[:, None]
-            context = torch.where(keep[..., None], context, null_context)
-            labels = torch.where(keep, labels, null)
+            context, labels = self.drop_instruction(context, labels, drop_text)
         features = self.source_encoder(source_latents)
-        logits = self.region_decoder(features, image_tokens, self.connector.sub_embeddings(context))
+        logits = self.region_decoder(features, image_tokens, self.sub_embeddings(context, labels))
         latent_size = source_latents.shape[-2:]
         relaxed = None
         if region_masks is None:

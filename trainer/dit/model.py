@@ -31,7 +31,7 @@ from torch import nn
 from torch.nn.modules.module import _IncompatibleKeys
 
 from trainer.config import ModelConfig
-from trainer.dit.condition import PADDING_TOKEN, JointCondition
+from trainer.dit.condition import GLOBAL_TOKEN, PADDING_TOKEN, JointCondition
 from trainer.dit.flow import add_lora, sample_sigmas
 from trainer.dit.processors import PROCESSOR_PREFIX, install_mcie_processors
 from trainer.dit.tiny import kontext_inputs, qwen_edit_inputs
@@ -146,7 +146,12 @@ class MCIEDiT(MCIEE1):
             add_lora(self.transformer, config.transformer_lora_rank, alpha=config.transformer_lora_rank,
                      targets=tuple(config.transformer_lora_targets))
         context_dim = self.transformer.config.joint_attention_dim
-        self._build_conditioning(frozen, context_dim, latent_channels)
+        own_states = config.text_tokens == "mllm"
+        self._build_conditioning(frozen, context_dim, latent_channels, connector=not own_states)
+        # the MLLM's states as text tokens: as they are where the widths agree (Qwen-Image-Edit
+        # and its Qwen2.5-VL-7B), else through one linear map
+        hidden = frozen.mllm.hidden_size
+        self.text_proj = nn.Linear(hidden, context_dim) if own_states and hidden != context_dim else None
         pooled = getattr(self.transformer.config, "pooled_projection_dim", None)
         self.pooled = nn.Linear(context_dim, pooled) if config.backbone == "flux-kontext" else None
 
@@ -191,6 +196,36 @@ class MCIEDiT(MCIEE1):
 
     # ---- conditioning and denoising -----------------------------------------------------------
 
+    def text_tokens(self, encoded):
+        if self.config.text_tokens == "connector":
+            return super().text_tokens(encoded)
+        # the MLLM's own states: image prefix global, span s labelled s, padding never read
+        hidden = encoded.hidden if self.text_proj is None else self.text_proj(encoded.hidden.to(self.text_proj.weight.dtype))
+        slots = torch.arange(encoded.spans.shape[1], device=hidden.device)
+        span_of = (encoded.spans.long() * (slots[None, :, None] + 1)).sum(1) - 1  # (B, L): -1 outside spans
+        labels = torch.where(span_of >= 0, span_of, GLOBAL_TOKEN)
+        labels = torch.where(encoded.valid, labels, PADDING_TOKEN)
+        return hidden, labels
+
+    def drop_instruction(self, context, labels, drop_text):
+        if self.config.text_tokens == "connector":
+            return super().drop_instruction(context, labels, drop_text)
+        # no instruction = the MLLM's reading of the image alone: sub-instruction tokens unread
+        return context, torch.where(drop_text[:, None] & (labels >= 0), PADDING_TOKEN, labels)
+
+    def sub_embeddings(self, context, labels):
+        if self.config.text_tokens == "connector":
+            return super().sub_embeddings(context, labels)
+        slots = torch.arange(self.config.max_sub_edits, device=context.device)
+        member = (labels[:, None, :] == slots[None, :, None]).to(context.dtype)  # (B, S, T)
+        return member @ context / member.sum(-1, keepdim=True).clamp(min=1)
+
+    @staticmethod
+    def _pooled_source(text: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Mean of the global text tokens (what stands in for Kontext's pooled CLIP embedding)."""
+        weight = (labels == GLOBAL_TOKEN).to(text.dtype)[..., None]
+        return (text * weight).sum(1) / weight.sum(1).clamp(min=1)
+
     def _attention_condition(self, region_masks, labels, background, features, source_latents):
         height, width = source_latents.shape[-2:]
         extra = {} if self.config.attention == "sdpa" else {"attention": self.config.attention}
@@ -206,7 +241,7 @@ class MCIEDiT(MCIEE1):
         text = cond.context.to(dtype)
         labels = cond.condition.token_spans
         if self.config.backbone == "flux-kontext":
-            globals_ = text[:, : self.config.global_queries].mean(1)
+            globals_ = self._pooled_source(text, labels)
             pooled = self.pooled(globals_.to(self.pooled.weight.dtype)).to(dtype)
             inputs = kontext_inputs(self.transformer, target, source, text, pooled, sigmas.to(dtype),
                                     guidance=self.config.guidance, grid=grid)
