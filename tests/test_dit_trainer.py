@@ -30,6 +30,7 @@ from trainer.dit.condition import GLOBAL_TOKEN
 from trainer.dit.model import MCIEDiT, pack, unpack
 from trainer.dit.processors import mcie_parameters
 from trainer.dit.tiny import kontext_inputs, qwen_edit_inputs
+from trainer.data import make_loader
 from trainer.edit import edit_image, load_model
 from trainer.export import save_pretrained
 from trainer.model import build_model
@@ -378,6 +379,14 @@ def test_base_loads_local_weights_and_trains_lora_on_them(backbone, build, tmp_p
     lora = {id(p) for n, p in model.named_parameters() if ".lora_" in n and n.startswith("transformer.")}
     assert pretrained == lora and groups["new"]["lr"] == 5e-3
     assert model.scheduler.config.use_dynamic_shifting
+    half = build_model(config.model, torch.bfloat16)  # what bf16 training builds: base in bf16, masters in float32
+    dtypes = {(".lora_" in n, p.requires_grad, p.dtype) for n, p in half.transformer.named_parameters()
+              if ".processor." not in n}
+    assert dtypes == {(False, False, torch.bfloat16), (True, True, torch.float32)}
+    loader, _ = make_loader(build, config.train, config.model)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # as accelerate's bf16 runs the step
+        losses = half(next(iter(loader)), edit_weight=1.0, mask_loss_weight=0.5)
+    assert torch.isfinite(losses["loss"])
     out = tmp_path / "ckpt"
     train(build, config, out, 1)
     trained = load_model(out)

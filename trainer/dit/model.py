@@ -143,8 +143,13 @@ class MCIEDiT(MCIEE1):
         for processor in processors.values():  # trained in full: float32 master weights
             processor.float()
         if config.transformer_lora_rank:
+            from diffusers.training_utils import cast_training_params
+
             add_lora(self.transformer, config.transformer_lora_rank, alpha=config.transformer_lora_rank,
                      targets=tuple(config.transformer_lora_targets))
+            # peft makes the adapters in the base's dtype; AdamW updates need float32 masters
+            # (diffusers' LoRA scripts do the same), autocast runs them in bf16
+            cast_training_params(self.transformer, torch.float32)
         context_dim = self.transformer.config.joint_attention_dim
         own_states = config.text_tokens == "mllm"
         self._build_conditioning(frozen, context_dim, latent_channels, connector=not own_states)
