@@ -177,6 +177,24 @@ def test_euler_sampling_reaches_the_oracle_and_keeps_the_background():
     torch.testing.assert_close(out[..., 8:], x0[..., 8:], rtol=1e-5, atol=1e-5)
 
 
+def test_flow_matching_loss_weights_positions_like_the_unet():
+    """The exact velocity scores 0; an error δ in one region scores δ²·Σ_region w / Σ w, so the
+    edit weight scales exactly the edited positions' share."""
+    from trainer.dit.flow import flow_matching_loss
+
+    x0, noise = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
+    sigmas = torch.tensor([0.2, 0.7])
+    exact = noise - x0
+    assert flow_matching_loss(exact, x0, noise, sigmas) == 0
+    edited = torch.zeros(2, 1, 8, 8)
+    edited[..., :2, :] = 1  # a quarter of the positions
+    weight = 1.0 + 2.0 * edited
+    off = exact + 0.5 * edited  # wrong by 0.5 on every channel of the edited positions only
+    expected = 0.25 * float((weight * edited).sum() / weight.sum())
+    assert float(flow_matching_loss(off, x0, noise, sigmas, weight=weight)) == pytest.approx(expected, rel=1e-6)
+    assert float(flow_matching_loss(off, x0, noise, sigmas)) == pytest.approx(0.25 * 0.25, rel=1e-6)
+
+
 def test_flex_attention_config_equals_sdpa():
     """`model.attention = flex` (a flex_attention BlockMask) predicts what the dense mask does."""
     config = preset("tiny", "qwen-image-edit").model

@@ -1,7 +1,8 @@
-"""MCIE-E1 on a flow-matching DiT editor (FLUX.1 Kontext, Qwen-Image-Edit): the spatial-aware
-joint-attention mask and the background-consistent injection as diffusers attention processors,
-tiny CPU configs of both backbones, and a flow-matching LoRA training step (groundwork for issue 19;
-not yet wired into trainer/config.py, train.py or the `mcie` CLI)."""
+"""MCIE-E1 on a flow-matching DiT editor (FLUX.1 Kontext, Qwen-Image-Edit; `model.backbone`): the
+spatial-aware joint-attention mask and the background-consistent injection as diffusers attention
+processors (`condition`, `processors`), the model (`model.MCIEDiT`, built by
+`trainer.model.build_model` for a DiT backbone), flow-matching LoRA training (`flow`) and the
+pipelines' input packing with tiny CPU configs (`tiny`)."""
 
 from trainer.dit.condition import GLOBAL_TOKEN, PADDING_TOKEN, JointCondition
 from trainer.dit.processors import (

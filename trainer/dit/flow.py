@@ -14,11 +14,12 @@ from diffusers.training_utils import compute_density_for_timestep_sampling, comp
 from peft import LoraConfig
 from torch import nn
 
+from trainer.config import DIT_LORA_TARGETS
 from trainer.dit.condition import JointCondition
 from trainer.dit.processors import mcie_parameters
 from trainer.dit.tiny import kontext_inputs
 
-LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
+LORA_TARGETS = tuple(DIT_LORA_TARGETS)  # the joint attention's image and text projections
 
 
 def add_lora(transformer: nn.Module, rank: int = 4, alpha: float | None = None,
@@ -64,12 +65,18 @@ def sample_sigmas(scheduler: FlowMatchEulerDiscreteScheduler, batch: int, weight
 
 
 def flow_matching_loss(prediction: torch.Tensor, x0: torch.Tensor, noise: torch.Tensor, sigmas: torch.Tensor,
-                       weighting_scheme: str = "logit_normal") -> torch.Tensor:
-    """Weighted mean squared error against the velocity ε - x0, in float32."""
-    weighting = compute_loss_weighting_for_sd3(weighting_scheme=weighting_scheme, sigmas=sigmas)
-    weighting = weighting.float().reshape(-1, *([1] * (x0.ndim - 1)))
-    error = weighting * (prediction.float() - (noise - x0).float()) ** 2
-    return error.reshape(x0.shape[0], -1).mean(1).mean()
+                       weighting_scheme: str = "logit_normal", weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean squared error against the velocity ε - x0, in float32, weighted per sample as the
+    scheme says (diffusers' `compute_loss_weighting_for_sd3`: 1 for logit_normal / mode / uniform)
+    and, with `weight` (x0's shape with 1 channel on axis 1, e.g. (B, 1, h, w) for latents), per
+    position: Σ w·e / (Σ w · channels) — the plain mean when w is 1."""
+    scheme = compute_loss_weighting_for_sd3(weighting_scheme=weighting_scheme, sigmas=sigmas)
+    scheme = scheme.float().reshape(-1, *([1] * (x0.ndim - 1)))
+    error = scheme * (prediction.float() - (noise - x0).float()) ** 2
+    if weight is None:
+        return error.reshape(x0.shape[0], -1).mean(1).mean()
+    weight = weight.float()
+    return (weight * error).sum() / (weight.sum() * error.shape[1])
 
 
 def kontext_training_step(transformer: nn.Module, optimizer: torch.optim.Optimizer,

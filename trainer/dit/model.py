@@ -32,7 +32,7 @@ from torch.nn.modules.module import _IncompatibleKeys
 
 from trainer.config import ModelConfig
 from trainer.dit.condition import GLOBAL_TOKEN, PADDING_TOKEN, JointCondition
-from trainer.dit.flow import add_lora, sample_sigmas
+from trainer.dit.flow import add_lora, flow_matching_loss, sample_sigmas
 from trainer.dit.processors import PROCESSOR_PREFIX, install_mcie_processors
 from trainer.dit.tiny import kontext_inputs, qwen_edit_inputs
 from trainer.model import MCIEE1, Conditioning, Frozen, build_frozen, vae_factor
@@ -266,8 +266,7 @@ class MCIEDiT(MCIEE1):
         with torch.autocast(x0.device.type, enabled=False):
             noisy = (1.0 - sigmas[:, None, None, None]) * x0 + sigmas[:, None, None, None] * noise
         prediction = self.denoise(noisy, sigmas, cond)
-        error = (prediction.float() - (noise - x0)) ** 2
-        return (weight * error).sum() / (weight.sum() * error.shape[1])
+        return flow_matching_loss(prediction, x0, noise, sigmas, self.flow_timesteps, weight)
 
     # ---- sampling -----------------------------------------------------------------------------
 
