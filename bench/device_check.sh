@@ -8,14 +8,18 @@
 #      it compiled, so it has never finished on a GPU;
 #   2. MFU at a larger batch: MCIE-E1 compiled (channels-last + cudnn benchmark + torch.compile)
 #      at batch 48 (≈ 51 GiB), against 30.2 % at batch 32 (≈ 4 min, compilation included);
-#   3. the plain UNet the same way, if time is left.
+#   3. the plain UNet the same way, if time is left;
+#   4. issue 19 (bench/dit_train.py, ≤ 240 s): MCIE-E1 on the 20B Qwen-Image-Edit transformer, then
+#      FLUX.1 Kontext: samples/s and MFU against plain LoRA at 512 and 1024 px, peak memory, the
+#      largest batch that fits; its lines go to ${OUT:-out}/dit_train.jsonl.
 # Figures go to stdout and to ${OUT:-out}/device_check.jsonl, one JSON line each (see bench/train.py),
 # with the 12 GPU kernels that take the most time (`top_ops`): what to optimise next.
 # Where diffusers / webdataset are missing, put their wheels in .whl/ and they are installed to a
 # scratch dir first (≈ 25 MB; a session passes `.whl` in the device tool's `carry`), made with
 #   pip download --no-deps --python-version 3.12 --platform manylinux2014_x86_64 --platform any \
 #     --only-binary=:all: -d .whl diffusers==0.42.* webdataset==1.0.* braceexpand importlib_metadata \
-#     transformers==5.24.* accelerate==1.15.* safetensors tokenizers huggingface_hub tqdm regex
+#     transformers==5.24.* accelerate==1.15.* safetensors tokenizers huggingface_hub tqdm regex \
+#     peft==0.21.* psutil pyyaml
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${OUT:-out}"
@@ -43,3 +47,7 @@ else
 fi
 bench 270 --warmup 3 --models mcie-e1 --variants cl+tune+compile
 bench 200 --warmup 3 --models ip2p --variants cl+tune+compile
+# 4. Issue 19: it stops itself 20 s before the step's limit and prints what it had to skip.
+dit=(--size tiny --budget-s 0)
+[[ $device == cuda ]] && { left=$(limit 240); dit=(--size full --budget-s $(( left > 40 ? left - 20 : 20 ))); }
+budgeted 240 python3 bench/dit_train.py --device "$device" "${dit[@]}" 2> >(tail -n 20 >&2) | tee -a "$out/dit_train.jsonl"
