@@ -6,18 +6,18 @@ swapped in with `set_attn_processor`; the background module's weights live in th
 
 - **Spatial-aware joint attention**: the label-set rule of condition.py on the joint
   `[text, target, source]` attention, in the form `JointCondition.attention` names:
-  "sdpa" — the dense `attention_mask` through diffusers' `dispatch_attention_fn`. FLUX's processor
-  takes a mask, so it is wrapped, not forked; Qwen-Image's refuses one, so its arithmetic is
-  repeated here line for line with the mask added.
+  "sdpa" — the dense `attention_mask` through diffusers' `dispatch_attention_fn`. Both processors
+  repeat diffusers' arithmetic (`FluxAttnProcessor`, `QwenDoubleStreamAttnProcessor2_0`, 0.42)
+  line for line with the mask added and the injection placed before the output projection.
   "flex" — `block_mask` through `flex_attention`: no N² mask, masked-out blocks skipped, flash-like
   fused kernels (what the dense mask costs SDPA); on CUDA `flex_attention` is `torch.compile`d
   once, lazily (uncompiled it is a slow reference that materialises the scores; CPU runs that).
-  FLUX's processor then repeats `FluxAttnProcessor`'s arithmetic (diffusers 0.42) with flex in
-  place of `dispatch_attention_fn`. With nothing to restrict (`cond.restricts` false) both forms
+  With nothing to restrict (`cond.restricts` false) both forms
   fall back to the unmasked (or, for Qwen's padding, diffusers' own) attention.
 - **Background-consistent injection**: for target tokens at background positions the attention
-  output is mixed with a projection of the source image's token at the same position:
-  `out·(1 - g·b) + proj(source)·g·b`, `b` the token's background flag, `g = clamp(gate, 0, 1)`
+  output (before the output projection: that map is affine, so mixing before it equals mixing
+  after it with the source projected too, one matmul fewer) is mixed with a projection of the
+  source image's token at the same position: `out·(1 - g·b) + proj(source)·g·b`, `b` the token's background flag, `g = clamp(gate, 0, 1)`
   zero-initialised (ControlNet practice: a pretrained model is undisturbed at step 0). The source
   features are the packed source latents, instruction-free, so at `g = 1` a background token's
   attention output no longer depends on any text.
@@ -30,11 +30,7 @@ import warnings
 import torch
 from diffusers.models.attention_dispatch import dispatch_attention_fn
 from diffusers.models.embeddings import apply_rotary_emb
-from diffusers.models.transformers.transformer_flux import (
-    FluxAttnProcessor,
-    FluxTransformer2DModel,
-    _get_qkv_projections,
-)
+from diffusers.models.transformers.transformer_flux import FluxTransformer2DModel, _get_qkv_projections
 from diffusers.models.transformers.transformer_qwenimage import (
     QwenImageTransformer2DModel,
     apply_rotary_emb_qwen,
@@ -74,18 +70,15 @@ class SourceInjection(nn.Module):
         self.proj = nn.Linear(source_dim, inner_dim)
         self.gate = nn.Parameter(torch.zeros(()))  # 0: exactly the pretrained output
 
-    def mix(self, out: torch.Tensor, cond: JointCondition, offset: int,
-            project: nn.Module | None = None) -> torch.Tensor:
-        """`out` (B, L, D) with the target tokens at rows [offset, offset + h·w). `project` is the
-        attention's output projection when `out` has already been through it (affine, so mixing
-        after it equals mixing before it)."""
+    def mix(self, out: torch.Tensor, cond: JointCondition, offset: int) -> torch.Tensor:
+        """`out` (B, L, D), the attention's output before its output projection, with the target
+        tokens at rows [offset, offset + h·w). Mixing before the (affine) output projection equals
+        mixing after it with the source projected too, and costs no second projection."""
         if cond.source is None:
             raise ValueError("the background injection needs JointCondition.source (packed source latents)")
         length = cond.target_length
         weight = self.gate.clamp(0.0, 1.0).to(out.dtype) * cond.background_tokens(out.dtype)
         source = self.proj(cond.source.to(self.proj.weight.dtype)).to(out.dtype)
-        if project is not None:
-            source = project(source)
         rows = out[:, offset: offset + length]
         # a·(1-w) + s·w rather than lerp: at w = 1 the result is s exactly, whatever a holds
         mixed = rows * (1.0 - weight) + source * weight
@@ -102,12 +95,16 @@ def _condition(mcie: JointCondition | None, processor: nn.Module) -> JointCondit
 class FluxMCIEAttnProcessor(nn.Module):
     """FLUX (Kontext) joint attention with the spatial mask and the background injection, for
     both the double-stream blocks (text and image given apart) and the single-stream blocks (one
-    `[text, image]` sequence, no output projection)."""
+    `[text, image]` sequence, no output projection): `FluxAttnProcessor.__call__` (diffusers 0.42),
+    same operations in the same order, with the mask (dense for SDPA, or a flex BlockMask) and
+    the injection before the output projection."""
+
+    _attention_backend = None  # diffusers' dispatch settings, as on FluxAttnProcessor
+    _parallel_config = None
 
     def __init__(self, source_dim: int, inner_dim: int):
         super().__init__()
         self.injection = SourceInjection(source_dim, inner_dim)
-        self._base = FluxAttnProcessor()  # plain object: holds no weights
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None,
                  image_rotary_emb=None, mcie: JointCondition | None = None):
@@ -118,21 +115,7 @@ class FluxMCIEAttnProcessor(nn.Module):
         if encoder_hidden_states is not None and encoder_hidden_states.shape[1] != text:
             raise ValueError(f"condition has {text} text tokens, the block {encoder_hidden_states.shape[1]}")
         image_length = hidden_states.shape[1] - (0 if encoder_hidden_states is not None else text)
-        if cond.restricts and cond.attention == "flex":
-            out = self._flex(attn, hidden_states, encoder_hidden_states, cond.block_mask(image_length),
-                             image_rotary_emb)
-        else:
-            mask = cond.attention_mask(image_length) if cond.restricts else None
-            out = self._base(attn, hidden_states, encoder_hidden_states, mask, image_rotary_emb)
-        if encoder_hidden_states is None:  # single-stream: rows are [text, image], not projected
-            return self.injection.mix(out, cond, offset=text)
-        image_out, text_out = out
-        return self.injection.mix(image_out, cond, offset=0, project=attn.to_out[0]), text_out
 
-    @staticmethod
-    def _flex(attn, hidden_states, encoder_hidden_states, block_mask, image_rotary_emb):
-        """`FluxAttnProcessor.__call__` (diffusers 0.42), same operations in the same order, with
-        `flex_joint_attention` in place of `dispatch_attention_fn`."""
         query, key, value, encoder_query, encoder_key, encoder_value = _get_qkv_projections(
             attn, hidden_states, encoder_hidden_states)
         query, key, value = (t.unflatten(-1, (-1, attn.head_dim)) for t in (query, key, value))
@@ -150,13 +133,18 @@ class FluxMCIEAttnProcessor(nn.Module):
             query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
             key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
 
-        hidden_states = flex_joint_attention(query, key, value, block_mask)
+        if cond.restricts and cond.attention == "flex":
+            hidden_states = flex_joint_attention(query, key, value, cond.block_mask(image_length))
+        else:
+            mask = cond.attention_mask(image_length) if cond.restricts else None
+            hidden_states = dispatch_attention_fn(query, key, value, attn_mask=mask, backend=self._attention_backend,
+                                                  parallel_config=self._parallel_config)
         hidden_states = hidden_states.flatten(2, 3).to(query.dtype)
-        if encoder_hidden_states is None:
-            return hidden_states
-        text = encoder_hidden_states.shape[1]
+        if encoder_hidden_states is None:  # single-stream: rows are [text, image], projected by the block
+            return self.injection.mix(hidden_states, cond, offset=text)
         encoder_hidden_states, hidden_states = hidden_states.split_with_sizes(
             [text, hidden_states.shape[1] - text], dim=1)
+        hidden_states = self.injection.mix(hidden_states, cond, offset=0)
         hidden_states = attn.to_out[1](attn.to_out[0](hidden_states.contiguous()))
         return hidden_states, attn.to_add_out(encoder_hidden_states.contiguous())
 
@@ -216,11 +204,12 @@ class QwenMCIEAttnProcessor(nn.Module):
             joint = dispatch_attention_fn(joint_query, joint_key, joint_value, attn_mask=attention_mask,
                                           dropout_p=0.0, is_causal=False)
         joint = joint.flatten(2, 3).to(joint_query.dtype)
-        img_out = attn.to_out[0](joint[:, seq_txt:, :].contiguous())
+        image = self.injection.mix(joint[:, seq_txt:, :], cond, offset=0)  # before the output projection
+        img_out = attn.to_out[0](image.contiguous())
         if len(attn.to_out) > 1:
             img_out = attn.to_out[1](img_out)
         txt_out = attn.to_add_out(joint[:, :seq_txt, :].contiguous())
-        return self.injection.mix(img_out, cond, offset=0, project=attn.to_out[0]), txt_out
+        return img_out, txt_out
 
 
 def install_mcie_processors(transformer: nn.Module, source_dim: int | None = None) -> dict[str, nn.Module]:
