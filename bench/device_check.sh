@@ -1,17 +1,19 @@
 #!/usr/bin/env bash
-# Issue 6's GPU checks in one run of at most ${BUDGET_S:-540} s on an H100 (torch with CUDA
+# The open GPU checks in one run of at most ${BUDGET_S:-540} s on an H100/H200 (torch with CUDA
 # installed), most important first, each step cut to the time left so a slow compile costs only
-# the steps after it. The headline figures (both denoisers eager and compiled, batch 32) were
-# measured on 2026-11-27 and are in the README; what is still open:
-#   1. the trainer's own GPU path, train-cache included (bench/trainer_smoke.py, ≤ 5 min), where
-#      transformers and accelerate are importable: on 2026-11-27 the time budget cut it off while
-#      it compiled, so it has never finished on a GPU;
-#   2. MFU at a larger batch: MCIE-E1 compiled (channels-last + cudnn benchmark + torch.compile)
-#      at batch 48 (≈ 51 GiB), against 30.2 % at batch 32 (≈ 4 min, compilation included);
-#   3. the plain UNet the same way, if time is left;
-#   4. issue 19 (bench/dit_train.py, ≤ 240 s): MCIE-E1 on the 20B Qwen-Image-Edit transformer, then
+# the steps after it:
+#   1. the trainer's own GPU path on a tiny DiT (bench/trainer_smoke.py --backbone qwen-image-edit,
+#      ≤ 120 s): bf16, gradient checkpointing, the compiled flex_attention mask (never run on a
+#      GPU), train + resume + EMA + train-cache, and flex against the dense mask in bf16;
+#   2. issue 19 (bench/dit_train.py, ≤ 300 s): MCIE-E1 on the 20B Qwen-Image-Edit transformer, then
 #      FLUX.1 Kontext: samples/s and MFU against plain LoRA at 512 and 1024 px, peak memory, the
-#      largest batch that fits; its lines go to ${OUT:-out}/dit_train.jsonl.
+#      largest batch that fits; its lines go to ${OUT:-out}/dit_train.jsonl;
+#   3. the trainer's own GPU path on the UNet (bench/trainer_smoke.py): on 2026-11-27 the time
+#      budget cut it off while it compiled, so it has never finished on a GPU;
+#   4. issue 6's leftovers: MFU at a larger batch, MCIE-E1 compiled (channels-last + cudnn
+#      benchmark + torch.compile) at batch 48 (≈ 51 GiB), against 30.2 % at batch 32 (≈ 4 min,
+#      compilation included), then the plain UNet the same way, if time is left (the headline
+#      figures, both denoisers eager and compiled at batch 32, are in the README).
 # Figures go to stdout and to ${OUT:-out}/device_check.jsonl, one JSON line each (see bench/train.py),
 # with the 12 GPU kernels that take the most time (`top_ops`): what to optimise next.
 # Where diffusers / webdataset are missing, put their wheels in .whl/ and they are installed to a
@@ -40,14 +42,18 @@ budgeted() { if [[ $device == cpu ]]; then "${@:2}"; else timeout "$(limit "$1")
 batch=(); [[ $device == cuda ]] && batch=(--batch 48)
 bench() { budgeted "$1" python3 bench/train.py --device "$device" --skip loader --steps 10 --profile 12 \
             "${batch[@]}" "${@:2}" 2> >(tail -n 20 >&2) | tee -a "$out/device_check.jsonl"; }
-if python3 -c 'import transformers, accelerate, safetensors' 2>/dev/null; then
-  budgeted 300 python3 bench/trainer_smoke.py 2> >(tail -n 20 >&2) | tee -a "$out/device_check.jsonl"
-else
-  echo '{"check": "trainer_smoke", "skipped": "transformers / accelerate / safetensors not installed"}'
-fi
+smoke() {
+  if python3 -c 'import transformers, accelerate, safetensors, peft' 2>/dev/null; then
+    budgeted "$1" python3 bench/trainer_smoke.py "${@:2}" 2> >(tail -n 20 >&2) | tee -a "$out/device_check.jsonl"
+  else
+    echo '{"check": "trainer_smoke", "skipped": "transformers / accelerate / safetensors / peft not installed"}'
+  fi
+}
+smoke 120 --backbone qwen-image-edit
+# Issue 19's figures: the benchmark stops itself 20 s before the step's limit and prints what it skipped.
+dit=(--size tiny --budget-s 0)
+[[ $device == cuda ]] && { left=$(limit 300); dit=(--size full --budget-s $(( left > 40 ? left - 20 : 20 ))); }
+budgeted 300 python3 bench/dit_train.py --device "$device" "${dit[@]}" 2> >(tail -n 20 >&2) | tee -a "$out/dit_train.jsonl"
+smoke 300
 bench 270 --warmup 3 --models mcie-e1 --variants cl+tune+compile
 bench 200 --warmup 3 --models ip2p --variants cl+tune+compile
-# 4. Issue 19: it stops itself 20 s before the step's limit and prints what it had to skip.
-dit=(--size tiny --budget-s 0)
-[[ $device == cuda ]] && { left=$(limit 240); dit=(--size full --budget-s $(( left > 40 ? left - 20 : 20 ))); }
-budgeted 240 python3 bench/dit_train.py --device "$device" "${dit[@]}" 2> >(tail -n 20 >&2) | tee -a "$out/dit_train.jsonl"

@@ -3,6 +3,7 @@ channels-last, torch.compile, cuDNN attention and an EMA, trained 3 steps, check
 6, the checkpoint loaded back for inference; then `mcie train-cache` and 2 steps on the cache.
 
     python bench/trainer_smoke.py                 # cuda when available, else the CPU (float32)
+    python bench/trainer_smoke.py --backbone qwen-image-edit   # the same on a tiny DiT (flex on CUDA)
     python bench/trainer_smoke.py --ic-bc 400     # tiny MCIE-E1 on the CPU: IC/BC before and after
 
     python bench/trainer_smoke.py --regions 2000  # the region decoder learns "in the top left"
@@ -27,6 +28,10 @@ default 1e-3; `--seed` of the training scenes).
 factory's own source, composer, editor and shard writer, with a CIE-Bench slice as --val-bench:
 edits are sampled on it before training and every 100 steps, and the IC/BC figures printed (one
 JSON line per evaluation, from the run's metrics.jsonl).
+
+`--backbone flux-kontext | qwen-image-edit` runs the default check on the tiny DiT instead, with
+gradient checkpointing and, on CUDA, the compiled flex_attention mask (`model.attention = flex`),
+and first compares one bf16 prediction of the flex and the dense-mask model (`flex_vs_sdpa`).
 
 `bench/train.py` measures the denoiser alone; this runs `trainer.train` itself, with the loader on
 spec-conformant shards written to a temp dir. Prints one JSON line; exit 1 when a loss is not
@@ -228,6 +233,39 @@ def speed(size: str, steps: int) -> int:
     return 0 if figures["losses_finite"] else 1
 
 
+def _flex_vs_sdpa(backbone: str, device: str) -> dict:
+    """Largest difference between the flex and the dense-mask prediction of one tiny DiT (same
+    weights, gates 0.5, two sub-instructions with regions), under bf16 autocast on CUDA."""
+    import numpy as np
+
+    from trainer.config import preset, with_model
+    from trainer.dit.processors import mcie_parameters
+    from trainer.model import build_model
+
+    out = {}
+    source = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    uint8 = ((source.permute(0, 2, 3, 1) + 1) * 127.5).round().byte().numpy()
+    regions = torch.zeros(2, 4, 32, 32)
+    regions[:, 0, 4:20, 4:20] = regions[:, 1, 16:, 8:30] = 1
+    noisy = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(1))
+    texts = [["make the circle blue", "remove the star"], ["turn the square green"]]
+    for attention in ("sdpa", "flex"):
+        model = build_model(with_model(preset("tiny", backbone), attention=attention).model).to(device).eval()
+        model.frozen.to(torch.device(device))
+        with torch.no_grad():
+            for name, p in mcie_parameters(model.transformer).items():
+                if name.endswith("gate"):
+                    p.fill_(0.5)
+            with torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"):
+                cond = model.condition(source.to(device), texts, uint8, background=None,
+                                       region_masks=regions.to(device))
+                out[attention] = model.denoise(noisy.to(device), torch.tensor([0.3, 0.8], device=device),
+                                               cond).float().cpu()
+    difference = (out["flex"] - out["sdpa"]).abs()
+    return {"max_abs": round(float(difference.max()), 6), "mean_abs": round(float(difference.mean()), 6),
+            "scale": round(float(out["sdpa"].abs().mean()), 4), "finite": bool(np.isfinite(out["flex"].numpy()).all())}
+
+
 def main() -> int:
     if "--speed" in sys.argv:
         at = sys.argv.index("--speed")
@@ -237,14 +275,20 @@ def main() -> int:
     if "--ic-bc" in sys.argv:
         return ic_bc(int(sys.argv[sys.argv.index("--ic-bc") + 1]))
     from trainer.cache import encode_build
-    from trainer.config import preset, with_train
+    from trainer.config import preset, with_model, with_train
     from trainer.edit import load_model
     from trainer.train import train
 
     cuda = torch.cuda.is_available()
-    config = with_train(preset("tiny"), batch_size=4, checkpoint_every=3, compile="default",
-                        channels_last=True, cudnn_attention=True, ema_decay=0.99,
+    backbone = _option("--backbone", "unet")
+    dit = backbone != "unet"
+    config = with_train(preset("tiny", backbone), batch_size=4, checkpoint_every=3, compile="default",
+                        channels_last=not dit, cudnn_attention=True, ema_decay=0.99, gradient_checkpointing=dit,
                         mixed_precision="bf16" if cuda else "no")
+    extra = {}
+    if dit:
+        config = with_model(config, attention="flex" if cuda else "sdpa")
+        extra["flex_vs_sdpa"] = _flex_vs_sdpa(backbone, "cuda" if cuda else "cpu")
     with tempfile.TemporaryDirectory() as tmp:
         _bench_train().write_bench_shards(Path(tmp) / "shards", 2, 16, 64)
         started = time.perf_counter()
@@ -262,7 +306,7 @@ def main() -> int:
     ok = sorted(losses) == list(range(1, 7)) and all(map(math.isfinite, losses.values())) \
         and resumed.resumed_from == 3 and model.weights_used == "ema" \
         and cache["samples"] == 32 and all(map(math.isfinite, on_cache.losses.values()))
-    print(json.dumps({"check": "trainer_smoke", "ok": ok, "device": torch.cuda.get_device_name() if cuda else "cpu",
+    print(json.dumps({"check": "trainer_smoke", "backbone": backbone, **extra, "ok": ok, "device": torch.cuda.get_device_name() if cuda else "cpu",
                       "torch": torch.__version__, "losses": losses, "first_run_s": round(first_s, 1),
                       "resumed_run_s": round(resumed_s, 1), "weights_loaded": model.weights_used,
                       "cached_samples": cache["samples"], "cache_and_2_steps_s": round(cached_s, 1)}))

@@ -592,7 +592,8 @@ def test_bench_runs_one_model_with_cudnn_attention_preferred_and_counts_flops_wi
 
 def test_device_check_script_dry_runs_on_the_cpu(tmp_path):
     """bench/device_check.sh is what a GPU session runs in its few minutes: it must not have rotted.
-    DEVICE=cpu runs every step of it (trainer smoke, each bench variant) at the tiny size."""
+    DEVICE=cpu runs every step of it (trainer smokes on the tiny DiT and UNet, the DiT benchmark,
+    each UNet bench variant) at the tiny size."""
     root = Path(__file__).resolve().parents[1]
     env = dict(os.environ, DEVICE="cpu", OUT=str(tmp_path),
                PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
@@ -600,8 +601,13 @@ def test_device_check_script_dry_runs_on_the_cpu(tmp_path):
                           text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     lines = [json.loads(line) for line in (tmp_path / "device_check.jsonl").read_text().splitlines()]
-    smoke, *figures = lines
-    assert smoke["check"] == "trainer_smoke" and smoke["ok"] and smoke["weights_loaded"] == "ema"
+    dit, smoke, *figures = lines
+    assert dit["check"] == "trainer_smoke" and dit["backbone"] == "qwen-image-edit" and dit["ok"]
+    assert dit["flex_vs_sdpa"]["finite"] and dit["flex_vs_sdpa"]["max_abs"] < 1e-4
+    assert smoke["check"] == "trainer_smoke" and smoke["backbone"] == "unet" and smoke["ok"]
+    assert smoke["weights_loaded"] == "ema"
+    dit_lines = [json.loads(line) for line in (tmp_path / "dit_train.jsonl").read_text().splitlines()]
+    assert dit_lines[-1]["bench"] == "dit_done" and not [line for line in dit_lines if "error" in line]
     assert [(f["model"], f["variant"]) for f in figures] == [
         ("mcie-e1", "channels_last+cudnn_benchmark+compile"), ("ip2p", "channels_last+cudnn_benchmark+compile")]
     assert all("error" not in f and f["top_ops"] for f in figures)
