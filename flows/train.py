@@ -16,11 +16,11 @@ from prefect.artifacts import create_table_artifact
 
 @task(name="train-model", retries=1, retry_delay_seconds=30)
 def train_model(data: str, config: str, out: str, steps: int, overrides: dict[str, Any],
-                val_data: str | None = None) -> dict[str, Any]:
+                val_data: str | None = None, backbone: str | None = None) -> dict[str, Any]:
     from trainer.config import load_config, with_train
     from trainer.train import latest_checkpoint, train
 
-    resolved = with_train(load_config(config), **overrides)
+    resolved = with_train(load_config(config, backbone), **overrides)
     resolved.model.check_paths()
     result = train(data, resolved, out, steps, val_data)
     last = result.losses[max(result.losses)] if result.losses else None
@@ -42,10 +42,12 @@ def train_flow(
     seed: int | None = None,
     compile_mode: str | None = None,
     val_data: str | None = None,
+    backbone: str | None = None,
 ) -> dict[str, Any]:
     """Train MCIE-E1 on DATA (a build OUT) up to `steps` steps; checkpoints in `out`.
-    `compile_mode`: off or a torch.compile mode for the UNet (else the config's `train.compile`);
-    `val_data`: a build OUT for the validation loss (in `out/metrics.jsonl`)."""
+    `compile_mode`: off or a torch.compile mode for the denoiser (else the config's `train.compile`);
+    `val_data`: a build OUT for the validation loss (in `out/metrics.jsonl`); `backbone`: unet,
+    flux-kontext or qwen-image-edit (else the config's)."""
     logger = get_run_logger()
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
@@ -53,7 +55,7 @@ def train_flow(
                  "checkpoint_every": checkpoint_every, "mixed_precision": mixed_precision, "seed": seed,
                  "compile": compile_mode}
     result = train_model(data, config, out, steps, {k: v for k, v in overrides.items() if v is not None},
-                         val_data)
+                         val_data, backbone)
     logger.info("trained to step %d (resumed from %s), last loss %s", result["step"],
                 result["resumed_from"], result["last_loss"])
     create_table_artifact(key="train-summary", table=[result],

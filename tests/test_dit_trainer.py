@@ -487,3 +487,14 @@ def test_mcie_eval_runs_a_dit_checkpoint(trained, tmp_path):
     summary, report = evaluate(tmp_path / "bench", editor=load_checkpoint_editor(out, steps=2), out=tmp_path / "r")
     assert summary["cases"] == 2 and summary["failed_cases"] == 0
     assert 0.0 <= summary["instruction_compliance"] <= 1.0
+
+
+def test_prefect_train_flow_takes_the_backbone(build, tmp_path):
+    """The scheduled path (`flows.train.train_flow`, a real Prefect run) trains a DiT too."""
+    from flows.train import train_flow
+
+    result = train_flow(data=str(build), out=str(tmp_path / "ckpt"), steps=1, batch_size=2,
+                        backbone="qwen-image-edit")
+    assert result["step"] == 1 and np.isfinite(result["last_loss"])
+    saved = json.loads((tmp_path / "ckpt" / "checkpoint-1" / "mcie_config.json").read_text())
+    assert saved["backbone"] == "qwen-image-edit"
