@@ -498,3 +498,17 @@ def test_prefect_train_flow_takes_the_backbone(build, tmp_path):
     assert result["step"] == 1 and np.isfinite(result["last_loss"])
     saved = json.loads((tmp_path / "ckpt" / "checkpoint-1" / "mcie_config.json").read_text())
     assert saved["backbone"] == "qwen-image-edit"
+
+
+def test_a_unet_run_from_before_the_backbones_still_resumes(build, tmp_path):
+    """A checkpoint whose config.json predates the DiT fields (backbone, transformer, ...) is the
+    same UNet model: the run resumes instead of being refused as "a different model config"."""
+    config = with_train(preset("tiny"), batch_size=2, checkpoint_every=1)
+    train(build, config, tmp_path / "ckpt", 1)
+    path = tmp_path / "ckpt" / "checkpoint-1" / "config.json"
+    saved = json.loads(path.read_text())
+    for key in ("backbone", "transformer", "transformer_path", "scheduler_path", "transformer_lora_rank",
+                "transformer_lora_targets", "attention", "guidance", "text_tokens"):
+        del saved["model"][key]
+    path.write_text(json.dumps(saved))
+    assert train(build, config, tmp_path / "ckpt", 2).resumed_from == 1

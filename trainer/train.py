@@ -177,7 +177,8 @@ class Trainer:
         path = latest_checkpoint(self.out)
         if path is None:
             return None
-        saved = json.loads((path / CONFIG_FILE).read_text())
+        # through the dataclass: a checkpoint written before a model field existed has its default
+        saved = Config.from_json(json.loads((path / CONFIG_FILE).read_text())).to_json()
         if saved["model"] != self.config.to_json()["model"]:
             raise ConfigError(f"{path} was trained with a different model config; use another --out")
         self.accelerator.load_state(str(path))
