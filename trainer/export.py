@@ -82,7 +82,9 @@ def save_pretrained(model, directory: str | Path, weights: dict[str, torch.Tenso
         "connector": {"hidden_size": model.frozen.mllm.hidden_size},
         "source_encoder": {"latent_channels": latent_channels, "dim": model.config.source_feature_dim},
         "region_decoder": {"dim": model.config.mask_head_dim, "grid": list(model.region_decoder.grid)},
-        PROCESSORS: {"source_dim": model.config.source_feature_dim, "grid": model.config.background_grid},
+        PROCESSORS: ({"source_dim": model.denoiser.config.in_channels, "injection": "packed source latents"}
+                     if model.config.is_dit else
+                     {"source_dim": model.config.source_feature_dim, "grid": model.config.background_grid}),
         "text_proj": {"text_tokens": model.config.text_tokens},
         "pooled": {"pooled_projection_dim": getattr(model.denoiser.config, "pooled_projection_dim", None)},
         "lora": {"rank": model.config.lora_rank},
