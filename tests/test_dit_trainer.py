@@ -490,11 +490,15 @@ def test_mcie_eval_runs_a_dit_checkpoint(trained, tmp_path):
 
 
 def test_prefect_train_flow_takes_the_backbone(build, tmp_path):
-    """The scheduled path (`flows.train.train_flow`, a real Prefect run) trains a DiT too."""
-    from flows.train import train_flow
-
-    result = train_flow(data=str(build), out=str(tmp_path / "ckpt"), steps=1, batch_size=2,
-                        backbone="qwen-image-edit")
+    """The scheduled path (`flows.train.train_flow`, a real Prefect run, in its own process so its
+    temporary server stops with it) trains a DiT too."""
+    code = ("import json, sys; from flows.train import train_flow; "
+            "print(json.dumps(train_flow(data=sys.argv[1], out=sys.argv[2], steps=1, batch_size=2, "
+            "backbone='qwen-image-edit')))")
+    done = subprocess.run([sys.executable, "-c", code, str(build), str(tmp_path / "ckpt")], capture_output=True,
+                          text=True, cwd=Path(__file__).resolve().parents[1], timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result["step"] == 1 and np.isfinite(result["last_loss"])
     saved = json.loads((tmp_path / "ckpt" / "checkpoint-1" / "mcie_config.json").read_text())
     assert saved["backbone"] == "qwen-image-edit"
