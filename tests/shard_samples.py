@@ -72,3 +72,22 @@ def unit_samples(start: int = 0) -> list[EditSample]:
     samples = [finished_sample(start + i, v, edits=1 + i % 3) for i, v in enumerate(verdicts)]
     samples.append(failed_sample(start + len(verdicts)))
     return samples
+
+
+def procedural_train_shards(out, units: int, per_unit: int, resolution: int = 64):
+    """A small build's train shards (OUT/shards/train-NNNNNN.tar, `units` of up to `per_unit`
+    accepted samples), made by the factory's own procedural source, composer, editor and shard
+    writer: what the trainer tests train on."""
+    from pipeline.compose.procedural import Composer
+    from pipeline.dataset.shards import write_tar
+    from pipeline.editors.procedural import ProceduralEditor
+
+    (out / "shards").mkdir(parents=True)
+    source, composer, editor = ProceduralSource(resolution), Composer(1, 5), ProceduralEditor(defect_rate=0.0)
+    for unit in range(units):
+        made = editor(composer([source.make(3, i) for i in range(unit * per_unit, (unit + 1) * per_unit)]))
+        accepted = [sample for sample in made if not sample.failed]
+        for sample in accepted:
+            sample.verdict, sample.verdict_by = "accept", "judge"
+        write_tar(out / "shards" / f"train-{unit:06d}.tar", accepted)
+    return out

@@ -21,10 +21,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from pipeline.compose.procedural import Composer
-from pipeline.dataset.shards import write_tar
-from pipeline.editors.procedural import ProceduralEditor
-from pipeline.sources.procedural import ProceduralSource
+from shard_samples import procedural_train_shards
 from trainer.config import Config, ConfigError, load_config, preset, with_model, with_train
 from trainer.dit.condition import GLOBAL_TOKEN
 from trainer.dit.model import MCIEDiT, pack, unpack
@@ -49,14 +46,7 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def build(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("dit-build")
-    (out / "shards").mkdir()
-    source, composer, editor = ProceduralSource(64), Composer(1, 5), ProceduralEditor(defect_rate=0.0)
-    samples = [s for s in editor(composer([source.make(3, i) for i in range(8)])) if not s.failed]
-    for sample in samples:
-        sample.verdict, sample.verdict_by = "accept", "judge"
-    write_tar(out / "shards" / "train-000000.tar", samples)
-    return out
+    return procedural_train_shards(tmp_path_factory.mktemp("dit-build"), 1, 8)
 
 
 @pytest.fixture(scope="module", params=BACKBONES)

@@ -16,9 +16,8 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from pipeline.compose.procedural import Composer
-from pipeline.editors.procedural import ProceduralEditor
-from pipeline.dataset.shards import write_tar
 from pipeline.sources.procedural import ProceduralSource
+from shard_samples import procedural_train_shards
 from trainer.attention import (GLOBAL_TOKEN, PADDING_TOKEN, MCIECrossAttnProcessor, CrossAttnCondition,
                                set_background_gate)
 from trainer.config import ConfigError, load_config, preset, with_train
@@ -43,16 +42,7 @@ def one_thread():
 @pytest.fixture(scope="module")
 def build(tmp_path_factory) -> Path:
     """A small build's train shards, made by the real composer, editor and shard writer."""
-    out = tmp_path_factory.mktemp("build")
-    (out / "shards").mkdir()
-    source, composer, editor = ProceduralSource(64), Composer(1, 5), ProceduralEditor(defect_rate=0.0)
-    for unit in range(UNITS):
-        samples = editor(composer([source.make(3, i) for i in range(unit * PER_UNIT, (unit + 1) * PER_UNIT)]))
-        accepted = [s for s in samples if not s.failed]
-        for sample in accepted:
-            sample.verdict, sample.verdict_by = "accept", "judge"
-        write_tar(out / "shards" / f"train-{unit:06d}.tar", accepted)
-    return out
+    return procedural_train_shards(tmp_path_factory.mktemp("build"), UNITS, PER_UNIT)
 
 
 def tiny(**train):
