@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from shard_samples import procedural_train_shards
+from test_trainer import build, one_thread  # noqa: F401  (fixtures: the trainer tests' build, one torch thread)
 from trainer.config import Config, ConfigError, load_config, preset, with_model, with_train
 from trainer.dit.condition import GLOBAL_TOKEN
 from trainer.dit.model import MCIEDiT, pack, unpack
@@ -34,19 +34,6 @@ from trainer.model import build_model
 from trainer.train import Trainer, train
 
 BACKBONES = ["flux-kontext", "qwen-image-edit"]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def build(tmp_path_factory) -> Path:
-    return procedural_train_shards(tmp_path_factory.mktemp("dit-build"), 1, 8)
 
 
 @pytest.fixture(scope="module", params=BACKBONES)
