@@ -307,7 +307,9 @@ def make_sampler(config: ModelConfig):
 class MCIEE1(nn.Module):
     """MCIE-E1 on the UNet backbone. `trainer.dit.model.MCIEDiT` is the same model on a DiT: it
     overrides what touches the denoiser (`_build`, `_attention_condition`, `denoise`,
-    `diffusion_loss`, `pixel_multiple`, `to_target_space`) and shares the rest."""
+    `diffusion_loss`, `pixel_multiple`, `to_target_space`, `_is_pretrained`) and, for the MLLM's
+    own states as text tokens, `text_tokens` / `drop_instruction` / `sub_embeddings`; it shares
+    the rest (connector, region decoder and its coarsening, dropout, losses)."""
 
     weights_used = "trained"  # which weights `trainer.edit.load_model` put in: trained or ema
     guidance = (7.5, 1.5)  # `mcie edit`'s default (text, image) guidance scales: InstructPix2Pix's
