@@ -60,6 +60,44 @@ def test_build_writes_every_sample_once_and_verifies(built: Path):
     assert verified.returncode == 0, verified.stdout + verified.stderr
 
 
+def _which_members_differ(one: Path, other: Path, first: list[dict], second: list[dict]) -> str:
+    """For a failed determinism check: which members of which samples differ, and whether their
+    decoded pixels do (seen once in a full run, 2026-11-30, one sample of 30; not reproduced in
+    six reruns — this says where to look next time)."""
+    import io
+    import tarfile
+
+    import numpy as np
+    from PIL import Image
+
+    def pixels(data: bytes) -> np.ndarray:
+        return np.asarray(Image.open(io.BytesIO(data)))
+
+    def members(root: Path, row: dict) -> dict[str, bytes]:
+        if not row["shard"].endswith(".tar"):
+            return {}
+        with tarfile.open(root / "shards" / row["shard"]) as tar:
+            return {m.name.split(".", 1)[1]: tar.extractfile(m).read() for m in tar.getmembers()
+                    if m.name.startswith(row["id"] + ".")}
+
+    lines = []
+    for a, b in zip(first, second):
+        if a != b:
+            ours, theirs = members(one, a), members(other, b)
+            for name in sorted(set(ours) | set(theirs)):
+                if ours.get(name) != theirs.get(name):
+                    if name.endswith(".png") and name in ours and name in theirs:
+                        same = np.array_equal(pixels(ours[name]), pixels(theirs[name]))
+                        lines.append(f"{a['id']} {name}: bytes differ, pixels {'equal' if same else 'differ'}")
+                    else:
+                        at = next((i for i, (x, y) in enumerate(zip(ours.get(name, b""), theirs.get(name, b"")))
+                                   if x != y), None)
+                        where = "" if at is None else f" from {ours[name][max(0, at - 60): at + 60]!r}"
+                        lines.append(f"{a['id']} {name}: bytes differ{where}")
+            lines.append(f"{a} != {b}")
+    return "\n".join(lines)
+
+
 @pytest.mark.slow
 def test_same_seed_same_manifest_and_rerun_does_nothing(built: Path, tmp_path: Path):
     again = tmp_path / "again"
@@ -68,7 +106,7 @@ def test_same_seed_same_manifest_and_rerun_does_nothing(built: Path, tmp_path: P
     columns = ["id", "verdict", "shard", "checksum", "score_overall"]
     first = pq.read_table(built / "manifest.parquet", columns=columns).to_pylist()
     second = pq.read_table(again / "manifest.parquet", columns=columns).to_pylist()
-    assert first == second
+    assert first == second, _which_members_differ(built, again, first, second)
 
     rerun = mcie("build", "--out", str(again), *BUILD, "--workers", "1")
     assert rerun.returncode == 0, rerun.stderr[-3000:]
