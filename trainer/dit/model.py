@@ -7,9 +7,11 @@ each sub-instruction's region — with a diffusers DiT as the denoiser in place 
 - the DiT reads `[text, target tokens, source tokens]` as its pipeline feeds it (VAE latents
   normalised as the pipeline does, packed 2×2 into tokens; Kontext's source ids on axis 0 = 1,
   Qwen-Image-Edit's `img_shapes` listing both images), so a released checkpoint keeps its meaning;
-- the connector's tokens are the DiT's text tokens (`joint_attention_dim` wide; for Kontext a
-  linear map of the global tokens' mean stands in for CLIP's pooled embedding), labelled global,
-  sub-instruction i, or padding — the labels the spatial-aware joint attention reads;
+- the DiT's text tokens (`joint_attention_dim` wide) are the connector's (`text_tokens:
+  connector`) or the MLLM's own hidden states (`text_tokens: mllm`, as Qwen-Image-Edit is
+  conditioned by Qwen2.5-VL), labelled global, sub-instruction i, or padding — the labels the
+  spatial-aware joint attention reads; for Kontext a linear map of the global tokens' mean stands
+  in for CLIP's pooled embedding;
 - MCIE-E1's two modules are the DiT's attention processors (`trainer.dit.processors`): the label-set
   mask (`trainer.dit.condition`) and the zero-gated background injection of the source tokens;
 - rectified flow: x_σ = (1 - σ)·x0 + σ·ε, the DiT predicts ε - x0 on the target tokens, σ drawn as
