@@ -195,6 +195,34 @@ def test_flex_attention_config_equals_sdpa():
 
 # ---- training, checkpoints, editing -----------------------------------------------------------
 
+@pytest.mark.parametrize("backbone", BACKBONES)
+def test_training_fits_a_fixed_batch(backbone, build):
+    """Gradients reach what is trained (LoRA, MCIE modules, connector, ...): 60 AdamW steps on one
+    batch cut its flow-matching loss — on the same noise and σ draws before and after — by over
+    20 % (measured: 1.36 → 0.89 FLUX, 1.47 → 1.05 Qwen)."""
+    config = with_train(preset("tiny", backbone), batch_size=4)
+    model = build_model(config.model)
+    loader, _ = make_loader(build, config.train, config.model)
+    batch = next(iter(loader))
+
+    def loss_on_fixed_draws() -> float:
+        with torch.random.fork_rng(devices=[]), torch.no_grad():
+            torch.manual_seed(123)
+            return float(model(batch, edit_weight=2.0)["diffusion"])
+
+    model.eval()
+    before = loss_on_fixed_draws()
+    optimizer = torch.optim.AdamW(model.parameter_groups(3e-3), lr=3e-3)
+    model.train()
+    torch.manual_seed(0)
+    for _ in range(60):
+        model(batch, edit_weight=2.0, mask_loss_weight=0.5)["loss"].backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.eval()
+    assert loss_on_fixed_draws() < 0.8 * before
+
+
 def test_checkpoint_holds_what_was_trained_and_lora_loads_in_plain_diffusers(trained):
     """The accelerate state and the diffusers layout hold LoRA + new modules, never the frozen
     base; `transformer_lora/` loads into a plain diffusers transformer with `load_lora_adapter`,
