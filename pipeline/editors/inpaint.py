@@ -465,7 +465,25 @@ def _brief(scores: dict[str, Any]) -> dict[str, Any]:
     return {k: scores[k] for k in keys if k in scores}
 
 
-class InpaintEditor(GenerativeEditor):
+class PipelineEditor(GenerativeEditor):
+    """A generative backend around one diffusers pipeline from a local directory: the settings
+    every such backend shares (steps, guidance, device and dtype, working size, negative prompt),
+    checked once, and the working size they all use."""
+
+    def __init__(self, path: str, steps: int, guidance: float, device: str, dtype: str, max_side: int,
+                 negative_prompt: str, candidates: int, feather: int, seed: int, judge: str,
+                 judge_options: dict[str, Any] | None, batch_size: int):
+        super().__init__(candidates, feather, seed, judge, judge_options, batch_size)
+        _check_common(steps, guidance, max_side)
+        self.model = DiffusersModel(path, device, dtype)
+        self.steps, self.guidance, self.max_side = steps, float(guidance), max_side
+        self.negative_prompt = negative_prompt
+
+    def work_size(self, image: np.ndarray) -> tuple[int, int]:
+        return work_size(image.shape[1], image.shape[0], self.max_side)
+
+
+class InpaintEditor(PipelineEditor):
     backend = "inpaint"
 
     def __init__(self, path: str, steps: int = 30, guidance: float = 7.5, device: str = "cpu",
@@ -473,21 +491,16 @@ class InpaintEditor(GenerativeEditor):
                  strength: float = 1.0, negative_prompt: str = "", candidates: int = 1,
                  feather: int = FEATHER_PX, seed: int = 0, judge: str = "pixel",
                  judge_options: dict[str, Any] | None = None, batch_size: int = 8):
-        super().__init__(candidates, feather, seed, judge, judge_options, batch_size)
-        _check_common(steps, guidance, max_side)
         if not 0 < strength <= 1:
             raise ValueError(f"strength must be within (0, 1], got {strength!r}")
-        self.model = DiffusersModel(path, device, dtype)
-        self.steps, self.guidance, self.max_side = steps, float(guidance), max_side
-        self.grow, self.strength, self.negative_prompt = grow, float(strength), negative_prompt
+        super().__init__(path, steps, guidance, device, dtype, max_side, negative_prompt,
+                         candidates, feather, seed, judge, judge_options, batch_size)
+        self.grow, self.strength = grow, float(strength)
 
     def settings(self) -> str:
         return (f"{self.model.describe()}:steps={self.steps},guidance={self.guidance:g},"
                 f"strength={self.strength:g},dtype={self.model.dtype},max_side={self.max_side},"
                 f"grow={self.grow},feather={self.feather}")
-
-    def work_size(self, image: np.ndarray) -> tuple[int, int]:
-        return work_size(image.shape[1], image.shape[0], self.max_side)
 
     def generate_batch(self, requests: list[Request]) -> list[np.ndarray]:
         from PIL import Image

@@ -4,7 +4,8 @@ diffusers pipeline (`StableDiffusionInstructPix2PixPipeline`, or any pipeline ta
 (background, style). Each sub-edit's instruction is applied to the whole previous image, and the
 result is composited onto it inside the sub-edit's region only (feathered), exactly as the
 inpainting editor does: outside every region the target is the source, bit for bit. The loop,
-seeds, best-of-N and provenance are `pipeline.editors.inpaint.GenerativeEditor`'s."""
+seeds, best-of-N and provenance are `pipeline.editors.inpaint.GenerativeEditor`'s, the shared
+pipeline settings `PipelineEditor`'s."""
 
 from __future__ import annotations
 
@@ -14,11 +15,10 @@ import numpy as np
 
 from pipeline.compose.regions import FEATHER_PX
 from pipeline.editors.base import EDITORS
-from pipeline.editors.inpaint import (DiffusersModel, GenerativeEditor, Request, _check_common,
-                                      resize, to_uint8, work_size)
+from pipeline.editors.inpaint import PipelineEditor, Request, resize, to_uint8
 
 
-class InstructEditor(GenerativeEditor):
+class InstructEditor(PipelineEditor):
     backend = "instruct"
 
     def __init__(self, path: str, steps: int = 20, guidance: float = 7.5,
@@ -26,21 +26,16 @@ class InstructEditor(GenerativeEditor):
                  max_side: int = 1024, negative_prompt: str = "", candidates: int = 1,
                  feather: int = FEATHER_PX, seed: int = 0, judge: str = "pixel",
                  judge_options: dict[str, Any] | None = None, batch_size: int = 8):
-        super().__init__(candidates, feather, seed, judge, judge_options, batch_size)
-        _check_common(steps, guidance, max_side)
         if not isinstance(image_guidance, (int, float)) or not 0 <= image_guidance <= 100:
             raise ValueError(f"image_guidance must be within 0..100, got {image_guidance!r}")
-        self.model = DiffusersModel(path, device, dtype)
-        self.steps, self.guidance, self.max_side = steps, float(guidance), max_side
-        self.image_guidance, self.negative_prompt = float(image_guidance), negative_prompt
+        super().__init__(path, steps, guidance, device, dtype, max_side, negative_prompt,
+                         candidates, feather, seed, judge, judge_options, batch_size)
+        self.image_guidance = float(image_guidance)
 
     def settings(self) -> str:
         return (f"{self.model.describe()}:steps={self.steps},guidance={self.guidance:g},"
                 f"image_guidance={self.image_guidance:g},dtype={self.model.dtype},"
                 f"max_side={self.max_side},feather={self.feather}")
-
-    def work_size(self, image: np.ndarray) -> tuple[int, int]:
-        return work_size(image.shape[1], image.shape[0], self.max_side)
 
     def generate_batch(self, requests: list[Request]) -> list[np.ndarray]:
         from PIL import Image
