@@ -50,8 +50,6 @@ from pipeline.compose.regions import (
     donor_for,
     paste_origin,
     region_of,
-    scale_about,
-    shift,
 )
 from pipeline.editors.base import EDITORS
 from pipeline.editors.defects import (

@@ -22,7 +22,6 @@ variable named by `api_key_env` and is never logged or stored.
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from typing import Any
@@ -30,14 +29,11 @@ from typing import Any
 import numpy as np
 
 from pipeline.clients.openai import (
-    DEFAULT_API_KEY_ENV,
-    BadAnswer,
     Call,
     CallFailed,
     ClientConfig,
     ClientStats,
     OpenAIClient,
-    TruncatedAnswer,
     answer_json,
     data_url,
     validate,
