@@ -244,7 +244,8 @@ class MCIEDiT(MCIEE1):
         height, width = noisy.shape[-2:]
         grid = (height // 2, width // 2)
         dtype = next(self.transformer.parameters()).dtype
-        target, source = pack(noisy).to(dtype), pack(cond.source_latents).to(dtype)
+        # the source tokens were packed once with the condition (the injection reads them too)
+        target, source = pack(noisy).to(dtype), cond.condition.source.to(dtype)
         text = cond.context.to(dtype)
         labels = cond.condition.token_spans
         if self.config.backbone == "flux-kontext":
