@@ -12,7 +12,6 @@ import logging
 import time
 from pathlib import Path
 
-from pipeline import __version__
 from pipeline.compose.base import COMPOSERS
 from pipeline.config import BuildConfig
 from pipeline.dataset.output import write_unit
@@ -23,7 +22,7 @@ from pipeline.grounders.base import GROUNDERS
 from pipeline.judges.base import JudgeStage, make_judge
 from pipeline.record import EditSample, sample_id
 from pipeline.routing import RouteStage, RoutingPolicy
-from pipeline.sources.base import SOURCES, Source, SourceError, new_sample
+from pipeline.sources.base import SOURCES, Source, SourceError, SourceItem, new_sample
 from pipeline.stage import RecordStage
 
 log = logging.getLogger(__name__)
@@ -50,7 +49,10 @@ def front_stages(config: BuildConfig) -> list[RecordStage]:
 
 def read_sample(source: Source, config: BuildConfig, index: KeyIndex, number: int) -> EditSample:
     """Sample `number` of the build as the source gives it (failed with the reason if the image
-    cannot be read or repeats an earlier one)."""
+    cannot be read or repeats an earlier one). A failed sample keeps what the source still knew
+    (`SourceError.context`) as a read item's meta: its `source_meta`, the license/url/caption in
+    its provenance, and a context `instruction` as its instruction, so that its quarantine json
+    and manifest row say what it was."""
     position, edit = config.key_of(number)
     key = index.key(position)
     first = index.duplicate_of.get(key)
@@ -60,10 +62,11 @@ def read_sample(source: Source, config: BuildConfig, index: KeyIndex, number: in
                               f"({key} repeats {first})")
         return new_sample(source.read(key), source.name, config.seed, key, number, edit)
     except Exception as exc:  # the sample still gets its row, in quarantine
-        sample = EditSample(id=sample_id(config.seed, key, edit), index=number, seed=config.seed,
-                            source_key=key, edit_index=edit)
-        sample.provenance = {"source": source.name, "source_id": key, "seed": config.seed,
-                             "code_version": __version__}
+        context = exc.context if isinstance(exc, SourceError) else {}
+        sample = new_sample(SourceItem(image=None, meta=context), source.name, config.seed, key,
+                            number, edit)
+        if isinstance(context.get("instruction"), str):
+            sample.instruction = context["instruction"]
         sample.fail("source", exc)
         return sample
 

@@ -61,12 +61,13 @@ def check_chain(indices: list[int]) -> None:
     seen = sorted(indices)
     repeated = sorted({i for i in seen if seen.count(i) > 1})
     if repeated:
-        raise SourceError(f"turn {repeated[0]} appears {seen.count(repeated[0])} times in the session")
+        raise SourceError(f"turn {repeated[0]} appears {seen.count(repeated[0])} times in the session",
+                          context={"turn": repeated[0]})
     missing = sorted(set(range(1, (seen[-1] if seen else 0) + 1)) - set(seen))
     if missing or not seen or seen[0] < 1:
         present = ",".join(str(i) for i in seen)
         raise SourceError(f"gap in the turn chain: turn {missing[0] if missing else 1} is missing "
-                          f"(turns present: {present})")
+                          f"(turns present: {present})", context={"turn": missing[0] if missing else 1})
 
 
 def has_gap(indices: list[int]) -> bool:
@@ -169,7 +170,7 @@ def assemble(session: RawSession, *, resolution: int, min_edits: int, max_edits:
     total = len(turns)
     turns = turns[:max_edits]
     if turns[0].source is None:
-        raise SourceError("turn 1 has no input image")
+        raise SourceError("turn 1 has no input image", context={"turn": 1})
     first = _image(_load(turns[0].source, "turn 1 input"), "turn 1 input")
     original = (first.shape[1], first.shape[0])
     source = fit_resolution(first, resolution)
@@ -185,7 +186,7 @@ def assemble(session: RawSession, *, resolution: int, min_edits: int, max_edits:
             gap = float(np.abs(given.astype(np.int16) - before.astype(np.int16)).mean())
             if gap > CHAIN_LEVEL:
                 raise SourceError(f"turn {position}'s input is not turn {position - 1}'s output "
-                                  f"(mean difference {gap:.1f} levels)")
+                                  f"(mean difference {gap:.1f} levels)", context={"turn": position})
         after = _fit(_image(_load(turn.target, f"turn {position} output"), f"turn {position} output"),
                      size, f"turn {position} output")
         subs.append(_sub_edit(turn, position, texts[-1], before, after, original, size, objects))
@@ -201,11 +202,11 @@ def assemble(session: RawSession, *, resolution: int, min_edits: int, max_edits:
 
 def _text(turn: RawTurn, position: int) -> str:
     if not turn.instruction or not str(turn.instruction).strip():
-        raise SourceError(f"turn {position} has no instruction")
+        raise SourceError(f"turn {position} has no instruction", context={"turn": position})
     try:
         return sub_edit_text(turn.instruction)
     except ValueError as exc:
-        raise SourceError(f"turn {position}: {exc}") from None
+        raise SourceError(f"turn {position}: {exc}", context={"turn": position}) from None
 
 
 def _objects(session: RawSession, original: tuple[int, int], size: tuple[int, int]) -> list[InventoryObject]:
@@ -243,7 +244,8 @@ def _sub_edit(turn: RawTurn, position: int, text: str, before: np.ndarray, after
     box = mask_box(mask)
     if box is None:
         raise SourceError(f"turn {position} has an empty region ({source}: "
-                          + ("the mask marks no pixel)" if source == "dataset" else "nothing changed)"))
+                          + ("the mask marks no pixel)" if source == "dataset" else "nothing changed)"),
+                          context={"turn": position})
     params = {"domain": "photo", "free_text": True, "mask_from": source, "turn_id": turn.turn_id,
               "original_text": str(turn.instruction)}
     return SubEdit(type=infer_edit_type(turn.instruction or ""), text=text,

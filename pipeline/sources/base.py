@@ -24,7 +24,14 @@ from pipeline.registry import Registry
 
 
 class SourceError(ValueError):
-    """This item cannot be read (corrupt, too small, a bomb, ...): the reason is one line."""
+    """This item cannot be read (corrupt, too small, a bomb, ...): the reason is one line.
+    `context` is what the source still knows about the item (e.g. an import's dataset, split,
+    license, instructions, failed turn): the quarantined record keeps it as its `source_meta`
+    (`pipeline.unit.read_sample`)."""
+
+    def __init__(self, *args: Any, context: dict[str, Any] | None = None):
+        super().__init__(*args)
+        self.context: dict[str, Any] = dict(context or {})
 
 
 @dataclass
