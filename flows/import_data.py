@@ -17,7 +17,6 @@ from typing import Any
 from pipeline.cli_args import add_judge_arguments, judge_options, non_negative_int, positive_int, resolution
 
 FORMATS = ("magicbrush", "ultraedit", "imgedit", "generic")
-SINGLE_TURN = {"ultraedit"}  # one edit per row: its sessions have one turn
 
 
 def register(subparsers: Any) -> None:
@@ -26,7 +25,7 @@ def register(subparsers: Any) -> None:
     p = subparsers.add_parser(
         "import", help="import an edit dataset (MagicBrush, UltraEdit, ImgEdit, jsonl) as a build",
         description="Import an existing edit dataset from local files as complex, region-annotated "
-                    "samples: one sample per multi-turn session. Example: mcie import --format "
+                    "samples: one sample per session (of one turn or more). Example: mcie import --format "
                     "magicbrush --input MagicBrush/data --split dev --out OUT --judge none")
     p.add_argument("--format", required=True, choices=FORMATS, help="the dataset's published layout")
     p.add_argument("--input", required=True, help="the dataset's files (parquet shards folder, jsonl)")
@@ -34,8 +33,8 @@ def register(subparsers: Any) -> None:
     p.add_argument("--split", help="only this split (MagicBrush train/dev, an ImgEdit file stem, …)")
     p.add_argument("--images", help="imgedit: the folder its image tars were extracted into")
     p.add_argument("--masks", help="imgedit: the recap json(s) with COCO-RLE object masks")
-    p.add_argument("--min-edits", type=positive_int, default=None,
-                   help="skip sessions with fewer turns (default 2; 1 for ultraedit)")
+    p.add_argument("--min-edits", type=positive_int, default=1,
+                   help="skip sessions with fewer turns (default 1: a single-turn session is a sample)")
     p.add_argument("--max-edits", type=positive_int, default=8, help="keep the first N turns")
     p.add_argument("--resolution", type=resolution, default=512,
                    help="short image side in px (the long side follows the aspect, rounded to 64)")
@@ -57,10 +56,9 @@ def import_config(args: argparse.Namespace):
     for name in ("split", "images", "masks"):
         if getattr(args, name) is not None:
             options[name] = getattr(args, name)
-    min_edits = args.min_edits or (1 if args.format in SINGLE_TURN else 2)
     return BuildConfig(
         seed=args.seed, resolution=args.resolution, shard_size=args.shard_size, defect_rate=0.0,
-        min_edits=min_edits, max_edits=args.max_edits, judge=args.judge,
+        min_edits=args.min_edits, max_edits=args.max_edits, judge=args.judge,
         judge_options=judge_options(args), source="import", source_options=options,
         grounder="imported", composer="imported", editor="imported")
 

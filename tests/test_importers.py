@@ -1,6 +1,7 @@
 """Importing edit datasets: fixtures in each format's published schema, made from scikit-image's
-real photos (multi-turn sessions, shuffled rows, masks at another resolution, a missing turn, a
-broken image), imported through the build machinery and checked sample by sample."""
+real photos (multi-turn and single-turn sessions, shuffled rows, masks at another resolution, a
+missing turn, a broken image, a broken turn chain), imported through the build machinery and
+checked sample by sample; the InstructPix2Pix dev pairs in ../shared/real-edits when present."""
 
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from PIL import Image
 from flows.plan import prepare_build
 from photo_fixtures import photo_array
 from pipeline import rle
-from pipeline.compose.procedural import join_instruction, split_instruction
+from pipeline.compose.procedural import join_turns, split_turns
 from pipeline.config import BuildConfig
 from pipeline.dataset.output import finalize, read_quarantine
 from pipeline.dataset.report import write_report
@@ -138,7 +139,7 @@ def run_inline(out: Path, config: BuildConfig):
     return {row["id"]: row for row in table.to_pylist()}
 
 
-def import_config(fmt: str, path: Path, judge: str = "none", min_edits: int = 2, **options) -> BuildConfig:
+def import_config(fmt: str, path: Path, judge: str = "none", min_edits: int = 1, **options) -> BuildConfig:
     return BuildConfig(resolution=RES, shard_size=4, defect_rate=0.0, min_edits=min_edits, max_edits=8,
                        judge=judge, source="import", source_options={"format": fmt, "path": str(path), **options},
                        grounder="imported", composer="imported", editor="imported")
@@ -178,14 +179,28 @@ def test_other_is_a_record_type_but_never_drafted():
         SubEdit("dance", "make it dance")
 
 
-def test_turn_texts_join_with_the_connectives_and_split_back():
-    texts = [sub_edit_text(t) for t in ["Make the cat red, then blue.", "Put a hat on it!",
-                                        "3 birds; on the branch", "Replace the TV with a plant."]]
-    assert texts == ["make the cat red then blue", "put a hat on it", "apply: 3 birds on the branch",
-                     "replace the TV with a plant"]
-    for seed in range(20):
-        joined = join_instruction(texts, np.random.default_rng(seed))
-        assert split_instruction(joined) == texts
+def test_turn_texts_keep_their_words_join_as_sentences_and_split_back():
+    raw = ["Make the cat red, then blue.", "What if the horse wears a hat?", "Put a hat on it!",
+           "3 birds; on the branch", "Replace the TV with a plant.", "I want the sky pink, Mr. Smith",
+           'write "OPEN" on the door', "  TV   off. "]
+    texts = [sub_edit_text(t) for t in raw]
+    assert texts == ["make the cat red, then blue", "what if the horse wears a hat?", "put a hat on it!",
+                     "3 birds; on the branch", "replace the TV with a plant",
+                     "I want the sky pink, Mr. Smith", 'write "OPEN" on the door', "TV off"]
+    for seed in range(30):
+        joined = join_turns(texts, np.random.default_rng(seed))
+        assert joined.startswith("Make the cat red, then blue. ") and joined.endswith(" TV off.")
+        assert " what if the horse wears a hat? " in joined and " 3 birds; on the branch. " in joined
+        assert split_turns(joined) == texts, joined
+    assert join_turns(texts[1:3]) == "What if the horse wears a hat? Then put a hat on it!"
+    assert join_turns(["i see a dog"]) == "i see a dog." and split_turns("i see a dog.") == ["i see a dog"]
+    with pytest.raises(ValueError):
+        sub_edit_text("  . ")
+    for bad in (["Make it red"], ["make it red."], [], ["make  it red"]):
+        with pytest.raises(ValueError):
+            join_turns(bad)
+    # the one ambiguity, documented: a turn that itself holds a sentence end and a connective
+    assert split_turns(join_turns(["add a hat. Then make it red"])) == ["add a hat", "make it red"]
 
 
 def test_diff_region_is_the_changed_box_without_noise():
@@ -203,7 +218,7 @@ def test_diff_region_is_the_changed_box_without_noise():
 def test_magicbrush_sessions_become_complex_samples(tmp_path):
     expect = magicbrush(tmp_path / "mb")
     out = tmp_path / "out"
-    rows = run_inline(out, import_config("magicbrush", tmp_path / "mb" / "data", split="dev"))
+    rows = run_inline(out, import_config("magicbrush", tmp_path / "mb" / "data", split="dev", min_edits=2))
     by_key = {}
     for row in rows.values():
         sample = load(out, row)
@@ -219,7 +234,8 @@ def test_magicbrush_sessions_become_complex_samples(tmp_path):
     row, sample = by_key["dev/101"]
     assert row["verdict"] == "accept" and row["verdict_by"] == "dataset" and row["judge"] == "none@1"
     assert row["num_sub_edits"] == 3 and row["sub_edit_types"] == ["recolor", "add", "other"]
-    assert split_instruction(sample.instruction) == [sub_edit_text(t) for t in TEXTS]
+    assert split_turns(sample.instruction) == [sub_edit_text(t) for t in TEXTS]
+    assert sample.instruction.startswith("Make the top left corner red. ")
     p = sample.provenance
     assert (p["dataset"], p["split"], p["source_id"], p["license"]) == ("magicbrush", "dev", "101", "CC-BY-4.0")
     assert len(p["turn_ids"]) == 3 and p["turns_in_session"] == 3
@@ -357,6 +373,117 @@ def test_generic_jsonl_with_rle_masks_and_a_missing_turn(tmp_path):
     sample = load(out, next(r for r in manifest.values() if r["verdict"] == "accept"))
     assert sample.provenance["license"] == "CC0-1.0" and len(sample.sub_edits) == 3
     assert check_build(out).ok
+    gap = load(out, next(r for r in manifest.values() if r["verdict"] == "error"))
+    assert gap.source_meta["failed_turn"] == 2 and gap.source_meta["license"] == "CC0-1.0"
+    assert gap.source_meta["instructions"] == [TEXTS[0], TEXTS[2]] and "instruction" in gap.source_meta
+    assert check_build(out).ok
+
+
+# ---- single-turn sessions, turns in their own words, what a quarantined session keeps -----------
+
+SESSIONS = {  # session → its turns' instructions
+    "one": ["What if the top left corner were red?"],
+    "two": ["Paint the top left corner red, like a brick.", "In the bottom right, add a green box, please!"],
+    "bad": ["make the top left corner red", "add a green box in the bottom right"],  # turn 2 output broken
+    "chain": ["make the top left corner red", "add a green box in the bottom right"],  # turn 2 input: another photo
+}
+
+
+def generic_sessions(root: Path) -> None:
+    """A generic jsonl (split "train", CC0) of the SESSIONS on real photos, no masks."""
+    (root / "img").mkdir(parents=True)
+    lines = []
+    for sid, texts in SESSIONS.items():
+        for k, (src, tgt, _, _) in enumerate(chain("coffee", len(texts)), start=1):
+            Image.fromarray(src).save(root / f"img/{sid}{k}_in.png")
+            Image.fromarray(tgt).save(root / f"img/{sid}{k}_out.png")
+            line = {"session": sid, "turn": k, "instruction": texts[k - 1], "source": f"img/{sid}{k}_in.png",
+                    "target": f"img/{sid}{k}_out.png", "split": "train", "license": "CC0-1.0"}
+            if sid == "bad" and k == 2:
+                (root / "img/bad2_out.png").write_bytes(b"\x89PNG\r\n\x1a\n not an image")
+            if sid == "chain" and k == 2:
+                Image.fromarray(photo_array("rocket")).save(root / "img/chain2_in.png")
+            lines.append(line)
+    random.Random(2).shuffle(lines)
+    (root / "edits.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+
+
+def cli_import_config(*argv: str) -> BuildConfig:
+    """The BuildConfig `mcie import ARGV` runs (the command's own argument parsing)."""
+    from flows.cli import build_parser
+    from flows.import_data import import_config as from_args
+
+    return from_args(build_parser().parse_args(["import", *argv]))
+
+
+def quarantine_json(out: Path, row: dict) -> dict:
+    """The record in a quarantined sample's json, as written."""
+    assert row["shard"] == f"quarantine/{row['id']}.json"
+    return json.loads(json.loads((out / row["shard"]).read_text())["record"])
+
+
+def test_single_turn_sessions_import_by_default_in_their_own_words(tmp_path):
+    generic_sessions(tmp_path / "g")
+    out = tmp_path / "out"
+    config = cli_import_config("--format", "generic", "--input", str(tmp_path / "g"), "--out", str(out),
+                               "--judge", "none", "--resolution", str(RES))
+    assert config.min_edits == 1  # no --min-edits: a session of one turn is a sample
+    rows = {load(out, r).source_key: r for r in run_inline(out, config).values()}
+    assert sorted(rows) == ["train/bad", "train/chain", "train/one", "train/two"]
+
+    one = load(out, rows["train/one"])
+    assert rows["train/one"]["verdict"] == "accept" and len(one.sub_edits) == 1
+    assert one.instruction == "What if the top left corner were red?"  # still a question
+    assert one.sub_edits[0].text == "what if the top left corner were red?"
+    assert one.sub_edits[0].params["original_text"] == SESSIONS["one"][0]
+    assert rows["train/one"]["sub_edit_texts"] == ["what if the top left corner were red?"]
+
+    two = load(out, rows["train/two"])
+    texts = ["paint the top left corner red, like a brick", "in the bottom right, add a green box, please!"]
+    assert [e.text for e in two.sub_edits] == texts and split_turns(two.instruction) == texts
+    assert two.instruction.startswith("Paint the top left corner red, like a brick. ")
+    assert two.instruction.endswith(" in the bottom right, add a green box, please!")
+    assert [e.params["original_text"] for e in two.sub_edits] == SESSIONS["two"]
+
+    for sid, error in (("bad", "turn 2 output"), ("chain", "turn 2's input is not turn 1's output")):
+        row = rows[f"train/{sid}"]
+        assert row["verdict"] == "error" and row["error_stage"] == "source" and error in row["error"], row
+        record = quarantine_json(out, row)
+        meta = record["source_meta"]
+        assert (meta["dataset"], meta["split"], meta["license"]) == ("generic", "train", "CC0-1.0")
+        assert meta["instructions"] == SESSIONS[sid] and meta["failed_turn"] == 2
+        joined = "Make the top left corner red. Then add a green box in the bottom right."
+        assert meta["instruction"] == joined and record["instruction"] == joined
+        assert row["instruction"] == joined  # the manifest row says what the session asked
+        assert record["provenance"]["license"] == "CC0-1.0" and record["provenance"]["source"] == "import"
+        assert read_quarantine(out, row["id"]).source_meta == meta
+    assert check_build(out).ok, check_build(out).problems[:5]
+
+    # asking for more turns still skips the single-turn session
+    assert cli_import_config("--format", "generic", "--input", str(tmp_path / "g"), "--out", str(out),
+                             "--min-edits", "2").min_edits == 2
+
+
+REAL_EDITS = Path(__file__).resolve().parents[2] / "shared" / "real-edits"
+
+
+def test_real_instructpix2pix_pairs_import_as_single_turn_samples(tmp_path):
+    jsonl = REAL_EDITS / "instructpix2pix" / "generic.jsonl"
+    if not jsonl.is_file():
+        pytest.skip(f"no real dev set at {jsonl}")
+    given = [json.loads(line) for line in jsonl.read_text().splitlines() if line.strip()]
+    out = tmp_path / "out"
+    config = cli_import_config("--format", "generic", "--input", str(jsonl), "--out", str(out),
+                               "--judge", "none", "--resolution", str(RES))
+    rows = run_inline(out, config)
+    assert len(rows) == len(given) and all(r["verdict"] == "accept" for r in rows.values())
+    by_session = {line["session"]: line["instruction"] for line in given}
+    for row in rows.values():
+        sample = load(out, row)
+        (sub,) = sample.sub_edits
+        assert sub.params["original_text"] == by_session[sample.source_key]
+        assert sample.instruction == sub.text[0].upper() + sub.text[1:] + "."
+        assert split_turns(sample.instruction) == [sub.text]
 
 
 # ---- the command --------------------------------------------------------------------------------
@@ -394,9 +521,15 @@ def test_mcie_import_runs_the_build_flow_and_a_rerun_does_nothing(tmp_path):
             "--workers", "1"]
     first = mcie(*args)
     assert first.returncode == 0, first.stderr[-3000:]
-    assert "6 sessions, 1 skipped" in first.stdout
+    assert "6 sessions, 0 skipped" in first.stdout  # no --min-edits: 105's single turn is a sample
     rows = pq.read_table(out / "manifest.parquet").to_pylist()
-    assert sorted(r["verdict"] for r in rows) == ["accept", "accept", "error", "error", "error"]
+    assert sorted(r["verdict"] for r in rows) == ["accept", "accept", "accept", "error", "error", "error"]
+    (broken,) = [r for r in rows if r["source_key"] == "dev/104"]  # turn 2's output does not decode
+    record = quarantine_json(out, broken)
+    meta = record["source_meta"]
+    assert (meta["dataset"], meta["split"], meta["license"]) == ("magicbrush", "dev", "CC-BY-4.0")
+    assert meta["instructions"] == TEXTS[:2] and meta["failed_turn"] == 2
+    assert broken["instruction"] == meta["instruction"] == join_turns([sub_edit_text(t) for t in TEXTS[:2]])
     assert mcie("verify", str(out)).returncode == 0
     again = mcie(*args)
     assert again.returncode == 0 and "already complete, nothing to do" in again.stdout

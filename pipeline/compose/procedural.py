@@ -14,6 +14,10 @@ the stated side of the landmark) and every other candidate lies well outside it.
 
 Sub-edit texts never contain ",", "." or ";" and start with a lower-case verb, so that
 `split_instruction` can recover them from the joined instruction with the connective grammar below.
+
+A free-text turn of an imported edit dataset keeps its own words and punctuation instead
+("What if the horse wears a hat?", "make the cup, the plate and the fork blue"): `turn_text` is its
+sub-edit text, `join_turns` / `split_turns` the complex instruction of such turns (rule below).
 """
 
 from __future__ import annotations
@@ -224,6 +228,80 @@ def split_instruction(text: str) -> list[str]:
     body = _FIRST.sub("", body, count=1)
     pieces = [p.strip() for p in _SPLIT.split(body)]
     return [p[0].lower() + p[1:] for p in pieces if p]
+
+
+# ---- joining and splitting free-text turns (imported datasets) ----------------------------------
+#
+# A turn's sub-edit text (`turn_text`) is the turn on one line (whitespace normalised) without its
+# final full stop(s), its first letter lower-cased when its first word is an ordinary capitalised
+# word ("What", "Make", "A"; not "I", "TV", "McDonald"): commas, inner full stops, "?", "!",
+# quotes and every word stay. The complex instruction (`join_turns`) writes each turn as its own
+# sentence, in order, ending with the turn's own "?"/"!" or else a full stop; the first starts
+# with a capital (only when its first word is all lower-case, so that it is undone exactly), each
+# later one follows a connective of TURN_CONNECTIVES, the turn's own words unchanged:
+#     "Make it look like a painting. Then what if the horse wears a hat? Finally, add snow."
+# `split_turns` cuts at a sentence end followed by a connective. It gives back the turn texts
+# exactly unless a turn itself holds a sentence end followed by a connective ("add a hat. Then
+# make it red" as one turn comes back as two): the record's sub-edits remain the authority.
+
+TURN_CONNECTIVES = ("Then ", "Next, ", "After that, ")  # before a later turn
+FINAL_TURN_CONNECTIVES = ("Finally, ", "Then ", "After that, ")  # before the last of 3 or more
+_TURN_SPLIT = re.compile(r"(?<=[.!?]) (?:%s) " % "|".join(
+    re.escape(c.strip()) for c in sorted(set(TURN_CONNECTIVES + FINAL_TURN_CONNECTIVES))))
+_FIRST_WORD = re.compile(r"[^\W\d_]+")  # a run of letters at the start
+
+
+def _lower_first(text: str) -> str:
+    word = _FIRST_WORD.match(text)
+    w = word.group() if word else ""
+    if w and w != "I" and w[0].isupper() and (len(w) == 1 or w[1:].islower()):
+        return text[0].lower() + text[1:]
+    return text
+
+
+def _upper_first(text: str) -> str:
+    word = _FIRST_WORD.match(text)
+    if word and word.group().islower() and word.group() != "i":
+        return text[0].upper() + text[1:]
+    return text
+
+
+def turn_text(text: str) -> str:
+    """A free-text turn as a sub-edit text (the rule above); ValueError for an empty one."""
+    line = " ".join(str(text).split()).rstrip(" .")
+    if not line:
+        raise ValueError("empty instruction")
+    return _lower_first(line)
+
+
+def join_turns(texts: list[str], rng: np.random.Generator | None = None) -> str:
+    """The complex instruction of free-text turns (each `turn_text`'s form): one sentence per turn,
+    connectives drawn from `rng` (always "Then " without one)."""
+    if not texts:
+        raise ValueError("an instruction needs at least one sub-edit")
+    for text in texts:
+        if not text or text != turn_text(text):
+            raise ValueError(f"turn text {text!r} is not in its sub-edit form (turn_text)")
+    sentences = []
+    for i, text in enumerate(texts):
+        end = "" if text.endswith(("?", "!")) else "."
+        if i == 0:
+            sentences.append(_upper_first(text) + end)
+            continue
+        options = FINAL_TURN_CONNECTIVES if i == len(texts) - 1 >= 2 else TURN_CONNECTIVES
+        connective = "Then " if rng is None else _choice(rng, options)
+        sentences.append(connective + text + end)
+    return " ".join(sentences)
+
+
+def split_turns(text: str) -> list[str]:
+    """The turn texts of an instruction written by `join_turns`, in order."""
+    pieces = []
+    for piece in _TURN_SPLIT.split(" ".join(text.split())):
+        piece = piece[:-1] if piece.endswith(".") else piece
+        if piece:
+            pieces.append(_lower_first(piece))
+    return pieces
 
 
 # ---- the composer -----------------------------------------------------------------------------

@@ -72,16 +72,10 @@ def infer_edit_type(text: str) -> str:
 
 
 def sub_edit_text(text: str) -> str:
-    """A turn's instruction as a sub-edit text `join_instruction` can join and split back:
-    one line, no ",", "." or ";" (they become spaces), no trailing "!"/"?", starting lower-case
-    (a text starting with a digit or a symbol is prefixed "apply: ")."""
-    line = " ".join(str(text).split())
-    line = re.sub(r"[,.;]", " ", line)
-    line = " ".join(line.split()).rstrip("!? ")
-    if not line:
-        raise ValueError("empty instruction")
-    if line[0].isupper() and not (len(line) > 1 and line[1].isupper()):
-        line = line[0].lower() + line[1:]
-    if not line[0].islower():
-        line = "apply: " + line
-    return line
+    """A turn's instruction as its sub-edit text, in the turn's own words: one line, no final full
+    stop, a capitalised ordinary first word lower-cased; commas, "?", "!" and the rest kept
+    (`pipeline.compose.procedural.turn_text`, which `join_turns` joins and `split_turns` splits
+    back). ValueError for an empty instruction."""
+    from pipeline.compose.procedural import turn_text
+
+    return turn_text(text)

@@ -2,13 +2,18 @@
 
 - source `import` (options: `format`, `path`, `split`, and the format's own, e.g. ImgEdit's
   `images`, `masks`): its keys are the dataset's session keys, sorted; sessions with fewer turns
-  than `min_edits` are left out of the key list and counted (`skipped`), except a session with a
-  gap in its turns, which is listed so that it is quarantined with that reason; `read(key)`
-  assembles the session (`assemble.assemble`) — a session that cannot be assembled raises
-  `SourceError` and is quarantined by the build, the import goes on;
+  than `min_edits` (default 1: a single-turn session is a sample) are left out of the key list and
+  counted (`skipped`), except a session with a gap in its turns, which is listed so that it is
+  quarantined with that reason; `read(key)` assembles the session (`assemble.assemble`) — a
+  session that cannot be assembled raises `SourceError` and is quarantined by the build, the
+  import goes on. That error's `context` says what the session was (`failure_context`: dataset,
+  split, license, the turns' instructions, their joined `instruction`, the `failed_turn`), and
+  the quarantined record keeps it as its `source_meta` (`pipeline.unit.read_sample`);
 - grounder `imported`: keeps the objects the dataset segmented (ImgEdit's masks), nothing else;
-- composer `imported`: the session's turn texts as the sub-edits, with their regions, joined into
-  one complex instruction with the composer's connectives (`join_instruction`);
+- composer `imported`: the session's turns as the sub-edits, with their regions, each in its own
+  words (`edit_types.sub_edit_text`), joined into one complex instruction of one sentence per
+  turn that keeps each turn's punctuation, a question stays a question (`join_turns`; the rule
+  and how `split_turns` takes it apart are in `pipeline.compose.procedural`);
 - editor `imported`: the dataset's own output of the last kept turn as the target.
 
 So `mcie import` runs the build machinery unchanged: work units are slices of the sorted session
@@ -21,16 +26,18 @@ sessions editing the same photo are two samples, not duplicates.
 from __future__ import annotations
 
 import logging
+import re
 from typing import Any
 
 from pipeline.compose.base import COMPOSERS
-from pipeline.compose.procedural import join_instruction
+from pipeline.compose.procedural import join_turns
 from pipeline.editors.base import EDITORS
 from pipeline.grounders.base import GROUNDERS
 from pipeline.importers.assemble import Assembled, assemble, has_gap
-from pipeline.importers.base import IMPORTERS, Importer
+from pipeline.importers.base import IMPORTERS, Importer, RawSession
+from pipeline.importers.edit_types import sub_edit_text
 from pipeline.record import EditSample, check_edit_bounds
-from pipeline.sources.base import SOURCES, SourceItem
+from pipeline.sources.base import SOURCES, SourceError, SourceItem
 from pipeline.stage import RecordStage, sample_rng
 
 log = logging.getLogger(__name__)
@@ -45,7 +52,7 @@ class ImportSource:
 
     def __init__(self, *, format: str, path: str, split: str | None = None,
                  images: str | None = None, masks: str | None = None, resolution: int = 512,
-                 min_edits: int = 2, max_edits: int = 8):
+                 min_edits: int = 1, max_edits: int = 8):
         check_edit_bounds(min_edits, max_edits)
         options: dict[str, Any] = {"path": path}
         if split is not None:
@@ -73,12 +80,49 @@ class ImportSource:
         return self._keys
 
     def read(self, key: str) -> SourceItem:
-        session = self.importer.read(key)
-        parts = assemble(session, resolution=self.resolution, min_edits=self.min_edits,
-                         max_edits=self.max_edits)
+        try:
+            session = self.importer.read(key)
+        except SourceError as exc:
+            exc.context = {"dataset": self.importer.name, **exc.context}
+            raise
+        try:
+            parts = assemble(session, resolution=self.resolution, min_edits=self.min_edits,
+                             max_edits=self.max_edits)
+        except SourceError as exc:
+            exc.context = {**failure_context(session, self.max_edits, exc), **exc.context}
+            exc.context.pop("turn", None)  # now `failed_turn`
+            raise
         meta = {"license": session.license, "dataset": session.dataset, "split": session.split}
         return SourceItem(image=parts.source, meta=meta, objects=parts.objects,
                           private={PRIVATE: parts})
+
+
+_TURN = re.compile(r"\bturn (\d+)\b")
+
+
+def failure_context(session: RawSession, max_edits: int, exc: SourceError) -> dict[str, Any]:
+    """What a session that cannot be assembled still says about itself: dataset, split, license,
+    `instructions` (every turn's text, in turn order, None where a turn has none), the complex
+    `instruction` its first `max_edits` turns would have had (`join_turns` with "Then"; absent when
+    a turn has no usable text), and `failed_turn` (the turn the error names: `exc.context["turn"]`
+    where `assemble` attaches it, else the first "turn N" of the message; absent when the failure
+    is the session's as a whole)."""
+    turns = sorted(session.turns, key=lambda t: t.index)
+    context: dict[str, Any] = {
+        "dataset": session.dataset, "split": session.split, "license": session.license,
+        "instructions": [None if t.instruction is None else str(t.instruction) for t in turns]}
+    try:
+        context["instruction"] = join_turns([sub_edit_text(t.instruction or "")
+                                             for t in turns[:max_edits]])
+    except ValueError:
+        pass
+    turn = exc.context.get("turn")
+    if turn is None:
+        named = _TURN.search(str(exc))
+        turn = int(named.group(1)) if named else None
+    if turn is not None:
+        context["failed_turn"] = int(turn)
+    return context
 
 
 def _parts(sample: EditSample) -> Assembled:
@@ -107,7 +151,7 @@ class ImportedComposer(RecordStage):
     def process(self, sample: EditSample) -> None:
         parts = _parts(sample)
         sample.sub_edits = parts.sub_edits
-        sample.instruction = join_instruction(parts.texts, sample_rng(sample, self.name))
+        sample.instruction = join_turns(parts.texts, sample_rng(sample, self.name))
         sample.provenance.update(parts.provenance)
 
 
