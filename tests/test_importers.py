@@ -32,7 +32,7 @@ from pipeline.importers.assemble import diff_region
 from pipeline.importers.edit_types import infer_edit_type, sub_edit_text
 from pipeline.judges.pixel import PixelJudge
 from pipeline.record import EDIT_TYPES, SUB_EDIT_TYPES, SubEdit
-from pipeline.sources.decode import fit_mask
+from pipeline.sources.frame import Frame
 from pipeline.unit import UnitPipeline
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -244,12 +244,12 @@ def test_magicbrush_sessions_become_complex_samples(tmp_path):
     assert min(h, w) == RES and w > h  # chelsea is landscape: not squared
     for sub, (_, _, region, text) in zip(sample.sub_edits, turns):
         assert sub.params["mask_from"] == "dataset" and sub.params["original_text"] == text
-        truth = fit_mask(region, (w, h))
+        truth = Frame.fit(*region.shape[::-1], RES).mask(region)
         assert (sub.mask & truth).sum() / (sub.mask | truth).sum() > 0.9  # half-res alpha mask, resized
         ys, xs = np.nonzero(sub.mask)
         assert sub.box == [xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]
     assert np.array_equal(sample.background_mask, ~np.logical_or.reduce([s.mask for s in sample.sub_edits]))
-    last = np.asarray(Image.fromarray(turns[-1][1]).resize((w, h), Image.Resampling.LANCZOS))
+    last = Frame.fit(*turns[-1][1].shape[1::-1], RES).image(turns[-1][1])
     assert np.abs(sample.target.astype(int) - last).max() <= 1
     assert check_build(out).ok, check_build(out).problems[:5]
 
@@ -344,7 +344,8 @@ def test_imgedit_multiturn_regions_from_diff_and_rle(tmp_path):
     assert [s.params["mask_from"] for s in sample.sub_edits] == ["rle+diff", "diff"]  # "top left corner"
     assert [o.label for o in sample.objects] == ["corner"] and sample.sub_edits[0].object_ids == [0]
     h, w = sample.source.shape[:2]
-    truth = fit_mask(chain("coffee", 2)[1][2], (w, h))
+    region = chain("coffee", 2)[1][2]
+    truth = Frame.fit(*region.shape[::-1], RES).mask(region)
     got = sample.sub_edits[1].mask
     assert (got & truth).sum() / (got | truth).sum() > 0.9
     row, _ = samples["content_memory_part0/00031_00020_000209652"]

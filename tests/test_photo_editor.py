@@ -22,7 +22,8 @@ from pipeline.editors.photo import PhotoEditor, lch, hue_distance, to_lab
 from pipeline.grounders.attributes import COLOR_NAMES, same_family
 from pipeline.grounders.classical import ClassicalGrounder
 from pipeline.record import EditSample, SubEdit, dumps, sample_id
-from pipeline.sources.decode import decode_image, fit_resolution
+from pipeline.sources.decode import decode_image
+from pipeline.sources.frame import Frame
 from pipeline.sources.scene import bbox
 
 RESOLUTION = 256
@@ -35,7 +36,8 @@ CHROMATIC = [n for n in COLOR_NAMES if lch(COLOR_NAMES[n])[1] >= 30]
 @lru_cache(maxsize=16)
 def photo(name: str, resolution: int = RESOLUTION) -> np.ndarray:
     data = skimage_photos()[name].read_bytes()
-    image = fit_resolution(decode_image(data).image, resolution)
+    decoded = decode_image(data).image
+    image = Frame.fit(decoded.shape[1], decoded.shape[0], resolution).image(decoded)
     image.flags.writeable = False
     return image
 

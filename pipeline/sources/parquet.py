@@ -8,8 +8,9 @@ relative to the directory, the row within the file); keys come in file then row 
 
 `caption` (or `text`), `url` and `license` columns go into the item's meta. Regions given by
 the rows — `boxes` (list of [x0, y0, x1, y1] in original pixels), `labels` (list of names),
-`masks` (list of COCO RLE dicts at the original size) — come as `InventoryObject`s scaled to the
-resized image (producer "parquet").
+`masks` (list of COCO RLE dicts at the original size) — come as `InventoryObject`s carried
+through the image's frame (`Frame`: the same scale and centre crop as its pixels; a region the
+crop cuts away is dropped; producer "parquet").
 
 Rows are read one row group at a time (the last few groups are cached, per process), never a
 whole file for one row.
@@ -30,8 +31,8 @@ import pyarrow.parquet as pq
 from pipeline import rle
 from pipeline.record import InventoryObject
 from pipeline.sources.base import SOURCES, SourceError, SourceItem
-from pipeline.sources.decode import (check_options, fit_box, fit_mask, is_regular, mask_box,
-                                     one_line, read_bytes, to_item)
+from pipeline.sources.decode import check_options, is_regular, mask_box, one_line, read_bytes, to_item
+from pipeline.sources.frame import Frame
 
 KEY_COLUMNS = ("id", "key")
 PATH_NAMES = ("image", "image_path", "path", "file", "file_name", "filename", "image_file")
@@ -134,7 +135,8 @@ class ParquetSource:
         item = to_item(data, resolution=self.resolution, min_side=self.min_side,
                        max_aspect=self.max_aspect, meta=meta)
         if self.region_columns:
-            item.objects = _regions(values, self.region_columns, item)
+            frame = Frame.fit(*item.meta["original_size"], self.resolution)
+            item.objects = _regions(values, self.region_columns, frame)
         return item
 
     def _row(self, name: str, row: int) -> dict[str, Any]:
@@ -223,12 +225,12 @@ def _image_column(schema: pa.Schema, chosen: str | None) -> tuple[str, str]:
                      f"name one with image_column=")
 
 
-def _regions(values: dict[str, Any], columns: dict[str, str], item: SourceItem) -> list[InventoryObject]:
+def _regions(values: dict[str, Any], columns: dict[str, str], frame: Frame) -> list[InventoryObject]:
+    """The row's regions (in the original pixels) carried through the image's `frame`."""
     boxes = values.get(columns.get("boxes", "")) or []
     labels = values.get(columns.get("labels", "")) or []
     masks = values.get(columns.get("masks", "")) or []
-    frame = tuple(item.meta["original_size"])
-    size = (item.image.shape[1], item.image.shape[0])
+    original = frame.original
     objects: list[InventoryObject] = []
     for i in range(max(len(boxes), len(masks))):
         try:
@@ -236,19 +238,19 @@ def _regions(values: dict[str, Any], columns: dict[str, str], item: SourceItem) 
             if i < len(masks) and masks[i] is not None:
                 given = json.loads(masks[i]) if isinstance(masks[i], str) else masks[i]
                 full = rle.decode(given)
-                if (full.shape[1], full.shape[0]) != frame:
+                if (full.shape[1], full.shape[0]) != original:
                     raise ValueError(f"mask is {full.shape[1]}x{full.shape[0]}, the image "
-                                     f"{frame[0]}x{frame[1]}")
-                mask = fit_mask(full, size)
+                                     f"{original[0]}x{original[1]}")
+                mask = frame.mask(full)
             box = mask_box(mask) if mask is not None else None
-            if box is None and i < len(boxes) and boxes[i] is not None:
+            if mask is None and i < len(boxes) and boxes[i] is not None:
                 if len(boxes[i]) != 4:
                     raise ValueError(f"box has {len(boxes[i])} numbers, not 4")
-                box = fit_box(boxes[i], frame, size)
+                box = frame.box(boxes[i])
         except (ValueError, TypeError, KeyError) as exc:
             raise SourceError(one_line(f"region {i} is unreadable: {exc}")) from None
         if box is None or box[2] <= box[0] or box[3] <= box[1]:
-            continue  # empty, or vanished at this resolution
+            continue  # empty, cropped away, or vanished at this resolution
         label = str(labels[i]) if i < len(labels) and labels[i] is not None else "object"
         objects.append(InventoryObject(id=len(objects), label=label, box=box, mask=mask,
                                        confidence=1.0, producer="parquet"))
