@@ -139,7 +139,7 @@ def register_build(subparsers) -> None:
     p.add_argument("--seed", type=non_negative_int, default=0,
                    help="build seed: with the source key it fixes every sample id and edit")
     p.add_argument("--resolution", type=resolution, default=512,
-                   help="short image side in px (the long side follows the aspect, rounded to 64)")
+                   help="short image side in px (the long side is centre-cropped to a multiple of 64)")
     p.add_argument("--license", default="",
                    help="the dataset's license for its card and config.json (e.g. cc-by-4.0); "
                         "default: the sources' own licenses")
