@@ -34,10 +34,21 @@ EDIT_TYPES = (
     "swap",
     "texture",
 )
-# A sub-edit an importer could not type (a style, a season, "make it look like ..."): a valid
-# record type, never drafted by a composer, and never verifiable by the pixel judge (unknown).
+# Types only an importer gives, never drafted by a composer: GLOBAL, an edit of the whole image
+# (a style, "make it look like a painting", weather, season, lighting: its region is the frame);
+# OTHER, a text it could not type. The pixel judge cannot verify either (unknown).
+GLOBAL = "global"
 OTHER = "other"
-SUB_EDIT_TYPES = EDIT_TYPES + (OTHER,)
+SUB_EDIT_TYPES = EDIT_TYPES + (GLOBAL, OTHER)
+
+# What a pair's pixels promise, which decides how its background is judged (`EditSample.pair_kind`):
+# - exact: an exact editor (procedural, photo) changed the source's pixels inside the regions
+#   only; outside them target == source bit for bit;
+# - generative: a model made the content inside the regions, composited so that outside them
+#   target == source bit for bit;
+# - imported: an edit dataset's pair: re-encoded, perhaps regenerated whole; the background is
+#   equal only up to the pair's own codec noise.
+PAIR_KINDS = ("exact", "generative", "imported")
 
 # Final verdicts a manifest row can carry. `judge_error`: the judge could not score the sample
 # (kept for a re-judge run, never accepted).
@@ -169,6 +180,7 @@ class JudgeView:
     instruction: str
     sub_edits: list[SubEdit]
     background_mask: np.ndarray
+    kind: str = "exact"  # one of PAIR_KINDS
 
 
 @dataclass(slots=True)
@@ -216,6 +228,15 @@ class EditSample:
         self.error_stage = stage
         self.verdict = "error"
 
+    @property
+    def pair_kind(self) -> str:
+        """One of PAIR_KINDS, as the editor recorded it (`provenance["pair"]`); a record written
+        before editors recorded it is imported when its editor is a dataset's, else exact."""
+        kind = self.provenance.get("pair")
+        if kind in PAIR_KINDS:
+            return kind
+        return "imported" if str(self.provenance.get("editor", "")).endswith("@dataset") else "exact"
+
     def judge_view(self) -> JudgeView:
         if self.source is None or self.target is None or self.background_mask is None:
             raise ValueError(f"sample {self.id} is not ready to judge (missing images or masks)")
@@ -226,6 +247,7 @@ class EditSample:
             instruction=self.instruction,
             sub_edits=self.sub_edits,
             background_mask=self.background_mask,
+            kind=self.pair_kind,
         )
 
     def metadata(self) -> dict[str, Any]:

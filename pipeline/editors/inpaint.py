@@ -421,6 +421,7 @@ class GenerativeEditor(RecordStage):
         sample.background_mask = ~np.logical_or.reduce(job.masks)
         sample.defects = []
         sample.provenance["editor"] = self.provenance()
+        sample.provenance["pair"] = "generative"  # composited: outside the regions, exact
         if job.log:
             sample.provenance["candidates"] = job.log
             sample.private["preference"] = job.preference

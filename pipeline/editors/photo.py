@@ -629,6 +629,7 @@ class PhotoEditor(RecordStage):
         sample.background_mask = ~np.logical_or.reduce(masks)
         sample.defects = []
         sample.provenance["editor"] = f"photo@{__version__}"
+        sample.provenance["pair"] = "exact"
 
         rng = sample_rng(sample, "defects")
         if self.defect_rate > 0 and rng.random() < self.defect_rate:

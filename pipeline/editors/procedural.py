@@ -270,6 +270,7 @@ class ProceduralEditor(RecordStage):
         sample.background_mask = ~union
         sample.defects = []
         sample.provenance["editor"] = f"procedural@{__version__}"
+        sample.provenance["pair"] = "exact"
 
         if spoil:
             trace = EditTrace(

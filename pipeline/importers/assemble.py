@@ -7,12 +7,16 @@ is the first turn's input, its target the last kept turn's output, and turn i's 
   mask's own resolution and brought to the sample through the session's frame (`mask_from`:
   "dataset"); a mask whose aspect ratio is not the image's (`frame.same_aspect`: equal up to
   rounding to whole pixels) cannot be carried sensibly and fails the session;
-- else the difference between turn i's input and output: pixels whose largest channel difference
-  exceeds `DIFF_LEVEL`, opened and closed with a 3 px / 7 px disk (speckle of re-encoding out,
-  holes in filled) and components under `MIN_COMPONENT` of the image dropped
-  (`mask_from`: "diff");
+- else the difference between turn i's input and output, robust to the dataset's codec noise
+  (`imagediff.changed_region`: the pair's own noise floor, coarse blocks, closed, holes filled,
+  specks dropped) (`mask_from`: "diff"); a background edit's difference is the background;
 - for ImgEdit-style object masks named by the turn's text, their union with that difference
-  (`mask_from`: "rle+diff").
+  (`mask_from`: "rle+diff");
+- without a dataset mask, the whole frame for an edit of the whole image (`mask_from`:
+  "global"): a turn whose text says so (type `global`: a style, a season, the lighting, …), or
+  whose difference covers more than `imagediff.GLOBAL_SHARE` of the frame (not a background
+  edit; an untyped one becomes `global`). Such a sample has no background to keep. A dataset's
+  mask is kept as it is, whatever the text seems to say.
 
 Everything is brought to the build's resolution through one `Frame` of the first input (short
 side = `resolution`, long side centre-cropped to a multiple of 64, as a photo source does; never
@@ -31,20 +35,18 @@ import io
 from dataclasses import dataclass, field
 from typing import Any
 
-import cv2
 import numpy as np
 from PIL import Image
 
 from pipeline import rle
 from pipeline.importers.base import MaskSpec, RawSession, RawTurn
 from pipeline.importers.edit_types import infer_edit_type, sub_edit_text
-from pipeline.record import InventoryObject, SubEdit
+from pipeline.imagediff import GLOBAL_SHARE, changed_region
+from pipeline.record import GLOBAL, OTHER, InventoryObject, SubEdit
 from pipeline.sources.base import SourceError
 from pipeline.sources.decode import MAX_PIXELS, decode_image, mask_box, one_line
 from pipeline.sources.frame import Frame, same_aspect
 
-DIFF_LEVEL = 24  # 8-bit levels: above JPEG/PNG re-encoding noise, below any visible edit
-MIN_COMPONENT = 0.0005  # share of the image: smaller changed specks are noise
 CHAIN_LEVEL = 6.0  # mean absolute difference (levels) allowed between turn i's input and i-1's output
 
 
@@ -140,21 +142,6 @@ def fit_region(mask: np.ndarray, frame: Frame, what: str) -> np.ndarray:
     return frame.mask(mask)
 
 
-_DISKS = {r: cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * r + 1, 2 * r + 1)) for r in (1, 3)}
-
-
-def diff_region(before: np.ndarray, after: np.ndarray) -> np.ndarray:
-    """The thresholded, cleaned difference between two images of the same size."""
-    changed = (np.abs(before.astype(np.int16) - after.astype(np.int16)).max(axis=2) > DIFF_LEVEL)
-    m = changed.astype(np.uint8)
-    m = cv2.morphologyEx(m, cv2.MORPH_OPEN, _DISKS[1])
-    m = cv2.morphologyEx(m, cv2.MORPH_CLOSE, _DISKS[3])
-    count, labels, stats, _ = cv2.connectedComponentsWithStats(m, connectivity=8)
-    keep = np.zeros(count, dtype=bool)
-    keep[1:] = stats[1:, cv2.CC_STAT_AREA] >= MIN_COMPONENT * m.size
-    return keep[labels]
-
-
 def _named(objects: list[InventoryObject], text: str) -> list[InventoryObject]:
     lowered = f" {' '.join(text.lower().split())} "
     return [o for o in objects if o.label and f" {o.label.lower()} " in lowered]
@@ -235,11 +222,18 @@ def _sub_edit(turn: RawTurn, position: int, text: str, before: np.ndarray, after
         mask = fit_region(_loaded_mask(spec, what), frame, what)
         source = "dataset"
     elif named:
-        mask = np.logical_or.reduce([o.mask for o in named]) | diff_region(before, after)
+        mask = np.logical_or.reduce([o.mask for o in named]) | changed_region(before, after)
         source = "rle+diff"
     else:
-        mask = diff_region(before, after)
+        mask = changed_region(before, after)
         source = "diff"
+    edit_type = infer_edit_type(turn.instruction or "")
+    # The dataset's own mask says where the edit is, whatever the text seems to say.
+    if source != "dataset" and (edit_type == GLOBAL or (
+            edit_type != "background" and np.count_nonzero(mask) > GLOBAL_SHARE * mask.size)):
+        mask = np.ones(before.shape[:2], dtype=bool)
+        source = "global"
+        edit_type = GLOBAL if edit_type == OTHER else edit_type
     box = mask_box(mask)
     if box is None:
         raise SourceError(f"turn {position} has an empty region ({source}: "
@@ -247,7 +241,7 @@ def _sub_edit(turn: RawTurn, position: int, text: str, before: np.ndarray, after
                           context={"turn": position})
     params = {"domain": "photo", "free_text": True, "mask_from": source, "turn_id": turn.turn_id,
               "original_text": str(turn.instruction)}
-    return SubEdit(type=infer_edit_type(turn.instruction or ""), text=text,
+    return SubEdit(type=edit_type, text=text,
                    object_ids=[o.id for o in named], params=params, box=box, mask=mask)
 
 

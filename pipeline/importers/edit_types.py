@@ -6,6 +6,12 @@ The rule (first match wins, on the lower-cased text, whole words):
                 letters, sign saying/that says, a quoted "…" phrase) with add/put/place/write;
 2. swap       — swap/switch/exchange … places/positions/sides, or "trade places";
 3. background — the word "background" (or backdrop), whatever the verb;
+4. global     — an edit of the whole image: a style ("make it look like a painting", "as a
+                watercolor", "in the style of", "into a mosaic" said of the picture), a medium
+                word (painting, sketch, cartoon, mosaic, …) after "it"/"the image"/"the photo"/
+                "the picture"/"the scene"/"the painting", a season, weather, time of day or
+                lighting ("make it winter", "what if it was night", "change the lighting"),
+                "black and white" / sepia of the whole;
 4. texture    — texture, pattern, striped/stripes, dots/dotted/polka, checkered/checker, plaid, floral;
 5. recolor    — a colour verb (make, turn, change, paint, colour/color, dye, recolor) AND a colour
                 word, and no new object named ("into a", "with a", "to a", "for a");
@@ -15,8 +21,11 @@ The rule (first match wins, on the lower-cased text, whole words):
 8. resize     — bigger, larger, smaller, enlarge, shrink, resize, scale, taller, shorter, wider;
 9. move       — move, shift, relocate, slide;
 10. add       — add, put, place, insert, include, give, let there be, have, draw;
-11. other     — anything else (a style change, a season, "make it look like…": a type the
-                factory does not verify; a judge scores such a sub-edit unknown).
+11. other     — anything else (a type the factory does not verify; a judge scores such a
+                sub-edit unknown).
+
+Whatever the text says, an imported turn whose change covers most of the frame is treated as a
+global edit (`pipeline.importers.assemble`).
 """
 
 from __future__ import annotations
@@ -42,6 +51,18 @@ RULES: list[tuple[str, re.Pattern[str]]] = [
         _words("swap", "switch", "exchange") + r".*" + _words("places", "positions", "position", "sides")
         + "|" + _words("trade places"))),
     ("background", re.compile(_words("background", "backdrop"))),
+    ("global", re.compile(
+        r"\b(?:it|this|everything|the\s+(?:whole\s+|entire\s+)?(?:image|photo|photograph|picture|"
+        r"scene|painting|drawing|shot|view|landscape))\b\s+(?:\w+\s+){0,3}?(?:look|looks|like|as|"
+        r"into|in|be|was|were|is|at|during|to)?\s*(?:a\s+|an\s+|the\s+)?(?:\w+\s+){0,2}?"
+        + _words("painting", "painted", "drawing", "sketch", "cartoon", "anime", "watercolor",
+                 "watercolour", "mosaic", "oil", "pixel art", "impressionist", "cubist", "comic",
+                 "illustration", "style", "winter", "summer", "autumn", "fall", "spring", "snowy",
+                 "snowing", "rainy", "raining", "foggy", "stormy", "sunny", "night", "nighttime",
+                 "sunset", "sunrise", "dusk", "dawn", "evening", "black and white", "sepia",
+                 "vintage", "retro", "grayscale", "greyscale", "underwater", "futuristic")
+        + "|" + _words("in the style of", "style of", "change the season", "change the weather",
+                       "change the lighting", "change the time of day"))),
     ("texture", re.compile(_words("texture", "textured", "pattern", "patterned", "striped", "stripes",
                                   "dots", "dotted", "polka", "checkered", "checker", "plaid", "floral"))),
     ("recolor", re.compile(

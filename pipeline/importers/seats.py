@@ -167,4 +167,5 @@ class ImportedEditor(RecordStage):
         sample.target = parts.target
         sample.background_mask = parts.background_mask
         sample.provenance["editor"] = f"{parts.provenance['dataset']}@dataset"
+        sample.provenance["pair"] = "imported"
         sample.private.pop(PRIVATE, None)  # the arrays now live in the record itself

@@ -48,8 +48,22 @@ blending artefacts inside the regions lower it.
 
 Photo pairs (sub-edits with params["domain"] == "photo") are scored by `pixel_photo` instead:
 coverage of each sub-edit's own mask plus a check of its type, None ("unknown") where pixels
-cannot tell; background consistency as above; quality None. Free-text sub-edits (imported,
-or of type `other`) are scored there too: unknown (None) unless their region did not change.
+cannot tell; background consistency as above; quality None.
+
+Imported pairs (`view.kind == "imported"`: an edit dataset's, re-encoded or regenerated, never
+bit-exact outside the edit) are judged against their own noise floor (`pipeline.imagediff`):
+- background = min(1 - changed / `real_budget`, 1 - max(0, shift - `real_shift`) / (2 ·
+  `real_shift`)), where `changed` is the share of the background whose content changed beyond the
+  pair's codec/resampling noise (coarse scale, after a global colour alignment) and `shift` the
+  ΔE that alignment moved it by: re-encoding, resampling, a VAE's blur or a mild colour shift
+  pass, a moved, replaced or regenerated object, a blurred or tinted background and a new scene
+  do not. `background_floor` and `background_shift` keep the figures;
+- each sub-edit (free text: nothing structured to check it against) is unknown (None) once its
+  region changed beyond that noise, and 0 when it did not (`pixel_photo.score_real_sub_edits`);
+  a global edit's region is the whole frame, so it has no background to keep;
+- quality is 0 for a broken target (blank, or nearly all clipped), else None (not rated).
+So a faithful real pair is never rejected on a pixel technicality: it goes to a person (or to
+the MLLM judge, when the build names one), and is rejected only for what pixels do show.
 
 Overall (`overall`): min(every sub-edit score, background, quality): a pair is as good as its worst
 part, which is what routing needs to catch a single failed sub-edit among many.
@@ -64,6 +78,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from pipeline import imagediff
 from pipeline.judges import pixel_photo
 from pipeline.judges.base import JudgeError, register_judge
 from pipeline.record import JudgeView, SubEdit
@@ -661,6 +676,8 @@ class PixelJudge:
         position_slack: float = 0.02,
         area_slack: float = 0.2,
         quality: bool = True,
+        real_budget: float = 0.02,
+        real_shift: float = 5.0,
     ):
         if not 0 <= color_tolerance <= 64 or not 0 <= change_tolerance <= 64:
             raise ValueError("colour and change tolerances must be within 0..64 (8-bit levels)")
@@ -668,12 +685,17 @@ class PixelJudge:
             raise ValueError(f"background budget must be within (0, 1], got {background_budget}")
         if not 0 <= position_slack < 0.5 or not 0 <= area_slack < 1:
             raise ValueError("position slack must be within [0, 0.5) and area slack within [0, 1)")
+        if not 0 < real_budget <= 1 or not 0 < real_shift <= 100:
+            raise ValueError(f"real_budget must be within (0, 1] and real_shift (ΔE) within "
+                             f"(0, 100], got {real_budget} and {real_shift}")
         self.color_tolerance = color_tolerance
         self.change_tolerance = change_tolerance
         self.background_budget = background_budget
         self.position_slack = position_slack
         self.area_slack = area_slack
         self.quality = quality
+        self.real_budget = real_budget
+        self.real_shift = real_shift
 
     def score_batch(self, views: list[JudgeView]) -> list[dict[str, Any] | JudgeError]:
         results: list[dict[str, Any] | JudgeError] = []
@@ -687,6 +709,8 @@ class PixelJudge:
 
     def score(self, view: JudgeView) -> dict[str, Any]:
         self._validate(view)
+        if view.kind == "imported":
+            return self._score_real(view)
         pair = _Pair(view, self.color_tolerance, self.change_tolerance)
         if pixel_photo.is_photo(view):
             return self._score_photo(view, pair)
@@ -733,6 +757,34 @@ class PixelJudge:
             "overall": round(overall, 4),
         }
 
+    def _score_real(self, view: JudgeView) -> dict[str, Any]:
+        """Imported pairs: see the module docstring."""
+        change = imagediff.changes(view.source, view.target, view.background_mask)
+        scores, reasons = pixel_photo.score_real_sub_edits(view, change)
+        changed, shift = change.share, change.shift
+        background = min(_clip(1 - changed / self.real_budget),
+                         _clip(1 - max(0.0, shift - self.real_shift) / (2 * self.real_shift)))
+        broken = pixel_photo.broken(view.target)
+        quality = None if broken is None else 0.0
+        overall = min([s for s in scores if s is not None] + [background]
+                      + ([quality] if quality is not None else []))
+        psnr = _psnr(view.source, view.target, view.background_mask)
+        return {
+            "sub_edits": [None if s is None else round(_clip(s), 4) for s in scores],
+            "sub_edit_reasons": reasons,
+            "background": round(background, 4),
+            "background_changed": round(changed, 6),
+            "background_psnr": None if psnr is None else round(psnr, 2),
+            "background_floor": round(change.floor, 2),
+            "background_shift": round(shift, 2),
+            "background_reason": (f"{changed:.2%} of the background changed beyond the pair's "
+                                  f"noise floor (ΔE {change.floor:.1f}); global colour shift "
+                                  f"ΔE {shift:.1f}"),
+            "quality": quality,
+            **({"quality_reason": broken} if broken else {}),
+            "overall": round(overall, 4),
+        }
+
     @staticmethod
     def _validate(view: JudgeView) -> None:
         if view.source.shape != view.target.shape or view.source.ndim != 3 or view.source.shape[2] != 3:
@@ -757,12 +809,8 @@ class PixelJudge:
         changed_pixels = pair.diff > self.change_tolerance
         changed_pixels &= outside
         changed = np.count_nonzero(changed_pixels) / n
-        psnr = None
-        if changed > 0:  # PSNR only where something changed (it is infinite otherwise),
-            # estimated on every other row and column: it is for inspection, not for routing.
-            sub = outside[::2, ::2]
-            err = (pair.source[::2, ::2][sub].astype(np.float32) - pair.target[::2, ::2][sub]).ravel()
-            psnr = 10 * math.log10(255.0 ** 2 / max(float(err @ err) / err.size, 1e-12))
+        # PSNR only where something changed (it is infinite otherwise).
+        psnr = _psnr(pair.source, pair.target, outside) if changed > 0 else None
         return _clip(1 - changed / self.background_budget), changed, psnr
 
     def _quality(self, view: JudgeView, pair: _Pair) -> float | None:
@@ -776,6 +824,16 @@ class PixelJudge:
         values, counts = np.unique(_pack(pixels), return_counts=True)
         near = pair.is_paint_color(_unpack(values))
         return float(counts[near].sum()) / float(counts.sum())
+
+
+def _psnr(source: np.ndarray, target: np.ndarray, where: np.ndarray) -> float | None:
+    """PSNR (dB) over `where`, estimated on every other row and column: it is for inspection,
+    not for routing. None where nothing differs or `where` is empty."""
+    sub = where[::2, ::2]
+    err = (source[::2, ::2][sub].astype(np.float32) - target[::2, ::2][sub]).ravel()
+    if err.size == 0 or not err.any():
+        return None
+    return 10 * math.log10(255.0 ** 2 / max(float(err @ err) / err.size, 1e-12))
 
 
 def _pack(pixels: np.ndarray) -> np.ndarray:

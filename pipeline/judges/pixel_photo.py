@@ -52,7 +52,8 @@ from typing import Any
 import cv2
 import numpy as np
 
-from pipeline.record import OTHER, JudgeView, SubEdit
+from pipeline import imagediff
+from pipeline.record import GLOBAL, OTHER, JudgeView, SubEdit
 from pipeline.sources.scene import pattern_mask
 
 MIN_PIXELS = 24  # fewer own pixels than this: nothing to judge
@@ -356,9 +357,9 @@ CHECKS = {
 
 
 def is_free_text(edit: SubEdit) -> bool:
-    """An imported sub-edit: its type inferred from free text (or `other`), no structured params
-    to check it against."""
-    return edit.type == OTHER or bool(edit.params.get("free_text"))
+    """An imported sub-edit: its type inferred from free text (or `other`, `global`), no
+    structured params to check it against."""
+    return edit.type in (OTHER, GLOBAL) or bool(edit.params.get("free_text"))
 
 
 def is_photo(view: JudgeView) -> bool:
@@ -385,15 +386,61 @@ def _presence(pair: PhotoPair, shared: np.ndarray, mask: np.ndarray,
     return value, f"{share:.0%} of it differs from the {op} background it was put on"
 
 
-def score_sub_edits(view: JudgeView) -> tuple[list[float | None], list[str]]:
-    """Per sub-edit score (None: unknown) and reason, for a photo view."""
-    pair = PhotoPair(view)
-    masks = [e.mask.astype(bool) for e in view.sub_edits]
-    later = np.zeros((pair.h, pair.w), dtype=bool)
+def _owns(masks: list[np.ndarray]) -> list[np.ndarray]:
+    """Each mask less the masks of the sub-edits after it (they may paint over it)."""
+    later = np.zeros(masks[0].shape, dtype=bool)
     owns: list[np.ndarray] = [None] * len(masks)  # type: ignore[list-item]
     for i in range(len(masks) - 1, -1, -1):
         owns[i] = masks[i] & ~later
         later |= masks[i]
+    return owns
+
+
+REAL_CHANGED_MIN = 0.05  # share of a real sub-edit's region that must show a change
+
+
+def score_real_sub_edits(view: JudgeView, change: imagediff.Changes) -> tuple[list[float | None], list[str]]:
+    """Per sub-edit score and reason for an imported (real) pair: its region must show a change
+    of content beyond the pair's noise (`change`, over the whole frame): 0 where under
+    REAL_CHANGED_MIN of it does; else None (unknown): free text has nothing to check its type
+    against."""
+    scores: list[float | None] = []
+    reasons: list[str] = []
+    for edit, own in zip(view.sub_edits, _owns([e.mask.astype(bool) for e in view.sub_edits])):
+        region = imagediff.coarse_any(own, change.factor)
+        n = int(np.count_nonzero(region))
+        if n == 0:
+            scores.append(None)
+            reasons.append(f"{edit.type}: unknown: too few pixels of its own left to judge")
+            continue
+        share = float(np.count_nonzero(change.changed & region)) / n
+        if share < REAL_CHANGED_MIN:
+            scores.append(0.0)
+            reasons.append(f"{edit.type}: nothing changed in its region beyond the pair's noise "
+                           f"({share:.0%} of it)")
+        else:
+            scores.append(None)
+            reasons.append(f"{edit.type}: unknown: free text, nothing to check its type against "
+                           f"({share:.0%} of its region changed)")
+    return scores, reasons
+
+
+def broken(image: np.ndarray) -> str | None:
+    """Why an image is no picture at all (blank, or nearly all clipped), None when it is one."""
+    grey = _grey(image[::2, ::2])
+    if float(grey.std()) < 2.0:
+        return f"the target is blank (one flat tone, lightness spread {grey.std():.1f})"
+    clipped = float(np.count_nonzero((grey <= 2) | (grey >= 253))) / grey.size
+    if clipped > 0.98:
+        return f"the target is {clipped:.0%} clipped to black or white"
+    return None
+
+
+def score_sub_edits(view: JudgeView) -> tuple[list[float | None], list[str]]:
+    """Per sub-edit score (None: unknown) and reason, for a photo view."""
+    pair = PhotoPair(view)
+    masks = [e.mask.astype(bool) for e in view.sub_edits]
+    owns = _owns(masks)
     counts = np.zeros((pair.h, pair.w), dtype=np.uint8)  # how many sub-edits changed a pixel
     for mask in masks:
         counts += mask
