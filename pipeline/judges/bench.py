@@ -15,6 +15,9 @@ with `sample.defects`, which only this benchmark (never the judge) reads:
 
 Procedural scenes are the default (`--count` needed); `--source folder --source-path DIR` measures
 the judge on photos (every image × `--edits-per-image` unless `--count` says fewer).
+
+`--real DIR` measures it on real pairs instead (`pipeline.judges.realbench`): the generic edit
+datasets under DIR and realistic variants of exact pairs, per class, in a table.
 """
 
 from __future__ import annotations
@@ -229,12 +232,22 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
                     "composer and editor, judge and route them, and compare the verdicts with "
                     "the editor's hidden defect log. Prints JSON. Examples: mcie judge-bench "
                     "--count 500 --defect-rate 0.25 (procedural scenes); mcie judge-bench "
-                    "--source folder --source-path PHOTOS --edits-per-image 4 --defect-rate 0.25",
+                    "--source folder --source-path PHOTOS --edits-per-image 4 --defect-rate 0.25. "
+                    "With --real DIR: real pairs instead (the generic jsonl datasets under DIR, "
+                    "plus re-encoded, resampled, colour-shifted and background-changed variants "
+                    "of exact photo pairs), a table of verdicts per class",
     )
     parser.add_argument("--count", type=positive_int, default=None,
                         help="pairs to build (needed for procedural; default: every image of the "
                              "source × --edits-per-image)")
-    parser.add_argument("--defect-rate", type=rate, required=True, help="share of spoiled pairs")
+    parser.add_argument("--defect-rate", type=rate, default=None,
+                        help="share of spoiled pairs (needed unless --real)")
+    parser.add_argument("--real", metavar="DIR", default=None,
+                        help="judge real pairs: every generic .jsonl edit dataset under DIR (or "
+                             "'-' for none), plus realistic variants of exact pairs")
+    parser.add_argument("--no-variants", action="store_true",
+                        help="with --real: leave out the variants of exact pairs")
+    parser.add_argument("--json", action="store_true", help="with --real: JSON instead of the table")
     parser.add_argument("--seed", type=non_negative_int, default=0,
                         help="seed of the scenes and edits the judge is measured on")
     parser.add_argument("--resolution", type=resolution, default=512,
@@ -246,6 +259,11 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def _run(args: argparse.Namespace) -> int:
+    if args.real is not None:
+        return _run_real(args)
+    if args.defect_rate is None:
+        print("mcie judge-bench: error: --defect-rate is required (or --real DIR)", file=sys.stderr)
+        return 2
     try:
         report = judge_bench(
             args.count, args.defect_rate, seed=args.seed, judge=args.judge,
@@ -255,4 +273,24 @@ def _run(args: argparse.Namespace) -> int:
         print(f"mcie judge-bench: error: {message}", file=sys.stderr)
         return 2
     print(json.dumps(report, indent=2, sort_keys=True))
+    return 0
+
+
+def _run_real(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from pipeline.judges.realbench import real_bench, table
+
+    real = None if args.real == "-" else Path(args.real)
+    try:
+        if real is not None and not real.exists():
+            raise ValueError(f"--real path does not exist: {real}")
+        if real is None and args.no_variants:
+            raise ValueError("--real - with --no-variants leaves nothing to judge")
+        report = real_bench(real, judge=args.judge, judge_options=judge_options(args),
+                            resolution=args.resolution, seed=args.seed, perturb=not args.no_variants)
+    except (ValueError, TypeError, OSError) as exc:
+        print(f"mcie judge-bench: error: {' '.join(str(exc).split())}", file=sys.stderr)
+        return 2
+    print(json.dumps(report, indent=2, sort_keys=True) if args.json else table(report))
     return 0
