@@ -8,8 +8,8 @@ of *content*. This module tells the two apart, for the judge's background test o
 (`pipeline.importers.assemble`):
 
 1. **Coarse scale.** Both images are area-averaged to blocks of `MIN_BLOCK` px or more, a grid
-   of at most about `GRID` px on the short side (a 512 px photo: 4×4 blocks). Codec blocks, grain and a blur of a pixel or two average away;
-   an object, even a small one, stays.
+   of at most about `GRID` px on the short side (a 512 px photo: 4×4 blocks). Codec blocks, grain
+   and a blur of a pixel or two average away; an object, even a small one, stays.
 2. **Global colour alignment.** Per CIELAB channel, target ≈ gain · source + offset, fitted by
    least squares on the compared pixels and refitted on the inliers (the changed ones would bias
    it). A mild global shift (white balance, a 2–3 % gain) is thus no change; how far the fit
@@ -19,11 +19,14 @@ of *content*. This module tells the two apart, for the judge's background test o
    target) of an unchanged pixel is codec noise; its median over the compared pixels, plus 3
    robust sigmas, is this pair's floor (`floor`), bounded below by `MIN_LEVEL` and above by
    `MAX_FLOOR` (a background that changed everywhere must not raise its own bar).
-4. **Changed = the colour or the structure moved.** A coarse pixel changed when its residual is
-   above the floor (by a factor `FLOOR_FACTOR`), or when the local structure of its lightness
-   differs (SSIM's structure term, over a 5×5 window, below `STRUCTURE_MIN`) while its residual is
-   above `MIN_LEVEL` (two unchanged flat patches have no structure to compare). A changed coarse
-   pixel with no changed neighbour is a speck, and dropped.
+4. **Changed = the colour, the structure or the detail moved.** A coarse pixel changed when its
+   residual is above the floor (by a factor `FLOOR_FACTOR`); or when the local structure of its
+   lightness differs (SSIM's structure term, over a 5×5 window, below `STRUCTURE_MIN`) while its
+   residual is above `MIN_LEVEL` (two unchanged flat patches have no structure to compare); or
+   when it lost its mid-band detail (a blur: under `DETAIL_LOST` of its band energy left, where
+   it had `DETAIL_MIN`). The window tests are read only where the window sees one side of `where`
+   alone. A changed coarse pixel with no changed neighbour is a speck, and dropped; the coarse
+   pixels along the edge of `where` do not count for its share (JPEG smears colour 16 px).
 
 `changes(before, after, where)` returns the coarse change map and the figures; `changed_region`
 the full-resolution region of an edit (denoised, closed, holes filled).
@@ -69,11 +72,16 @@ class Changes:
 
     def full(self, shape: tuple[int, int]) -> np.ndarray:
         """The change map at full resolution (h, w)."""
-        up = np.repeat(np.repeat(self.changed, self.factor, axis=0), self.factor, axis=1)
-        out = np.zeros(shape, dtype=bool)
-        h, w = min(shape[0], up.shape[0]), min(shape[1], up.shape[1])
-        out[:h, :w] = up[:h, :w]
-        return out
+        return to_full(self.changed, self.factor, shape)
+
+
+def to_full(coarse: np.ndarray, factor: int, shape: tuple[int, int]) -> np.ndarray:
+    """A coarse bool map at full resolution (h, w); the few rows and columns past the last whole
+    block take the last block's value."""
+    up = np.repeat(np.repeat(coarse, factor, axis=0), factor, axis=1)
+    rows = np.minimum(np.arange(shape[0]), up.shape[0] - 1)
+    cols = np.minimum(np.arange(shape[1]), up.shape[1] - 1)
+    return up[rows][:, cols]
 
 
 def coarse_factor(height: int, width: int) -> int:
@@ -182,12 +190,12 @@ def changes(before: np.ndarray, after: np.ndarray, where: np.ndarray | None = No
     # The structure window reaches 2 coarse pixels, the detail band's widest Gaussian (to 3
     # sigmas) `reach`: each is read only where its window sees pixels of one side of `where` alone.
     reach = int(np.ceil(9 * _detail_sigma(factor) / factor))
+    restructured = (_structure(aligned[..., 0], tgt[..., 0]) < STRUCTURE_MIN) & (residual > MIN_LEVEL)
+    detail = _detail(before, factor)
+    blurred = (detail > DETAIL_MIN) & (_detail(after, factor) < DETAIL_LOST * detail)
     for side in ([within, ~within] if where is not None else [within]):
-        structure = _structure(aligned[..., 0], tgt[..., 0])
-        changed |= _eroded(side, 5) & (structure < STRUCTURE_MIN) & (residual > MIN_LEVEL)
-        detail = _detail(before, factor)
-        changed |= _eroded(side, 2 * reach + 1) & (detail > DETAIL_MIN) & (
-            _detail(after, factor) < DETAIL_LOST * detail)
+        changed |= _eroded(side, 5) & restructured
+        changed |= _eroded(side, 2 * reach + 1) & blurred
     # A codec smears colour across an edit's edge (JPEG: 16 px chroma blocks): the coarse pixels
     # next to the edge of `where` do not count for its share.
     compared = _eroded(within, 3) if where is not None else within
@@ -228,5 +236,4 @@ def _region(change: Changes, shape: tuple[int, int], min_share: float) -> np.nda
     count, labels, stats, _ = cv2.connectedComponentsWithStats(coarse, connectivity=8)
     keep = stats[:, cv2.CC_STAT_AREA] >= max(1.0, min_share * coarse.size)
     keep[0] = False
-    change.changed = keep[labels]
-    return change.full(shape)
+    return to_full(keep[labels], change.factor, shape)

@@ -208,3 +208,22 @@ def test_judge_bench_real_cli_prints_the_table_and_refuses_a_missing_path(tmp_pa
     none = subprocess.run([sys.executable, "-m", "flows.cli", "judge-bench"], capture_output=True,
                           text=True, timeout=120)
     assert none.returncode == 2 and "--defect-rate is required" in none.stderr
+
+
+def test_real_bench_variants_of_generative_editor_pairs_hold_their_rules(tmp_path):
+    """The variants made from a generative editor's pairs (a tiny random inpainting pipeline
+    saved with save_pretrained, composited: background exact) hold the same rules."""
+    import torch
+    from model_fixtures import tiny_inpaint
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        model = tiny_inpaint(tmp_path / "sd-inpaint-tiny")
+        report = real_bench(None, resolution=128, per_class=2, editor="inpaint",
+                            editor_options={"path": str(model), "steps": 2}, edits_per_image=1)
+    finally:
+        torch.set_num_threads(threads)
+    assert report["editor"] == "inpaint" and report["held"], report
+    assert all(row["pairs"] > 0 for name, row in report["classes"].items()
+               if not name.startswith("changed: an object")), report

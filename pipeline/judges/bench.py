@@ -246,7 +246,8 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
                         help="judge real pairs: every generic .jsonl edit dataset under DIR (or "
                              "'-' for none), plus realistic variants of exact pairs")
     parser.add_argument("--no-variants", action="store_true",
-                        help="with --real: leave out the variants of exact pairs")
+                        help="with --real: leave out the variants of exact pairs (made by --editor, "
+                             "default photo, on scikit-image's photographs)")
     parser.add_argument("--json", action="store_true", help="with --real: JSON instead of the table")
     parser.add_argument("--seed", type=non_negative_int, default=0,
                         help="seed of the scenes and edits the judge is measured on")
@@ -288,7 +289,8 @@ def _run_real(args: argparse.Namespace) -> int:
         if real is None and args.no_variants:
             raise ValueError("--real - with --no-variants leaves nothing to judge")
         report = real_bench(real, judge=args.judge, judge_options=judge_options(args),
-                            resolution=args.resolution, seed=args.seed, perturb=not args.no_variants)
+                            resolution=args.resolution, seed=args.seed, perturb=not args.no_variants,
+                            editor=args.editor or "photo", editor_options=dict(args.editor_option))
     except (ValueError, TypeError, OSError) as exc:
         print(f"mcie judge-bench: error: {' '.join(str(exc).split())}", file=sys.stderr)
         return 2

@@ -5,9 +5,11 @@ what must never happen to it:
 
 - the real pairs: every generic jsonl under DIR (`mcie import --format generic`'s layout), one
   class per dataset folder and edit type ("real instructpix2pix: global");
-- realistic variants of exact pairs (unless `perturb=False`): photo-editor pairs on
-  scikit-image's bundled photographs (no defects), written to disk as an edit dataset would ship
-  them and imported through the same importer, in classes
+- realistic variants of exact pairs (unless `perturb=False`): pairs made by the build's own
+  front half on scikit-image's bundled photographs with no defects — the photo editor by default,
+  or any editor the build can name (`editor`, `editor_options`: a generative one from local
+  weights, whose pairs are composited so their background is exact too) — written to disk as an
+  edit dataset would ship them and imported through the same importer, in classes
   - "keep": the edit is faithful and the background differs from the source only by what a
     dataset's pipeline does to it: JPEG at quality 70 or 95, resampling (down to 70 % and back),
     a VAE-like round trip (a 0.8 px blur, grain, JPEG 90), a 3 % global colour shift, all three
@@ -97,15 +99,17 @@ UNDECLARED = {  # class of a left-out sub-edit, by its type
 }
 
 
-def exact_pairs(resolution: int, seed: int, edits_per_image: int = 6) -> list[EditSample]:
-    """Clean photo-editor pairs on the bundled photographs (the build's own front half)."""
+def exact_pairs(resolution: int, seed: int, edits_per_image: int = 6, editor: str = "photo",
+                editor_options: dict[str, Any] | None = None) -> list[EditSample]:
+    """Clean pairs of `editor` on the bundled photographs (the build's own front half)."""
     folder = importlib.resources.files("skimage") / "data"
     with tempfile.TemporaryDirectory() as tmp:
         listing = Path(tmp) / "photos.txt"
         listing.write_text("\n".join(str(folder / name) for name in PHOTOS) + "\n")
         config = BuildConfig(count=None, seed=seed, resolution=resolution, shard_size=64,
                              defect_rate=0.0, source="list", source_options={"path": str(listing)},
-                             edits_per_image=edits_per_image)
+                             edits_per_image=edits_per_image, editor=editor,
+                             editor_options=dict(editor_options or {}))
         reader = make_source(config)
         index, _ = make_index(reader)
         total = config.total_samples(index.size)
@@ -227,7 +231,9 @@ def _tally(rows: dict[str, dict[str, Any]], name: str, rule: str, sample: EditSa
 
 def real_bench(real: Path | None, *, judge: str = "pixel", judge_options: dict[str, Any] | None = None,
                resolution: int = 512, seed: int = 0, perturb: bool = True,
-               per_class: int = PER_CLASS) -> dict[str, Any]:
+               per_class: int = PER_CLASS, editor: str = "photo",
+               editor_options: dict[str, Any] | None = None,
+               edits_per_image: int = 6) -> dict[str, Any]:
     """Verdict counts per class (see the module docstring) and whether each class held its rule."""
     rows: dict[str, dict[str, Any]] = {}
     options = dict(judge_options or {})
@@ -240,7 +246,8 @@ def real_bench(real: Path | None, *, judge: str = "pixel", judge_options: dict[s
                 types = ", ".join(sorted({e.type for e in sample.sub_edits})) or "unreadable"
                 _tally(rows, f"real {file.parent.name}: {types}", "", sample)
     if perturb:
-        classes = perturbed_pairs(exact_pairs(resolution, seed), seed, per_class)
+        pairs = exact_pairs(resolution, seed, edits_per_image, editor, editor_options)
+        classes = perturbed_pairs(pairs, seed, per_class)
         with tempfile.TemporaryDirectory() as tmp:
             of_session = write_dataset(Path(tmp), classes)
             for sample in judge_imported(Path(tmp) / "generic.jsonl", judge, options, resolution, seed):
@@ -249,7 +256,8 @@ def real_bench(real: Path | None, *, judge: str = "pixel", judge_options: dict[s
     for row in rows.values():
         row["held"] = None if not row["rule"] else (
             row["reject"] == 0 if row["rule"] == KEEP else row["accept"] == 0)
-    return {"judge": judge, "resolution": resolution, "seed": seed, "classes": rows,
+    return {"judge": judge, "resolution": resolution, "seed": seed,
+            "editor": editor if perturb else None, "classes": rows,
             "held": all(r["held"] is not False for r in rows.values())}
 
 
