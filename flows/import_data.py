@@ -37,7 +37,8 @@ def register(subparsers: Any) -> None:
                    help="skip sessions with fewer turns (default 1: a single-turn session is a sample)")
     p.add_argument("--max-edits", type=positive_int, default=8, help="keep the first N turns")
     p.add_argument("--resolution", type=resolution, default=512,
-                   help="short image side in px (the long side follows the aspect, rounded to 64)")
+                   help="short image side in px (the long side follows the aspect, centre-cropped "
+                        "to a multiple of 64: never stretched)")
     p.add_argument("--seed", type=non_negative_int, default=0,
                    help="build seed: with the source key it fixes every sample id")
     p.add_argument("--shard-size", type=positive_int, default=64, help="sessions per work unit")

@@ -746,16 +746,7 @@ class PixelJudge:
         consistency, no quality score (a photo has no palette to test it against)."""
         scores, reasons = pixel_photo.score_sub_edits(view)
         background, changed, psnr = self._background(view, pair)
-        overall = min([s for s in scores if s is not None] + [background])
-        return {
-            "sub_edits": [None if s is None else round(_clip(s), 4) for s in scores],
-            "sub_edit_reasons": reasons,
-            "background": round(background, 4),
-            "background_changed": round(changed, 6),
-            "background_psnr": None if psnr is None else round(psnr, 2),
-            "quality": None,
-            "overall": round(overall, 4),
-        }
+        return _free_scores(scores, reasons, background, changed, psnr, None)
 
     def _score_real(self, view: JudgeView) -> dict[str, Any]:
         """Imported pairs: see the module docstring."""
@@ -765,25 +756,18 @@ class PixelJudge:
         background = min(_clip(1 - changed / self.real_budget),
                          _clip(1 - max(0.0, shift - self.real_shift) / (2 * self.real_shift)))
         broken = pixel_photo.broken(view.target)
-        quality = None if broken is None else 0.0
-        overall = min([s for s in scores if s is not None] + [background]
-                      + ([quality] if quality is not None else []))
-        psnr = _psnr(view.source, view.target, view.background_mask)
-        return {
-            "sub_edits": [None if s is None else round(_clip(s), 4) for s in scores],
-            "sub_edit_reasons": reasons,
-            "background": round(background, 4),
-            "background_changed": round(changed, 6),
-            "background_psnr": None if psnr is None else round(psnr, 2),
+        result = _free_scores(scores, reasons, background, changed,
+                              _psnr(view.source, view.target, view.background_mask),
+                              None if broken is None else 0.0)
+        result.update({
             "background_floor": round(change.floor, 2),
             "background_shift": round(shift, 2),
             "background_reason": (f"{changed:.2%} of the background changed beyond the pair's "
                                   f"noise floor (ΔE {change.floor:.1f}); global colour shift "
                                   f"ΔE {shift:.1f}"),
-            "quality": quality,
             **({"quality_reason": broken} if broken else {}),
-            "overall": round(overall, 4),
-        }
+        })
+        return result
 
     @staticmethod
     def _validate(view: JudgeView) -> None:
@@ -824,6 +808,23 @@ class PixelJudge:
         values, counts = np.unique(_pack(pixels), return_counts=True)
         near = pair.is_paint_color(_unpack(values))
         return float(counts[near].sum()) / float(counts.sum())
+
+
+def _free_scores(scores: list[float | None], reasons: list[str], background: float, changed: float,
+                 psnr: float | None, quality: float | None) -> dict[str, Any]:
+    """The result of a photo or real pair: sub-edit scores that may be None (unknown), overall
+    the minimum of the known ones, the background and the quality (None: not rated)."""
+    overall = min([s for s in scores if s is not None] + [background]
+                  + ([quality] if quality is not None else []))
+    return {
+        "sub_edits": [None if s is None else round(_clip(s), 4) for s in scores],
+        "sub_edit_reasons": reasons,
+        "background": round(background, 4),
+        "background_changed": round(changed, 6),
+        "background_psnr": None if psnr is None else round(psnr, 2),
+        "quality": quality,
+        "overall": round(overall, 4),
+    }
 
 
 def _psnr(source: np.ndarray, target: np.ndarray, where: np.ndarray) -> float | None:

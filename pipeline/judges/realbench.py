@@ -110,16 +110,22 @@ def exact_pairs(resolution: int, seed: int, edits_per_image: int = 6, editor: st
                              defect_rate=0.0, source="list", source_options={"path": str(listing)},
                              edits_per_image=edits_per_image, editor=editor,
                              editor_options=dict(editor_options or {}))
-        reader = make_source(config)
-        index, _ = make_index(reader)
-        total = config.total_samples(index.size)
-        pairs: list[EditSample] = []
-        for unit in range(config.num_units(total)):
-            batch = [read_sample(reader, config, index, n) for n in config.unit_indices(unit, total)]
-            for stage in front_stages(config):
-                batch = stage(batch)
-            pairs += [s for s in batch if not s.failed]
-    return pairs
+        return [s for s in run_units(config, front_stages(config)) if not s.failed]
+
+
+def run_units(config: BuildConfig, stages: list[Any]) -> list[EditSample]:
+    """Every sample of the build `config` describes, read and passed through `stages`, one work
+    unit at a time as a build does (in process: no Ray, no output)."""
+    reader = make_source(config)
+    index, _ = make_index(reader)
+    total = config.total_samples(index.size)
+    done: list[EditSample] = []
+    for unit in range(config.num_units(total)):
+        batch = [read_sample(reader, config, index, n) for n in config.unit_indices(unit, total)]
+        for stage in stages:
+            batch = stage(batch)
+        done += batch
+    return done
 
 
 def perturbed_pairs(samples: list[EditSample], seed: int,
@@ -202,18 +208,8 @@ def judge_imported(path: Path, judge: str, judge_options: dict[str, Any], resolu
                          source="import", source_options={"format": "generic", "path": str(path)},
                          grounder="imported", composer="imported", editor="imported")
     judge_impl = make_judge(judge, **config.judge_options)
-    stages = [*front_stages(config), JudgeStage(judge_impl),
-              RouteStage(policy or RoutingPolicy.for_judge(judge_impl))]
-    reader = make_source(config)
-    index, _ = make_index(reader)
-    total = config.total_samples(index.size)
-    done: list[EditSample] = []
-    for unit in range(config.num_units(total)):
-        batch = [read_sample(reader, config, index, n) for n in config.unit_indices(unit, total)]
-        for stage in stages:
-            batch = stage(batch)
-        done += batch
-    return done
+    return run_units(config, [*front_stages(config), JudgeStage(judge_impl),
+                              RouteStage(policy or RoutingPolicy.for_judge(judge_impl))])
 
 
 def _tally(rows: dict[str, dict[str, Any]], name: str, rule: str, sample: EditSample) -> None:
