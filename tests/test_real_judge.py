@@ -221,7 +221,7 @@ def test_real_bench_variants_of_generative_editor_pairs_hold_their_rules(tmp_pat
     try:
         model = tiny_inpaint(tmp_path / "sd-inpaint-tiny")
         report = real_bench(None, resolution=128, per_class=2, editor="inpaint",
-                            editor_options={"path": str(model), "steps": 2}, edits_per_image=1)
+                            editor_options={"path": str(model), "steps": 1}, edits_per_image=1)
     finally:
         torch.set_num_threads(threads)
     assert report["editor"] == "inpaint" and report["held"], report
