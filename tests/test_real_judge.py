@@ -227,3 +227,21 @@ def test_real_bench_variants_of_generative_editor_pairs_hold_their_rules(tmp_pat
     assert report["editor"] == "inpaint" and report["held"], report
     assert all(row["pairs"] > 0 for name, row in report["classes"].items()
                if not name.startswith("changed: an object")), report
+
+
+def test_the_pair_kind_comes_from_the_editor_and_old_imported_records_still_read_as_imported():
+    from pipeline.record import EditSample
+
+    sample = EditSample(id="x", index=0, seed=0)
+    assert sample.pair_kind == "exact"
+    sample.provenance["editor"] = "magicbrush@dataset"  # written before editors recorded the kind
+    assert sample.pair_kind == "imported"
+    sample.provenance["pair"] = "generative"
+    assert sample.pair_kind == "generative"
+
+
+@pytest.mark.parametrize("options", [{"real_budget": 0}, {"real_budget": 1.5}, {"real_shift": 0},
+                                     {"real_shift": 500}])
+def test_bad_real_pair_options_are_refused(options):
+    with pytest.raises(ValueError, match="real_"):
+        PixelJudge(**options)
