@@ -51,10 +51,15 @@ def judge_lean(scores: dict[str, Any], threshold: float) -> str | None:
 
 
 def sub_edit_passes(scores: dict[str, Any]) -> list[bool | None]:
-    """The judge's pass/fail per sub-edit: routing's `sub_edit_pass`, else score >= 0.5."""
+    """The judge's pass/fail per sub-edit: routing's `sub_edit_pass`, else score >= 0.5; None
+    where the judge could not verify it (score None: routing does not pass it, but it did not
+    fail either, so the annotator gets no pre-filled answer)."""
+    subs = scores.get("sub_edits") or []
+    unknown = [s is None for s in subs]
     if scores.get("sub_edit_pass") is not None:
-        return [bool(x) for x in scores["sub_edit_pass"]]
-    return [None if s is None else float(s) >= 0.5 for s in scores.get("sub_edits", [])]
+        return [None if i < len(unknown) and unknown[i] else bool(x)
+                for i, x in enumerate(scores["sub_edit_pass"])]
+    return [None if s is None else float(s) >= 0.5 for s in subs]
 
 
 LARGE_REGION = 0.3  # share of the image above which a region's tint is light
@@ -146,7 +151,9 @@ def _judge_summary(meta: dict[str, Any], scores: dict[str, Any], lean: str | Non
     subs = scores.get("sub_edits") or []
     for n, score in enumerate(subs, start=1):
         reason = reasons[n - 1] if n - 1 < len(reasons) else ""
-        lines.append(f"#{n} {float(score):.2f}{' ' + reason if reason else ''}")
+        # None: the judge could not verify it (an imported free-text edit): say so, not a number
+        shown = "not checked" if score is None else f"{float(score):.2f}"
+        lines.append(f"#{n} {shown}{' ' + reason if reason else ''}")
     return "\n".join(lines)
 
 

@@ -63,16 +63,21 @@ def out_dir():
     shutil.rmtree(path, ignore_errors=True)
 
 
-def make_build(out: Path, borderline: int, extra_accept: int = 1, overall=None) -> list[str]:
+def make_build(out: Path, borderline: int, extra_accept: int = 1, overall=None,
+               unknown: bool = False) -> list[str]:
     """A finished build with `borderline` queued samples (2..4 sub-edits) among a few accepted
     and rejected ones; returns the queued ids in index order. `overall(i)` sets the judge's
-    overall score of borderline sample i (its lean)."""
+    overall score of borderline sample i (its lean); `unknown` makes their sub-edit scores None
+    (what the pixel judge gives an imported free-text edit)."""
     samples = []
     index = 0
     queued = []
     for i in range(borderline):
         sample = finished_sample(index, "borderline", edits=2 + i % 3)
         sample.scores["overall"] = overall(i) if overall else (0.7 if i % 2 == 0 else 0.3)
+        if unknown:
+            sample.scores["sub_edits"] = [None] * len(sample.sub_edits)
+            sample.scores["sub_edit_pass"] = [False] * len(sample.sub_edits)  # as routing writes
         samples.append(sample)
         queued.append(sample.id)
         index += 1

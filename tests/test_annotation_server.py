@@ -262,3 +262,21 @@ def test_corrected_region_and_text(ls_conn, out_dir):  # noqa: F811
     assert view["sub_edits"][0]["text"] == "turn the square green" and view["corrected"] is True
     human = member_metadata(members)["human"]
     assert human["corrections"]["regions"] == [1] and human["corrections"]["texts"] == [0]
+
+
+def test_borderlines_with_unknown_sub_edit_scores_are_pushed_as_not_checked(ls_conn, out_dir):  # noqa: F811
+    """An imported pair goes to review with its free-text sub-edits unknown (score None): every
+    such borderline reaches Label Studio, shown as "not checked", with no pre-filled pass/fail."""
+    queued = make_build(out_dir, borderline=3, unknown=True)
+    result = push(out_dir, ls_conn, _settings("unknown-scores"))
+    assert (result.queued, result.imported) == (3, 3)
+    client = connect(ls_conn)
+    for sample_id in queued:
+        task = _task_of(client, result.project_id, sample_id)
+        (prediction,) = task.predictions
+        pred = prediction if isinstance(prediction, dict) else prediction.model_dump()
+        names = {r.get("from_name") for r in pred["result"]}
+        assert not any(str(n).startswith("sub_") and r.get("type") == "choices"
+                       for r in pred["result"] for n in [r.get("from_name")]), pred["result"]
+        assert "verdict" in names  # the overall lean is still given
+        assert "#1 not checked" in json.dumps(task.data), task.data
