@@ -23,14 +23,14 @@ from PIL import Image
 from flows.plan import prepare_build
 from photo_fixtures import photo_array
 from pipeline import rle
-from pipeline.compose.procedural import join_turns, split_turns
+from pipeline.compose.procedural import join_turns, split_turns, turn_text
 from pipeline.config import BuildConfig
 from pipeline.dataset.output import finalize, read_quarantine
 from pipeline.dataset.report import write_report
 from pipeline.dataset.shards import iter_tar_groups, decode_sample, read_members_dir
 from pipeline.dataset.verify import check_build
 from pipeline.imagediff import changed_region
-from pipeline.importers.edit_types import infer_edit_type, sub_edit_text
+from pipeline.importers.edit_types import infer_edit_type
 from pipeline.judges.pixel import PixelJudge
 from pipeline.record import EDIT_TYPES, SUB_EDIT_TYPES, SubEdit
 from pipeline.sources.frame import Frame
@@ -188,7 +188,7 @@ def test_turn_texts_keep_their_words_join_as_sentences_and_split_back():
     raw = ["Make the cat red, then blue.", "What if the horse wears a hat?", "Put a hat on it!",
            "3 birds; on the branch", "Replace the TV with a plant.", "I want the sky pink, Mr. Smith",
            'write "OPEN" on the door', "  TV   off. "]
-    texts = [sub_edit_text(t) for t in raw]
+    texts = [turn_text(t) for t in raw]
     assert texts == ["make the cat red, then blue", "what if the horse wears a hat?", "put a hat on it!",
                      "3 birds; on the branch", "replace the TV with a plant",
                      "I want the sky pink, Mr. Smith", 'write "OPEN" on the door', "TV off"]
@@ -200,7 +200,7 @@ def test_turn_texts_keep_their_words_join_as_sentences_and_split_back():
     assert join_turns(texts[1:3]) == "What if the horse wears a hat? Then put a hat on it!"
     assert join_turns(["i see a dog"]) == "i see a dog." and split_turns("i see a dog.") == ["i see a dog"]
     with pytest.raises(ValueError):
-        sub_edit_text("  . ")
+        turn_text("  . ")
     for bad in (["Make it red"], ["make it red."], [], ["make  it red"]):
         with pytest.raises(ValueError):
             join_turns(bad)
@@ -242,7 +242,7 @@ def test_magicbrush_sessions_become_complex_samples(tmp_path):
     row, sample = by_key["dev/101"]
     assert row["verdict"] == "accept" and row["verdict_by"] == "dataset" and row["judge"] == "none@1"
     assert row["num_sub_edits"] == 3 and row["sub_edit_types"] == ["recolor", "add", "global"]
-    assert split_turns(sample.instruction) == [sub_edit_text(t) for t in TEXTS]
+    assert split_turns(sample.instruction) == [turn_text(t) for t in TEXTS]
     assert sample.instruction.startswith("Make the top left corner red. ")
     p = sample.provenance
     assert (p["dataset"], p["split"], p["source_id"], p["license"]) == ("magicbrush", "dev", "101", "CC-BY-4.0")
@@ -541,7 +541,7 @@ def test_mcie_import_runs_the_build_flow_and_a_rerun_does_nothing(tmp_path):
     meta = record["source_meta"]
     assert (meta["dataset"], meta["split"], meta["license"]) == ("magicbrush", "dev", "CC-BY-4.0")
     assert meta["instructions"] == TEXTS[:2] and meta["failed_turn"] == 2
-    assert broken["instruction"] == meta["instruction"] == join_turns([sub_edit_text(t) for t in TEXTS[:2]])
+    assert broken["instruction"] == meta["instruction"] == join_turns([turn_text(t) for t in TEXTS[:2]])
     assert mcie("verify", str(out)).returncode == 0
     again = mcie(*args)
     assert again.returncode == 0 and "already complete, nothing to do" in again.stdout

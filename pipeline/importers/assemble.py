@@ -40,7 +40,8 @@ from PIL import Image
 
 from pipeline import rle
 from pipeline.importers.base import MaskSpec, RawSession, RawTurn
-from pipeline.importers.edit_types import infer_edit_type, sub_edit_text
+from pipeline.compose.procedural import turn_text
+from pipeline.importers.edit_types import infer_edit_type
 from pipeline.imagediff import GLOBAL_SHARE, changed_region
 from pipeline.record import GLOBAL, OTHER, InventoryObject, SubEdit
 from pipeline.sources.base import SourceError
@@ -189,7 +190,7 @@ def _text(turn: RawTurn, position: int) -> str:
     if not turn.instruction or not str(turn.instruction).strip():
         raise SourceError(f"turn {position} has no instruction", context={"turn": position})
     try:
-        return sub_edit_text(turn.instruction)
+        return turn_text(turn.instruction)
     except ValueError as exc:
         raise SourceError(f"turn {position}: {exc}", context={"turn": position}) from None
 
@@ -217,23 +218,24 @@ def _sub_edit(turn: RawTurn, position: int, text: str, before: np.ndarray, after
               frame: Frame, objects: list[InventoryObject]) -> SubEdit:
     spec = _load(turn.mask, f"turn {position} mask") if turn.mask is not None else None
     named = _named(objects, turn.instruction or "")
+    edit_type = infer_edit_type(turn.instruction or "")
+    whole = np.ones(before.shape[:2], dtype=bool)
+    # The dataset's own mask says where the edit is, whatever the text seems to say.
     if spec is not None:
         what = f"turn {position} mask"
         mask = fit_region(_loaded_mask(spec, what), frame, what)
         source = "dataset"
-    elif named:
-        mask = np.logical_or.reduce([o.mask for o in named]) | changed_region(before, after)
-        source = "rle+diff"
+    elif edit_type == GLOBAL:
+        mask, source = whole, "global"
     else:
         mask = changed_region(before, after)
         source = "diff"
-    edit_type = infer_edit_type(turn.instruction or "")
-    # The dataset's own mask says where the edit is, whatever the text seems to say.
-    if source != "dataset" and (edit_type == GLOBAL or (
-            edit_type != "background" and np.count_nonzero(mask) > GLOBAL_SHARE * mask.size)):
-        mask = np.ones(before.shape[:2], dtype=bool)
-        source = "global"
-        edit_type = GLOBAL if edit_type == OTHER else edit_type
+        if named:
+            mask = np.logical_or.reduce([o.mask for o in named]) | mask
+            source = "rle+diff"
+        if edit_type != "background" and np.count_nonzero(mask) > GLOBAL_SHARE * mask.size:
+            mask, source = whole, "global"
+            edit_type = GLOBAL if edit_type == OTHER else edit_type
     box = mask_box(mask)
     if box is None:
         raise SourceError(f"turn {position} has an empty region ({source}: "

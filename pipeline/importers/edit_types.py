@@ -1,4 +1,4 @@
-"""The edit type of a free-text instruction, and its normal form as a sub-edit text.
+"""The edit type of a free-text instruction (its sub-edit text is `compose.procedural.turn_text`).
 
 The rule (first match wins, on the lower-cased text, whole words):
 
@@ -12,16 +12,16 @@ The rule (first match wins, on the lower-cased text, whole words):
                 "the picture"/"the scene"/"the painting", a season, weather, time of day or
                 lighting ("make it winter", "what if it was night", "change the lighting"),
                 "black and white" / sepia of the whole;
-4. texture    — texture, pattern, striped/stripes, dots/dotted/polka, checkered/checker, plaid, floral;
-5. recolor    — a colour verb (make, turn, change, paint, colour/color, dye, recolor) AND a colour
+5. texture    — texture, pattern, striped/stripes, dots/dotted/polka, checkered/checker, plaid, floral;
+6. recolor    — a colour verb (make, turn, change, paint, colour/color, dye, recolor) AND a colour
                 word, and no new object named ("into a", "with a", "to a", "for a");
-6. remove     — remove, delete, erase, get rid of, take away/out, eliminate;
-7. replace    — replace, "instead of", swap/switch/exchange … with/for, or change/turn/make …
+7. remove     — remove, delete, erase, get rid of, take away/out, eliminate;
+8. replace    — replace, "instead of", swap/switch/exchange … with/for, or change/turn/make …
                 into/to a(n);
-8. resize     — bigger, larger, smaller, enlarge, shrink, resize, scale, taller, shorter, wider;
-9. move       — move, shift, relocate, slide;
-10. add       — add, put, place, insert, include, give, let there be, have, draw;
-11. other     — anything else (a type the factory does not verify; a judge scores such a
+9. resize     — bigger, larger, smaller, enlarge, shrink, resize, scale, taller, shorter, wider;
+10. move      — move, shift, relocate, slide;
+11. add       — add, put, place, insert, include, give, let there be, have, draw;
+12. other     — anything else (a type the factory does not verify; a judge scores such a
                 sub-edit unknown).
 
 Whatever the text says, an imported turn whose change covers most of the frame is treated as a
@@ -90,13 +90,3 @@ def infer_edit_type(text: str) -> str:
         if pattern.search(lowered):
             return edit_type
     return "other"
-
-
-def sub_edit_text(text: str) -> str:
-    """A turn's instruction as its sub-edit text, in the turn's own words: one line, no final full
-    stop, a capitalised ordinary first word lower-cased; commas, "?", "!" and the rest kept
-    (`pipeline.compose.procedural.turn_text`, which `join_turns` joins and `split_turns` splits
-    back). ValueError for an empty instruction."""
-    from pipeline.compose.procedural import turn_text
-
-    return turn_text(text)

@@ -11,7 +11,7 @@
   the quarantined record keeps it as its `source_meta` (`pipeline.unit.read_sample`);
 - grounder `imported`: keeps the objects the dataset segmented (ImgEdit's masks), nothing else;
 - composer `imported`: the session's turns as the sub-edits, with their regions, each in its own
-  words (`edit_types.sub_edit_text`), joined into one complex instruction of one sentence per
+  words (`compose.procedural.turn_text`), joined into one complex instruction of one sentence per
   turn that keeps each turn's punctuation, a question stays a question (`join_turns`; the rule
   and how `split_turns` takes it apart are in `pipeline.compose.procedural`);
 - editor `imported`: the dataset's own output of the last kept turn as the target.
@@ -30,12 +30,11 @@ import re
 from typing import Any
 
 from pipeline.compose.base import COMPOSERS
-from pipeline.compose.procedural import join_turns
+from pipeline.compose.procedural import join_turns, turn_text
 from pipeline.editors.base import EDITORS
 from pipeline.grounders.base import GROUNDERS
 from pipeline.importers.assemble import Assembled, assemble, has_gap
 from pipeline.importers.base import IMPORTERS, Importer, RawSession
-from pipeline.importers.edit_types import sub_edit_text
 from pipeline.record import EditSample, check_edit_bounds
 from pipeline.sources.base import SOURCES, SourceError, SourceItem
 from pipeline.stage import RecordStage, sample_rng
@@ -112,7 +111,7 @@ def failure_context(session: RawSession, max_edits: int, exc: SourceError) -> di
         "dataset": session.dataset, "split": session.split, "license": session.license,
         "instructions": [None if t.instruction is None else str(t.instruction) for t in turns]}
     try:
-        context["instruction"] = join_turns([sub_edit_text(t.instruction or "")
+        context["instruction"] = join_turns([turn_text(t.instruction or "")
                                              for t in turns[:max_edits]])
     except ValueError:
         pass
