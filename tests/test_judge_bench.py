@@ -128,12 +128,13 @@ def test_cli_measures_the_judge_on_photos(tmp_path, capsys):
 
     folder = photo_folder(tmp_path / "photos")  # four photos
     argv = ["judge-bench", "--source", "folder", "--source-path", str(folder), "--editor", "photo",
-            "--defect-rate", "1.0", "--resolution", "128", "--edits-per-image", "2"]
-    assert main([*argv, "--count", "3"]) == 0
+            "--defect-rate", "1.0", "--resolution", "256", "--edits-per-image", "2"]
+    # (at 256 px: a 128 px photo has hardly a thing large enough to be named)
+    assert main([*argv, "--count", "4"]) == 0
     report = json.loads(capsys.readouterr().out)
-    assert report["count"] == 3 and report["source"] == "folder" and report["editor"] == "photo"
+    assert report["count"] == 4 and report["source"] == "folder" and report["editor"] == "photo"
     assert report["grounder"] == "classical" and report["composer"] == "inventory"
-    assert report["scored"] + sum(report["errors"].values()) == 3
+    assert report["scored"] + sum(report["errors"].values()) == 4
     assert report["defective"] >= 1 and 0.0 <= report["defect_recall"] <= 1.0
     assert set(report["ms_per_pair"]) == {"read", "ground", "compose", "edit", "judge", "route",
                                           "total"}

@@ -6,11 +6,26 @@ each sub-edit names its objects with a referring phrase that is unambiguous at t
 applies (`pipeline.compose.referring`). Every sub-edit gets its region (`mask`, `box`) from
 `pipeline.compose.regions.region_of`, the one definition the photo editor and the judge share.
 
+Who may be named: an inventory object of role "object" (or with no role: grounders that name
+real things). The classical grounder also lists "distractor" regions a person sees but could not
+find by words, and the photo's main "subject": neither is ever named, but every phrase must rule
+out the distractors too (`referring.refer` sees the whole inventory).
+
+What is credible (a reviewer would keep it): the composer only drafts edits the classical editor
+does well. Inpainting (remove, and the old place of move / resize / swap / replace) needs a
+smooth surround (`SMOOTH_RING`); text goes on a flat area off the subject (`FLAT_TEXT`); pasted
+cut-outs come only from nameable donor objects; a background edit needs the photo's main subject
+(`figure_ground`) and keeps exactly it, blurring, tinting or desaturating everything else — in a
+photo without a clear subject "the background" names nothing and none is made. Types are drawn
+least-used first, ties broken at random with the credible types (`TYPE_WEIGHTS`) more likely.
+
 Rules: the objects acted on by different sub-edits are distinct; a sub-edit's region overlaps the
 regions claimed before it by at most `OVERLAP_TOLERANCE` of its area (so an object is never both
 moved and recoloured, and a destination never covers an object another sub-edit touches); moved,
-resized, swapped, added and pasted things stay inside the frame. A background sub-edit keeps every
-inventory object and is put first, so the later sub-edits act on the new background.
+resized, swapped, added and pasted things stay inside the frame. A background sub-edit is drafted
+first, when at all, so the later sub-edits act on the new background and name its objects by the
+colours they have after it (`_after_background`). Without a subject (another grounder's
+inventory) it keeps every inventory object, as before.
 
 Donors (add, replace, background "photo"): `__call__` lends each sample the photos and
 inventories of the OTHER samples of its batch, the next one (cyclically) with a usable object
@@ -41,7 +56,7 @@ from pipeline.compose.procedural import (
     join_instruction,
 )
 from pipeline.compose.referring import describe, refer
-from pipeline.compose.regions import bbox, box_centre, place, region_of, text_ink_box
+from pipeline.compose.regions import bbox, box_centre, dilate, place, region_of, text_ink_box
 from pipeline.grounders.attributes import (
     COLOR_NAMES,
     color_name,
@@ -49,6 +64,7 @@ from pipeline.grounders.attributes import (
     same_family,
     size_word,
 )
+from pipeline.editors.photo import TINT_STRENGTH
 from pipeline.record import EDIT_TYPES, EditSample, InventoryObject, SubEdit, check_edit_bounds
 from pipeline.stage import RecordStage, sample_rng
 
@@ -57,15 +73,28 @@ log = logging.getLogger(__name__)
 RECOLOR_COLORS = ("red", "orange", "yellow", "green", "teal", "blue", "purple", "pink")
 TINT_COLORS = ("orange", "blue", "green", "purple", "pink", "yellow", "teal", "red")
 TEXT_COLORS = ("white", "black", "red", "yellow", "blue", "green", "orange", "purple")
-TEXT_CONTRAST = 150  # RGB distance between the text and the mean colour where it goes
+TEXT_CONTRAST = 45.0  # L* between the text's colour and the mean colour where it goes
 PATTERNS = ("stripes", "dots", "checker")
-BACKGROUND_OPS = ("blur", "tint", "desaturate", "photo")
+BACKGROUND_OPS = ("blur", "tint", "desaturate")  # another photo behind a classical matte: not credible
+BACKGROUND_SHARE = 0.5  # share of samples with a subject that get a background edit
+# Credible types more likely among the least used (an inpainted hole or a pasted cut-out can go
+# wrong even when its preconditions hold; the judge's plausibility gate catches those).
+TYPE_WEIGHTS = {"recolor": 3.0, "texture": 2.0, "add_text": 3.0, "background": 3.0,
+                "remove": 1.5, "move": 1.0, "resize": 1.0, "swap": 0.5, "add": 1.0, "replace": 0.5}
+# Pasting a classical segment of another photo (add, replace) makes a blob no reviewer keeps: off
+# by default, there for other grounders' real objects and for tests (`edit_types`).
+DEFAULT_TYPES = tuple(t for t in EDIT_TYPES if t not in ("add", "replace"))
+MAX_OF_TYPE = {"add_text": 1, "background": 1}  # more words in the sky make a collage, not an edit
+SOFT_DETAIL = 4.0  # mean |Laplacian| of a background too soft for a blur to show
+SMOOTH_RING = 12.0  # grey std of the ring around an object that inpainting can fill credibly
+FLAT_TEXT = 10.0  # grey std of the area a word is written on
 OVERLAP_TOLERANCE = 0.1  # share of a new region that may overlap earlier regions
 COVER_TOLERANCE = 0.3  # share of a pasted thing that may cover untouched objects
 MIN_BACKGROUND = 0.15  # a background edit needs this share of the image outside the objects
 RECOLOR_LIGHTNESS = (20.0, 88.0)  # too dark or too light to show a new hue
 DONOR_AREA = (0.004, 0.3)  # a usable donor object's share of its image
 FRAME_MARGIN = 2  # px between a moved / pasted thing and the frame
+CUT_SMOOTH_PX = 1.5  # sigma smoothing a donor cut-out's outline
 _PATTERN_TEMPLATES = {
     "stripes": ("give {t} stripes", "make {t} striped", "paint stripes on {t}"),
     "dots": ("cover {t} with dots", "give {t} a polka-dot pattern", "make {t} dotted"),
@@ -89,7 +118,7 @@ def _choice(rng: np.random.Generator, options) -> Any:
 
 
 def _usable(obj: InventoryObject, shape: tuple[int, int]) -> bool:
-    if obj.mask is None:
+    if obj.mask is None or role(obj) != "object":
         return False
     h, w = shape
     x0, y0, x1, y1 = obj.box
@@ -129,7 +158,9 @@ def cut_out(donor: Donor, obj: InventoryObject, scale: float) -> tuple[np.ndarra
     """(rgb, alpha) of the donor object cropped to its box and scaled by `scale`."""
     x0, y0, x1, y1 = obj.box
     rgb = donor.image[y0:y1, x0:x1]
-    alpha = obj.mask[y0:y1, x0:x1].astype(np.float32)
+    # A segment's edge is jagged at the pixel level: smoothed before the threshold below, the
+    # cut-out's outline is a clean curve (the editor then feathers it inwards).
+    alpha = cv2.GaussianBlur(obj.mask[y0:y1, x0:x1].astype(np.float32), (0, 0), CUT_SMOOTH_PX)
     size = (max(1, round((x1 - x0) * scale)), max(1, round((y1 - y0) * scale)))
     interp = cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR
     rgb = cv2.resize(rgb, size, interpolation=interp)
@@ -145,6 +176,22 @@ def cover_resize(image: np.ndarray, height: int, width: int) -> np.ndarray:
     big = cv2.resize(image, size, interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR)
     y0, x0 = (big.shape[0] - height) // 2, (big.shape[1] - width) // 2
     return np.ascontiguousarray(big[y0:y0 + height, x0:x0 + width])
+
+
+def role(obj: InventoryObject) -> str:
+    """The object's role in the inventory: "object" (nameable), "distractor" or "subject"."""
+    return obj.attributes.get("role", "object")
+
+
+def _grey_std(image: np.ndarray, where: np.ndarray) -> float:
+    pixels = image[where]
+    if pixels.size == 0:
+        return 0.0
+    return float((pixels.astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)).std())
+
+
+def _ring(mask: np.ndarray, inner: int = 3, outer: int = 10) -> np.ndarray:
+    return dilate(mask, outer) & ~dilate(mask, inner)
 
 
 def _noun(label: str) -> str:
@@ -164,7 +211,11 @@ class _Plan:
         self.touched: set[int] = set()
         self.claimed = np.zeros(self.shape, dtype=bool)
         self.all_objects = np.logical_or.reduce([o.mask for o in sample.objects])
+        self.subject = next((o for o in sample.objects if role(o) == "subject"), None)
+        # An inventory with roles (the classical grounder's) and no subject: no background edit.
+        self.has_roles = any("role" in o.attributes for o in sample.objects)
         self.background_done = False
+        self.drafted = 0
         self.pool = pool
         self.next_id = max(o.id for o in sample.objects) + 1
         self.donors: dict[int, dict[str, np.ndarray]] = {}  # id(sub) -> donor entry
@@ -197,7 +248,8 @@ class _Plan:
                   where: Callable[[InventoryObject], bool] = lambda o: True
                   ) -> Iterator[tuple[InventoryObject, dict[str, Any]]]:
         """(inventory object, reference) of untouched, still intact objects, in random order."""
-        free = [o for o in self.objects if o.id not in self.touched and o.mask is not None]
+        free = [o for o in self.objects
+                if o.id not in self.touched and o.mask is not None and role(o) == "object"]
         for k in rng.permutation(len(free)):
             obj = free[int(k)]
             if not where(obj) or not self.overlap_ok(obj.mask):
@@ -206,11 +258,16 @@ class _Plan:
             if ref is not None:
                 yield obj, ref
 
+    def smooth_around(self, mask: np.ndarray) -> bool:
+        """Whether inpainting where `mask` was can look credible: its surround is smooth."""
+        return _grey_std(self.sample.source, _ring(mask)) <= SMOOTH_RING
+
     def region(self, sub: SubEdit, donor: dict[str, np.ndarray] | None = None) -> np.ndarray:
         return region_of(sub, self.objects, self.shape, donor)
 
     def commit(self, sub: SubEdit) -> None:
         h, w = self.shape
+        self.drafted += 1
         if sub.type != "background":
             self.touched.update(sub.object_ids)
             self.claimed |= sub.mask
@@ -244,6 +301,32 @@ class _Plan:
             self.next_id += 1
         if sub.type == "background":
             self.background_done = True
+            _after_background(self, sub)
+
+
+def _after_background(plan: _Plan, sub: SubEdit) -> None:
+    """The working inventory after a background edit: objects mostly in its region take the
+    colour it gives them (a tint pulls a*b* towards the tint, desaturation drains them), so the
+    later phrases name what a reader will see."""
+    op = sub.params.get("op")
+    if op not in ("tint", "desaturate"):
+        return
+    for obj in plan.working:
+        original = plan.by_id.get(obj.id)
+        if original is None or original.mask is None or "rgb" not in obj.attributes:
+            continue
+        if np.count_nonzero(original.mask & sub.mask) < 0.5 * np.count_nonzero(original.mask):
+            continue
+        lab = cv2.cvtColor(np.array([[obj.attributes["rgb"]]], np.uint8), cv2.COLOR_RGB2Lab)
+        lab = lab.astype(np.float32)
+        if op == "desaturate":
+            lab[..., 1:] = 128.0
+        else:
+            to = cv2.cvtColor(np.array([[sub.params["to_rgb"]]], np.uint8), cv2.COLOR_RGB2Lab)
+            lab[..., 1:] = lab[..., 1:] * (1 - TINT_STRENGTH) + to[..., 1:] * TINT_STRENGTH
+        rgb = cv2.cvtColor(np.clip(np.rint(lab), 0, 255).astype(np.uint8), cv2.COLOR_Lab2RGB)
+        rgb = [int(v) for v in rgb[0, 0]]
+        obj.attributes.update(rgb=rgb, color=color_name(rgb))
 
 
 def _shift_box(box: list[int], dx: int, dy: int) -> list[int]:
@@ -312,8 +395,12 @@ def _draft_recolor(plan: _Plan, rng: np.random.Generator) -> SubEdit | None:
     return None
 
 
+def _inpaintable(plan: _Plan) -> Callable[[InventoryObject], bool]:
+    return lambda obj: plan.smooth_around(obj.mask)
+
+
 def _draft_remove(plan: _Plan, rng: np.random.Generator) -> SubEdit | None:
-    for obj, ref in plan.referable(rng):
+    for obj, ref in plan.referable(rng, _inpaintable(plan)):
         t = describe(ref)
         template = _choice(rng, ("remove {t}", "delete {t}", "take away {t}", "get rid of {t}",
                                  "erase {t}"))
@@ -325,7 +412,7 @@ def _draft_remove(plan: _Plan, rng: np.random.Generator) -> SubEdit | None:
 
 def _draft_move(plan: _Plan, rng: np.random.Generator) -> SubEdit | None:
     short = min(plan.shape)
-    for obj, ref in plan.referable(rng):
+    for obj, ref in plan.referable(rng, _inpaintable(plan)):
         t = describe(ref)
         for _ in range(6):
             (ux, uy), phrase = DIRECTIONS[_choice(rng, list(DIRECTIONS))]
@@ -342,7 +429,7 @@ def _draft_move(plan: _Plan, rng: np.random.Generator) -> SubEdit | None:
 
 
 def _draft_resize(plan: _Plan, rng: np.random.Generator) -> SubEdit | None:
-    for obj, ref in plan.referable(rng):
+    for obj, ref in plan.referable(rng, _inpaintable(plan)):
         t = describe(ref)
         for to_size in rng.permutation(["smaller", "larger"]):
             to_size = str(to_size)
@@ -362,7 +449,7 @@ def _draft_resize(plan: _Plan, rng: np.random.Generator) -> SubEdit | None:
 
 
 def _draft_swap(plan: _Plan, rng: np.random.Generator) -> SubEdit | None:
-    candidates = list(plan.referable(rng))
+    candidates = list(plan.referable(rng, _inpaintable(plan)))
     pairs = []
     for i, (a, ref_a) in enumerate(candidates):
         for b, ref_b in candidates[i + 1:]:
@@ -440,7 +527,7 @@ def _draft_add(plan: _Plan, rng: np.random.Generator) -> SubEdit | None:
 
 
 def _draft_replace(plan: _Plan, rng: np.random.Generator) -> SubEdit | None:
-    for target, ref in plan.referable(rng):
+    for target, ref in plan.referable(rng, _inpaintable(plan)):
         from_color = plan.working_obj(target.id).attributes.get("color", "")
         picked = _pick_donor(plan, rng, exclude=(target.id,), avoid_color=from_color)
         if picked is None:
@@ -485,8 +572,15 @@ def _draft_add_text(plan: _Plan, rng: np.random.Generator) -> SubEdit | None:
         box = text_ink_box(word, cx, cy, size_px)
         if box is None or not plan.inside(box):
             continue
+        area = np.zeros(plan.shape, dtype=bool)
+        area[box[1]:box[3], box[0]:box[2]] = True
+        if _grey_std(image, dilate(area, 4)) > FLAT_TEXT:
+            continue  # a word on a busy area reads as pasted on, and hides what it covers
+        if plan.subject is not None and (area & plan.subject.mask).any():
+            continue
         mean = image[box[1]:box[3], box[0]:box[2]].reshape(-1, 3).mean(axis=0)
-        colors = [c for c in TEXT_COLORS if math.dist(COLOR_NAMES[c], mean) >= TEXT_CONTRAST]
+        colors = [c for c in TEXT_COLORS
+                  if abs(lightness(COLOR_NAMES[c]) - lightness(mean)) >= TEXT_CONTRAST]
         if not colors:
             continue
         color = _choice(rng, colors)
@@ -508,17 +602,34 @@ def _achromatic(image: np.ndarray) -> bool:
     return float(spread.mean()) < 6.0
 
 
+def _soft(image: np.ndarray, where: np.ndarray) -> bool:
+    """Whether the image is already soft (out of focus) where `where` is: little fine detail."""
+    grey = cv2.cvtColor(image, cv2.COLOR_RGB2GRAY)
+    detail = np.abs(cv2.Laplacian(grey, cv2.CV_32F))[where]
+    return detail.size == 0 or float(detail.mean()) < SOFT_DETAIL
+
+
 def _draft_background(plan: _Plan, rng: np.random.Generator) -> SubEdit | None:
-    if plan.background_done:
+    if plan.background_done or plan.drafted:  # first or never: later edits act on its result
         return None
-    if np.count_nonzero(~plan.all_objects) < MIN_BACKGROUND * plan.area:
-        return None
-    others = [d for d in plan.pool if not d.own]
-    ops = BACKGROUND_OPS if others else BACKGROUND_OPS[:3]
+    if plan.subject is not None:
+        kept = [plan.subject.id]
+        if np.count_nonzero(~plan.subject.mask) < MIN_BACKGROUND * plan.area:
+            return None
+    elif plan.has_roles:
+        return None  # no clear subject: "the background" names nothing
+    else:
+        kept = [o.id for o in plan.objects]
+        if np.count_nonzero(~plan.all_objects) < MIN_BACKGROUND * plan.area:
+            return None
+    ops = BACKGROUND_OPS
+    if plan.subject is not None and _soft(plan.sample.source, ~plan.subject.mask):
+        ops = tuple(op for op in ops if op != "blur")  # already out of focus: a blur shows little
     if _achromatic(plan.sample.source):  # a tint or desaturation of grey shows nothing
         ops = tuple(op for op in ops if op not in ("tint", "desaturate"))
+    if not ops:
+        return None
     op = _choice(rng, ops)
-    kept = [o.id for o in plan.objects]
     donor = None
     if op == "blur":
         sigma = round(float(rng.uniform(3.0, 8.0)), 2)
@@ -526,21 +637,16 @@ def _draft_background(plan: _Plan, rng: np.random.Generator) -> SubEdit | None:
                              "put the background out of focus"))
         params: dict[str, Any] = {"op": op, "sigma": sigma}
     elif op == "tint":
-        color = _choice(rng, TINT_COLORS)
+        where = ~plan.subject.mask if plan.subject is not None else ~plan.all_objects
+        own = color_name(plan.sample.source[where].reshape(-1, 3).mean(axis=0))
+        color = _choice(rng, [c for c in TINT_COLORS if not same_family(c, own)])  # it would show
         text = _choice(rng, ("tint the background {c}", "give the background a {c} tint",
                              "wash the background in {c}")).format(c=color)
         params = {"op": op, "to_color": color, "to_rgb": list(COLOR_NAMES[color])}
-    elif op == "desaturate":
+    else:
         text = _choice(rng, ("make the background black and white", "desaturate the background",
                              "turn the background gray"))
         params = {"op": op}
-    else:
-        source = others[0]
-        donor = {"rgb": cover_resize(source.image, *plan.shape)}
-        text = _choice(rng, ("replace the background with a different scene",
-                             "change the background to another photo",
-                             "put a new background behind everything"))
-        params = {"op": op, "donor_key": source.key}
     sub = _sub("background", text, "the background", kept, **params)
     return _finish(plan, sub, donor)
 
@@ -583,10 +689,16 @@ class InventoryComposer(RecordStage):
 
     name = "compose"
 
-    def __init__(self, min_edits: int = 2, max_edits: int = 5):
+    def __init__(self, min_edits: int = 2, max_edits: int = 5,
+                 edit_types: tuple[str, ...] | list[str] = DEFAULT_TYPES):
         check_edit_bounds(min_edits, max_edits)
+        unknown = sorted(set(edit_types) - set(EDIT_TYPES))
+        if unknown or not edit_types:
+            raise ValueError(f"edit_types must be a non-empty subset of {list(EDIT_TYPES)}, "
+                             f"got {list(edit_types)}")
         self.min_edits = min_edits
         self.max_edits = max_edits
+        self.edit_types = tuple(t for t in EDIT_TYPES if t in edit_types)
         self._pools: dict[int, list[Donor]] = {}
 
     def __call__(self, batch: list[EditSample]) -> list[EditSample]:
@@ -611,13 +723,23 @@ class InventoryComposer(RecordStage):
         wanted = int(rng.integers(self.min_edits, self.max_edits + 1))
         used: Counter[str] = Counter()
         sub_edits: list[SubEdit] = []
+        types = self.edit_types
+        if "background" in types and rng.random() < BACKGROUND_SHARE:  # first or never
+            sub = _draft_background(plan, rng)
+            if sub is not None:
+                plan.commit(sub)
+                used[sub.type] += 1
+                sub_edits.append(sub)
+        weights = np.array([TYPE_WEIGHTS.get(t, 1.0) for t in types])
         while len(sub_edits) < wanted:
-            # Least-used types first, ties in random order; a type that cannot be placed here
-            # gives way to the next.
-            tie = rng.random(len(EDIT_TYPES))
-            order = sorted(range(len(EDIT_TYPES)), key=lambda k: (used[EDIT_TYPES[k]], tie[k]))
+            # Least-used types first, ties in a random order that favours the credible types
+            # (keys u ** (1 / weight): a weighted random permutation); a type that cannot be
+            # placed here gives way to the next.
+            tie = rng.random(len(types)) ** (1.0 / weights)
+            order = sorted(range(len(types)), key=lambda k: (used[types[k]], -tie[k]))
+            order = [k for k in order if used[types[k]] < MAX_OF_TYPE.get(types[k], self.max_edits)]
             for k in order:
-                sub = DRAFTERS[EDIT_TYPES[k]](plan, rng)
+                sub = DRAFTERS[types[k]](plan, rng)
                 if sub is not None:
                     break
             else:

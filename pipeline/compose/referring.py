@@ -144,8 +144,8 @@ def refer(obj: InventoryObject, objects: Sequence[InventoryObject], rng: np.rand
     point = centre(obj, shape)
     relational = []
     for landmark in objects:
-        if landmark.id == obj.id:
-            continue
+        if landmark.id == obj.id or landmark.attributes.get("role", "object") != "object":
+            continue  # a landmark must itself be a thing a person can find by its words
         lm_ref = next((ref for tier in _tiers(landmark, shape)[:3] for ref in tier
                        if "position" not in ref and _unique(ref, landmark, objects, shape, 0.0)),
                       None)

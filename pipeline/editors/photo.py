@@ -14,10 +14,11 @@ of its region only (the rest of the frame is never touched):
               (cx, cy), its edge feathered inwards (replace first removes the target);
 - add_text:   the word's binary glyphs (`text_glyphs`: the default font at size_px, anchor "mm",
               fontmode "1") painted in the asked colour, so a judge can re-render them exactly;
-- background: outside the kept objects: blur (normalised Gaussian, sigma; a wide one at half
-              resolution), tint (8-bit CIELAB a*b* pulled TINT_STRENGTH of the way to the asked
-              colour's, lightness kept), desaturate (a* = b* = 0), or another photo (the donor at
-              the sample's size);
+- background: outside the kept objects (the photo's main subject): blur (normalised Gaussian,
+              sigma; a wide one at half resolution), tint (8-bit CIELAB a*b* pulled TINT_STRENGTH
+              of the way to the asked colour's, lightness kept), desaturate (a* = b* = 0), or
+              another photo (the donor at the sample's size), each faded in over ~3 px from the
+              subject's edge (MATTE_SIGMA) so no hard seam runs along it;
 - texture:    the asked pattern's marks (`scene.pattern_mask`, frame-anchored, the asked period)
               darkened to TEXTURE_SHADE of their value inside the object.
 
@@ -71,6 +72,7 @@ INPAINT_RADIUS = 3
 INPAINT_MAX_HOLE = 2500  # px: larger holes are inpainted at a reduced scale, then upsampled
 CONTEXT_PX = 8  # px of surroundings around a region's box an edit may read
 TINT_STRENGTH = 0.6
+MATTE_SIGMA = 1.5  # px: a background edit fades in over ~3 px from the subject's edge
 TEXTURE_SHADE = 0.55  # pattern marks keep this share of their value
 ACHROMATIC_CHROMA = 12.0  # C* below this a colour is a gray
 ACHROMATIC_LIGHTNESS_PULL = 0.6  # an achromatic recolour moves the mean L* this far to the colour's
@@ -209,10 +211,10 @@ def _normalised_blur(crop: np.ndarray, m: np.ndarray, sigma: float) -> np.ndarra
     return np.clip(np.rint(mean), 0, 255).astype(np.uint8)
 
 
-def _inward_feather(mask: np.ndarray) -> np.ndarray:
-    """Float alpha of a cut-out: 0 outside its mask, softened over ~2 px inside its edge."""
+def _inward_feather(mask: np.ndarray, sigma: float = 1.0) -> np.ndarray:
+    """Float alpha of a cut-out: 0 outside its mask, softened over ~2 sigma px inside its edge."""
     m = mask.astype(np.float32)
-    return cv2.GaussianBlur(m, (0, 0), sigmaX=1.0) * m
+    return cv2.GaussianBlur(m, (0, 0), sigmaX=sigma) * m
 
 
 def _blend(base: np.ndarray, top: np.ndarray, alpha: np.ndarray) -> np.ndarray:
@@ -403,8 +405,8 @@ def _background(image: np.ndarray, box: Box, region: np.ndarray, sub: SubEdit, c
     crop = image[box]
     m = region[box]
     if op == "blur":
-        return _normalised_blur(crop, m, float(p.get("sigma", 3.0)))
-    if op in ("tint", "desaturate"):
+        edited = _normalised_blur(crop, m, float(p.get("sigma", 3.0)))
+    elif op in ("tint", "desaturate"):
         # 8-bit CIELAB (OpenCV's table-driven conversion: the whole frame in ~2 ms).
         lab = cv2.cvtColor(np.ascontiguousarray(crop), cv2.COLOR_RGB2Lab).astype(np.float32)
         if op == "desaturate":
@@ -414,13 +416,17 @@ def _background(image: np.ndarray, box: Box, region: np.ndarray, sub: SubEdit, c
                                   cv2.COLOR_RGB2Lab)[0, 0].astype(np.float32)
             lab[..., 1:] = lab[..., 1:] * (1 - TINT_STRENGTH) + target[1:] * TINT_STRENGTH
         lab8 = np.clip(np.rint(lab), 0, 255).astype(np.uint8)
-        return cv2.cvtColor(lab8, cv2.COLOR_Lab2RGB)
-    if op == "photo":
+        edited = cv2.cvtColor(lab8, cv2.COLOR_Lab2RGB)
+    elif op == "photo":
         donor = np.asarray(ctx.donor(i)["rgb"], dtype=np.uint8)
         if donor.shape[:2] != ctx.shape:
             raise ValueError(f"background photo is {donor.shape[:2]}, the image {ctx.shape}")
-        return _blend(crop, donor[box], _inward_feather(m))
-    raise ValueError(f"unknown background op {op!r}")
+        edited = donor[box]
+    else:
+        raise ValueError(f"unknown background op {op!r}")
+    # A matte, not a cut: the edit fades in over a few px from the kept subject's edge, so a
+    # tint or a blur leaves no hard seam along it (and still changes nothing outside the region).
+    return _blend(crop, edited, _inward_feather(m, MATTE_SIGMA))
 
 
 def _texture(image: np.ndarray, box: Box, region: np.ndarray, sub: SubEdit, ctx: _Context, i: int) -> np.ndarray:
