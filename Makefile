@@ -35,10 +35,12 @@ demo: $(STAMP)
 	$(VENV)/bin/mcie train --data $(DEMO_OUT) --config tiny --steps 30 --out $(DEMO_OUT)/ckpt
 	mkdir -p $(DEMO_OUT)/edit
 	tar -xf $(DEMO_OUT)/shards/train-000000.tar -C $(DEMO_OUT)/edit --wildcards '*.source.png'
+	@echo "demo edit: the tiny 30-step checkpoint makes noise; this shows the command path, not quality"
 	$(VENV)/bin/mcie edit --checkpoint $(DEMO_OUT)/ckpt --steps 10 --out $(DEMO_OUT)/edit/edited.png \
 		--image $$(ls $(DEMO_OUT)/edit/*.source.png | head -1) \
 		--instruction "Make the circle blue, then remove the star, and also add the word SALE."
 	@echo "demo: dataset, report, tiny checkpoint and an edit are in $(DEMO_OUT)/; real-photo pairs and their report in $(DEMO_PHOTOS)/"
+	@echo "demo: look at the photo pairs: $(DEMO_PHOTOS)/contact_sheet.jpg (accepted), $(DEMO_PHOTOS)/contact_sheet_others.jpg (borderline, rejected)"
 
 test: $(STAMP)
 	$(PY) -m pytest

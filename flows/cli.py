@@ -29,7 +29,18 @@ COMMAND_MODULES = (
 
 
 class HelpWithDefaults(argparse.ArgumentDefaultsHelpFormatter):
-    """--help shows each option's default; the example line is kept whole, to copy and paste."""
+    """--help shows each option's default once; the example line is kept whole, to copy and paste.
+
+    A help text that already says its default ("(default 120)", "default: the build's") gets no
+    second one, and an empty default (None, "", [], False) is not shown: argparse's own formatter
+    printed "(default 120) (default: None)"."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        empty = action.default is None or action.default is False or action.default in ("", [])
+        if "default" in text.lower() or empty or action.default is argparse.SUPPRESS:
+            return text
+        return super()._get_help_string(action)
 
     def _fill_text(self, text: str, width: int, indent: str) -> str:
         if text.startswith("example: "):

@@ -6,11 +6,19 @@ by `ray start --head`, or `ray://HOST:10001` for Ray Client). The stage code tra
 run it. Without an address a fresh local Ray is started (`address="local"`): it never attaches to a
 cluster that happens to be running on the machine.
 
-The local Ray is private: it listens on a loopback address and requires Ray's token authentication
-with a fresh random token per run, kept in a 0600 file under the project-local temp dir
+The local Ray is private: every one of its servers (GCS, raylet, object manager, workers, the
+runtime-env agent, the autoscaler's metrics) listens on 127.0.0.1 only, and it requires Ray's token
+authentication with a fresh random token per run, kept in a 0600 file under the project-local temp dir
 (`RAY_AUTH_TOKEN_PATH`; the token itself is never in the environment or a log) and removed when
 Ray stops; a process without it is refused. A cluster of one's own is the user's to secure (see
 the README's reliability section): this module never changes its authentication settings.
+
+Ray binds its gRPC servers to all interfaces unless the node's address *is* 127.0.0.1, and it
+replaces 127.0.0.1 by the machine's external address unless "clusters" are off
+(`RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`, the switch Ray uses on laptops): the local Ray turns them
+off for itself and its child processes, and restores the setting when it stops. Worker log lines
+re-printed by the driver carry no ANSI colour codes (`RAY_COLOR_PREFIX=0`, unless set), so logs
+and captured output stay plain text.
 """
 
 from __future__ import annotations
@@ -27,7 +35,9 @@ log = logging.getLogger(__name__)
 # Project-local, and short: Ray puts unix sockets under it (path length is limited).
 DEFAULT_TEMP_DIR = Path(__file__).resolve().parents[1] / ".ray"
 ADDRESS_ENV = "RAY_ADDRESS"
-LOCAL_NODE_IP = "127.0.0.2"
+LOCAL_NODE_IP = "127.0.0.1"
+LOOPBACK_ONLY_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"  # "0": Ray keeps 127.0.0.1 as the node's address
+COLOR_ENV = "RAY_COLOR_PREFIX"
 
 
 def cluster_address(address: str | None) -> str | None:
@@ -51,6 +61,10 @@ def start_ray(address: str | None, workers: int) -> str:
     address = cluster_address(address)
     if ray.is_initialized():
         return "ray (already initialised)"
+    if os.environ.get(COLOR_ENV) is None:
+        _set_env(COLOR_ENV, "0")  # the driver prints "(UnitWorker pid=…) …" without colour codes
+    if os.environ.get(COLOR_ENV) == "0":
+        _plain_dedup_notes()
     if address:
         host = address.rsplit(":", 1)[0]
         # A cluster on this machine's loopback: the driver joins on the head's own address.
@@ -64,17 +78,71 @@ def start_ray(address: str | None, workers: int) -> str:
     temp_dir.mkdir(parents=True, exist_ok=True)
     clean_old_sessions(temp_dir)
     _enable_token_auth(temp_dir)
+    _loopback_only()
     ray.init(
         address="local",  # never attach to a cluster found in the temp dir
         num_cpus=workers,
         include_dashboard=False,
         _temp_dir=str(temp_dir),
-        # Ray rewrites 127.0.0.1 to the machine's external address; another loopback address
-        # keeps all of a local Ray's traffic on loopback.
-        _node_ip_address=LOCAL_NODE_IP,
+        _node_ip_address=LOCAL_NODE_IP,  # with _loopback_only: every server binds 127.0.0.1
         logging_level=logging.WARNING,
     )
     return f"local ray ({workers} CPUs)"
+
+
+def _loopback_only() -> None:
+    """Keep 127.0.0.1 as the local node's address, in this process (Ray read the switch when it
+    was imported) and in every process Ray starts (they read the environment)."""
+    global _saved_constant
+    from ray._private import ray_constants
+
+    _set_env(LOOPBACK_ONLY_ENV, "0")
+    if _saved_constant is None:
+        _saved_constant = ray_constants.ENABLE_RAY_CLUSTER
+    ray_constants.ENABLE_RAY_CLUSTER = False
+
+
+def _plain_dedup_notes() -> None:
+    """Ray colours its " [repeated 6x across cluster]" note green whatever RAY_COLOR_PREFIX says."""
+    global _saved_color
+    try:
+        from ray._private import ray_logging
+    except ImportError as exc:  # another Ray version
+        log.debug("cannot reach Ray's log deduplicator: %s", exc)
+        return
+    if _saved_color is None and hasattr(ray_logging, "_color"):
+        _saved_color = ray_logging._color
+        ray_logging._color = lambda message: message
+
+
+_saved_env: dict[str, str | None] = {}  # what start_ray changed, to restore in stop_ray
+_saved_constant: bool | None = None
+_saved_color = None
+
+
+def _set_env(name: str, value: str) -> None:
+    _saved_env.setdefault(name, os.environ.get(name))
+    os.environ[name] = value
+
+
+def _restore_env() -> None:
+    global _saved_constant, _saved_color
+    for name, value in _saved_env.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+    _saved_env.clear()
+    if _saved_constant is not None:
+        from ray._private import ray_constants
+
+        ray_constants.ENABLE_RAY_CLUSTER = _saved_constant
+        _saved_constant = None
+    if _saved_color is not None:
+        from ray._private import ray_logging
+
+        ray_logging._color = _saved_color
+        _saved_color = None
 
 
 AUTH_ENV = ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH", "RAY_AUTH_TOKEN")
@@ -166,3 +234,4 @@ def stop_ray() -> None:
     if ray.is_initialized():
         ray.shutdown()
     _restore_auth_env()
+    _restore_env()

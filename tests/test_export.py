@@ -73,6 +73,8 @@ def test_ip2p_export_loads_with_the_instruct_pix2pix_columns(build, tmp_path, ca
             assert np.array_equal(np.asarray(row["edited_image"].convert("RGB")), sample.target)
     card = (dest / "README.md").read_text()
     assert card.startswith("---\nlicense: ") and "data/train-*.parquet" in card
+    # no best-of-N negatives in this build: no (empty) preference/ folder either
+    assert summary["preference_pairs"] == 0 and sorted(p.name for p in dest.iterdir()) == ["README.md", "data"]
 
 
 def test_hf_export_has_every_field_and_the_rle_masks(build, tmp_path):

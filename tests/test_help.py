@@ -53,6 +53,27 @@ def test_every_command_has_a_description_and_an_example_that_parses(tmp_path, mo
     assert list(tmp_path.iterdir()) == []
 
 
+def test_each_default_shows_once_and_each_example_once_in_every_commands_help():
+    """argparse's formatter added "(default: None)" after "(default 120)"; export printed its
+    example as description and epilog."""
+    checked = 0
+    for path, sub in _commands(build_parser()):
+        formatter = sub._get_formatter()
+        for action in sub._actions:
+            if not action.help or action.help == argparse.SUPPRESS or isinstance(action, argparse._HelpAction):
+                continue
+            text = formatter._expand_help(action)
+            assert text.lower().count("default") <= 1, (path, action.option_strings, text)
+            assert "(default: None)" not in text and "(default: )" not in text and "(default: [])" not in text
+            said = "default" in action.help.lower()
+            if not said and action.default not in (None, "", [], False) and action.option_strings:
+                assert text.endswith(f"(default: {action.default})"), (path, action.option_strings, text)
+                checked += 1
+        help_text = sub.format_help()
+        assert help_text.count("example: ") == 1, (path, help_text)
+    assert checked >= 20  # the shown defaults: --seed 0, --workers 2, --format ip2p, ...
+
+
 def test_help_shows_the_example_and_defaults():
     done = subprocess.run([sys.executable, "-m", "flows.cli", "review", "push", "--help"], cwd=ROOT,
                           capture_output=True, text=True, timeout=120)

@@ -54,10 +54,47 @@ def test_threshold_lines_on_the_histograms(build):
         assert float(x) == pytest.approx(left + float(value) * (right - left), abs=0.06)
 
 
+def test_threshold_labels_are_whole_and_apart(build):
+    """Each label fits inside its chart on its own row (the 0.9 and 0.92 labels were clipped:
+    "overall_", "backgrou")."""
+    out, _ = build
+    page = render_report(out, samples_per_verdict=1)
+    charts = re.findall(r'<svg[^>]*width="(\d+)"[^>]*>(.*?)</svg>', page)
+    labelled = 0
+    for width, body in charts:
+        labels = re.findall(r'<text class="threshold-label" x="([0-9.]+)" y="(\d+)" font-size="(\d+)" '
+                            r'text-anchor="(start|end)"[^>]*>([^<]+)</text>', body)
+        assert len({y for _, y, _, _, _ in labels}) == len(labels)  # a row each
+        for x, _, size, anchor, text in labels:
+            extent = 0.62 * int(size) * len(text)  # DejaVu Sans: ≈ 0.6 em per character
+            assert (float(x) - extent >= 0) if anchor == "end" else (float(x) + extent <= int(width)), text
+            labelled += 1
+    assert labelled == 5  # overall and background reject/accept, sub_edit_pass
+
+
+def test_a_score_nobody_gave_is_said_in_words_not_charted():
+    from pipeline.dataset.report import _histograms
+
+    rows = [{"verdict": "accept", "score_overall": 0.95, "score_background": 1.0, "score_quality": None,
+             "sub_edit_scores": [1.0, None]}] * 3
+    section = _histograms(rows, RoutingPolicy())
+    assert "overall score (n=3)" in section and "sub-edit scores (n=3)" in section
+    assert "quality score (n=" not in section and section.count("<svg") == 3
+    assert "<b>quality scores</b>: none in this build" in section
+
+
+def test_one_sample_is_singular(build):
+    out, _ = build
+    page = render_report(out, samples_per_verdict=1)
+    assert "reject (1 sample, showing 1)" in page and "1 samples" not in page
+    assert "borderline (5 samples, showing" in page
+
+
 def test_failed_checks_with_reasons():
     policy = RoutingPolicy()
     row = {"score_overall": 0.8, "score_background": 0.49, "sub_edit_scores": [0.95, 0.9199, None],
-           "sub_edit_types": ["recolor", "add", "remove"]}
+           "sub_edit_types": ["recolor", "add", "remove"], "background_changed": 0.0123,
+           "background_psnr": 31.04}
 
     class Scored:
         scores = {"sub_edit_reasons": ["", "the hat is missing", "cannot see it"]}
@@ -65,9 +102,16 @@ def test_failed_checks_with_reasons():
     assert failed_checks(row, Scored(), policy) == [
         "sub-edit 2 (add): 0.919 < sub_edit_pass 0.92 — the hat is missing",
         "sub-edit 3 (remove): unknown, the judge could not verify it — cannot see it",
-        "background 0.490 < background_reject 0.5 (rejects)",
+        "background 0.490 < background_reject 0.5 (rejects) — 1.23% of the pixels outside every "
+        "sub-edit's region changed (PSNR 31.0 dB there)",
         "overall 0.800 < overall_accept 0.92",
     ]
+
+    class Worded:  # a judge that says why in its own words: those are shown
+        scores = {"background_reason": "the sky turned green"}
+
+    assert "background 0.490 < background_reject 0.5 (rejects) — the sky turned green" in \
+        failed_checks(row, Worded(), policy)
     assert failed_checks({**row, "score_overall": None}, None, policy) == []  # not judged
 
 
@@ -75,7 +119,7 @@ def test_contact_sheet_shows_each_failed_check(build):
     out, _ = build
     page = render_report(out, samples_per_verdict=9)
     rows = {r["id"]: r for r in read_manifest(out).to_pylist()}
-    sheet = page[page.index("Contact sheet"):]
+    sheet = page[page.index("<h2 id=examples>"):]
     for row in rows.values():
         if row["verdict"] in ("borderline", "reject"):
             block = sheet[sheet.index(f"<b>{row['id']}</b>"):]
@@ -87,8 +131,8 @@ def test_contact_sheet_shows_each_failed_check(build):
 
 def test_every_borderline_sample_is_listed(build):
     out, ids = build
-    page = render_report(out, samples_per_verdict=1)  # the contact sheet shows one of them
-    listed = page[page.index("<h2 id=borderline>"):page.index("Contact sheet")]
+    page = render_report(out, samples_per_verdict=1)  # the examples show one or two of them
+    listed = page[page.index("<h2 id=borderline>"):page.index("<h2 id=examples>")]
     assert "Borderline samples (5)" in listed
     assert re.findall(r"<tr><td><code>([^<]+)</code>", listed) == ids
     for sample_id in ids:
@@ -103,7 +147,7 @@ def test_a_failing_score_never_reads_as_its_threshold(build):
     assert score_text(0.92557, [0.9255]) == "0.9255" and score_text(0.92549, [0.9255]) == "0.925"
     out, ids = build
     page = render_report(out, samples_per_verdict=9)
-    listed = page[page.index("<h2 id=borderline>"):page.index("Contact sheet")]
+    listed = page[page.index("<h2 id=borderline>"):page.index("<h2 id=examples>")]
     first = listed[listed.index(ids[0]):]
     assert "<td class=n>0.919</td>" in first[:first.index("</tr>")]
     # nowhere on the page does that sample's score read as a number at or above a threshold

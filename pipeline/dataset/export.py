@@ -9,7 +9,7 @@
 
 Files: `DIR/data/train-NNNNN-of-MMMMM.parquet` (one row group per source shard or sample dir batch,
 so memory holds one shard at a time) and, where the build has best-of-N negatives of a generative
-editor (`OUT/preference/`), `DIR/preference/train-*.parquet` with prompt, source, chosen and
+editor (`OUT/preference/`), `DIR/preference/train-*.parquet` (only when there is a pair to write) with prompt, source, chosen and
 rejected images — only for samples the export includes. Image columns carry the Hugging Face
 `Image` feature in the parquet's schema metadata, so `load_dataset("parquet", ...)` and
 `load_dataset(DIR)` give PIL images. `--verdict accept|reject|all` picks samples by verdict (all =
@@ -154,14 +154,15 @@ def hf_row(row: dict, members: dict[str, bytes]) -> dict[str, Any]:
 # ---- writing ----------------------------------------------------------------------------------------
 
 def _write_parts(directory: Path, schema: pa.Schema, batches: Iterator[list[dict]]) -> int:
-    """One parquet file per non-empty batch, named train-NNNNN-of-MMMMM.parquet. Returns rows."""
+    """One parquet file per non-empty batch, named train-NNNNN-of-MMMMM.parquet. Returns rows.
+    The directory is made for the first file: nothing to write leaves no empty folder."""
     schema = _with_image_features(schema)
-    directory.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
     total = 0
     for batch in batches:
         if not batch:
             continue
+        directory.mkdir(parents=True, exist_ok=True)
         path = directory / f"part-{len(written):05d}.parquet"
         pq.write_table(pa.Table.from_pylist(batch, schema=schema), path)
         written.append(path)
@@ -220,6 +221,7 @@ def export(out: Path, dest: Path, fmt: str = "ip2p", verdict: str = "accept",
                         log.warning("export: %s skipped: %s: %s", row["id"], type(exc).__name__, exc)
                 yield converted
 
+        (work / "data").mkdir(parents=True)  # always there: the card's default config names it
         count = _write_parts(work / "data", schema, batches())
         pairs = _write_parts(work / "preference", PREFERENCE_SCHEMA, _preference_batches(out, exported))
         from pipeline.dataset.card import export_card
@@ -241,9 +243,9 @@ def export(out: Path, dest: Path, fmt: str = "ip2p", verdict: str = "accept",
 def register(subparsers: Any) -> None:
     parser = subparsers.add_parser(
         "export", help="write a build as parquet for diffusers' InstructPix2Pix example or the HF hub",
-        description="example: mcie export out/ --format ip2p --out ip2p/ && "
-                    "python train_instruct_pix2pix.py --dataset_name ip2p/ ...",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        description="Write a finished build's pairs as parquet: --format ip2p trains diffusers' "
+                    "InstructPix2Pix example as it is (train_instruct_pix2pix.py --dataset_name DIR), "
+                    "--format hf carries every field for the Hugging Face hub.")
     parser.add_argument("out", metavar="OUT", help="a finished build's output directory")
     parser.add_argument("--format", choices=FORMATS, default="ip2p",
                         help="ip2p: input_image/edit_prompt/edited_image; hf: every field, RLE masks")

@@ -1,10 +1,14 @@
 """`OUT/report.html`: a self-contained page a person opens to see what a build made.
 
 Built from the manifest (counts, scores, accept rates) and a few samples read back through the
-shard / queue / quarantine readers (the contact sheet). No network, no JavaScript: histograms and
-bars are inline SVG, images are small PNG thumbnails inlined as data URLs. Which samples the
-contact sheet shows is deterministic (the first few per verdict by index), so the same build gives
-the same page.
+shard / queue / quarantine readers (the examples). No network, no JavaScript: histograms and bars
+are inline SVG, thumbnails are small PNGs inlined as data URLs, and each thumbnail links to its
+full-size PNG in `OUT/report/` (Chromium refuses to open a data: URL from a link, so the full-size
+images are files; named by content, re-made with the page, stale ones removed). Which samples the
+page shows is deterministic — per verdict the first few by index, then the first one of each edit
+type not yet shown — so every (verdict, edit type) the build holds has an example, and the same
+build gives the same page. The contact sheets (`pipeline.dataset.contact_sheet`) are written with
+the page, from the same manifest.
 
 What a reader needs to trust the numbers is on the page: the build's settings (config.json) at the
 top, the routing thresholds drawn on the histograms, each failed routing check of a sample with its
@@ -16,6 +20,7 @@ where the editor injected faults, the judge's recall and false-reject rate again
 from __future__ import annotations
 
 import base64
+import hashlib
 import html
 import io
 import json
@@ -38,8 +43,9 @@ from pipeline.routing import RoutingPolicy
 log = logging.getLogger(__name__)
 
 REPORT = "report.html"
+REPORT_FILES = "report"  # OUT/report/: the full-size images the page links to
 THUMB_PX = 160
-SAMPLES_PER_VERDICT = 6
+SAMPLES_PER_VERDICT = 3  # per verdict, before the one-per-edit-type examples
 HIST_BINS = 20
 SCORES = (("score_overall", "overall"), ("score_background", "background"), ("score_quality", "quality"))
 VERDICT_COLORS = {"accept": "#2e9d4f", "reject": "#c8413b", "borderline": "#d9a21b",
@@ -77,16 +83,24 @@ def histogram_svg(values_by_verdict: dict[str, list[float]], title: str,
                   width: int = 360, height: int = 150,
                   thresholds: Iterable[tuple[str, float]] = ()) -> str:
     """Stacked histogram over [0, 1] of one score, coloured by verdict, with a dashed vertical line
-    at each routing threshold (name, value) on that score."""
+    at each routing threshold (name, value) on that score. Each threshold's label has a row of
+    its own above the plot, on the side of its line that has room, so none is clipped or
+    overlaps another (two thresholds often sit 0.02 apart)."""
+    # the label farthest from the middle on the top row: a line that starts below a label never
+    # crosses it (labels extend toward the middle)
+    thresholds = sorted(thresholds, key=lambda t: -abs(float(t[1]) - 0.5))
     edges = np.linspace(0.0, 1.0, HIST_BINS + 1)
     counts = {v: np.histogram(np.clip(values, 0, 1), bins=edges)[0]
               for v, values in values_by_verdict.items() if values}
     peak = max((sum(c[i] for c in counts.values()) for i in range(HIST_BINS)), default=0) or 1
-    left, bottom, plot_h = 30, 20, height - 40
-    bar_w = (width - left - 10) / HIST_BINS
+    left, right, bottom, top = 30, width - 10, 20, 18 + 12 * len(thresholds)
+    height += 12 * len(thresholds)
+    plot_h = height - bottom - top
+    bar_w = (right - left) / HIST_BINS
+    n = sum(int(c.sum()) for c in counts.values())
     parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
              f'role="img" aria-label="{html.escape(title)}">',
-             f'<text x="{left}" y="12" font-size="12">{html.escape(title)} (n={sum(int(c.sum()) for c in counts.values())})</text>']
+             f'<text x="{left}" y="12" font-size="12">{html.escape(title)} (n={n})</text>']
     for i in range(HIST_BINS):
         y = height - bottom
         for verdict in VERDICTS:
@@ -98,20 +112,29 @@ def histogram_svg(values_by_verdict: dict[str, list[float]], title: str,
                          f'height="{h:.1f}" fill="{VERDICT_COLORS[verdict]}">'
                          f'<title>{verdict} {edges[i]:.2f}-{edges[i + 1]:.2f}: {counts[verdict][i]}</title></rect>')
     axis_y = height - bottom
-    parts.append(f'<line x1="{left}" y1="{axis_y}" x2="{width - 10}" y2="{axis_y}" stroke="#333"/>')
+    parts.append(f'<line x1="{left}" y1="{axis_y}" x2="{right}" y2="{axis_y}" stroke="#333"/>')
     for k, (name, value) in enumerate(thresholds):
-        x = left + float(value) * (width - left - 10)
+        x = left + float(value) * (right - left)
+        label_y = 18 + 12 * k + 9
+        inward = ("end", x - 3) if x > (left + right) / 2 else ("start", x + 3)
         parts.append(f'<line class="threshold" data-name="{html.escape(name)}" data-value="{value!r}" '
-                     f'x1="{x:.1f}" y1="{axis_y - plot_h}" x2="{x:.1f}" y2="{axis_y}" stroke="#000" '
+                     f'x1="{x:.1f}" y1="{label_y - 9}" x2="{x:.1f}" y2="{axis_y}" stroke="#000" '
                      f'stroke-dasharray="4 3"><title>{html.escape(name)} = {value!r}</title></line>'
-                     f'<text x="{x + 2:.1f}" y="{axis_y - plot_h + 10 + 11 * k}" font-size="9">'
-                     f'{html.escape(name)} {value!r}</text>')
+                     f'<text class="threshold-label" x="{inward[1]:.1f}" y="{label_y}" font-size="11" '
+                     f'text-anchor="{inward[0]}" paint-order="stroke" stroke="#fff" stroke-width="3">{html.escape(name)} {value!r}</text>')
     for tick in (0.0, 0.5, 1.0):
-        x = left + tick * (width - left - 10)
+        x = left + tick * (right - left)
         parts.append(f'<text x="{x:.0f}" y="{axis_y + 14}" font-size="10" text-anchor="middle">{tick:g}</text>')
     parts.append(f'<text x="{left - 4}" y="{axis_y - plot_h + 8}" font-size="10" text-anchor="end">{peak}</text>')
     parts.append("</svg>")
     return "".join(parts)
+
+
+def no_scores_note(title: str) -> str:
+    """What stands in for a histogram with nothing to draw: a sentence, not an empty chart."""
+    return (f'<div class=noscores><b>{html.escape(title)}</b>: none in this build — the judge gave '
+            "no such score (the pixel judge rates quality only on procedural scenes, not on photo "
+            "or imported pairs)</div>")
 
 
 def bar(rate: float, width: int = 120) -> str:
@@ -131,16 +154,68 @@ def data_url(image: np.ndarray, size: int = THUMB_PX) -> str:
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
-def mask_overlay(sample: EditSample) -> np.ndarray | None:
-    """The target, dimmed, with each sub-edit's mask tinted in its own colour."""
-    base = sample.target if sample.target is not None else sample.source
-    if base is None:
+class ImageFiles:
+    """The full-size images a page links to: name (from the pixels, so a source shared by several
+    edits is one file) → PNG bytes, written by `write_report` under OUT/report/."""
+
+    def __init__(self) -> None:
+        self.files: dict[str, bytes] = {}
+
+    def add(self, image: np.ndarray) -> str:
+        """The link to `image`, relative to the report."""
+        digest = hashlib.sha1(repr(image.shape).encode() + image.tobytes()).hexdigest()[:20]
+        name = f"{digest}.png"
+        if name not in self.files:
+            buffer = io.BytesIO()
+            Image.fromarray(image).save(buffer, format="PNG", compress_level=6)
+            self.files[name] = buffer.getvalue()
+        return f"{REPORT_FILES}/{name}"
+
+    def write(self, out: Path) -> None:
+        """Write the images into OUT/report/ and remove the ones no longer linked."""
+        folder = Path(out) / REPORT_FILES
+        folder.mkdir(exist_ok=True)
+        for name, data in self.files.items():
+            if not (folder / name).is_file():  # named by content: an existing file is this image
+                atomic_write_bytes(folder / name, data)
+        for stale in folder.glob("*.png"):
+            if stale.name not in self.files:
+                stale.unlink(missing_ok=True)
+
+
+BACKGROUND_CHANGE = 24  # max channel difference that marks a background pixel as changed
+CHANGED_COLOR = (255, 255, 255)  # white: no sub-edit's colour, bright on the dimmed target
+
+
+def background_changes(sample: EditSample) -> np.ndarray | None:
+    """Pixels of the background (no sub-edit's region) that differ between source and target:
+    where a background failure is, for a person to see."""
+    if sample.source is None or sample.target is None or sample.background_mask is None \
+            or sample.source.shape != sample.target.shape \
+            or sample.background_mask.shape != sample.source.shape[:2]:
         return None
+    import cv2
+
+    diff = np.abs(sample.source.astype(np.int16) - sample.target.astype(np.int16)).max(axis=2)
+    changed = ((diff > BACKGROUND_CHANGE) & sample.background_mask).astype(np.uint8)
+    # grown by a few pixels: a stray speck stays visible in a 160 px thumbnail
+    return cv2.dilate(changed, np.ones((7, 7), np.uint8)).astype(bool)
+
+
+def mask_overlay(sample: EditSample) -> np.ndarray | None:
+    """The target, dimmed, with each sub-edit's mask tinted in its own colour and each changed
+    background pixel in white."""
+    base = sample.target if sample.target is not None else sample.source
+    if base is None or (sample.target is None and not sample.sub_edits):
+        return None  # nothing to mark: the source alone says it
     image = base.astype(np.float32) * 0.45 + 255 * 0.15
     for i, edit in enumerate(sample.sub_edits):
         if edit.mask is not None and edit.mask.shape == base.shape[:2]:
             color = np.array(MASK_COLORS[i % len(MASK_COLORS)], np.float32)
             image[edit.mask] = image[edit.mask] * 0.35 + color * 0.65
+    changed = background_changes(sample)
+    if changed is not None:
+        image[changed] = CHANGED_COLOR
     return image.clip(0, 255).astype(np.uint8)
 
 
@@ -186,8 +261,15 @@ td.n{text-align:right;font-variant-numeric:tabular-nums}
 .cap{font-size:11px;color:#666}.sw{display:inline-block;width:10px;height:10px;margin-right:4px}
 .err{color:#a22;font-family:monospace;font-size:12px;max-width:420px;white-space:pre-wrap}
 .inst{max-width:420px}.scores{font-family:monospace;font-size:12px}
-.fails{color:#a22;font-size:12px;margin:4px 0;padding-left:18px}.cfg{font-family:monospace;font-size:12px;max-width:760px;word-break:break-all}
+.fails{color:#a22;font-size:12px;margin:4px 0;padding-left:18px}.ex{font-size:12px}
+.noscores{width:340px;padding:8px;border:1px dashed #bbb;color:#555;font-size:13px;align-self:flex-start}
+.sheet a img{border:1px solid #ccc}.sheet a:hover img{border-color:#06c}.cfg{font-family:monospace;font-size:12px;max-width:760px;word-break:break-all}
 """
+
+
+def plural(n: int, word: str) -> str:
+    """"1 sample", "2 samples"."""
+    return f"{n} {word}{'' if n == 1 else 's'}"
 
 
 def _rate_table(title: str, items: Iterable[tuple[Any, int, int]]) -> str:
@@ -293,11 +375,27 @@ def failed_checks(row: dict[str, Any], sample: EditSample | None, policy: Routin
             continue
         reject, accept = getattr(policy, f"{name}_reject"), getattr(policy, f"{name}_accept")
         shown = score_text(value, [reject, accept])
+        why = background_reason(row, sample) if name == "background" else ""
+        why = f" — {why}" if why else ""
         if float(value) < reject:
-            failed.append(f"{name} {shown} < {name}_reject {reject!r} (rejects)")
+            failed.append(f"{name} {shown} < {name}_reject {reject!r} (rejects){why}")
         elif float(value) < accept:
-            failed.append(f"{name} {shown} < {name}_accept {accept!r}")
+            failed.append(f"{name} {shown} < {name}_accept {accept!r}{why}")
     return failed
+
+
+def background_reason(row: dict[str, Any], sample: EditSample | None) -> str:
+    """The judge's reason for a background score: its own words where it gave them, else what it
+    measured (share of the background changed, PSNR there), which the manifest also holds."""
+    scores = sample.scores if sample is not None else {}
+    if scores.get("background_reason"):
+        return str(scores["background_reason"])
+    changed = scores.get("background_changed", row.get("background_changed"))
+    psnr = scores.get("background_psnr", row.get("background_psnr"))
+    if changed is None:
+        return ""
+    text = f"{float(changed):.2%} of the pixels outside every sub-edit's region changed"
+    return text + (f" (PSNR {float(psnr):.1f} dB there)" if psnr is not None else "")
 
 
 def queued_overall(out: Path, rows: list[dict[str, Any]]) -> dict[str, float]:
@@ -321,7 +419,7 @@ def _borderline_list(rows: list[dict[str, Any]], policy: RoutingPolicy,
     """Every borderline sample: id, index, where it waits (a link relative to the report), score."""
     queued = [r for r in rows if r["verdict"] == "borderline"]
     if not queued:
-        return "<h2>Borderline samples (0)</h2><p>none: nothing waits for a person</p>"
+        return "<h2 id=borderline>Borderline samples (0)</h2><p>none: nothing waits for a person</p>"
     items = "".join(
         f"<tr><td><code>{html.escape(r['id'])}</code></td><td class=n>{r['index']}</td>"
         f"<td><a href=\"{html.escape(r['shard'] or '')}/\">{html.escape(r['shard'] or '')}</a></td>"
@@ -401,12 +499,17 @@ def _defects_section(figures: dict[str, Any] | None) -> str:
 
 
 def _sample_row(row: dict[str, Any], sample: EditSample | None,
-                policy: RoutingPolicy = RoutingPolicy()) -> str:
+                policy: RoutingPolicy = RoutingPolicy(), files: ImageFiles | None = None) -> str:
+    files = files if files is not None else ImageFiles()
     cells = []
     for label, image in (("source", None if sample is None else sample.source),
                          ("target", None if sample is None else sample.target),
                          ("masks", None if sample is None else mask_overlay(sample))):
-        inner = f'<img alt="{label}" src="{data_url(image)}">' if image is not None else "<i>no image</i>"
+        if image is None:
+            inner = "<i>no image</i>"
+        else:  # the thumbnail opens the full-size image in a new tab
+            inner = (f'<a href="{files.add(image)}" target="_blank" title="full size ({image.shape[1]}'
+                     f'×{image.shape[0]})"><img alt="{label}" src="{data_url(image)}"></a>')
         cells.append(f"<td>{inner}<div class=cap>{label}</div></td>")
     lines = [f"<b>{html.escape(row['id'])}</b> #{row['index']} · {html.escape(row['verdict'] or '')}"
              f" by {html.escape(row['verdict_by'] or '–')}",
@@ -437,20 +540,91 @@ def _sample_row(row: dict[str, Any], sample: EditSample | None,
     if row["error"]:
         lines.append(f"<div class=err>{html.escape(row['error_stage'] or '')}: {html.escape(row['error'])}</div>")
     cells.append(f"<td>{''.join(lines)}</td>")
-    return f"<tr>{''.join(cells)}</tr>"
+    return f"<tr id=\"ex-{html.escape(row['id'])}\">{''.join(cells)}</tr>"
 
 
-def render_report(out: Path, samples_per_verdict: int = SAMPLES_PER_VERDICT) -> str:
+def pick_examples(rows: list[dict[str, Any]], first: int) -> dict[str, list[dict[str, Any]]]:
+    """verdict → the samples shown for it, by index: the first `first`, then each sample that has
+    an edit type none of the earlier ones shows — every (verdict, edit type) gets an example."""
+    picked = {}
+    for verdict in VERDICTS:
+        group = sorted((r for r in rows if r["verdict"] == verdict), key=lambda r: r["index"])
+        chosen = group[:first]
+        seen = {t for r in chosen for t in r["sub_edit_types"] or []}
+        for row in group[first:]:
+            new = set(row["sub_edit_types"] or []) - seen
+            if new:
+                chosen.append(row)
+                seen |= new
+        picked[verdict] = sorted(chosen, key=lambda r: r["index"])
+    return picked
+
+
+def _type_table(rows: list[dict[str, Any]], shown: dict[str, list[dict[str, Any]]]) -> str:
+    """Accept rate per edit type, with a link to an example of it for each verdict."""
+    links: dict[str, list[str]] = defaultdict(list)
+    for verdict, group in shown.items():
+        for edit_type in sorted({t for r in group for t in r["sub_edit_types"] or []}):
+            example = next(r for r in group if edit_type in (r["sub_edit_types"] or []))
+            links[edit_type].append(f'<a href="#ex-{html.escape(example["id"])}">{verdict}</a>')
+    body = "".join(
+        f"<tr><td>{html.escape(str(group))}</td><td class=n>{n}</td><td class=n>{acc}</td>"
+        f"<td class=n>{acc / n:.1%}</td><td>{bar(acc / n)}</td><td class=ex>{' · '.join(links[group])}</td></tr>"
+        for group, n, acc in per_edit_type(rows) if n)
+    return ("<table class=types><tr><th>edit type</th><th>samples</th><th>accepted</th><th>accept rate</th>"
+            f"<th></th><th>examples</th></tr>{body}</table>")
+
+
+def _histograms(rows: list[dict[str, Any]], policy: RoutingPolicy) -> str:
+    parts = ["<h2>Score histograms</h2><div class=legend>" + "".join(
+        f'<span><span class=sw style="background:{c}"></span>{v}</span>' for v, c in VERDICT_COLORS.items()
+    ) + "</div><div class=hists>"]
+    for column, label in SCORES:
+        by_verdict: dict[str, list[float]] = defaultdict(list)
+        for row in rows:
+            if row[column] is not None:
+                by_verdict[row["verdict"] or "error"].append(float(row[column]))
+        name = column.removeprefix("score_")
+        lines = [(f"{name}_{k}", getattr(policy, f"{name}_{k}")) for k in ("reject", "accept")
+                 if hasattr(policy, f"{name}_{k}")]
+        parts.append(histogram_svg(by_verdict, f"{label} score", thresholds=lines) if by_verdict
+                     else no_scores_note(f"{label} scores"))
+    sub_scores: dict[str, list[float]] = defaultdict(list)
+    for row in rows:
+        sub_scores[row["verdict"] or "error"].extend(
+            float(s) for s in row["sub_edit_scores"] or [] if s is not None)
+    parts.append(histogram_svg(sub_scores, "sub-edit scores", thresholds=[("sub_edit_pass", policy.sub_edit_pass)])
+                 if sub_scores else no_scores_note("sub-edit scores"))
+    parts.append("</div>")
+    return "".join(parts)
+
+
+def _sheet_links(out: Path) -> str:
+    from pipeline.dataset.contact_sheet import SHEETS
+
+    found = [(name, what) for name, what in SHEETS if (out / name).is_file()]
+    if not found:
+        return ""
+    return ("<p>Contact sheets (source | target | instruction, one image to look through): " + ", ".join(
+        f'<a href="{name}" target="_blank">{name}</a> ({what})' for name, what in found) + "</p>")
+
+
+def render_report(out: Path, samples_per_verdict: int = SAMPLES_PER_VERDICT,
+                  files: ImageFiles | None = None) -> str:
+    """The page; the full-size images it links to are collected in `files` (see write_report)."""
     out = Path(out)
+    files = files if files is not None else ImageFiles()
     table = read_manifest(out)
     rows = table.to_pylist()
     stats = stats_from_manifest(table)
     n = len(rows)
     config = read_config(out)
     policy = routing_policy(config)
+    shown = pick_examples(rows, samples_per_verdict)
     parts = [f"<!doctype html><html><head><meta charset=utf-8><title>MCIE build {html.escape(out.name)}</title>"
              f"<style>{STYLE}</style></head><body>",
              f"<h1>Build <code>{html.escape(str(out))}</code></h1>",
+             _sheet_links(out),
              _settings_table(config, policy)]
 
     verdict_rows = "".join(
@@ -461,29 +635,10 @@ def render_report(out: Path, samples_per_verdict: int = SAMPLES_PER_VERDICT) -> 
     parts.append(f"<h2>Verdicts</h2><table><tr><th>verdict</th><th>samples</th><th>share</th></tr>"
                  f"{verdict_rows}<tr><th>total</th><td class=n>{n}</td><td class=n>accept rate "
                  f"{stats.accept_rate:.1%}</td></tr></table>")
-
-    parts.append("<h2>Score histograms</h2><div class=legend>" + "".join(
-        f'<span><span class=sw style="background:{c}"></span>{v}</span>' for v, c in VERDICT_COLORS.items()
-    ) + "</div><div class=hists>")
-    for column, label in SCORES:
-        by_verdict: dict[str, list[float]] = defaultdict(list)
-        for row in rows:
-            if row[column] is not None:
-                by_verdict[row["verdict"] or "error"].append(float(row[column]))
-        name = column.removeprefix("score_")
-        lines = [(f"{name}_{k}", getattr(policy, f"{name}_{k}")) for k in ("reject", "accept")
-                 if hasattr(policy, f"{name}_{k}")]
-        parts.append(histogram_svg(by_verdict, f"{label} score", thresholds=lines))
-    sub_scores: dict[str, list[float]] = defaultdict(list)
-    for row in rows:
-        sub_scores[row["verdict"] or "error"].extend(
-            float(s) for s in row["sub_edit_scores"] or [] if s is not None)
-    parts.append(histogram_svg(sub_scores, "sub-edit scores",
-                               thresholds=[("sub_edit_pass", policy.sub_edit_pass)]))
-    parts.append("</div>")
-
+    parts.append(_histograms(rows, policy))
     parts.append("<h2>Accept rate per edit type</h2><p class=cap>a sample counts for every edit "
-                 "type it contains</p>" + _rate_table("edit type", per_edit_type(rows)))
+                 "type it contains; the links jump to an example of the type with that verdict</p>"
+                 + _type_table(rows, shown))
     parts.append("<h2>Accept rate per number of sub-edits</h2>"
                  + _rate_table("sub-edits", per_sub_edit_count(rows)))
     pass_rows = "".join(
@@ -503,18 +658,18 @@ def render_report(out: Path, samples_per_verdict: int = SAMPLES_PER_VERDICT) -> 
     parts.append(_defects_section(judge_vs_defects(rows, read_defect_log(out))))
     parts.append(_borderline_list(rows, policy, queued_overall(out, rows)))
 
-    shown = {v: [r for r in rows if r["verdict"] == v][:samples_per_verdict] for v in VERDICTS}
     samples = load_samples(out, [r for group in shown.values() for r in group])
-    parts.append("<h2>Contact sheet</h2><p class=cap>source | target | sub-edit masks over the target "
-                 "(colours match the numbered sub-edits; ✓/✗ = judged carried out) | instruction, "
-                 "scores (floored) and, in red, each routing check it failed; the first samples of each "
-                 "verdict by index</p>")
+    parts.append("<h2 id=examples>Examples</h2><p class=cap>per verdict, the first samples by index and then "
+                 "the first one of each edit type not yet shown. Each row: source | target | sub-edit "
+                 "masks over the target (colours match the numbered sub-edits; white: background pixels "
+                 "that changed) — click a thumbnail for the full-size image — | instruction, ✓/✗ = "
+                 "judged carried out, scores (floored) and, in red, each routing check it failed</p>")
     for verdict, group in shown.items():
         if not group:
             continue
         parts.append(f'<h3><span class=sw style="background:{VERDICT_COLORS[verdict]}"></span>{verdict} '
-                     f"({stats.verdicts[verdict]} samples, showing {len(group)})</h3><table class=sheet>")
-        parts.extend(_sample_row(row, samples.get(row["id"]), policy) for row in group)
+                     f"({plural(stats.verdicts[verdict], 'sample')}, showing {len(group)})</h3><table class=sheet>")
+        parts.extend(_sample_row(row, samples.get(row["id"]), policy, files) for row in group)
         parts.append("</table>")
     parts.append("</body></html>\n")
     return "".join(parts)
@@ -522,11 +677,18 @@ def render_report(out: Path, samples_per_verdict: int = SAMPLES_PER_VERDICT) -> 
 
 def write_report(out: Path, samples_per_verdict: int = SAMPLES_PER_VERDICT) -> Path:
     """Render OUT/report.html from a finalized build (atomically), after the dataset card and
-    stats.json (`pipeline.dataset.card`). Returns its path."""
+    stats.json (`pipeline.dataset.card`) and the contact sheets (`pipeline.dataset.contact_sheet`),
+    with the full-size images it links to in OUT/report/. Returns its path."""
     from pipeline.dataset.card import write_card
+    from pipeline.dataset.contact_sheet import write_contact_sheets
 
-    write_card(Path(out))  # README.md (dataset card) and stats.json: the figures, for the hub and machines
-    path = Path(out) / REPORT
-    atomic_write_bytes(path, render_report(out, samples_per_verdict).encode())
+    out = Path(out)
+    write_card(out)  # README.md (dataset card) and stats.json: the figures, for the hub and machines
+    write_contact_sheets(out)
+    files = ImageFiles()
+    page = render_report(out, samples_per_verdict, files)
+    files.write(out)  # before the page, so no link of the new page is ever dangling
+    path = out / REPORT
+    atomic_write_bytes(path, page.encode())
     log.info("report written to %s", path)
     return path
