@@ -80,3 +80,19 @@ def test_without_a_clear_subject_there_is_no_background_edit_and_phrases_rule_ou
             ref = sub.params.get("ref")
             if ref is not None:  # unique among the named objects AND the distractors
                 assert resolve(ref, sample.objects) == sub.object_ids[:1]
+
+
+def test_a_figure_whose_outline_is_no_edge_is_not_a_subject():
+    from pipeline.grounders.figure_ground import BOUNDARY_SHARE, boundary_contrast
+
+    cat = photo_array("chelsea")
+    h, w = cat.shape[:2]
+    half = np.zeros((h, w), bool)
+    half[:, : w // 2] = True  # a cut through the fur, where no edge is
+    assert boundary_contrast(cat, half) < BOUNDARY_SHARE
+    disc = np.zeros((h, w), bool)
+    yy, xx = np.mgrid[:h, :w]
+    disc[(yy - h / 2) ** 2 + (xx - w / 2) ** 2 < (h / 4) ** 2] = True
+    pasted = cat.copy()
+    pasted[disc] = (40, 90, 200)  # a real edge all round
+    assert boundary_contrast(pasted, disc) > 0.95

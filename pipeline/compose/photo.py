@@ -76,7 +76,7 @@ TEXT_COLORS = ("white", "black", "red", "yellow", "blue", "green", "orange", "pu
 TEXT_CONTRAST = 45.0  # L* between the text's colour and the mean colour where it goes
 PATTERNS = ("stripes", "dots", "checker")
 BACKGROUND_OPS = ("blur", "tint", "desaturate")  # another photo behind a classical matte: not credible
-BACKGROUND_SHARE = 0.5  # share of samples with a subject that get a background edit
+BACKGROUND_SHARE = 0.7  # share of samples with a subject that get a background edit
 # Credible types more likely among the least used (an inpainted hole or a pasted cut-out can go
 # wrong even when its preconditions hold; the judge's plausibility gate catches those).
 TYPE_WEIGHTS = {"recolor": 3.0, "texture": 2.0, "add_text": 3.0, "background": 3.0,
@@ -84,7 +84,8 @@ TYPE_WEIGHTS = {"recolor": 3.0, "texture": 2.0, "add_text": 3.0, "background": 3
 # Pasting a classical segment of another photo (add, replace) makes a blob no reviewer keeps: off
 # by default, there for other grounders' real objects and for tests (`edit_types`).
 DEFAULT_TYPES = tuple(t for t in EDIT_TYPES if t not in ("add", "replace"))
-MAX_OF_TYPE = {"add_text": 1, "background": 1}  # more words in the sky make a collage, not an edit
+MAX_OF_TYPE = {"add_text": 2, "background": 1}  # more words make a collage, not an edit
+TEXTURE_LIGHTNESS = 35.0  # L* of an object whose darkened pattern marks show
 SOFT_DETAIL = 4.0  # mean |Laplacian| of a background too soft for a blur to show
 SMOOTH_RING = 12.0  # grey std of the ring around an object that inpainting can fill credibly
 FLAT_TEXT = 10.0  # grey std of the area a word is written on
@@ -216,6 +217,7 @@ class _Plan:
         self.has_roles = any("role" in o.attributes for o in sample.objects)
         self.background_done = False
         self.drafted = 0
+        self.words: set[str] = set()  # words written so far
         self.pool = pool
         self.next_id = max(o.id for o in sample.objects) + 1
         self.donors: dict[int, dict[str, np.ndarray]] = {}  # id(sub) -> donor entry
@@ -299,6 +301,8 @@ class _Plan:
                 {"color": p.get("color", p.get("to_color")), "size": size_word(area),
                  "area": area}))
             self.next_id += 1
+        if sub.type == "add_text":
+            self.words.add(p["text"])
         if sub.type == "background":
             self.background_done = True
             _after_background(self, sub)
@@ -560,7 +564,7 @@ def _draft_replace(plan: _Plan, rng: np.random.Generator) -> SubEdit | None:
 
 
 def _draft_add_text(plan: _Plan, rng: np.random.Generator) -> SubEdit | None:
-    word = _choice(rng, TEXT_WORDS)
+    word = _choice(rng, [w for w in TEXT_WORDS if w not in plan.words])  # two words, not one twice
     short = min(plan.shape)
     size_px = int(round(short * float(rng.uniform(0.06, 0.1))))
     image = plan.sample.source
@@ -654,7 +658,8 @@ def _draft_background(plan: _Plan, rng: np.random.Generator) -> SubEdit | None:
 def _draft_texture(plan: _Plan, rng: np.random.Generator) -> SubEdit | None:
     def shows_pattern(obj: InventoryObject) -> bool:
         big = obj.attributes.get("area", 0.0) >= 0.008
-        return big and lightness(obj.attributes.get("rgb", (128, 128, 128))) >= 15.0
+        # darkened marks on a dark object hardly show
+        return big and lightness(obj.attributes.get("rgb", (128, 128, 128))) >= TEXTURE_LIGHTNESS
 
     for obj, ref in plan.referable(rng, shows_pattern):
         pattern = _choice(rng, PATTERNS)
