@@ -20,6 +20,7 @@ from pipeline.compose.regions import box_centre, region_of
 from pipeline.editors.defects import DEFECT_TYPES, SUB_EDIT_DEFECTS, measurable
 from pipeline.editors.photo import PhotoEditor, lch, hue_distance, to_lab
 from pipeline.grounders.attributes import COLOR_NAMES, same_family
+from pipeline.grounders.attributes import lightness
 from pipeline.grounders.classical import ClassicalGrounder
 from pipeline.record import EditSample, SubEdit, dumps, sample_id
 from pipeline.sources.decode import decode_image
@@ -174,7 +175,9 @@ def composed(name: str, kinds: tuple[str, ...], seed: int = 0, index: int = 0,
     objects of the other sub-edits and goes first, so it does not paint over them)."""
     sample = grounded(name, resolution, seed, index)
     rng = np.random.default_rng([seed, index, len(kinds)])
-    usable = [o for o in sample.objects if 0.004 <= o.attributes["area"] <= 0.12]
+    # (objects light enough for every type to show, as the composer's preconditions want)
+    usable = [o for o in sample.objects if 0.004 <= o.attributes["area"] <= 0.12
+              and 35 <= lightness(o.attributes["rgb"]) <= 88]
     free = [usable[k] for k in rng.permutation(len(usable))]
     ordered = sorted(kinds, key=lambda k: k != "background")
     subs = []

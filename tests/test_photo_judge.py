@@ -18,8 +18,10 @@ from pipeline.routing import RouteStage, RoutingPolicy
 MIX = ("recolor", "add_text", "move", "texture", "background")
 
 
-def judged(samples):
-    judge = make_judge("pixel")
+def judged(samples, plausibility: bool = False):
+    # The sub-edits here are made by hand on random segments (ones the composer may never pick),
+    # to test the type checks; whether the result is plausible is tested in test_plausibility.py.
+    judge = make_judge("pixel", plausibility=plausibility)
     for stage in (JudgeStage(judge), RouteStage(RoutingPolicy.for_judge(judge))):
         samples = stage(samples)
     return samples
@@ -56,7 +58,7 @@ def test_each_defect_type_is_caught_on_photos(defect_type):
         if len(spoiled) == 3:
             break
     assert spoiled, f"no photo sample took a {defect_type} defect"
-    for s in judged(spoiled):
+    for s in judged(spoiled, plausibility=True):  # the gate only ever lowers a score
         assert s.defects[0]["type"] == defect_type
         assert s.verdict in ("reject", "borderline"), (s.defects, s.scores)
 

@@ -79,7 +79,7 @@ from typing import Any, Callable
 import numpy as np
 
 from pipeline import imagediff
-from pipeline.judges import pixel_photo
+from pipeline.judges import pixel_photo, plausibility
 from pipeline.judges.base import JudgeError, register_judge
 from pipeline.record import JudgeView, SubEdit
 from pipeline.sources.scene import (
@@ -678,6 +678,7 @@ class PixelJudge:
         quality: bool = True,
         real_budget: float = 0.02,
         real_shift: float = 5.0,
+        plausibility: bool = True,
     ):
         if not 0 <= color_tolerance <= 64 or not 0 <= change_tolerance <= 64:
             raise ValueError("colour and change tolerances must be within 0..64 (8-bit levels)")
@@ -696,6 +697,7 @@ class PixelJudge:
         self.quality = quality
         self.real_budget = real_budget
         self.real_shift = real_shift
+        self.plausibility = bool(plausibility)  # the photo plausibility gate (bench: off to compare)
 
     def score_batch(self, views: list[JudgeView]) -> list[dict[str, Any] | JudgeError]:
         results: list[dict[str, Any] | JudgeError] = []
@@ -743,8 +745,12 @@ class PixelJudge:
 
     def _score_photo(self, view: JudgeView, pair: _Pair) -> dict[str, Any]:
         """Photo pairs: `pixel_photo`'s checks per sub-edit (None = unknown), the same background
-        consistency, no quality score (a photo has no palette to test it against)."""
+        consistency, no quality score (a photo has no palette to test it against). Exact pairs
+        then pass the plausibility gate (`plausibility.fold`): seams, ragged pastes, smeared or
+        haunted holes lower a sub-edit's score to reject or review."""
         scores, reasons = pixel_photo.score_sub_edits(view)
+        if self.plausibility:
+            scores, reasons = plausibility.fold(view, scores, reasons)
         background, changed, psnr = self._background(view, pair)
         return _free_scores(scores, reasons, background, changed, psnr, None)
 

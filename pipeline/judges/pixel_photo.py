@@ -12,7 +12,7 @@ may paint over it):
   - exclusive coverage: on the pixels of its mask no other sub-edit changed, target != source
     exactly in a clean pair (the editor's masks are the changed pixels), so the share that does
     differ is taken when there are EXCLUSIVE_MIN of them;
-  - presence, for an add or replace lying (almost) wholly in an earlier background edit's
+  - presence, for an add or replace lying at least half in an earlier background edit's
     pixels: the earlier state there is re-made from the source with that blur, tint or
     desaturation (`editors.photo.apply_photo_edit`), and the new content must differ from it
     (PRESENT_LEVEL) on most of them; after a background "photo" (another photo the judge never
@@ -469,8 +469,9 @@ def score_sub_edits(view: JudgeView) -> tuple[list[float | None], list[str]]:
             value, reason = None, "free-text sub-edit: no structured params to check its type against"
         else:
             value, reason = CHECKS[edit.type](pair, own & pair.changed, edit, mask)
-        if value is not None and n_exclusive < EXCLUSIVE_MIN and edit.type in ("add", "replace"):
-            # Laid wholly on pixels an earlier background edit changed: is it there at all?
+        if value is not None and edit.type in ("add", "replace"):
+            # Laid (at least half) on pixels an earlier background edit changed: is it there at
+            # all? (A few pixels only it changed cannot vouch for the rest of it.)
             background = next(((j, view.sub_edits[j], masks[j]) for j in range(i)
                                if view.sub_edits[j].type == "background"
                                and np.count_nonzero(own & masks[j]) >= 0.5 * n), None)
