@@ -1,18 +1,20 @@
 """`mcie review push|pull|status OUT` and `mcie labelstudio serve`.
 
 `register(subparsers)` adds both sub-commands; handlers return exit codes: 0 ok, 1 a Label
-Studio / server problem (one line, no traceback), 2 bad arguments.
+Studio / server problem (one line, no traceback; also a push that left any queued sample out),
+2 bad arguments (a missing API key included).
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 import time
 from pathlib import Path
 
-from annotation.client import DEADLINE_S, Connection, LabelStudioError
+from annotation.client import DEADLINE_S, KEY_ENV, Connection, LabelStudioError
 from annotation.server import (
     DEFAULT_DATA_DIR,
     DEFAULT_DOCUMENT_ROOT,
@@ -85,14 +87,20 @@ def _review_handler(action: str):
         except ValueError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
+        if not conn.api_key:  # a usage error, found before anything is touched
+            print(f"error: no API key: set {KEY_ENV} (a legacy token or personal access token "
+                  f"of {conn.url})", file=sys.stderr)
+            return 2
         if not args.out.is_dir():
             print(f"error: {args.out} is not a build output folder", file=sys.stderr)
             return 2
         try:
             if action == "push":
                 r = push(args.out, conn, settings)
-                print(f"project {r.project!r} (id {r.project_id}, images {r.image_mode}): "
-                      f"{r.queued} queued, {r.already_imported} already imported, {r.imported} imported")
+                print(r.summary())
+                if r.failure():  # every borderline must reach a reviewer: a gap fails the command
+                    print(f"error: {r.failure()}", file=sys.stderr)
+                    return 1
             elif action == "pull":
                 r = pull(args.out, conn, settings)
                 print(r.summary())
@@ -109,6 +117,14 @@ def _review_handler(action: str):
     return handle
 
 
+class _Stop(Exception):
+    """SIGTERM / SIGHUP to `mcie labelstudio serve`: stop the server it started, then exit."""
+
+
+def _stop_on_signal(signum, frame) -> None:
+    raise _Stop(signal.Signals(signum).name)
+
+
 def _serve(args: argparse.Namespace) -> int:
     try:
         config = ServerConfig.from_env(port=args.port, data_dir=args.data_dir,
@@ -116,22 +132,35 @@ def _serve(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    # The server runs in its own process group (so a Ctrl+C in the terminal reaches us, not it):
+    # a SIGTERM to us would leave it listening unless we stop it ourselves.
+    previous = {sig: signal.signal(sig, _stop_on_signal) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    server = None
+    stopped_by = None
     try:
         Path(config.document_root).mkdir(parents=True, exist_ok=True)
         ensure_ls_venv()
         server = LabelStudioServer(config)
         server.start()
+        print(f"Label Studio is up at {server.url} (admin {config.username}); "
+              f"for mcie: LABEL_STUDIO_URL={server.url} LABEL_STUDIO_API_KEY=<your LABEL_STUDIO_USER_TOKEN>; "
+              "Ctrl+C or SIGTERM stops it", flush=True)
+        while server.process is not None and server.process.poll() is None:
+            time.sleep(1)
     except ServerError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    print(f"Label Studio is up at {server.url} (admin {config.username}); "
-          f"for mcie: LABEL_STUDIO_URL={server.url} LABEL_STUDIO_API_KEY=<your {'LABEL_STUDIO_USER_TOKEN'}>; "
-          "Ctrl+C stops it", flush=True)
-    try:
-        while server.process is not None and server.process.poll() is None:
-            time.sleep(1)
     except KeyboardInterrupt:
-        pass
+        stopped_by = "SIGINT"
+    except _Stop as exc:
+        stopped_by = str(exc)
     finally:
-        server.stop()
+        for sig in previous:  # a second signal must not cut the stop short
+            signal.signal(sig, signal.SIG_IGN)
+        if server is not None:
+            server.stop()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if stopped_by:
+        print(f"Label Studio stopped ({stopped_by})", flush=True)
     return 0

@@ -2,7 +2,8 @@
 annotation, applied to the sample.
 
 Push pre-fills the labeling interface's `regions` brush (one region labelled "Region N" per
-sub-edit, our mask in Label Studio's brush RLE, `annotation.brush`), `instruction_edit` and
+sub-edit, our mask in Label Studio's brush RLE, `annotation.brush`; none for a background or
+whole-frame sub-edit, see NOT_PREFILLED), `instruction_edit` and
 `sub_N_edit` (the texts). An annotation that starts from that prediction hands all of it back;
 only what differs from the sample is a correction:
 
@@ -10,6 +11,11 @@ only what differs from the sample is a correction:
   equal to sub-edit N's mask. It replaces that mask (and its box); the background mask is
   re-derived as everything outside the sub-edits' regions, as every editor derives it.
 - a text: `instruction_edit` or `sub_N_edit`, whitespace-trimmed, when it is not empty and differs.
+  A corrected sub-instruction also rewrites the complex instruction (unless the reviewer rewrote
+  that too: theirs wins): its old words are replaced where they occur once in the instruction
+  (at a sentence start with a capital), else the instruction is re-joined from the sub-edit texts,
+  one sentence each (`join_turns`: "Make the cup red. Then remove the car."), so the instruction
+  never keeps words a reviewer took out.
 
 The sample's `human` record gets `corrected: true` and `corrections` (what changed, the original
 texts and the original masks in COCO RLE, the annotation that corrected them), so nothing is lost.
@@ -26,12 +32,17 @@ import numpy as np
 
 from annotation import brush
 from pipeline import rle
+from pipeline.compose.procedural import join_turns, turn_text
 from pipeline.record import EditSample
 
 log = logging.getLogger(__name__)
 
 BRUSH = "regions"  # the BrushLabels control
-TARGET = "target"  # the image it paints on
+TARGET = "target"  # the image it paints on (it shows the overlay: the target, regions outlined)
+# Regions not pre-filled as brush regions: filled, a background (everything the other regions
+# leave) or whole-frame region would cover the target. The overlay image outlines them; a
+# reviewer who paints "Region N" for one still replaces its mask.
+NOT_PREFILLED = ("background", "global")
 INSTRUCTION = "instruction_edit"
 REGION_LABEL = "Region {}"
 
@@ -58,7 +69,7 @@ def prefill_results(instruction: str, sub_edits: list[dict[str, Any]], masks: li
     results: list[dict[str, Any]] = [_text(INSTRUCTION, instruction)]
     for i, edit in enumerate(sub_edits[:limit]):
         results.append(_text(sub_text_control(i + 1), str(edit.get("text", ""))))
-        if i < len(masks) and masks[i].any():
+        if i < len(masks) and masks[i].any() and edit.get("type") not in NOT_PREFILLED:
             height, width = masks[i].shape
             results.append({
                 "id": f"region-{i + 1}",
@@ -133,7 +144,8 @@ def apply_proposal(sample: EditSample, proposal: Proposal, annotation_id: int | 
         edit.box = [int(cols.min()), int(rows.min()), int(cols.max()) + 1, int(rows.max()) + 1]
         record["regions"].append(i)
         applied.changes.append((edit.type, "region"))
-    for key, text in proposal.texts.items():
+    before = [e.text for e in sample.sub_edits]
+    for key, text in sorted(proposal.texts.items(), key=lambda kv: kv[0] == "instruction"):
         old = sample.instruction if key == "instruction" else sample.sub_edits[key].text
         text = text.strip()
         if not text or text == old.strip():
@@ -145,6 +157,12 @@ def apply_proposal(sample: EditSample, proposal: Proposal, annotation_id: int | 
             sample.sub_edits[key].text = text
         record["texts"].append(key)
         applied.changes.append(("instruction" if key == "instruction" else sample.sub_edits[key].type, "text"))
+    after = [e.text for e in sample.sub_edits]
+    if after != before and "instruction" not in record["texts"]:
+        # the reviewer changed sub-instructions but left the instruction: it follows them
+        record["original_texts"]["instruction"] = sample.instruction
+        sample.instruction = rewritten_instruction(sample.instruction, before, after)
+        record["instruction_rewritten"] = True
     if record["regions"]:
         # every editor's rule: the background is what no sub-edit's region covers
         sample.background_mask = ~np.logical_or.reduce([e.mask for e in sample.sub_edits])
@@ -154,6 +172,26 @@ def apply_proposal(sample: EditSample, proposal: Proposal, annotation_id: int | 
         human["corrections"] = record
         sample.human = human
     return applied
+
+
+def rewritten_instruction(instruction: str, before: list[str], after: list[str]) -> str:
+    """The complex instruction with sub-edit texts `before` changed to `after` (module docstring)."""
+    text = instruction
+    for old, new in zip(before, after):
+        if old == new:
+            continue
+        mid = turn_text(new)  # mid-sentence form: no final stop, an ordinary first word lower-cased
+        forms = [(old, mid), (old[:1].upper() + old[1:], mid[:1].upper() + mid[1:])]
+        if not old or sum(text.count(o) for o, _ in forms) != 1:
+            return _rejoined(after)
+        for o, n in forms:
+            text = text.replace(o, n)
+    return text
+
+
+def _rejoined(texts: list[str]) -> str:
+    turns = [turn_text(t) for t in texts if t.strip()]
+    return join_turns(turns) if turns else ""
 
 
 def tally(changes: list[tuple[str, str]]) -> dict[str, dict[str, int]]:

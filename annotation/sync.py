@@ -10,6 +10,16 @@
   shards and the manifest (`annotation.queue.commit_decision`).
 - `status(out)`: queued / imported / annotated / decided counts, judge-vs-human agreement.
 
+Accepted with a failed sub-instruction: when the majority accepts a sample but also marks one of
+its sub-instructions failed, the two answers contradict each other (an accepted pair's every
+sub-edit is carried out). The sample is not decided: it stays borderline in the queue, the pull
+warns naming the sample and the sub-instruction, and counts it open; the reviewer settles it in
+Label Studio (marks the sub-instruction pass, after correcting its text or region if that was what
+was wrong, or rejects the pair) and pulls again.
+
+After a pull that decided anything, report.html, stats.json and the dataset card (README.md) are
+re-made from the manifest (`pipeline.dataset.report.write_report`), so they show the new counts.
+
 `verdict_by` of a human decision: "both" when the humans' verdict equals the judge's lean (overall
 score >= `lean_threshold` leans accept), "human" when it overrides it.
 """
@@ -35,6 +45,7 @@ from annotation.client import (
 from annotation.corrections import apply_proposal, tally
 from annotation.queue import commit_decision, read_review, read_rows, review_ids, sync_lock
 from annotation.tasks import (
+    MAX_SUB_INSTRUCTIONS,
     ImageRef,
     Vote,
     build_task,
@@ -46,6 +57,7 @@ from annotation.tasks import (
     parse_annotation,
 )
 from pipeline.dataset.move import is_sample_id
+from pipeline.dataset.output import MANIFEST
 from pipeline.dataset.shards import atomic_write_bytes
 from pipeline.sources.decode import DECODE_ERRORS
 
@@ -99,6 +111,22 @@ class PushResult:
     queued: int
     already_imported: int
     imported: int
+    failed: dict[str, str] = field(default_factory=dict)  # sample id -> why it was not pushed
+
+    def summary(self) -> str:
+        return (f"project {self.project!r} (id {self.project_id}, images {self.image_mode}): "
+                f"{self.queued} queued, {self.already_imported} already imported, "
+                f"{self.imported} imported" + (f", {len(self.failed)} failed" if self.failed else ""))
+
+    def failure(self) -> str | None:
+        """One line naming what was not pushed and why (None when everything was): every
+        borderline must reach a reviewer, so a caller fails on it."""
+        if not self.failed:
+            return None
+        shown = "; ".join(f"{i}: {why}" for i, why in list(self.failed.items())[:3])
+        more = f"; and {len(self.failed) - 3} more" if len(self.failed) > 3 else ""
+        return (f"{len(self.failed)} of {self.queued} queued samples could not be pushed "
+                f"({shown}{more})")
 
 
 @dataclass
@@ -107,8 +135,12 @@ class PullResult:
     decided: int = 0
     accepted: int = 0
     rejected: int = 0
-    open: int = 0  # annotated but not decided yet (too few votes, or a tie)
+    open: int = 0  # still in the queue after this pull: untouched, too few votes, a tie, a conflict
     ties: int = 0
+    unannotated: int = 0  # no counted vote yet
+    # accepted by the majority although it failed a sub-instruction: left open (ACCEPT_WITH_FAILED)
+    conflicts: dict[str, list[int]] = field(default_factory=dict)
+    report: str | None = None  # report.html, re-made with stats.json and the card after decisions
     decided_ids: list[str] = field(default_factory=list)
     corrected: int = 0  # decided samples a human corrected (a region or a text)
     # {"region"|"text": {edit type ("instruction" for the complex instruction): count}}
@@ -116,12 +148,14 @@ class PullResult:
 
     def summary(self) -> str:
         parts = [f"{self.decided} decided ({self.accepted} accept, {self.rejected} reject), "
-                 f"{self.open} still open ({self.ties} ties)"]
+                 f"{self.open} still open ({self.unannotated} not annotated, {self.ties} ties, "
+                 f"{len(self.conflicts)} accepted with a failed sub-instruction)"]
         for kind in ("region", "text"):
             counts = self.corrections.get(kind) or {}
             detail = ", ".join(f"{t} {n}" for t, n in counts.items())
             parts.append(f"{kind}s corrected: {sum(counts.values())}" + (f" ({detail})" if detail else ""))
-        return f"{parts[0]}; {self.corrected} corrected by a human; " + "; ".join(parts[1:])
+        remade = "; report.html, stats.json and README.md re-made" if self.report else ""
+        return f"{parts[0]}; {self.corrected} corrected by a human; " + "; ".join(parts[1:]) + remade
 
 
 @dataclass
@@ -179,6 +213,7 @@ def ensure_project(client, title: str, settings: ReviewSettings, conn: Connectio
             show_skip_button=True,
         )
         log.info("created Label Studio project %r (id %d)", title, project.id)
+        ensure_review_view(client, project.id)
         return project
     changes = {}
     if project.maximum_annotations != settings.annotations_per_task:
@@ -189,7 +224,47 @@ def ensure_project(client, title: str, settings: ReviewSettings, conn: Connectio
     if changes:
         client.projects.update(id=project.id, **changes)
         log.info("updated Label Studio project %r (id %d): %s", title, project.id, sorted(changes))
+    ensure_review_view(client, project.id)
     return project
+
+
+# The data manager's columns (Label Studio 1.23): a tab made through the API starts with every
+# column shown, its raw-JSON ones (prediction and annotation results, the pass/fail option lists)
+# included. The review tab shows what a reviewer reads: the instruction, the three images, the
+# judge's summary and score, the sample id and the annotation counts.
+_BUILTIN = ("id", "inner_id", "completed_at", "total_annotations", "cancelled_annotations",
+            "total_predictions", "annotators", "annotations_results", "annotations_ids",
+            "predictions_score", "predictions_model_versions", "predictions_results", "file_upload",
+            "storage_filename", "created_at", "updated_at", "updated_by", "avg_lead_time", "draft_exists")
+_DATA = (("sample_id", "instruction", "source_image", "target_image", "overlay_image", "judge_summary",
+          "num_sub_instructions", "sub_more")
+         + tuple(f"sub_{n}" for n in range(1, MAX_SUB_INSTRUCTIONS + 1))
+         + tuple(f"sub_{n}_options" for n in range(1, MAX_SUB_INSTRUCTIONS + 1)))
+SHOWN_COLUMNS = {
+    "explore": ("id", "completed_at", "total_annotations", "cancelled_annotations", "annotators",
+                "predictions_score", "data.sample_id", "data.instruction", "data.source_image",
+                "data.target_image", "data.overlay_image", "data.judge_summary"),
+    "labeling": ("id", "total_annotations", "data.instruction"),  # the narrow list beside a task
+}
+HIDDEN_COLUMNS = {mode: [f"tasks:{c}" for c in _BUILTIN + tuple(f"data.{k}" for k in _DATA) if c not in shown]
+                  for mode, shown in SHOWN_COLUMNS.items()}
+REVIEW_VIEW = "Review"
+
+
+def ensure_review_view(client, project_id: int) -> None:
+    """The project's data manager tab: without one, Label Studio makes a default tab that shows
+    every task data key as a column. Made once; a reviewer's own tabs are left alone. A server
+    that refuses it loses a convenience, not the push: a warning."""
+    from label_studio_sdk.core.api_error import ApiError
+
+    try:
+        views = client.views.list(project=project_id)
+        if any((getattr(v, "data", None) or {}).get("title") == REVIEW_VIEW for v in views):
+            return
+        client.views.create(project=project_id, data={"title": REVIEW_VIEW, "hiddenColumns": HIDDEN_COLUMNS})
+    except ApiError as exc:
+        log.warning("could not make the data manager tab %r of project %d (%s): its columns stay "
+                    "Label Studio's defaults", REVIEW_VIEW, project_id, exc.status_code)
 
 
 def _normalised(xml: str | None) -> str:
@@ -298,6 +373,7 @@ def push(
             missing = [i for i in queued if i not in present]
             refs = _image_refs(out, settings, mode)
             imported = 0
+            failed: dict[str, str] = {}
             for start in range(0, len(missing), settings.batch_size):
                 batch = []
                 for sample_id in missing[start:start + settings.batch_size]:
@@ -306,14 +382,15 @@ def push(
                         batch.append(build_task(item.meta, item.members, refs(sample_id), settings.lean_threshold))
                     except DECODE_ERRORS as exc:  # one bad dir (or PNG) must not stop the rest
                         log.warning("review sample %s cannot be pushed: %s", sample_id, exc)
+                        failed[sample_id] = " ".join(f"{type(exc).__name__}: {exc}".split())[:200]
                 if batch:
                     client.projects.import_tasks(id=project.id, request=batch, return_task_ids=True)
                     imported += len(batch)
                 if on_batch is not None:
                     on_batch(imported)
-    log.info("push %s -> %r: %d queued, %d already there, %d imported", out, title, len(queued),
-             len(queued) - len(missing), imported)
-    return PushResult(project.id, title, mode, len(queued), len(queued) - len(missing), imported)
+    log.info("push %s -> %r: %d queued, %d already there, %d imported, %d failed", out, title,
+             len(queued), len(queued) - len(missing), imported, len(failed))
+    return PushResult(project.id, title, mode, len(queued), len(queued) - len(missing), imported, failed)
 
 
 # ---- pull -------------------------------------------------------------------------------------------
@@ -391,19 +468,26 @@ def pull(
             project = find_project(client, title, conn)
             if project is None:
                 log.info("no Label Studio project %r yet: nothing to pull", title)
-                return PullResult(project_id=None)
+                waiting = len(review_ids(out))
+                return PullResult(project_id=None, open=waiting, unannotated=waiting)
             votes = collect_votes(project_tasks(client, project.id, True, conn))
             users = {u.id: u.email for u in client.users.list()}
         result = PullResult(project_id=project.id)
-        for sample_id in review_ids(out):
+        queued = review_ids(out)
+        for sample_id in queued:
             sample_votes = votes.get(sample_id)
             if not sample_votes:
+                result.unannotated += 1
                 continue
             verdict = policy.decide([v.verdict for v in sample_votes])
             if verdict is None:
-                result.open += 1
                 accepts = sum(v.verdict == "accept" for v in sample_votes)
                 result.ties += len(sample_votes) >= policy.annotations_per_task and 2 * accepts == len(sample_votes)
+                continue
+            failed = _failed_sub_instructions(sample_votes) if verdict == "accept" else []
+            if failed:
+                result.conflicts[sample_id] = failed
+                _warn_conflict(out, sample_id, failed)
                 continue
             item = read_review(out, sample_id)
             lean = judge_lean(item.meta.get("scores") or {}, settings.lean_threshold)
@@ -422,8 +506,31 @@ def pull(
             result.accepted += verdict == "accept"
             result.rejected += verdict == "reject"
             result.decided_ids.append(sample_id)
+        result.open = len(queued) - result.decided
+        if result.decided and (out / MANIFEST).is_file():
+            from pipeline.dataset.report import write_report  # heavy (figures): only when needed
+
+            result.report = str(write_report(out))
     log.info("pull %s <- %r: %s", out, title, result.summary())
     return result
+
+
+def _failed_sub_instructions(votes: list[Vote]) -> list[int]:
+    """1-based numbers of the sub-instructions the majority of `votes` marked failed."""
+    num_sub = max((len(v.sub_edits) for v in votes), default=0)
+    return [i + 1 for i in range(num_sub)
+            if majority_pass(v.sub_edits[i] for v in votes if i < len(v.sub_edits)) is False]
+
+
+def _warn_conflict(out: Path, sample_id: str, failed: list[int]) -> None:
+    try:
+        subs = read_review(out, sample_id).meta.get("sub_edits") or []
+    except DECODE_ERRORS:
+        subs = []
+    named = "; ".join(f"#{n} {subs[n - 1].get('text', '')!r}" if n <= len(subs) else f"#{n}" for n in failed)
+    log.warning("sample %s was accepted but its sub-instruction %s was marked failed: it stays "
+                "borderline; in Label Studio mark it pass (correcting it if needed) or reject the pair, and pull again",
+                sample_id, named)
 
 
 def _correct(sample, votes: list[Vote]) -> list[tuple[str, str]]:

@@ -18,7 +18,7 @@ from typing import Any, Callable
 from urllib.parse import quote
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 
 from annotation.corrections import Proposal, prefill_results, read_proposal
 from pipeline.dataset.shards import decode_png, member_masks
@@ -62,33 +62,50 @@ def sub_edit_passes(scores: dict[str, Any]) -> list[bool | None]:
     return [None if s is None else float(s) >= 0.5 for s in subs]
 
 
-LARGE_REGION = 0.3  # share of the image above which a region's tint is light
-
-
 def overlay_png(members: dict[str, bytes]) -> bytes:
-    """The target with each sub-edit's region tinted and outlined in its own colour, numbered."""
-    target = decode_png(members["target.png"]).astype(np.float32)
+    """The target with each sub-edit's region outlined in its own colour and numbered, no fill:
+    the labeling interface paints the regions it pre-fills over it (`annotation.corrections`), and a
+    background region, left outlined only, never hides the target."""
+    target = decode_png(members["target.png"])
     canvas = target.copy()
+    height, width = canvas.shape[:2]
+    thick = max(1, round(min(height, width) / 200))  # ≈ 2 px on a 384 px image, visible when scaled down
     labels = []
     for i, mask in enumerate(member_masks(members)):
-        color = np.array(OVERLAY_COLORS[i % len(OVERLAY_COLORS)], np.float32)
-        # A background edit's region covers most of the frame: tint it lightly, so the objects
-        # and the other regions stay readable through it.
-        tint = 0.45 if mask.mean() < LARGE_REGION else 0.15
-        canvas[mask] = (1 - tint) * canvas[mask] + tint * color
-        edge = mask & ~(np.roll(mask, 1, 0) & np.roll(mask, -1, 0) & np.roll(mask, 1, 1) & np.roll(mask, -1, 1))
-        canvas[edge] = color
-        ys, xs = np.nonzero(mask)
-        if len(xs):
-            labels.append((i + 1, int(xs.min()), int(ys.min()), OVERLAY_COLORS[i % len(OVERLAY_COLORS)]))
-    image = Image.fromarray(canvas.clip(0, 255).astype(np.uint8), "RGB")
+        color = np.array(OVERLAY_COLORS[i % len(OVERLAY_COLORS)], np.uint8)
+        inner = mask.copy()
+        for _ in range(thick):  # erode by `thick` px: what is left out of `inner` is the edge
+            inner &= np.roll(inner, 1, 0) & np.roll(inner, -1, 0) & np.roll(inner, 1, 1) & np.roll(inner, -1, 1)
+        canvas[mask & ~inner] = color
+        if mask.any():
+            labels.append((i + 1, mask, tuple(int(c) for c in color)))
+    image = Image.fromarray(canvas, "RGB")
     draw = ImageDraw.Draw(image)
-    for number, x, y, color in labels:
-        draw.rectangle([x, y, x + 12, y + 13], fill=(0, 0, 0))
-        draw.text((x + 3, y + 1), str(number), fill=color)
+    size = max(12, round(min(height, width) / 11))  # readable when a pane shows it at ≈ 200 px
+    font = ImageFont.load_default(size=size)
+    pad = max(2, size // 5)
+    for number, mask, color in labels:
+        x0, y0, x1, y1 = draw.textbbox((0, 0), str(number), font=font, anchor="lt")
+        w, h = x1 - x0 + 2 * pad, y1 - y0 + 2 * pad
+        left, top = _label_corner(mask, w, h)
+        draw.rectangle([left, top, left + w - 1, top + h - 1], fill=color, outline=(0, 0, 0),
+                       width=max(1, size // 12))
+        draw.text((left + pad, top + pad), str(number), fill=(0, 0, 0), font=font, anchor="lt")
     buffer = io.BytesIO()
     image.save(buffer, format="PNG", compress_level=1)
     return buffer.getvalue()
+
+
+def _label_corner(mask: np.ndarray, w: int, h: int) -> tuple[int, int]:
+    """Top-left corner of a w x h label just above the region's box, at its left (so the label
+    does not hide the edit itself), moved inside the frame where the region touches its edge."""
+    ys, xs = np.nonzero(mask)
+    height, width = mask.shape
+    left = min(max(int(xs.min()), 0), max(width - w, 0))
+    top = int(ys.min()) - h
+    if top < 0:  # no room above: below the box, else the frame's top
+        top = int(ys.max()) + 1 if int(ys.max()) + 1 + h <= height else 0
+    return left, top
 
 
 def data_url(png: bytes) -> str:

@@ -1,5 +1,6 @@
 """The review-sync flow: push a build's borderline queue to Label Studio, pull the human verdicts
-back into the shards and the manifest, refresh the report, publish the counts.
+back into the shards and the manifest, refresh the report, publish the counts. A queued sample
+that could not be pushed fails the flow (after the pull), naming it and why.
 
 Label Studio is reached through `annotation.sync` (LABEL_STUDIO_URL / LABEL_STUDIO_API_KEY from
 the environment). Push and pull are idempotent, so a task retried after the server was briefly
@@ -80,7 +81,8 @@ def review_sync(
     logger.info("pushed %d new of %d queued; decided %d (%d accept, %d reject), %d open",
                 pushed["imported"], pushed["queued"], pulled["decided"], pulled["accepted"],
                 pulled["rejected"], pulled["open"])
-    report = refresh_report(out) if (Path(out) / "manifest.parquet").is_file() else None
+    # pull re-makes report, stats.json and card when it decided something; else refresh the report
+    report = pulled["report"] or (refresh_report(out) if (Path(out) / "manifest.parquet").is_file() else None)
     create_table_artifact(
         key="review-sync",
         table=[{"project": pushed["project"], "queued": pushed["queued"], "imported now": pushed["imported"],
@@ -91,4 +93,8 @@ def review_sync(
     if report:
         create_link_artifact(key="build-report", link=f"file://{report}", link_text="report.html",
                              description="the build's report, refreshed after the human verdicts")
+    if pushed["failed"]:  # every borderline must reach a reviewer: the flow fails, with the reasons
+        from annotation.sync import PushResult
+
+        raise RuntimeError(PushResult(**pushed).failure())
     return {"push": pushed, "pull": pulled, "report": report}

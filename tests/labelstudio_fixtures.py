@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from annotation.client import Connection
+from annotation.queue import review_ids
 from annotation.server import LabelStudioServer, ServerConfig, ServerError, ensure_ls_venv
 from pipeline.dataset.output import finalize, write_unit
 from processes import free_port
@@ -91,3 +92,27 @@ def make_build(out: Path, borderline: int, extra_accept: int = 1, overall=None,
         write_unit(out, unit, [s for s in samples if s.index // SHARD_SIZE == unit])
     finalize(out)
     return queued
+
+
+def make_photo_build(out: Path, photos: Path, seed: int = 1) -> list[str]:
+    """A finished photo build (four scikit-image photos, two edits each, at 128 px) through the
+    embedded photo path: classical grounder, photo composer and editor, pixel judge. Every sample
+    carries an injected fault and nothing is rejected outright, so the judge's doubts all go to
+    review; returns the queued ids."""
+    from flows.plan import prepare_build
+    from photo_fixtures import photo_folder
+    from pipeline.config import BuildConfig
+    from pipeline.dataset.report import write_report
+    from pipeline.unit import UnitPipeline
+
+    folder = photo_folder(photos, ["astronaut", "chelsea", "coffee", "rocket"])
+    config = BuildConfig(source="folder", source_options={"path": str(folder)}, resolution=128,
+                         edits_per_image=2, min_edits=1, max_edits=2, shard_size=4, seed=seed,
+                         defect_rate=1.0, routing={"overall_reject": 0.0, "background_reject": 0.0})
+    total = prepare_build(out, config)
+    pipeline = UnitPipeline(config, out)
+    for unit in range(config.num_units(total)):
+        pipeline.run(unit)
+    finalize(out)
+    write_report(out)  # what a build leaves: report.html, stats.json and the card
+    return review_ids(out)

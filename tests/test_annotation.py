@@ -4,7 +4,6 @@ decided sample out of the queue (idempotent, crash-safe)."""
 from __future__ import annotations
 
 import io
-import json
 import math
 import xml.etree.ElementTree as ET
 
@@ -90,7 +89,10 @@ def test_labeling_config_has_the_controls():
     assert verdict.get("choice") == "single-radio"
     subs = [c for c in root.iter("Choices") if c.get("name", "").startswith("sub_")]
     assert [c.get("name") for c in subs] == [f"sub_{n}" for n in range(1, 9)]
-    assert {i.get("name") for i in root.iter("Image")} == {"source", "target", "overlay"}
+    images = {i.get("name"): i.get("value") for i in root.iter("Image")}
+    assert images == {"source": "$source_image", "edited": "$target_image", "target": "$overlay_image"}
+    # the brush paints on the outlined copy, never on the target the reviewer judges
+    assert root.find(".//BrushLabels").get("toName") == "target"
     assert root.find(".//TextArea[@name='comment']") is not None
 
 
@@ -192,18 +194,61 @@ def test_commit_decision_moves_sample_once_even_after_a_crash(out_dir, monkeypat
     assert sum(r["verdict"] == "borderline" for r in read_manifest(out_dir).to_pylist()) == 1
 
 
-def test_overlay_tints_a_frame_filling_region_lightly_and_a_small_one_strongly():
+def test_overlay_outlines_and_numbers_each_region_and_fills_none():
+    """The labeling interface paints the pre-filled regions over the overlay; a background region
+    (not pre-filled) is only outlined, so nothing covers the target."""
     from pipeline.dataset.shards import encode_mask, encode_png
 
-    target = np.full((64, 64, 3), 100, np.uint8)
-    large = np.zeros((64, 64), bool)
-    large[:, :52] = True  # most of the frame, like a background edit
-    small = np.zeros((64, 64), bool)
-    small[20:40, 54:62] = True
+    target = np.full((128, 128, 3), 100, np.uint8)
+    large = np.zeros((128, 128), bool)
+    large[:, :100] = True  # most of the frame, like a background edit
+    small = np.zeros((128, 128), bool)
+    small[40:100, 108:124] = True
     members = {"target.png": encode_png(target), "mask_0.png": encode_mask(large),
                "mask_1.png": encode_mask(small)}
     overlay = np.asarray(Image.open(io.BytesIO(overlay_png(members)))).astype(int)
-    shift_large = np.abs(overlay[40, 30] - 100).max()  # inside, away from edges and labels
-    shift_small = np.abs(overlay[30, 58] - 100).max()
-    assert 0 < shift_large < 0.25 * 155
-    assert shift_small > 0.35 * 100
+    assert (overlay[5, 30] == 100).all() and (overlay[110, 116] == 100).all()  # insides untouched
+    assert tuple(overlay[60, 99]) == (255, 0, 110)  # the large region's edge, in colour 1
+    assert tuple(overlay[41, 108]) == (0, 200, 255)  # the small one's, in colour 2
+    # each number is black on a box of its region's colour, beside the region, big enough to read
+    black = np.all(overlay == 0, axis=-1)  # only labels draw black on this grey target
+    assert np.count_nonzero(black.any(axis=1)) >= 2 * 12  # two labels, each 12+ px tall
+    near_black = np.zeros_like(black)
+    for dy in (-1, 0, 1):
+        for dx in (-1, 0, 1):
+            near_black |= np.roll(black, (dy, dx), axis=(0, 1))
+    for color in ((255, 0, 110), (0, 200, 255)):
+        assert np.count_nonzero(np.all(overlay == color, axis=-1) & near_black) > 20, color
+
+
+def test_prefill_paints_no_background_region_and_a_corrected_text_rewrites_the_instruction():
+    from annotation.corrections import apply_proposal, prefill_results, rewritten_instruction, Proposal
+    from pipeline.record import EditSample, SubEdit
+
+    masks = [np.ones((8, 8), bool), np.eye(8, dtype=bool)]
+    subs = [{"type": "background", "text": "blur the background"}, {"type": "recolor", "text": "make the cup red"}]
+    results = prefill_results("Blur the background, then make the cup red.", subs, masks, 8)
+    brushes = [r for r in results if r["type"] == "brushlabels"]
+    assert [b["value"]["brushlabels"] for b in brushes] == [["Region 2"]]
+    assert brushes[0]["to_name"] == "target"  # the image that shows the overlay
+
+    # in place where the old words occur once (a sentence start keeps its capital) ...
+    assert rewritten_instruction("Blur the background, then make the cup red.",
+                                 ["blur the background", "make the cup red"],
+                                 ["Darken the background.", "make the cup red"]) == \
+        "Darken the background, then make the cup red."
+    # ... else re-joined, one sentence per sub-instruction
+    assert rewritten_instruction("Give it a moody look.", ["blur the background", "make the cup red"],
+                                 ["blur the background", "make the mug blue"]) == \
+        "Blur the background. Then make the mug blue."
+    sample = EditSample(id="s0-00000000000000aa", index=0, seed=0, source_key="k",
+                        instruction="Blur the background, then make the cup red.",
+                        sub_edits=[SubEdit(type="background", text="blur the background", target="the background"),
+                                   SubEdit(type="recolor", text="make the cup red", target="the cup")])
+    applied = apply_proposal(sample, Proposal(texts={1: "make the cup green", "instruction": sample.instruction}), 7)
+    assert applied.changes == [("recolor", "text")]  # the derived instruction is no reviewer's change
+    assert sample.instruction == "Blur the background, then make the cup green."
+    assert sample.human["corrections"]["original_texts"]["instruction"] == "Blur the background, then make the cup red."
+    # the reviewer's own instruction wins over the derived one
+    apply_proposal(sample, Proposal(texts={0: "blur everything behind", "instruction": "Do it all."}), 8)
+    assert sample.instruction == "Do it all."

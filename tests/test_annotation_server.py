@@ -1,25 +1,40 @@
 """Human review against a real Label Studio server (installed into .ls-venv, started on
 127.0.0.1 by a session fixture): push, annotate through the REST API as annotators would, pull,
-and the failure cases (push twice, server killed mid-push, crash mid-pull, wrong token)."""
+and the failure cases (push twice, server killed mid-push, crash mid-pull, wrong token).
+
+Issue 24 (items 5 and 6, at the end): a photo build's borderlines all reach the server and come
+back; what review changes, the build shows (report, stats.json, card, the instruction); a push
+that leaves a sample out fails the command; `mcie labelstudio serve` stops its server on SIGTERM.
+(One module, so the tests share one server: a fixture imported into two modules starts two.)"""
 
 from __future__ import annotations
 
 import base64
 import json
+import logging
 import os
+import signal
+import sqlite3
 import subprocess
 import sys
+import time
+from collections import Counter
 
 import httpx
 import pytest
 
 from annotation import queue
 from annotation.client import LabelStudioUnavailable, connect
-from annotation.sync import ReviewSettings, find_project, project_tasks, pull, push, status
+from annotation.sync import (HIDDEN_COLUMNS, REVIEW_VIEW, ReviewSettings, find_project, project_tasks,
+                             pull, push, status)
 from annotation.tasks import labeling_config
-from labelstudio_fixtures import ROOT, TMP_ROOT, ls_conn, ls_server, make_build, out_dir  # noqa: F401
+from labelstudio_fixtures import (ROOT, TMP_ROOT, ls_conn, ls_server, make_build,  # noqa: F401
+                                  make_photo_build, out_dir)
+from pipeline.dataset.card import build_figures, render_card
 from pipeline.dataset.output import read_manifest
+from pipeline.dataset.report import render_report
 from pipeline.dataset.shards import checksum, iter_tar_groups, member_metadata
+from processes import free_port, session_processes
 
 pytestmark = pytest.mark.slow
 
@@ -280,3 +295,197 @@ def test_borderlines_with_unknown_sub_edit_scores_are_pushed_as_not_checked(ls_c
                        for r in pred["result"] for n in [r.get("from_name")]), pred["result"]
         assert "verdict" in names  # the overall lean is still given
         assert "#1 not checked" in json.dumps(task.data), task.data
+
+
+# ---- issue 24: photo builds, outputs re-made, push gaps, SIGTERM ---------------------------------
+
+def _mark_unknown(out, sample_id: str, index: int) -> None:
+    """Make sub-edit `index` of a queued sample unknown (score None, not passed), as the photo
+    judge writes it when pixels cannot tell."""
+    path = out / "review" / sample_id / "sample.json"
+    view = json.loads(path.read_text())
+    record = json.loads(view["record"])
+    record["scores"]["sub_edits"][index] = None
+    record["scores"]["sub_edit_pass"][index] = False
+    view["record"] = json.dumps(record)
+    path.write_text(json.dumps(view))
+
+
+def _meta(out, sample_id):
+    from annotation.queue import read_review
+
+    return read_review(out, sample_id).meta
+
+
+def _annotate(client, task, verdict, subs=(), texts=None):
+    """Submit the pre-filled form (regions and texts) with a verdict and pass/fail answers, the
+    way the labeling UI does; `texts` replaces sub-instruction texts {n: text}."""
+    (prediction,) = task.predictions
+    pred = prediction if isinstance(prediction, dict) else prediction.model_dump()
+    result = [r for r in pred["result"] if r["type"] in ("brushlabels", "textarea")]
+    for n, text in (texts or {}).items():
+        result = [r for r in result if r["from_name"] != f"sub_{n}_edit"]
+        result.append({"from_name": f"sub_{n}_edit", "to_name": "target", "type": "textarea",
+                       "value": {"text": [text]}})
+    result.append({"from_name": "verdict", "to_name": "target", "type": "choices",
+                   "value": {"choices": [verdict]}})
+    for n, answer in enumerate(subs, start=1):
+        result.append({"from_name": f"sub_{n}", "to_name": "target", "type": "choices",
+                       "value": {"choices": [answer]}})
+    client.annotations.create(id=task.id, result=result)
+
+
+def test_a_photo_build_is_pushed_whole_reviewed_and_the_build_shows_it(ls_conn, out_dir, tmp_path, caplog):  # noqa: F811
+    queued = make_photo_build(out_dir, tmp_path / "photos")
+    assert len(queued) >= 4, f"the photo build queued only {len(queued)} samples for review"
+    metas = {i: _meta(out_dir, i) for i in queued}
+    if not any(None in m["scores"]["sub_edits"] for m in metas.values()):
+        _mark_unknown(out_dir, queued[-1], 0)  # the judge said "unknown" nowhere this time
+        metas[queued[-1]] = _meta(out_dir, queued[-1])
+    before = json.loads((out_dir / "stats.json").read_text())["verdicts"]
+
+    result = push(out_dir, ls_conn, _settings("photo-review"))
+    assert (result.queued, result.imported, result.failed) == (len(queued), len(queued), {})
+
+    client = connect(ls_conn)
+    tasks = {t.data["sample_id"]: t for t in project_tasks(client, result.project_id, True)}
+    assert sorted(tasks) == sorted(queued)
+    for sample_id, meta in metas.items():
+        task = tasks[sample_id]
+        pred = task.predictions[0] if isinstance(task.predictions[0], dict) else task.predictions[0].model_dump()
+        choices = {r["from_name"] for r in pred["result"] if r["type"] == "choices"}
+        brushed = {r["value"]["brushlabels"][0] for r in pred["result"] if r["type"] == "brushlabels"}
+        for n, (edit, score) in enumerate(zip(meta["sub_edits"], meta["scores"]["sub_edits"]), start=1):
+            if score is None:  # unknown: "not checked", and no pre-filled answer for it
+                assert f"#{n} not checked" in task.data["judge_summary"] and f"sub_{n}" not in choices
+            # a background region is not painted over the target (the overlay outlines it)
+            assert (f"Region {n}" in brushed) == (edit["type"] not in ("background", "global"))
+    # the data manager's review tab hides the raw-JSON columns
+    views = [v.data for v in client.views.list(project=result.project_id)]
+    assert [v["hiddenColumns"] for v in views if v.get("title") == REVIEW_VIEW] == [HIDDEN_COLUMNS]
+    assert "tasks:data.sub_1_options" in HIDDEN_COLUMNS["explore"]
+    assert "tasks:predictions_results" in HIDDEN_COLUMNS["explore"]
+
+    accepted, rejected, conflicted = queued[0], queued[1], queued[2]
+    n_acc = len(metas[accepted]["sub_edits"])
+    old_text = metas[accepted]["sub_edits"][0]["text"]
+    new_text = "make the whole picture a little warmer"
+    _annotate(client, tasks[accepted], "Accept", ["pass"] * n_acc, texts={1: new_text})
+    _annotate(client, tasks[rejected], "Reject")
+    _annotate(client, tasks[conflicted], "Accept", ["fail"] + ["pass"] * (len(metas[conflicted]["sub_edits"]) - 1))
+
+    with caplog.at_level(logging.WARNING, logger="annotation.sync"):
+        pulled = pull(out_dir, ls_conn, _settings("photo-review"))
+    assert (pulled.decided, pulled.accepted, pulled.rejected) == (2, 1, 1)
+    # "still open" counts every sample left in the queue: the untouched ones too
+    assert (pulled.open, pulled.unannotated) == (len(queued) - 2, len(queued) - 3)
+    assert pulled.conflicts == {conflicted: [1]}
+    assert f"{len(queued) - 2} still open" in pulled.summary()
+    warning = " ".join(r.getMessage() for r in caplog.records)
+    assert conflicted in warning and metas[conflicted]["sub_edits"][0]["text"] in warning
+
+    rows = {r["id"]: r for r in read_manifest(out_dir).to_pylist()}
+    assert rows[accepted]["verdict"] == "accept" and rows[rejected]["verdict"] == "reject"
+    assert rows[conflicted]["verdict"] == "borderline"  # accepted with a failed sub-instruction
+    # the corrected sub-instruction rewrote the complex instruction, in the shard and the manifest
+    members = dict(iter_tar_groups(out_dir / "shards" / rows[accepted]["shard"]))[accepted]
+    record = member_metadata(members)
+    assert record["sub_edits"][0]["text"] == new_text
+    instruction = record["instruction"].lower()  # a sentence start is capitalised
+    assert new_text in instruction and old_text.lower() not in instruction
+    assert record["human"]["corrections"]["original_texts"]["instruction"] == metas[accepted]["instruction"]
+    assert rows[accepted]["instruction"] == record["instruction"]
+
+    # report, stats.json and the card were re-made from the manifest
+    stats = json.loads((out_dir / "stats.json").read_text())
+    verdicts = Counter(r["verdict"] for r in rows.values())
+    assert stats["verdicts"] == dict(verdicts) != before
+    assert stats["verdicts"]["borderline"] == len(queued) - 2
+    assert (out_dir / "README.md").read_text() == render_card(build_figures(out_dir))
+    assert (out_dir / "report.html").read_text() == render_report(out_dir)
+    assert pulled.report and pulled.report.endswith("report.html")
+
+
+def test_a_push_that_leaves_a_sample_out_fails_with_the_count_and_reason(ls_server, out_dir):  # noqa: F811
+    queued = make_build(out_dir, borderline=3)
+    (out_dir / "review" / queued[1] / "target.png").write_bytes(b"\x89PNG\r\n\x1a\nnot a png")
+    env = dict(os.environ, LABEL_STUDIO_URL=ls_server.url, LABEL_STUDIO_API_KEY=ls_server.config.token,
+               LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT=str(TMP_ROOT))
+    done = subprocess.run(
+        [sys.executable, "-m", "flows.cli", "review", "push", str(out_dir), "--project", "push-gap"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120,
+    )
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "2 imported, 1 failed" in done.stdout
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in done.stderr
+    assert "1 of 3 queued samples could not be pushed" in errors[0] and queued[1] in errors[0]
+
+
+def _copy_database(source_dir, target_dir) -> None:
+    """A consistent copy of a running server's SQLite database: a new server on it starts in
+    seconds (no migrations)."""
+    target_dir.mkdir(parents=True)
+    with sqlite3.connect(source_dir / "label_studio.sqlite3") as src, \
+            sqlite3.connect(target_dir / "label_studio.sqlite3") as dst:
+        src.backup(dst)
+
+
+def test_sigterm_to_labelstudio_serve_stops_the_server_it_started(ls_server, tmp_path):  # noqa: F811
+    data = TMP_ROOT / f"ls-serve-{os.getpid()}-{time.monotonic_ns()}"
+    _copy_database(ls_server.config.data_dir, data)
+    port = free_port()
+    env = dict(os.environ, LABEL_STUDIO_USERNAME=ls_server.config.username,
+               LABEL_STUDIO_PASSWORD=ls_server.config.password, LABEL_STUDIO_USER_TOKEN=ls_server.config.token)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "flows.cli", "labelstudio", "serve", "--port", str(port), "--data-dir", str(data),
+         "--document-root", str(tmp_path / "files")],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.5)
+        else:
+            pytest.fail("mcie labelstudio serve did not bring a server up")
+        # the server runs in its own session, under the mcie process
+        server_pids = sorted({p for c in _children(proc.pid) for p in [c, *session_processes(c)]})
+        assert server_pids, "no label-studio process under mcie labelstudio serve"
+
+        proc.send_signal(signal.SIGTERM)
+        output, _ = proc.communicate(timeout=60)
+        assert proc.returncode == 0, output
+        assert "Label Studio stopped (SIGTERM)" in output
+        with pytest.raises(httpx.TransportError):
+            httpx.get(f"http://127.0.0.1:{port}/health", timeout=2)
+        left = [p for p in server_pids if _alive(p)]
+        assert not left, f"label-studio processes still running after SIGTERM: {left}"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+        import shutil
+
+        shutil.rmtree(data, ignore_errors=True)
+
+
+def _children(pid: int) -> list[int]:
+    import psutil
+
+    try:
+        return [c.pid for c in psutil.Process(pid).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return []
+
+
+def _alive(pid: int) -> bool:
+    import psutil
+
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False

@@ -176,3 +176,18 @@ def test_label_studio_serve_keeps_its_data_out_of_the_repo_and_gets_no_secrets()
     assert not {"MCIE_JUDGE_API_KEY", "AWS_SECRET_ACCESS_KEY", "LABEL_STUDIO_API_KEY", "PYTHONPATH"} & set(env)
     assert env["LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT"] == str(Path(args.document_root).resolve())
     assert env["LABEL_STUDIO_DISABLE_SIGNUP_WITHOUT_LINK"] == "true"  # ours win
+
+
+# ---- issue 24: a review command without an API key is a usage error ----------------------------
+
+@pytest.mark.parametrize("action", ["push", "pull", "status"])
+def test_a_review_command_without_an_api_key_is_a_usage_error(tmp_path, monkeypatch, capsys, action):
+    out = tmp_path / "out"
+    (out / "review").mkdir(parents=True)
+    before = sorted(p.name for p in out.rglob("*"))
+    monkeypatch.delenv("LABEL_STUDIO_API_KEY", raising=False)
+    assert main(["review", action, str(out), "--url", "http://127.0.0.1:9"]) == 2
+    captured = capsys.readouterr()
+    err = captured.err.strip().splitlines()
+    assert len(err) == 1 and "LABEL_STUDIO_API_KEY" in err[0] and "Traceback" not in captured.err
+    assert sorted(p.name for p in out.rglob("*")) == before  # nothing made, not even a lock
