@@ -86,7 +86,7 @@ def one_line(text: str) -> str:
     return lines[0]
 
 
-def test_forced_interleaving_a_second_build_is_refused_and_the_first_completes(tmp_path, capsys):
+def test_forced_interleaving_a_second_build_is_refused_and_the_first_completes(tmp_path, capsys, monkeypatch):
     """The interleaving of the audit: one writer has written unit 0's shards and not yet its
     marker when a second build starts on the same OUT. The second is refused at once (exit 2, one
     line naming the holder) and touches nothing; the first completes with its shard in place."""
@@ -100,6 +100,7 @@ def test_forced_interleaving_a_second_build_is_refused_and_the_first_completes(t
         err = one_line(capsys.readouterr().err)
         assert code == 2
         assert f"pid {writer.pid} (mcie build --out {out})" in err and "in use" in err
+        monkeypatch.setenv("LABEL_STUDIO_API_KEY", "k" * 20)  # (no key: a usage error first)
         for command in (["rejudge", str(out)],
                         ["review", "pull", str(out), "--url", "http://127.0.0.1:9"],
                         ["review", "push", str(out), "--url", "http://127.0.0.1:9"]):

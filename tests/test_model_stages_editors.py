@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from model_fixtures import tiny_inpaint, tiny_instruct
-from photo_fixtures import photo_folder
+from photo_fixtures import photo_folder, skimage_photos
 from pipeline.config import BuildConfig
 from pipeline.editors.base import EDITORS
 from pipeline.editors.inpaint import composite, step_seed
@@ -37,7 +37,8 @@ def models(tmp_path_factory):
     root = tmp_path_factory.mktemp("models")
     return {"inpaint": tiny_inpaint(root / "inpaint" / "sd-inpaint-tiny"),
             "instruct": tiny_instruct(root / "instruct" / "ip2p-tiny"),
-            "photos": photo_folder(root / "photos", ["chelsea", "coffee", "astronaut"])}
+            # (photos with things the classical grounder names even at 64 px)
+            "photos": photo_folder(root / "photos", ["rocket", "motorcycle_left", "coffee"])}
 
 
 def config(models, editor: str, count: int = 3, **options) -> BuildConfig:
@@ -207,7 +208,8 @@ def composed(models, tmp_path: Path, count: int, **options):
 
     one = tmp_path / "one"
     one.mkdir()
-    (one / "chelsea.png").write_bytes((models["photos"] / "chelsea.png").read_bytes())
+    # (the rocket: at 64 px it has things the classical grounder may name; the cat has none)
+    (one / "rocket.jpg").write_bytes(skimage_photos()["rocket"].read_bytes())
     cfg = BuildConfig(count=count, seed=5, resolution=64, shard_size=count, source="folder",
                       source_options={"path": str(one)}, editor="inpaint", editor_options={
                           "path": str(models["inpaint"]), **STEPS, **options},

@@ -27,12 +27,12 @@ first, when at all, so the later sub-edits act on the new background and name it
 colours they have after it (`_after_background`). Without a subject (another grounder's
 inventory) it keeps every inventory object, as before.
 
-Donors (add, replace, background "photo"): `__call__` lends each sample the photos and
-inventories of the OTHER samples of its batch, the next one (cyclically) with a usable object
-first; a batch of one falls back to another object of the sample's own image (and no "photo"
-background). The scaled cut-out (or the whole photo at the sample's size) is stored in
+Donors (add, replace): `__call__` lends each sample the photos and inventories of the OTHER
+samples of its batch, the next one (cyclically) with a usable object first; a batch of one falls
+back to another object of the sample's own image. The scaled cut-out is stored in
 `sample.private["donors"][str(i)] = {"rgb": uint8 hxwx3, "alpha": bool hxw}`, i = the sub-edit's
-index.
+index. (The editor still pastes a whole other photo behind the kept objects for a background
+"photo" sub-edit another composer writes; this one no longer drafts it.)
 """
 
 from __future__ import annotations
@@ -167,16 +167,6 @@ def cut_out(donor: Donor, obj: InventoryObject, scale: float) -> tuple[np.ndarra
     rgb = cv2.resize(rgb, size, interpolation=interp)
     alpha = cv2.resize(alpha, size, interpolation=cv2.INTER_LINEAR) >= 0.5
     return np.ascontiguousarray(rgb), alpha
-
-
-def cover_resize(image: np.ndarray, height: int, width: int) -> np.ndarray:
-    """The image scaled to cover height x width, centre-cropped to exactly that size."""
-    h, w = image.shape[:2]
-    scale = max(height / h, width / w)
-    size = (max(width, math.ceil(w * scale)), max(height, math.ceil(h * scale)))
-    big = cv2.resize(image, size, interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR)
-    y0, x0 = (big.shape[0] - height) // 2, (big.shape[1] - width) // 2
-    return np.ascontiguousarray(big[y0:y0 + height, x0:x0 + width])
 
 
 def role(obj: InventoryObject) -> str:
