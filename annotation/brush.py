@@ -16,10 +16,12 @@ from __future__ import annotations
 
 import numpy as np
 
+from pipeline import bounds
+
 WORD_SIZE = 8
 RUN_SIZES = (3, 4, 8, 16)  # bits of a run length - 1, per size class (the SDK's and LS's default)
 ALPHA_THRESHOLD = 128
-MAX_VALUES = 64_000_000 * 4  # bounded like shard images (`pipeline.dataset.shards.MAX_PIXELS`)
+MAX_VALUES = bounds.MAX_PIXELS * 4  # bounded like every decoded image (`pipeline.bounds`)
 
 
 def encode(mask: np.ndarray) -> list[int]:
@@ -60,26 +62,35 @@ class _Bits:
         return int("".join("1" if b else "0" for b in chunk.tolist()) or "0", 2)
 
 
-def decode(rle: list[int], height: int, width: int) -> np.ndarray:
+def decode(rle: list[int], height: int, width: int, *,
+           expected: tuple[int, int] | None = None) -> np.ndarray:
     """Brush RLE (any word size and run-size classes) of an HxW image → bool HxW mask (alpha >=
-    128). Raises ValueError when the stream is damaged or is not H x W x 4 values."""
+    128). Raises ValueError when the stream is damaged or is not H x W x 4 values.
+
+    Bounded before decoding (`pipeline.bounds`): with `expected` (the (h, w) of the sample the
+    region belongs to) a declared size that differs is refused unread; in any case the size is
+    within `bounds.MAX_PIXELS` and the stream's own count must be H x W x 4. Only the alpha
+    channel is kept, one bool per pixel (the RGBA values are never materialised)."""
+    h, w = bounds.check_mask_size(height, width, expected=expected, what="brush mask")
     if not isinstance(rle, (list, tuple)) or not all(isinstance(v, int) and 0 <= v < 256 for v in rle):
         raise ValueError("brush RLE is not a list of bytes")
     bits = _Bits(list(rle))
     count = bits.read(32)
-    if count != height * width * 4 or count > MAX_VALUES:
-        raise ValueError(f"brush RLE holds {count} values, not {height}x{width}x4")
+    if count != h * w * 4 or count > MAX_VALUES:
+        raise ValueError(f"brush RLE holds {count} values, not {h}x{w}x4")
     word = bits.read(5) + 1
     sizes = [bits.read(4) + 1 for _ in range(4)]
-    out = np.zeros(count, dtype=np.uint32)
+    alpha = np.zeros(h * w, dtype=bool)  # value k of the RGBA stream is alpha when k % 4 == 3
     i = 0
     while i < count:
         repeat = bits.read(1)
         j = min(count, i + 1 + bits.read(sizes[bits.read(2)]))
         if repeat:
-            out[i:j] = bits.read(word)
+            alpha[i // 4:j // 4] = bits.read(word) >= ALPHA_THRESHOLD
         else:
             for k in range(i, j):
-                out[k] = bits.read(word)
+                value = bits.read(word)
+                if k % 4 == 3:
+                    alpha[k // 4] = value >= ALPHA_THRESHOLD
         i = j
-    return out.reshape(height, width, 4)[:, :, 3] >= ALPHA_THRESHOLD
+    return alpha.reshape(h, w)

@@ -18,6 +18,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Iterator
+from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 
@@ -44,6 +45,17 @@ class LabelStudioMisbehaving(LabelStudioError):
     """An answer over the size cap, paging past the reported total, the deadline passed."""
 
 
+def strip_credentials(url: str) -> str:
+    """`url` without the `user:password@` of its authority (what may be stored or printed)."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "<unparseable URL>"
+    if "@" not in parts.netloc:
+        return url
+    return urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[1]))
+
+
 MAX_ANSWER_BYTES = 64 * 1024 * 1024  # a page of 100 tasks with inline images is a few MB
 DEADLINE_S = 900.0  # one review command, all its requests together
 MAX_PAGES_UNKNOWN_TOTAL = 1000
@@ -58,6 +70,13 @@ class Connection:
     max_answer_bytes: int = MAX_ANSWER_BYTES
 
     def __post_init__(self) -> None:
+        stripped = strip_credentials(self.url)
+        if stripped != self.url:
+            # Label Studio authenticates with the API key: a user:password in the URL would turn
+            # into a basic-auth header replacing it, and must never reach a shard or a message.
+            log.warning("the Label Studio URL carries credentials: they are ignored (the API key "
+                        "in $%s authenticates)", KEY_ENV)
+            object.__setattr__(self, "url", stripped)
         if not self.url.startswith(("http://", "https://")):
             raise ValueError(f"Label Studio URL must start with http:// or https://, got {self.url!r}")
         if self.timeout_s <= 0:
@@ -66,6 +85,15 @@ class Connection:
             raise ValueError(f"deadline must be positive, got {self.deadline_s}")
         if self.max_answer_bytes < 1024:
             raise ValueError(f"answer cap must be at least 1024 bytes, got {self.max_answer_bytes}")
+
+    @property
+    def public_url(self) -> str:
+        """The URL as stored in shards and printed (credentials were stripped on construction)."""
+        return strip_credentials(self.url)
+
+    def scrub(self, text: str) -> str:
+        """`text` (an error message) with any URL credentials of this server taken out."""
+        return text.replace(self.url, self.public_url) if self.url != self.public_url else text
 
     @classmethod
     def from_env(cls, url: str | None = None, api_key: str | None = None,
@@ -106,7 +134,7 @@ class GuardedTransport(httpx.BaseTransport):
         self.cap = conn.max_answer_bytes
         self.deadline_s = conn.deadline_s
         self.deadline = time.monotonic() + conn.deadline_s
-        self.base = conn.url
+        self.base = conn.public_url
 
     def deadline_error(self) -> LabelStudioMisbehaving:
         return LabelStudioMisbehaving(
@@ -178,7 +206,7 @@ def list_pages(first, what: str, page_size: int, server: str = "Label Studio") -
 
 def _auth_hint(conn: Connection) -> str:
     return (
-        f"Label Studio at {conn.url} rejected the API key: set {KEY_ENV} to a valid legacy token "
+        f"Label Studio at {conn.public_url} rejected the API key: set {KEY_ENV} to a valid legacy token "
         "or personal access token (Label Studio → Account & Settings; for `mcie labelstudio serve` "
         "it is the LABEL_STUDIO_USER_TOKEN it was started with)"
     )
@@ -194,11 +222,12 @@ def translated_errors(conn: Connection) -> Iterator[None]:
     except ApiError as exc:
         if exc.status_code in (401, 403):
             raise LabelStudioAuthError(_auth_hint(conn)) from None
-        body = " ".join(str(exc.body).split())[:300]  # one line, whatever the server sent
-        raise LabelStudioError(f"Label Studio at {conn.url} answered {exc.status_code}: {body}") from exc
+        body = conn.scrub(" ".join(str(exc.body).split())[:300])  # one line, whatever the server sent
+        raise LabelStudioError(f"Label Studio at {conn.public_url} answered {exc.status_code}: {body}") from exc
     except httpx.TransportError as exc:
         raise LabelStudioUnavailable(
-            f"cannot reach Label Studio at {conn.url} ({type(exc).__name__}: {exc}); start it "
+            f"cannot reach Label Studio at {conn.public_url} ({type(exc).__name__}: "
+            f"{conn.scrub(str(exc))}); start it "
             f"with `mcie labelstudio serve` or set {URL_ENV} to a running server"
         ) from None
 
@@ -209,7 +238,7 @@ def connect(conn: Connection):
 
     if not conn.api_key:
         raise LabelStudioAuthError(
-            f"no API key: set {KEY_ENV} (a legacy token or personal access token of {conn.url})"
+            f"no API key: set {KEY_ENV} (a legacy token or personal access token of {conn.public_url})"
         )
     with translated_errors(conn):
         try:
@@ -220,5 +249,5 @@ def connect(conn: Connection):
             user = client.users.whoami()
         except ValueError as exc:  # a malformed personal access token fails inside the SDK
             raise LabelStudioAuthError(f"{_auth_hint(conn)} ({exc})") from None
-    log.debug("connected to %s as %s", conn.url, user.email)
+    log.debug("connected to %s as %s", conn.public_url, user.email)
     return client

@@ -51,16 +51,41 @@ def sub_text_control(n: int) -> str:
     return f"sub_{n}_edit"  # 1-based, like the interface's sub_N controls
 
 
+class MalformedCorrection(ValueError):
+    """An annotation's region or text cannot apply to its sample (a region of another size, a
+    sub-instruction the sample does not have, a damaged RLE): the sample stays undecided."""
+
+
+@dataclass(frozen=True)
+class Stroke:
+    """One brush result as the annotation declares it. Not decoded when read: the size it
+    declares is compared with the sample's before anything is allocated (`decode_region`)."""
+
+    rle: list[int]
+    height: int
+    width: int
+
+    @classmethod
+    def of(cls, mask: np.ndarray) -> "Stroke":
+        """The stroke a reviewer painting exactly `mask` hands back."""
+        height, width = np.asarray(mask).shape
+        return cls(brush.encode(mask), int(height), int(width))
+
+
 @dataclass(frozen=True)
 class Proposal:
-    """What one annotation hands back: regions by sub-edit index (0-based) and texts by key
-    ("instruction" or the 0-based sub-edit index)."""
+    """What one annotation hands back: brush strokes by sub-edit index (0-based; their union is
+    the region) and texts by key ("instruction" or the 0-based sub-edit index)."""
 
-    regions: dict[int, np.ndarray] = field(default_factory=dict)
+    regions: dict[int, tuple[Stroke, ...]] = field(default_factory=dict)
     texts: dict[Any, str] = field(default_factory=dict)
 
     def __bool__(self) -> bool:
         return bool(self.regions or self.texts)
+
+    def masks(self, size: tuple[int, int]) -> dict[int, np.ndarray]:
+        """The regions decoded for an image of `size` (height, width): `decode_region`."""
+        return {i: decode_region(strokes, i + 1, size) for i, strokes in self.regions.items()}
 
 
 def prefill_results(instruction: str, sub_edits: list[dict[str, Any]], masks: list[np.ndarray],
@@ -86,8 +111,9 @@ def _text(name: str, text: str) -> dict[str, Any]:
 
 
 def read_proposal(result: list[dict[str, Any]], num_sub: int) -> Proposal:
-    """Regions and texts of an annotation's result list (malformed entries raise ValueError)."""
-    regions: dict[int, np.ndarray] = {}
+    """Regions and texts of an annotation's result list (malformed entries raise ValueError).
+    Brush RLEs are kept as they came; they are decoded against the sample (`apply_proposal`)."""
+    regions: dict[int, tuple[Stroke, ...]] = {}
     texts: dict[Any, str] = {}
     for entry in result:
         name = entry.get("from_name", "")
@@ -98,10 +124,12 @@ def read_proposal(result: list[dict[str, Any]], num_sub: int) -> Proposal:
                        if isinstance(label, str) and label.split()[-1:] and label.split()[-1].isdigit()]
             if value.get("format", "rle") != "rle" or "rle" not in value:
                 raise ValueError(f"brush result with no RLE (format {value.get('format')!r})")
-            mask = brush.decode(value["rle"], int(entry["original_height"]), int(entry["original_width"]))
+            if not isinstance(value["rle"], list):
+                raise ValueError("brush RLE is not a list of bytes")
+            stroke = Stroke(value["rle"], int(entry["original_height"]), int(entry["original_width"]))
             for n in numbers:
                 if 1 <= n <= num_sub:
-                    regions[n - 1] = regions[n - 1] | mask if n - 1 in regions else mask
+                    regions[n - 1] = regions.get(n - 1, ()) + (stroke,)
         elif name == INSTRUCTION or (name.startswith("sub_") and name.endswith("_edit")):
             text = " ".join(str(t) for t in value.get("text") or []).strip()
             if name == INSTRUCTION:
@@ -121,20 +149,55 @@ class Applied:
     changes: list[tuple[str, str]] = field(default_factory=list)
 
 
+def image_size(sample: EditSample) -> tuple[int, int]:
+    """(height, width) every region of `sample` has."""
+    for array in (sample.source, sample.target, sample.background_mask,
+                  *(e.mask for e in sample.sub_edits)):
+        if array is not None:
+            return int(array.shape[0]), int(array.shape[1])
+    raise MalformedCorrection(f"sample {sample.id} has no image to correct a region of")
+
+
+def decode_region(strokes: tuple[Stroke, ...], number: int, size: tuple[int, int]) -> np.ndarray:
+    """The union of a region's strokes as a bool mask of the sample's `size`. A stroke that
+    declares another size is refused before it is decoded: the size an annotation declares
+    never decides what is allocated (`brush.decode` checks it again against `expected`, and that
+    the stream holds exactly height x width x 4 values, before allocating)."""
+    height, width = size
+    mask = np.zeros(size, dtype=bool)
+    for stroke in strokes:
+        if (stroke.height, stroke.width) != (height, width):
+            raise MalformedCorrection(f"corrected region {number} is declared {stroke.height}x"
+                                      f"{stroke.width}, the image is {height}x{width}")
+        try:
+            mask |= brush.decode(stroke.rle, height, width, expected=size)
+        except ValueError as exc:
+            raise MalformedCorrection(f"corrected region {number} is unreadable: {exc}") from None
+    return mask
+
+
 def apply_proposal(sample: EditSample, proposal: Proposal, annotation_id: int | None) -> Applied:
-    """Apply what differs from the sample (see the module docstring); record it in `human`."""
+    """Apply what differs from the sample (see the module docstring); record it in `human`.
+    `MalformedCorrection` when a region or text cannot apply to this sample (nothing changed)."""
     applied = Applied()
     record: dict[str, Any] = {"annotation_id": annotation_id, "regions": [], "texts": [],
                               "original_masks": {}, "original_texts": {}}
-    for i, mask in sorted(proposal.regions.items()):
+    count = len(sample.sub_edits)
+    for key in [*proposal.regions, *(k for k in proposal.texts if k != "instruction")]:
+        if not isinstance(key, int) or not 0 <= key < count:
+            raise MalformedCorrection(f"a correction names sub-instruction {key + 1 if isinstance(key, int) else key!r}, "
+                                      f"the sample has {count}")
+    size = image_size(sample) if proposal.regions else (0, 0)
+    masks = proposal.masks(size)
+    for i, mask in sorted(masks.items()):
         edit = sample.sub_edits[i]
         if not mask.any():
             log.warning("sample %s: the reviewer's region %d is empty; the sub-edit keeps its mask",
                         sample.id, i + 1)
             continue
         if edit.mask is not None and mask.shape != edit.mask.shape:
-            raise ValueError(f"sample {sample.id}: corrected region {i + 1} is {mask.shape}, "
-                             f"the image {edit.mask.shape}")
+            raise MalformedCorrection(f"corrected region {i + 1} is {mask.shape}, the sub-edit's "
+                                      f"mask {edit.mask.shape}")
         if edit.mask is not None and np.array_equal(mask, edit.mask):
             continue
         if edit.mask is not None:

@@ -17,6 +17,16 @@ warns naming the sample and the sub-instruction, and counts it open; the reviewe
 Label Studio (marks the sub-instruction pass, after correcting its text or region if that was what
 was wrong, or rejects the pair) and pulls again.
 
+A malformed annotation costs one warning, never the pull: a region of another size than the
+sample's image (a brush RLE is decoded at the sample's size only: the size an annotation declares
+never decides what is allocated), a sub-instruction the sample does not have, a damaged RLE
+(`annotation.corrections.MalformedCorrection`). The warning names the sample and the reason; the
+sample stays queued, undecided (`PullResult.malformed`), and every other sample is decided. Fix or
+delete that annotation in Label Studio and pull again.
+
+The server's URL is stored in a decision (`human.server`) and printed without credentials
+(`annotation.client.Connection` strips a `user:password@` on construction).
+
 After a pull that decided anything, report.html, stats.json and the dataset card (README.md) are
 re-made from the manifest (`pipeline.dataset.report.write_report`), so they show the new counts.
 
@@ -42,7 +52,7 @@ from annotation.client import (
     list_pages,
     translated_errors,
 )
-from annotation.corrections import apply_proposal, tally
+from annotation.corrections import MalformedCorrection, apply_proposal, tally
 from annotation.queue import commit_decision, read_review, read_rows, review_ids, sync_lock
 from annotation.tasks import (
     MAX_SUB_INSTRUCTIONS,
@@ -145,11 +155,14 @@ class PullResult:
     corrected: int = 0  # decided samples a human corrected (a region or a text)
     # {"region"|"text": {edit type ("instruction" for the complex instruction): count}}
     corrections: dict[str, dict[str, int]] = field(default_factory=lambda: {"region": {}, "text": {}})
+    # sample id -> why its annotation could not be applied (one warning each; left open)
+    malformed: dict[str, str] = field(default_factory=dict)
 
     def summary(self) -> str:
         parts = [f"{self.decided} decided ({self.accepted} accept, {self.rejected} reject), "
                  f"{self.open} still open ({self.unannotated} not annotated, {self.ties} ties, "
-                 f"{len(self.conflicts)} accepted with a failed sub-instruction)"]
+                 f"{len(self.conflicts)} accepted with a failed sub-instruction"
+                 + (f", {len(self.malformed)} with a malformed annotation" if self.malformed else "") + ")"]
         for kind in ("region", "text"):
             counts = self.corrections.get(kind) or {}
             detail = ", ".join(f"{t} {n}" for t, n in counts.items())
@@ -279,7 +292,7 @@ def project_tasks(client, project_id: int, with_annotations: bool,
 
 
 def _server(conn: Connection | None) -> str:
-    return f"Label Studio at {conn.url}" if conn else "Label Studio"
+    return f"Label Studio at {conn.public_url}" if conn else "Label Studio"
 
 
 def _task_sample_id(task) -> str | None:
@@ -492,11 +505,17 @@ def pull(
             item = read_review(out, sample_id)
             lean = judge_lean(item.meta.get("scores") or {}, settings.lean_threshold)
             verdict_by = "both" if verdict == lean else "human"
-            human = human_record(sample_votes, verdict, lean, policy, users, title, conn.url)
+            human = human_record(sample_votes, verdict, lean, policy, users, title, conn.public_url)
             changes: list[tuple[str, str]] = []
             agreeing = [v for v in reversed(sample_votes) if v.verdict == verdict and v.proposal]
-            commit_decision(out, item, verdict, verdict_by, human,
-                            corrections=lambda sample: changes.extend(_correct(sample, agreeing)))
+            try:  # corrections are applied (and refused) before anything is moved
+                commit_decision(out, item, verdict, verdict_by, human,
+                                corrections=lambda sample: changes.extend(_correct(sample, agreeing)))
+            except MalformedCorrection as exc:
+                result.malformed[sample_id] = str(exc)
+                log.warning("sample %s stays undecided: its annotation cannot apply: %s (fix or "
+                            "delete that annotation in Label Studio and pull again)", sample_id, exc)
+                continue
             if changes:
                 result.corrected += 1
                 for kind, counts in tally(changes).items():

@@ -66,6 +66,7 @@ def build_args(args: argparse.Namespace, count: int, work: Path) -> list[str]:
         return common
     per_image = -(-count // len(PHOTOS))
     return common + ["--source", "list", "--source-path", str(photo_list(work)),
+                     "--allow-outside-root",  # the list names skimage's installed photos
                      "--edits-per-image", str(per_image)]
 
 

@@ -17,7 +17,7 @@ from prefect import flow, get_run_logger, task
 from prefect.states import Failed
 
 from flows.artifacts import publish_build_artifacts
-from flows.execute import FATAL_ERRNOS, OutputUnwritable, run_units
+from flows.execute import FATAL_ERRNOS, MAX_UNIT_ATTEMPTS, OutputUnwritable, run_units
 from flows.plan import is_complete, pending_units, prepare_build
 from flows.ray_runtime import cluster_address, start_ray, stop_ray
 from pipeline.config import BuildConfig
@@ -84,6 +84,8 @@ def process_units(
         units_per_node=result.units_per_node(),
         unit_nodes={str(u): n for u, n in sorted(result.unit_nodes.items())},
         retries=result.retries,
+        # unit → {sample number: reason}: samples quarantined by isolation (flows.execute)
+        isolated={str(u): {str(n): why for n, why in items.items()} for u, items in result.isolated.items()},
     )
     for unit, node in sorted(result.unit_nodes.items()):
         logger.info("unit %d processed on node %s", unit, node)
@@ -188,6 +190,11 @@ def _build(out: str, config: BuildConfig, workers: int, ray_address: str | None,
         )
         if this_run.get("steady_pairs_per_s"):
             run["summary"] += f"\nsteady state  {this_run['steady_pairs_per_s']:>9.2f} pairs/s (after each worker's first unit)"
+    if this_run.get("isolated"):
+        count = sum(len(items) for items in this_run["isolated"].values())
+        run["summary"] += (f"\nisolated      {count:>9} samples quarantined after their unit failed "
+                           f"{MAX_UNIT_ATTEMPTS} times (units {', '.join(this_run['isolated'])}); "
+                           "every other sample of those units was written")
     if this_run.get("units_per_node"):
         run["summary"] += "\nunits per node\n" + "\n".join(
             f"  {count:>6}  {node}" for node, count in this_run["units_per_node"].items())

@@ -314,11 +314,22 @@ def configure_environment() -> None:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 
 
+def _clear_stale_lock(args) -> None:
+    """A writer killed by kill -9 leaves its pid in OUT's lock file: cleared at the next command
+    on OUT (`pipeline.dataset.lock.clear_stale`), so the file is empty whenever nobody holds it."""
+    out = getattr(args, "out", None)
+    if out and Path(out).is_dir():
+        from pipeline.dataset.lock import clear_stale
+
+        clear_stale(out)
+
+
 def main(argv: list[str] | None = None) -> int:
     configure_environment()
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
+        _clear_stale_lock(args)
         return int(args.func(args) or 0)
     except UsageError as exc:
         print(str(exc), file=sys.stderr)

@@ -25,6 +25,7 @@ log = logging.getLogger(__name__)
 
 IN_FLIGHT_PER_ACTOR = 2  # one running, one queued: the actor never waits for the driver
 MAX_UNIT_ATTEMPTS = 3
+MAX_ITEM_ATTEMPTS = 2  # an item run alone: a second try tells a poisoned input from a passing fault
 
 
 # A full disk, a quota or a read-only OUT: retrying the unit cannot help, so none is retried.
@@ -57,9 +58,47 @@ def fatal_io_error(exc: BaseException) -> OSError | None:
 
 def one_line(exc: BaseException) -> str:
     """`Type: message`, first line only (a RayTaskError's text is the whole remote traceback)."""
+    from pipeline.record import failure_reason
+
     cause = root_cause(exc)
-    text = str(cause).strip().splitlines()
-    return f"{type(cause).__name__}: {text[-1] if text else ''}"[:500]
+    text = [line for line in str(cause).strip().splitlines() if line.strip()]
+    return failure_reason(f"{type(cause).__name__}: {text[-1]}" if text else cause)
+
+
+WORKER_DIED = ("its worker process died while running it (killed, by the out-of-memory killer "
+               "for one, or crashed)")
+
+
+def failure_cause(exc: BaseException) -> str:
+    """Why a job failed, short: a dead worker said in words (Ray's own text is a paragraph),
+    else `one_line` capped to 200 characters."""
+    from ray.exceptions import RayActorError
+
+    if isinstance(exc, RayActorError):
+        return WORKER_DIED
+    return one_line(exc)[:200]
+
+
+@dataclass(frozen=True)
+class Job:
+    """What an actor is asked: a whole unit; one item of it alone (`item`: run, nothing written);
+    or the unit item by item with `poisoned` items quarantined unread."""
+
+    unit: int
+    item: int | None = None
+    poisoned: tuple[tuple[int, str], ...] | None = None
+
+    def submit(self, actor):
+        if self.item is not None:
+            return actor.probe.remote(self.item)
+        return actor.run.remote(self.unit, None if self.poisoned is None else dict(self.poisoned))
+
+
+def unit_items(config: BuildConfig, out: Path, unit: int) -> list[int]:
+    """Sample numbers of `unit` (from OUT's key list, as the actors count them)."""
+    from pipeline.dataset.source_index import read_index
+
+    return list(config.unit_indices(unit, config.total_samples(read_index(Path(out)).size)))
 
 
 @dataclass
@@ -67,6 +106,8 @@ class UnitsResult:
     stats: BuildStats = field(default_factory=BuildStats)
     unit_nodes: dict[int, str] = field(default_factory=dict)  # unit → node that wrote it
     retries: int = 0
+    # unit → {sample number: reason} of the items quarantined by isolation (see the docstring)
+    isolated: dict[int, dict[int, str]] = field(default_factory=dict)
 
     def units_per_node(self) -> dict[str, int]:
         return dict(sorted(Counter(self.unit_nodes.values()).items()))
@@ -92,8 +133,12 @@ def _worker_class():
             self.pipeline = UnitPipeline(BuildConfig.from_dict(config), Path(out))
             self.node_id = ray.get_runtime_context().get_node_id()
 
-        def run(self, unit: int) -> tuple[dict, str]:
-            return self.pipeline.run(unit).to_dict(), self.node_id
+        def run(self, unit: int, poisoned: dict[int, str] | None = None) -> tuple[dict, str]:
+            return self.pipeline.run(unit, poisoned).to_dict(), self.node_id
+
+        def probe(self, number: int) -> tuple[None, str]:
+            self.pipeline.process_item(number)  # raises, or kills the worker, like its unit did
+            return None, self.node_id
 
     return UnitWorker
 
@@ -133,23 +178,36 @@ def run_units(
         return worker_cls.remote(config_dict, str(out))
 
     actors = [new_actor() for _ in range(min(workers, max(1, len(units))))]
-    todo = deque(units)
+    todo: deque[Job] = deque(Job(u) for u in units)
     attempts: Counter = Counter()
-    in_flight: dict = {}  # ObjectRef -> (unit, actor slot, actor)
+    in_flight: dict = {}  # ObjectRef -> (job, actor slot, actor)
     load = [0] * len(actors)
+    alone = [False] * len(actors)  # an item runs alone there: nothing is queued behind it
+    isolating: dict[int, tuple[set[int], dict[int, str]]] = {}  # unit → (items to run, poisoned)
     result = UnitsResult()
     labels: dict[str, str] = {}
 
+    def item_settled(unit: int, number: int) -> None:
+        pending, poisoned = isolating[unit]
+        pending.discard(number)
+        if not pending:
+            todo.appendleft(Job(unit, poisoned=tuple(sorted(poisoned.items()))))
+
     while todo or in_flight:
         for slot in range(len(actors)):
-            while todo and load[slot] < IN_FLIGHT_PER_ACTOR:
-                unit = todo.popleft()
-                attempts[unit] += 1
-                in_flight[actors[slot].run.remote(unit)] = (unit, slot, actors[slot])
+            while todo and load[slot] < IN_FLIGHT_PER_ACTOR and not alone[slot]:
+                if todo[0].item is not None and load[slot]:
+                    break  # an item runs alone: a worker it kills takes no other job with it
+                job = todo.popleft()
+                attempts[job] += 1
+                in_flight[job.submit(actors[slot])] = (job, slot, actors[slot])
                 load[slot] += 1
+                alone[slot] = job.item is not None
         (ref,), _ = ray.wait(list(in_flight), num_returns=1)
-        unit, slot, actor = in_flight.pop(ref)
+        job, slot, actor = in_flight.pop(ref)
+        unit = job.unit
         load[slot] -= 1
+        alone[slot] = alone[slot] and job.item is None
         try:
             stats_dict, node_id = ray.get(ref)
         except (RayActorError, RayTaskError) as exc:
@@ -158,15 +216,42 @@ def run_units(
                 _settle(in_flight)
                 raise OutputUnwritable(f"cannot write {out}: {fatal} (free space or fix "
                                        f"permissions, then run the same command to resume)") from None
-            if attempts[unit] >= MAX_UNIT_ATTEMPTS:
-                _settle(in_flight)
-                raise UnitFailed(f"unit {unit} failed {attempts[unit]} times: {one_line(exc)}") from None
-            log.warning("unit %d failed (attempt %d), retrying: %s", unit, attempts[unit], one_line(exc))
-            result.retries += 1
             if isinstance(exc, RayActorError) and actors[slot] is actor:  # replace it once
-                actors[slot] = new_actor()
-            todo.appendleft(unit)
+                actors[slot] = new_actor()  # what was queued on the dead one fails too (retried)
+            if job.item is not None:  # an item run alone
+                if attempts[job] < MAX_ITEM_ATTEMPTS:
+                    todo.appendleft(job)
+                    continue
+                reason = (f"processing this sample alone failed {attempts[job]} times: "
+                          f"{failure_cause(exc)}; quarantined unread so that the other samples "
+                          f"of unit {unit} could be written")
+                isolating[unit][1][job.item] = reason
+                log.warning("unit %d: sample %d quarantined: %s", unit, job.item, reason)
+                item_settled(unit, job.item)
+                continue
+            if attempts[job] >= MAX_UNIT_ATTEMPTS:
+                if job.poisoned is None:  # isolate it by item (see the module docstring)
+                    numbers = unit_items(config, out, unit)
+                    log.warning("unit %d failed %d times (%s): running its %d samples one by one "
+                                "to find the one that fails", unit, attempts[job], failure_cause(exc),
+                                len(numbers))
+                    isolating[unit] = (set(numbers), {})
+                    todo.extendleft(Job(unit, item=n) for n in reversed(numbers))
+                    if not numbers:
+                        item_settled(unit, -1)
+                    continue
+                _settle(in_flight)
+                raise UnitFailed(f"unit {unit} failed {attempts[job]} times, even sample by sample "
+                                 f"with {len(job.poisoned)} quarantined: {one_line(exc)}") from None
+            log.warning("unit %d failed (attempt %d), retrying: %s", unit, attempts[job], one_line(exc))
+            result.retries += 1
+            todo.appendleft(job)
             continue
+        if job.item is not None:  # it ran alone without failing: not the poisoned one
+            item_settled(unit, job.item)
+            continue
+        if job.poisoned:
+            result.isolated[unit] = dict(job.poisoned)
         if node_id not in labels:
             labels.update(node_labels())
         node = labels.get(node_id, node_id[:8])

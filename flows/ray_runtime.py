@@ -201,10 +201,30 @@ def _restore_auth_env() -> None:
 SESSION_MAX_AGE_S = 24 * 3600
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # PermissionError: alive, someone else's
+        return True
+    return True
+
+
+def stale_token(path: Path, now: float, max_age_s: float) -> bool:
+    """A token file whose writer is dead (`token-{pid}-…`: a driver killed by kill -9 could not
+    remove it), or untouched for `max_age_s`."""
+    parts = path.name.split("-")
+    if len(parts) == 3 and parts[1].isdigit() and int(parts[1]) != os.getpid() and not _pid_alive(int(parts[1])):
+        return True
+    return now - path.stat().st_mtime > max_age_s
+
+
 def clean_old_sessions(temp_dir: Path, max_age_s: float = SESSION_MAX_AGE_S) -> int:
-    """Remove Ray session dirs (and stale token files) untouched for `max_age_s`: a local Ray
-    leaves ≈ 200 KB per run. A live session writes its logs, so it is never that old; the one
-    `session_latest` points at is kept. Returns how many were removed."""
+    """Remove Ray session dirs untouched for `max_age_s` (a local Ray leaves ≈ 200 KB per run)
+    and stale token files (their driver dead, or that old). A live session writes its logs, so
+    it is never that old; the one `session_latest` points at is kept. Returns how many session
+    dirs were removed."""
     now = time.time()
     latest = temp_dir / "session_latest"
     keep = latest.resolve() if latest.is_symlink() else None
@@ -221,7 +241,7 @@ def clean_old_sessions(temp_dir: Path, max_age_s: float = SESSION_MAX_AGE_S) -> 
             removed += 1
     for token in (temp_dir / "auth").glob("token-*"):
         try:
-            if now - token.stat().st_mtime > max_age_s:
+            if stale_token(token, now, max_age_s):
                 token.unlink()
         except OSError:
             pass

@@ -87,7 +87,8 @@ def review_sync(
         key="review-sync",
         table=[{"project": pushed["project"], "queued": pushed["queued"], "imported now": pushed["imported"],
                 "decided now": pulled["decided"], "accepted": pulled["accepted"],
-                "rejected": pulled["rejected"], "open": pulled["open"], "ties": pulled["ties"]}],
+                "rejected": pulled["rejected"], "open": pulled["open"], "ties": pulled["ties"],
+                "malformed": len(pulled["malformed"])}],
         description="borderline samples pushed to Label Studio and human verdicts pulled back",
     )
     if report:

@@ -109,6 +109,9 @@ def add_seat_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--source", default="procedural",
                         help="source backend: procedural (default), folder, list, webdataset, parquet")
     parser.add_argument("--source-path", help="the folder, list file, tar shards or parquet to read")
+    parser.add_argument("--allow-outside-root", action="store_true",
+                        help="list and parquet sources: read absolute paths and paths leading "
+                             "outside the list/parquet file's folder (refused per item by default)")
     parser.add_argument("--edits-per-image", type=positive_int, default=1,
                         help="different complex instructions per source image")
     parser.add_argument("--min-side", type=positive_int,
@@ -127,12 +130,14 @@ def add_seat_arguments(parser: argparse.ArgumentParser) -> None:
 
 def seat_fields(args: argparse.Namespace) -> dict[str, Any]:
     """BuildConfig's seat fields from `add_seat_arguments`' flags (the shorthands --source-path,
-    --min-side and --max-aspect join the source's options)."""
+    --min-side, --max-aspect and --allow-outside-root join the source's options)."""
     source_options = dict(args.source_option)
     for name, value in (("path", args.source_path), ("min_side", args.min_side),
                         ("max_aspect", args.max_aspect)):
         if value is not None:
             source_options[name] = value
+    if getattr(args, "allow_outside_root", False):
+        source_options["allow_outside_root"] = True
     return {"source": args.source, "source_options": source_options,
             "grounder": args.grounder, "grounder_options": dict(args.grounder_option),
             "editor": args.editor, "editor_options": dict(args.editor_option),

@@ -71,6 +71,24 @@ def check_edit_bounds(min_edits: int, max_edits: int) -> None:
 ERROR_MAX_CHARS = 500  # error strings are capped so logs and manifests stay readable
 
 
+def failure_reason(exc: BaseException | str) -> str:
+    """One line a person understands: `Type: message`; for an exception raised without a
+    message (a bare `ZeroDivisionError`, `OverflowError`), its type's own description
+    ("ZeroDivisionError: second argument to a division or modulo operation was zero")."""
+    if isinstance(exc, str):
+        text = exc
+    else:
+        name = type(exc).__name__
+        message = " ".join(str(exc).split())
+        if not message:
+            doc = (type(exc).__doc__ or "").strip().splitlines()
+            described = doc[0].strip().rstrip(".") if doc else ""
+            message = (described[:1].lower() + described[1:]) if described else "raised without a message"
+        text = f"{name}: {message}"
+    text = " ".join(text.split()) or "failed without a reason"
+    return text[:ERROR_MAX_CHARS]
+
+
 def sample_id(seed: int, key: int | str, edit_index: int = 0) -> str:
     """Stable id from the build seed, the source key and the edit index: resume depends on it.
     (Edit 0 hashes as the key alone, so procedural ids are what they always were.)"""
@@ -223,8 +241,7 @@ class EditSample:
         return np.logical_or.reduce(masks) if masks else None
 
     def fail(self, stage: str, exc: BaseException | str) -> None:
-        text = exc if isinstance(exc, str) else f"{type(exc).__name__}: {exc}"
-        self.error = text[:ERROR_MAX_CHARS]
+        self.error = failure_reason(exc)
         self.error_stage = stage
         self.verdict = "error"
 

@@ -71,6 +71,17 @@ def read_sample(source: Source, config: BuildConfig, index: KeyIndex, number: in
         return sample
 
 
+def isolated_sample(source: Source, config: BuildConfig, index: KeyIndex, number: int,
+                    reason: str) -> EditSample:
+    """Sample `number`, quarantined unread with `reason`: running it failed its unit (a worker
+    killed while processing it, `flows.execute`), so its input is never touched again."""
+    position, edit = config.key_of(number)
+    sample = new_sample(SourceItem(image=None, meta={}), source.name, config.seed,
+                        index.key(position), number, edit)
+    sample.fail("isolation", reason)
+    return sample
+
+
 class UnitPipeline:
     """The stages of a build, constructed once per worker and reused for every unit."""
 
@@ -97,9 +108,28 @@ class UnitPipeline:
             samples = stage(samples)
         return samples
 
-    def run(self, unit: int) -> BuildStats:
+    def items(self, unit: int) -> list[int]:
+        """Sample numbers of `unit`."""
+        return list(self.config.unit_indices(unit, self.total))
+
+    def process_item(self, number: int) -> EditSample:
+        """One sample through every stage, alone (stages are per-item deterministic: the same
+        bytes as in its unit's batch)."""
+        samples = [read_sample(self.source, self.config, self.index, number)]
+        for stage in self.stages:
+            samples = stage(samples)
+        return samples[0]
+
+    def process_isolated(self, unit: int, poisoned: dict[int, str]) -> list[EditSample]:
+        """The unit item by item; the items in `poisoned` (number → reason) quarantined unread."""
+        return [isolated_sample(self.source, self.config, self.index, n, poisoned[n])
+                if n in poisoned else self.process_item(n) for n in self.items(unit)]
+
+    def run(self, unit: int, poisoned: dict[int, str] | None = None) -> BuildStats:
+        """Process and write `unit`. With `poisoned` (a unit that failed `MAX_UNIT_ATTEMPTS`
+        times, isolated by `flows.execute`), item by item, those items quarantined."""
         started = time.perf_counter()
-        samples = self.process(unit)
+        samples = self.process(unit) if poisoned is None else self.process_isolated(unit, poisoned)
         stats = write_unit(self.out, unit, samples)
         stats.seconds = time.perf_counter() - started
         log.debug("unit %d: %d samples in %.2fs", unit, len(samples), stats.seconds)

@@ -489,3 +489,91 @@ def _alive(pid: int) -> bool:
         return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return False
+
+
+# ---- issue 25: a malformed annotation costs one warning; credentials are never stored ---------
+
+def _brush_result(label: int, rle: list[int], height: int, width: int) -> dict:
+    return {"from_name": "regions", "to_name": "target", "type": "brushlabels", "original_width": width,
+            "original_height": height, "image_rotation": 0,
+            "value": {"format": "rle", "rle": rle, "brushlabels": [f"Region {label}"]}}
+
+
+def _verdict(choice: str) -> dict:
+    return {"from_name": "verdict", "to_name": "target", "type": "choices", "value": {"choices": [choice]}}
+
+
+def test_a_malformed_annotation_costs_one_warning_and_every_good_one_is_decided(ls_conn, out_dir, caplog):  # noqa: F811
+    """Among good annotations: a region of another size than the image, a region declaring an
+    8000 x 8000 image (never decoded at that size), a text for a sub-instruction past the
+    sample's (the task's count edited in Label Studio). Each costs one warning naming its sample,
+    which stays queued; the good ones are decided; a second pull goes through the same way."""
+    import numpy as np
+
+    from annotation import brush
+
+    ids = make_build(out_dir, borderline=5)  # 2, 3, 4, 2, 3 sub-edits, 64 x 64
+    settings = _settings("malformed")
+    project_id = push(out_dir, ls_conn, settings).project_id
+    client = connect(ls_conn)
+    tasks = {i: _task_of(client, project_id, i) for i in ids}
+    _annotate(client, tasks[ids[0]], "Accept")
+    _annotate(client, tasks[ids[3]], "Reject")
+    small = np.zeros((32, 32), bool)
+    small[2:9, 2:9] = True
+    client.annotations.create(id=tasks[ids[1]].id, result=[_brush_result(1, brush.encode(small), 32, 32),
+                                                          _verdict("Accept")])
+    count = 8000 * 8000 * 4
+    huge = [(count >> s) & 255 for s in (24, 16, 8, 0)] + [0x3F] * 60_000
+    client.annotations.create(id=tasks[ids[2]].id, result=[_brush_result(2, huge, 8000, 8000), _verdict("Reject")])
+    edited = tasks[ids[4]]
+    client.tasks.update(id=edited.id, data={**edited.data, "num_sub_instructions": 6})
+    client.annotations.create(id=edited.id, result=[
+        {"from_name": "sub_5_edit", "to_name": "target", "type": "textarea", "value": {"text": ["make it pink"]}},
+        _verdict("Reject")])
+
+    malformed = {ids[1]: "declared 32x32, the image is 64x64", ids[2]: "declared 8000x8000, the image is 64x64",
+                 ids[4]: "sub-instruction 5, the sample has 3"}
+    for attempt in (1, 2):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            result = pull(out_dir, ls_conn, settings)
+        expected_decided = 2 if attempt == 1 else 0
+        assert (result.decided, result.open) == (expected_decided, 3), result.summary()
+        assert set(result.malformed) == set(malformed)
+        for sample_id, why in malformed.items():
+            lines = [r.getMessage() for r in caplog.records if sample_id in r.getMessage()]
+            assert len(lines) == 1 and why in lines[0], lines
+    assert sorted(result.malformed) == sorted(queue.review_ids(out_dir))  # still queued, nothing moved
+    rows = {r["id"]: r for r in read_manifest(out_dir).to_pylist()}
+    assert (rows[ids[0]]["verdict"], rows[ids[3]]["verdict"]) == ("accept", "reject")
+
+
+def test_credentials_in_the_label_studio_url_are_never_stored_or_printed(ls_server, ls_conn, out_dir, capsys):  # noqa: F811
+    """`http://user:password@host`: the credentials are stripped on construction (Label Studio
+    authenticates with the API key; httpx would send them as a basic-auth header replacing it),
+    so the pull works, and the shard's `human.server` and every message name the server
+    without them."""
+    from urllib.parse import quote
+
+    from annotation.client import Connection
+
+    ids = make_build(out_dir, borderline=1)
+    settings = _settings("credentials")
+    project_id = push(out_dir, ls_conn, settings).project_id
+    client = connect(ls_conn)
+    _annotate(client, _task_of(client, project_id, ids[0]), "Accept")
+    secret = ls_server.config.password
+    url = ls_conn.url.replace("http://", f"http://{quote(ls_server.config.username)}:{secret}@")
+    result = pull(out_dir, Connection(url=url, api_key=ls_conn.api_key), settings)
+    assert result.decided == 1
+    row = {r["id"]: r for r in read_manifest(out_dir).to_pylist()}[ids[0]]
+    members = dict(iter_tar_groups(out_dir / "shards" / row["shard"]))[ids[0]]
+    human = member_metadata(members)["human"]
+    assert human["server"] == ls_conn.url and secret not in json.dumps(human)
+    down = Connection(url=f"http://user:{secret}@127.0.0.1:{free_port()}", api_key="k", deadline_s=5)
+    from annotation.client import LabelStudioError
+
+    with pytest.raises(LabelStudioError) as caught:
+        pull(out_dir, down, settings)
+    assert secret not in str(caught.value) and "127.0.0.1" in str(caught.value)

@@ -13,7 +13,7 @@ import pytest
 from label_studio_sdk.converter import brush as sdk_brush
 
 from annotation import brush, queue
-from annotation.corrections import Proposal, apply_proposal, prefill_results, read_proposal, tally
+from annotation.corrections import Proposal, Stroke, apply_proposal, prefill_results, read_proposal, tally
 from annotation.tasks import build_task, data_url, parse_annotation
 from labelstudio_fixtures import make_build, out_dir  # noqa: F401  (fixture)
 from pipeline import rle
@@ -65,8 +65,9 @@ def test_prefill_reads_back_as_no_change(out_dir):  # noqa: F811
     assert [r["value"]["brushlabels"] for r in brushes] == [["Region 1"], ["Region 2"]]
     vote = parse_annotation(_annotation(result), task_id=1, num_sub=2)
     sample = queue.decode_sample(item.members)
+    masks = vote.proposal.masks(sample.sub_edits[0].mask.shape)  # decoded at the sample's size
     for i, edit in enumerate(sample.sub_edits):
-        assert np.array_equal(vote.proposal.regions[i], edit.mask)
+        assert np.array_equal(masks[i], edit.mask)
         assert vote.proposal.texts[i] == edit.text
     assert vote.proposal.texts["instruction"] == sample.instruction
     assert apply_proposal(sample, vote.proposal, 11).changes == []  # the untouched form corrects nothing
@@ -82,7 +83,7 @@ def test_two_brush_strokes_with_one_label_are_one_region():
                 "original_height": 8, "value": {"format": "rle", "rle": brush.encode(m), "brushlabels": ["Region 2"]}}
                for m in (a, b)]
     proposal = read_proposal(strokes, num_sub=2)
-    assert list(proposal.regions) == [1] and np.array_equal(proposal.regions[1], a | b)
+    assert list(proposal.regions) == [1] and np.array_equal(proposal.masks((8, 8))[1], a | b)
     assert read_proposal(strokes, num_sub=1).regions == {}  # no sub-edit 2: ignored
 
 
@@ -92,12 +93,13 @@ def test_correction_through_the_mover(out_dir):  # noqa: F811
     original = queue.decode_sample(item.members)
     corrected = np.zeros_like(original.sub_edits[1].mask)
     corrected[40:60, 30:50] = True
-    proposal = Proposal(regions={1: corrected, 0: original.sub_edits[0].mask.copy()},
+    proposal = Proposal(regions={1: (Stroke.of(corrected),), 0: (Stroke.of(original.sub_edits[0].mask),)},
                         texts={"instruction": "  Paint it blue.  ", 0: original.sub_edits[0].text, 1: "make it blue"})
     changes = []
     queue.commit_decision(out_dir, item, "accept", "human", {"verdict": "accept"},
                           corrections=lambda s: changes.extend(apply_proposal(s, proposal, 42).changes))
-    assert changes == [("add", "region"), ("instruction", "text"), ("add", "text")]
+    # (sub-instruction texts first: a corrected one may rewrite the instruction)
+    assert changes == [("add", "region"), ("add", "text"), ("instruction", "text")]
     assert tally(changes) == {"region": {"add": 1}, "text": {"add": 1, "instruction": 1}}
 
     row = {r["id"]: r for r in read_manifest(out_dir).to_pylist()}[ids[0]]
@@ -112,6 +114,6 @@ def test_correction_through_the_mover(out_dir):  # noqa: F811
     assert view["instruction"] == "Paint it blue." and view["sub_edits"][1]["text"] == "make it blue"
     assert view["corrected"] is True
     record = member_metadata(members)["human"]["corrections"]
-    assert record["regions"] == [1] and record["texts"] == ["instruction", 1] and record["annotation_id"] == 42
+    assert record["regions"] == [1] and record["texts"] == [1, "instruction"] and record["annotation_id"] == 42
     assert record["original_texts"] == {"instruction": original.instruction, "1": original.sub_edits[1].text}
     assert np.array_equal(rle.decode(record["original_masks"]["1"]), original.sub_edits[1].mask)

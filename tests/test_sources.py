@@ -333,11 +333,15 @@ def test_list_source_txt_and_csv(tmp_path):
     absolute = str(tmp_path / "imgs" / "rocket.jpg")
     txt.write_text(f"# my photos\n../imgs/coffee.png\n\n{absolute}\n../imgs/coffee.png\n"
                    "../imgs/missing.png\n")
-    source = ListSource(path=str(txt), resolution=R)
+    # paths outside the list file's folder are read only with allow_outside_root
+    source = ListSource(path=str(txt), resolution=R, allow_outside_root=True)
     assert source.keys() == ["../imgs/coffee.png", absolute, "../imgs/missing.png"]
     assert source.read("../imgs/coffee.png").image.shape == (64, 64, 3)
     assert source.read(absolute).meta["original_size"] == [640, 427]
     assert "not found" in one_line_error(lambda: source.read("../imgs/missing.png"))
+    inside = ListSource(path=str(txt), resolution=R)
+    assert "leads outside" in one_line_error(lambda: inside.read("../imgs/coffee.png"))
+    assert "absolute path refused" in one_line_error(lambda: inside.read(absolute))
 
     table = tmp_path / "images.csv"
     with table.open("w", newline="") as f:

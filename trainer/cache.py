@@ -25,11 +25,10 @@ from typing import Any
 
 import numpy as np
 import torch
-import webdataset as wds
 
 from pipeline.dataset.shards import write_tar_members
 from trainer.config import Config, ConfigError, ModelConfig
-from trainer.data import BAD_SAMPLE_ERRORS, FROZEN_MEMBER, decode_sample, find_shards
+from trainer.data import BAD_SAMPLE_ERRORS, FROZEN_MEMBER, decode_sample, find_shards, shard_samples
 
 log = logging.getLogger(__name__)
 
@@ -136,8 +135,7 @@ def encode_build(data: str | Path, config: Config, out: str | Path, batch_size: 
             summary["kept"] += 1
             continue
         raws, decoded = [], []
-        for raw in wds.DataPipeline(wds.SimpleShardList([str(shard)]),
-                                    wds.tarfile_to_samples(handler=wds.warn_and_continue)):
+        for raw in shard_samples(shard):
             rng = np.random.default_rng(0)  # crop_min_scale 1: the whole (square) image
             try:
                 decoded.append(decode_sample(raw, model.resolution, model.max_sub_edits, 1.0, rng))

@@ -1,6 +1,7 @@
 """The shard loader: train shards → batches of aligned (source, target, masks, sub-instructions).
 
-Built on webdataset (`SimpleShardList` → `tarfile_to_samples` with a handler), made resumable by
+Read through the bounded tar reader (`shard_samples`: webdataset's grouping, no declared size
+trusted, damage skipped with a warning), made resumable by
 *position* rather than by replaying batches:
 
 - a rank reads the shards `i ≡ rank (mod world)`; each epoch visits them in a seeded order;
@@ -22,7 +23,6 @@ import io
 import itertools
 import json
 import logging
-import tarfile
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,11 +30,10 @@ from typing import Any, Iterator
 
 import numpy as np
 import torch
-import webdataset as wds
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from pipeline.dataset.shards import CORRUPT_DATA_ERRORS
+from pipeline.dataset.shards import CORRUPT_DATA_ERRORS, DAMAGED, iter_tar_groups
 from trainer.config import ModelConfig, TrainConfig
 
 log = logging.getLogger(__name__)
@@ -47,31 +46,52 @@ BAD_SAMPLE_ERRORS = CORRUPT_DATA_ERRORS
 
 
 def find_shards(data: str | Path) -> list[Path]:
-    """The train shards of a build `OUT` (OUT/shards/train-*.tar), or of a shard folder."""
+    """The train shards of a build `OUT` (OUT/shards/train-*.tar), or of a shard folder. A shard
+    that is a link to a file outside that folder is refused with one warning line."""
     root = Path(data)
     folder = root / "shards" if (root / "shards").is_dir() else root
-    shards = sorted(folder.glob("train-*.tar"))
+    shards = []
+    for shard in sorted(folder.glob("train-*.tar")):
+        if not shard.resolve().is_relative_to(folder.resolve()):  # a link out of the build
+            log.warning("shard %s links outside %s: not read", shard, folder)
+            continue
+        shards.append(shard)
     if not shards:
         raise FileNotFoundError(f"no train-*.tar shards under {folder}")
     return shards
 
 
 def count_samples(shard: Path) -> int:
-    """Samples in a shard, from the tar headers only (member data is skipped, not read). A damaged
-    shard (truncated, corrupt) counts the samples before the damage, with a warning: the reader
-    skips what it cannot decode, as it does for any bad sample."""
-    keys = set()
+    """Samples in a shard, from the tar headers only (member data is skipped, not read), grouped
+    exactly as `shard_samples` yields them. Damage (truncation, garbage between members) is
+    logged: the samples around it are still counted, and the reader skips what it cannot decode."""
+    count = 0
     try:
-        with tarfile.open(shard) as tar:
-            for member in tar:
-                if member.isfile():
-                    name = member.name
-                    base = name.rsplit("/", 1)[-1]
-                    keys.add(name[: len(name) - len(base)] + base.split(".", 1)[0])
-    except (tarfile.TarError, EOFError, zlib.error, OSError) as exc:
-        log.warning("shard %s is damaged after %d samples (%s): training reads those", shard,
-                    len(keys), str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
-    return len(keys)
+        for key, members in iter_tar_groups(shard, damage="report", read=False):
+            if key == DAMAGED:
+                log.warning("shard %s: %s", shard, members["__error__"])
+            else:
+                count += 1
+    except CORRUPT_DATA_ERRORS as exc:
+        log.warning("shard %s is unreadable after %d samples (%s): training reads those", shard,
+                    count, str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+    return count
+
+
+def shard_samples(shard: str | Path) -> Iterator[dict[str, Any]]:
+    """The raw samples of one shard (`{"__key__", "__url__", suffix: bytes}`), read by the bounded
+    tar reader (`pipeline.dataset.shards.iter_tar_groups`: no declared size is trusted, a member
+    over the cap or sparse is refused unread, garbage between members is skipped with a warning and
+    the members after it are still read). A sample with a refused member carries `__error__`:
+    `decode_sample` fails it, so it still counts in the position."""
+    try:
+        for key, members in iter_tar_groups(Path(shard), damage="report"):
+            if key == DAMAGED:
+                log.warning("shard %s: %s", shard, members["__error__"])
+                continue
+            yield {"__key__": key, "__url__": str(shard), **members}
+    except CORRUPT_DATA_ERRORS as exc:
+        log.warning("shard %s: unreadable: %s", shard, str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
 
 
 # ---- decoding and paired augmentation ---------------------------------------------------------
@@ -84,6 +104,8 @@ def _image(raw: bytes, mode: str) -> Image.Image:
 def decode_sample(raw: dict[str, Any], resolution: int, max_subs: int, crop_min_scale: float,
                   rng: np.random.Generator) -> dict[str, Any]:
     """Raw shard members → aligned arrays at `resolution` (one random square crop for all)."""
+    if "__error__" in raw:  # a member the bounded reader refused unread
+        raise ValueError(raw["__error__"])
     meta = json.loads(raw["json"])
     sub_edits = meta.get("sub_edits") or []
     if not sub_edits:
@@ -235,12 +257,9 @@ class ShardStream(IterableDataset):
             if offset + count <= start:  # skip whole shards by their counts
                 offset += count
                 continue
-            pipeline = wds.DataPipeline(
-                wds.SimpleShardList([self.shards[shard]]),
-                wds.tarfile_to_samples(handler=wds.warn_and_continue),
-            )
             skip = max(0, start - offset)
-            for index, raw in enumerate(itertools.islice(iter(pipeline), skip, None), offset + skip):
+            samples = shard_samples(self.shards[shard])
+            for index, raw in enumerate(itertools.islice(samples, skip, None), offset + skip):
                 yield index, raw
             offset += count
 

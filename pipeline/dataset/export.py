@@ -16,8 +16,12 @@ rejected images — only for samples the export includes. Image columns carry th
 accept, reject, borderline and judge_error; quarantined samples are never exported). A dataset card
 (`DIR/README.md`, see `pipeline.dataset.card`) names the configs.
 
-Everything is written under temporary names and renamed at the end; an existing non-empty DIR is
-refused.
+Everything is written under a work dir beside DIR (`.DIR.export-<pid>-<random>.tmp`) renamed at the
+end: a full disk or read-only file system ends the command with one line (exit 1) and leaves
+nothing, and the work dirs a killed export left are removed by the next export to the same DIR.
+Refused with one line (exit 2), before anything is created: an existing non-empty DIR, a DIR that
+is a symbolic link, a DIR inside OUT. A manifest row whose location resolves outside OUT
+(`review/../../x`, a symlink out) is skipped with one warning and never read.
 """
 
 from __future__ import annotations
@@ -25,6 +29,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
+import secrets
 import shutil
 import sys
 from collections import defaultdict
@@ -34,14 +40,25 @@ from typing import Any, Iterator
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.dataset.output import PREFERENCE, QUARANTINE, location_path, read_manifest
+from pipeline.dataset.move import is_sample_id
+from pipeline.dataset.output import (
+    PREFERENCE,
+    QUARANTINE,
+    OutsideOut,
+    inside_out,
+    location_path,
+    read_manifest,
+)
 from pipeline.dataset.shards import (
     CORRUPT_DATA_ERRORS,
+    DAMAGED,
+    TEMP_SUFFIX,
     atomic_write_bytes,
     iter_tar_groups,
     member_metadata,
     read_members_dir,
-    temp_path,
+    remove_path,
+    temp_names_of,
 )
 from pipeline.record import MANIFEST_SCHEMA, SHARD_FORMAT
 
@@ -88,11 +105,26 @@ def _image(data: bytes, name: str) -> dict[str, Any]:
 # ---- reading the build ----------------------------------------------------------------------------
 
 def selected_rows(out: Path, verdict: str) -> list[dict[str, Any]]:
+    """The manifest rows to export. A row whose id is not one the factory writes, or whose
+    location resolves outside OUT (`review/../../x`, a symlink out), is refused with one warning
+    line and never read: it counts as skipped."""
     if verdict not in VERDICT_CHOICES:
         raise ExportError(f"--verdict must be one of {', '.join(VERDICT_CHOICES)}, got {verdict!r}")
     wanted = ALL_VERDICTS if verdict == "all" else (verdict,)
     rows = read_manifest(out).to_pylist()
-    return [r for r in rows if r["verdict"] in wanted and r["shard"] and not r["shard"].startswith(QUARANTINE)]
+    selected = []
+    for row in rows:
+        if row["verdict"] not in wanted or not row["shard"] or row["shard"].startswith(QUARANTINE):
+            continue
+        try:
+            if not is_sample_id(row["id"]):
+                raise OutsideOut(f"id {str(row['id'])[:200]!r} is not one the factory writes: refused")
+            location_path(out, row["shard"])
+        except OutsideOut as exc:
+            log.warning("export: row %s skipped: %s", row["index"], exc)
+            continue
+        selected.append(row)
+    return selected
 
 
 def iter_members(out: Path, rows: list[dict[str, Any]]) -> Iterator[list[tuple[dict, dict[str, bytes]]]]:
@@ -105,8 +137,11 @@ def iter_members(out: Path, rows: list[dict[str, Any]]) -> Iterator[list[tuple[d
     for shard in sorted(by_tar):
         batch = []
         try:
-            for key, members in iter_tar_groups(location_path(out, shard)):
-                row = by_tar[shard].get(key)
+            for key, members in iter_tar_groups(location_path(out, shard), damage="report"):
+                if key == DAMAGED:  # garbage between members: named; the samples after it are kept
+                    log.warning("export: %s", members["__error__"])
+                    continue
+                row = by_tar[shard].pop(key, None)  # a sample is exported once, from its first group
                 if row is not None and "__error__" not in members:
                     batch.append((row, members))
         except CORRUPT_DATA_ERRORS as exc:
@@ -175,6 +210,9 @@ def _write_parts(directory: Path, schema: pa.Schema, batches: Iterator[list[dict
 def _preference_batches(out: Path, ids: set[str]) -> Iterator[list[dict]]:
     folder = out / PREFERENCE
     for tar in sorted(folder.glob("preference-*.tar")) if folder.is_dir() else []:
+        if inside_out(out, f"{PREFERENCE}/{tar.name}") is None:
+            log.warning("export: %s/%s links outside %s: not read", PREFERENCE, tar.name, out)
+            continue
         batch = []
         try:
             for key, members in iter_tar_groups(tar):
@@ -192,6 +230,48 @@ def _preference_batches(out: Path, ids: set[str]) -> Iterator[list[dict]]:
         yield batch
 
 
+WORK_TAG = "export-"  # the work dir: DEST's parent/.DEST.export-<pid>-<random>.tmp
+
+
+def _check_destination(out: Path, dest: Path) -> None:
+    """Refuse (one line, before anything is created) a DEST that is a symbolic link, is not a new
+    or empty directory, or lies inside OUT (an export must never change the build it reads)."""
+    if dest.is_symlink():
+        raise ExportError(f"{dest} is a symbolic link: give the real directory")
+    resolved = dest.resolve()
+    if resolved == out.resolve() or resolved.is_relative_to(out.resolve()):
+        raise ExportError(f"{dest} is inside the build {out}: export somewhere else")
+    if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
+        raise ExportError(f"{dest} exists and is not an empty directory")
+
+
+def clean_stale_work(dest: Path) -> list[Path]:
+    """Remove the work dirs a killed export to `dest` left (`.DEST.export-<pid>-….tmp` whose pid
+    is no longer running); a running export's work dir is left alone. Returns what it removed."""
+    removed = []
+    for path in temp_names_of(dest.parent, dest.name):
+        tag = path.name[len(dest.name) + 2:]
+        if not tag.startswith(WORK_TAG):
+            continue
+        pid = tag[len(WORK_TAG):].split("-", 1)[0]
+        if pid.isdigit() and int(pid) != os.getpid() and _running(int(pid)):
+            continue
+        remove_path(path)
+        removed.append(path)
+        log.info("export: removed %s, left by an interrupted export", path)
+    return removed
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
 def export(out: Path, dest: Path, fmt: str = "ip2p", verdict: str = "accept",
            license: str | None = None) -> dict[str, Any]:
     """Export OUT to DEST (see the module docstring). Returns counts: samples, skipped, pairs."""
@@ -200,11 +280,11 @@ def export(out: Path, dest: Path, fmt: str = "ip2p", verdict: str = "accept",
         raise ExportError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
     if not (out / "manifest.parquet").is_file():
         raise ExportError(f"{out} is not a finished build (no manifest.parquet)")
-    if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
-        raise ExportError(f"{dest} exists and is not an empty directory")
+    _check_destination(out, dest)
     rows = selected_rows(out, verdict)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    work = temp_path(dest)
+    clean_stale_work(dest)
+    work = dest.with_name(f".{dest.name}.{WORK_TAG}{os.getpid()}-{secrets.token_hex(4)}{TEMP_SUFFIX}")
     try:
         make = ip2p_row if fmt == "ip2p" else hf_row
         schema = IP2P_SCHEMA if fmt == "ip2p" else HF_SCHEMA
@@ -264,5 +344,9 @@ def run_export(args: argparse.Namespace) -> int:
     except (ExportError, FileNotFoundError) as exc:
         print(f"mcie export: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # a full disk, a read-only file system: nothing is left half-written
+        reason = f"{exc.strerror or type(exc).__name__}" + (f": {exc.filename}" if exc.filename else "")
+        print(f"mcie export: failed: {reason}; nothing was written to {args.dest}", file=sys.stderr)
+        return 1
     print(json.dumps(summary, sort_keys=True))
     return 0

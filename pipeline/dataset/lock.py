@@ -8,7 +8,8 @@ marker without its shard). Each takes this lock first; a second writer is refuse
 `flock` belongs to the open file, so the kernel releases it when the holder dies, even by
 `kill -9`: a lock is never stale. The file stays in OUT, empty while nobody holds it (its content,
 the holder's pid and command, is written after the lock is taken and cleared on release), so two
-finished builds hold the same bytes. Within one process the lock is re-entrant (the CLI takes it
+finished builds hold the same bytes. A holder killed by `kill -9` cannot clear it: the next
+command on OUT does (`clear_stale`, from `mcie`'s entry point; a writer overwrites it anyway). Within one process the lock is re-entrant (the CLI takes it
 before planning, the flow again, finalize again), counted per OUT.
 """
 
@@ -48,6 +49,30 @@ def holder(out: Path) -> str:
         return f"pid {int(info['pid'])} ({info.get('command', '?')})"
     except (OSError, ValueError, KeyError, TypeError):
         return ""
+
+
+def clear_stale(out: Path | str) -> bool:
+    """Empty OUT's lock file when it names a holder that no longer holds the lock (a writer
+    killed by `kill -9` leaves its pid). True when it was cleared. A lock held by anyone (this
+    process included), a missing or unwritable file: left as it is."""
+    path = Path(out) / LOCK_NAME
+    with _guard:
+        if str(Path(out).resolve()) in _held:
+            return False
+        try:
+            if path.stat().st_size == 0:
+                return False
+            fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)  # never created here
+        except OSError:
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # held by a live writer: its pid is true
+            os.ftruncate(fd, 0)
+            return True
+        except OSError:
+            return False
+        finally:
+            os.close(fd)  # releases the flock, if taken
 
 
 @contextmanager

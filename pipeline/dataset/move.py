@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tarfile
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +29,7 @@ from pipeline.dataset.output import (
     REVIEW,
     SHARDS,
     negatives_shard_name,
+    read_parts,
     train_shard_name,
     update_rows,
 )
@@ -70,8 +70,7 @@ def _index_of(members: dict[str, bytes]) -> int:
 def _holds_any(path: Path, keys: set[str]) -> bool:
     if not path.exists():
         return False
-    with tarfile.open(path, mode="r") as tar:
-        return any(name.split(".", 1)[0] in keys for name in tar.getnames())
+    return any(key in keys for key, _ in iter_tar_groups(path, read=False))
 
 
 def rewrite_tar(path: Path, add: dict[str, dict[str, bytes]], drop: set[str]) -> dict[str, str]:
@@ -89,6 +88,19 @@ def rewrite_tar(path: Path, add: dict[str, dict[str, bytes]], drop: set[str]) ->
     return write_tar_members(path, groups)
 
 
+def _check_indices(out: Path, moves: list[Move]) -> None:
+    """Before anything is written: every sample is in a unit part with the index it carries (its
+    unit, hence its tar, comes from the index), so the manifest can never be left out of step."""
+    known = {row["id"]: row["index"] for row in read_parts(out).select(["id", "index"]).to_pylist()}
+    for move in moves:
+        sample = move.sample
+        if sample.id not in known:
+            raise ValueError(f"sample {sample.id} is in no unit part of {out}: nothing moved")
+        if known[sample.id] != sample.index:
+            raise ValueError(f"sample {sample.id} carries index {sample.index} but its unit part "
+                             f"says {known[sample.id]}: nothing moved")
+
+
 def move_samples(out: Path, moves: list[Move], shard_size: int) -> dict[str, str]:
     """Move the samples (see the module docstring); returns id → manifest location."""
     out = Path(out)
@@ -98,6 +110,7 @@ def move_samples(out: Path, moves: list[Move], shard_size: int) -> dict[str, str
                 (out / REVIEW / sample_id).resolve(), (out / REJUDGE / sample_id).resolve()):
             raise ValueError(f"sample {sample_id} cannot leave {move.came_from}: only "
                              f"{REVIEW}/{sample_id} or {REJUDGE}/{sample_id} of {out}")
+    _check_indices(out, moves)
     rows, locations = [], {}
     tars: dict[int, dict[str, dict[str, dict[str, bytes]]]] = defaultdict(
         lambda: {"train": {}, "negatives": {}})

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import json
 import logging
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -77,12 +77,35 @@ def quarantine_file_name(sample_id: str, suffix: str) -> str:
     return f"{sample_id}.{suffix}"
 
 
+class OutsideOut(ValueError):
+    """A manifest location naming a file outside OUT: an absolute path, a `..` part, or a path
+    whose resolution (symlinks included) leaves OUT. Never read, written or removed."""
+
+
 def location_path(out: Path, shard: str) -> Path:
     """The file or dir a manifest `shard` value names: `train-000003.tar` lives under shards/,
-    `review/{id}`, `rejudge/{id}` and `quarantine/{id}.json` under OUT itself."""
-    if "/" in shard:
-        return Path(out) / shard
-    return Path(out) / SHARDS / shard
+    `review/{id}`, `rejudge/{id}` and `quarantine/{id}.json` under OUT itself. OUT's tables never
+    name files outside OUT: raises `OutsideOut` (one line) for a value that would."""
+    path = inside_out(Path(out), shard if "/" in str(shard) else f"{SHARDS}/{shard}")
+    if path is None:
+        raise OutsideOut(f"manifest location {str(shard)[:200]!r} names a file outside {out}: refused")
+    return path
+
+
+def inside_out(out: Path, relative: str) -> Path | None:
+    """OUT/relative if it stays inside OUT (no absolute path, no `..`, no symlink out), else None."""
+    if not isinstance(relative, str) or not relative or "\0" in relative:
+        return None
+    parts = PurePosixPath(relative).parts
+    if PurePosixPath(relative).is_absolute() or ".." in parts or "\\" in relative:
+        return None
+    path = Path(out) / relative
+    try:
+        if not path.resolve().is_relative_to(Path(out).resolve()):
+            return None
+    except (OSError, RuntimeError):  # a symlink loop
+        return None
+    return path
 
 
 def unit_done(out: Path, unit: int) -> bool:

@@ -2,7 +2,9 @@
 
 A sample whose judge failed (verdict `judge_error`: server down, timeouts, bad answers after
 retries) waits in `OUT/rejudge/{id}/` with its manifest row pointing there. This re-judges exactly
-those rows, routes them with the build's policy, and moves each one that now has a verdict:
+those rows (each validated first: its dir inside OUT, its files matching the row's checksum, its
+json's id and index matching the row; a sample that fails is left in rejudge/ with a one-line
+warning and counted unreadable, the others go on), routes them with the build's policy, and moves each one that now has a verdict:
 
     accept      → shards/train-{unit:06d}.tar       (the unit's tar is rewritten with it, in index
     reject      → shards/negatives-{unit:06d}.tar    order, atomically; its other samples unchanged)
@@ -25,7 +27,6 @@ import argparse
 import json
 import logging
 import sys
-import tarfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -34,15 +35,25 @@ from pipeline.dataset.lock import OutLocked, out_lock
 from pipeline.dataset.move import Move, is_sample_id, move_samples, rewrite_tar
 from pipeline.dataset.output import (
     REJUDGE,
+    inside_out,
     REVIEW,
     SHARDS,
     negatives_shard_name,
     read_manifest,
     train_shard_name,
 )
-from pipeline.dataset.shards import is_temp_name, read_sample_dir, remove_path, sample_members
+from pipeline.dataset.shards import (
+    CORRUPT_DATA_ERRORS,
+    checksum,
+    is_temp_name,
+    iter_tar_groups,
+    member_metadata,
+    read_members_dir,
+    read_sample_dir,
+    remove_path,
+    sample_members,
+)
 from pipeline.judges.base import Judge, JudgeStage
-from pipeline.sources.decode import DECODE_ERRORS
 from pipeline.record import EditSample
 from pipeline.routing import RouteStage, RoutingPolicy
 
@@ -105,6 +116,16 @@ def _rejudge(out: Path, judge: Judge, policy: RoutingPolicy | None, chunk_size: 
             continue
         candidates.append(row)
     stats.candidates = len(candidates) + stats.unreadable
+    # Every sample is validated before anything moves: a bad one is left where it is, with a reason.
+    valid = []
+    for row in candidates:
+        reason = _invalid(out, row)
+        if reason is None:
+            valid.append(row)
+        else:
+            log.warning("rejudge: %s/%s left as it is: %s", REJUDGE, row["id"], reason)
+            stats.unreadable += 1
+    candidates = valid
     stats.cleaned = _clean_leftovers(out, rows, candidates, shard_size)
     judge_stage, route_stage = JudgeStage(judge), RouteStage(policy)
     for start in range(0, len(candidates), chunk_size):
@@ -115,7 +136,7 @@ def _rejudge(out: Path, judge: Judge, policy: RoutingPolicy | None, chunk_size: 
                 if sample.id != row["id"]:
                     raise ValueError(f"its sample.json names another id, {sample.id!r}")
                 samples.append(_reset(sample))
-            except DECODE_ERRORS as exc:  # whatever a damaged PNG makes Pillow raise
+            except CORRUPT_DATA_ERRORS as exc:  # whatever a damaged PNG makes Pillow raise
                 log.warning("rejudge: cannot read %s/%s, left as it is: %s", REJUDGE, row["id"], exc)
                 stats.unreadable += 1
         route_stage(judge_stage(samples))
@@ -127,6 +148,33 @@ def _rejudge(out: Path, judge: Judge, policy: RoutingPolicy | None, chunk_size: 
             rows = _move(out, done, rows, shard_size)
     log.info("rejudge %s: %s", out, stats.summary())
     return stats
+
+
+def _invalid(out: Path, row: dict[str, Any]) -> str | None:
+    """Why a waiting sample must not be moved (one line), or None: its dir is outside OUT (a
+    symlink), unreadable, or differs from its manifest row (checksum, id, index — the index picks
+    the unit whose tar and part it moves into)."""
+    directory = inside_out(out, f"{REJUDGE}/{row['id']}")
+    if directory is None:
+        return f"{REJUDGE}/{row['id']} resolves outside {out}: not read"
+    if not directory.is_dir():
+        return f"{REJUDGE}/{row['id']}/ is missing"
+    try:
+        members = read_members_dir(directory)
+        if "__error__" in members:
+            return members["__error__"]
+        if checksum(members) != row["checksum"]:
+            return "its files differ from the checksum in the manifest (changed after the build)"
+        meta = member_metadata(members)
+    except (*CORRUPT_DATA_ERRORS, KeyError) as exc:
+        return f"unreadable: {type(exc).__name__}: {exc}"
+    if not isinstance(meta, dict):
+        return "its sample.json is not an object"
+    if meta.get("id") != row["id"]:
+        return f"its sample.json names another id, {str(meta.get('id'))[:80]!r}"
+    if meta.get("index") != row["index"]:
+        return f"its sample.json says index {str(meta.get('index'))[:40]}, the manifest {row['index']}"
+    return None
 
 
 def _reset(sample: EditSample) -> EditSample:
@@ -169,8 +217,11 @@ def _clean_leftovers(out: Path, rows: list[dict[str, Any]], candidates: list[dic
             path = out / SHARDS / name
             if not path.is_file():
                 continue
-            with tarfile.open(path, mode="r") as tar:
-                keys = {member.name.split(".", 1)[0] for member in tar.getmembers()}
+            try:
+                keys = {key for key, _ in iter_tar_groups(path, read=False)}
+            except CORRUPT_DATA_ERRORS as exc:  # verify names a damaged tar; nothing to clean here
+                log.warning("rejudge: cannot list shards/%s: %s", name, exc)
+                continue
             stale = keys & waiting
             if stale:
                 rewrite_tar(path, add={}, drop=stale)

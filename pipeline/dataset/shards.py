@@ -36,6 +36,8 @@ whatever it reads.
 Reading is bounded: a tar member whose header declares more than `MAX_MEMBER_BYTES` is never read
 (its sample fails with that reason), images larger than `MAX_PIXELS` are refused from the header,
 and `CORRUPT_DATA_ERRORS` is everything Pillow, zlib, tarfile and json really raise on damaged bytes.
+Tar headers are read by `tarscan.scan_tar`, never by `tarfile`: every declared size (extended
+headers, members) is bounded before anything is read or allocated.
 
 Bytes are deterministic: PNGs carry no timestamp, tar headers have a fixed mtime/uid/gid/mode and
 empty owner names, members and samples are always written in the same order. Every final file is
@@ -64,7 +66,8 @@ import numpy as np
 from isal import isal_zlib
 from PIL import Image
 
-from pipeline import rle
+from pipeline import bounds, rle
+from pipeline.dataset.tarscan import TarDamage, TarMember, scan_tar
 from pipeline.sources.decode import DECODE_ERRORS
 from pipeline.record import MAX_SUB_EDITS, SHARD_FORMAT, EditSample, InventoryObject, SubEdit, dumps
 
@@ -81,8 +84,8 @@ _MASK_SUFFIX = re.compile(r"^mask_(\d+)\.png$")  # format 1 only
 
 # Bounds on what a reader accepts from a file (untrusted sizes, issue 17): a member declaring more
 # bytes is not read; an image declaring more pixels is not decoded.
-MAX_MEMBER_BYTES = 256 * 1024 * 1024
-MAX_PIXELS = 64_000_000
+MAX_MEMBER_BYTES = bounds.MAX_CELL_BYTES  # an encoded image, in a tar as in a parquet cell
+MAX_PIXELS = bounds.MAX_PIXELS
 
 # What damaged bytes really raise: Pillow's decoders (`DECODE_ERRORS`), and tarfile on a
 # truncated or corrupt tar (json's errors are ValueErrors). Every reader of shards and sample dirs
@@ -516,42 +519,77 @@ def _tar_info(name: str, size: int) -> tarfile.TarInfo:
     return info
 
 
-def iter_tar_groups(path: Path, max_member_bytes: int | None = None) -> Iterator[tuple[str, dict[str, bytes]]]:
+class TarDamageError(tarfile.ReadError):
+    """A tar shard is damaged (truncated, garbage between members): one line naming the bytes
+    and what they cost. A `tarfile.TarError`, so it is one of CORRUPT_DATA_ERRORS."""
+
+
+DAMAGED = "#damaged"  # the group key `iter_tar_groups(..., damage="report")` gives a damaged region
+
+
+def iter_tar_groups(path: Path, max_member_bytes: int | None = None, damage: str = "raise",
+                    read: bool = True) -> Iterator[tuple[str, dict[str, bytes]]]:
     """(key, {suffix: bytes}) for each sample of a tar, streaming, the way webdataset groups them:
     consecutive members with the same key. A suffix repeated within a group starts a new group, so
-    a sample written twice shows up twice. A member whose header declares more than
-    `max_member_bytes` (default MAX_MEMBER_BYTES) is not read: its group carries `__error__`
-    with the reason instead (`decode_sample` fails it). Raises one of CORRUPT_DATA_ERRORS
-    (tarfile.TarError, EOFError, ValueError, ...) on a broken tar."""
+    a sample written twice shows up twice. Headers are read by `tarscan.scan_tar`, which bounds
+    every declared size before reading. A member whose header declares more than
+    `max_member_bytes` (default MAX_MEMBER_BYTES), a sparse member, or one whose extended header
+    was refused is not read: its group carries `__error__` with the reason instead
+    (`decode_sample` fails it). Damage (a truncated tar, garbage between members):
+    `damage="raise"` raises `TarDamageError` after the groups before it; `damage="report"` yields
+    `(DAMAGED, {"__error__": reason})` in its place and goes on with the members after it.
+    `read=False` lists the same groups from the headers alone (every member's bytes are b"")."""
     cap = MAX_MEMBER_BYTES if max_member_bytes is None else max_member_bytes
+    if damage not in ("raise", "report"):
+        raise ValueError(f"damage must be 'raise' or 'report', not {damage!r}")
+    shard = Path(path).name
     key: str | None = None
     members: dict[str, bytes] = {}
-    with tarfile.open(path, mode="r|") as tar:
-        for info in tar:
-            if not info.isfile():
+    with open(path, "rb") as handle:
+        for entry in scan_tar(handle):
+            if isinstance(entry, TarDamage):
+                if key is not None:
+                    yield key, members
+                    key, members = None, {}
+                if damage == "raise":
+                    raise TarDamageError(f"{shard}: {entry.reason}")
+                yield DAMAGED, {"__error__": f"{shard}: {entry.reason}"}
                 continue
-            name = info.name.rsplit("/", 1)[-1]
+            if not entry.isreg():
+                continue
+            name = entry.name.rsplit("/", 1)[-1]
             if "." not in name:
-                raise ValueError(f"{Path(path).name}: member {info.name!r} has no extension")
+                raise ValueError(f"{shard}: member {entry.name!r} has no extension")
             member_key, suffix = name.split(".", 1)
             if key is not None and (member_key != key or suffix in members):
                 yield key, members
                 members = {}
             key = member_key
-            if info.size > cap or info.issparse():
+            if entry.error is not None or entry.declared > cap:
                 # the declared size is untrusted: never read it (a sparse member expands on read)
-                kind = "sparse member" if info.issparse() else "member"
-                members.setdefault("__error__", f"{kind} {info.name!r} declares {info.size} bytes, "
-                                                f"over the cap of {cap}")
+                reason = _refusal(entry, cap)
+                members.setdefault("__error__", reason)
                 members[suffix] = b""
                 continue
-            handle = tar.extractfile(info)
-            data = handle.read() if handle is not None else b""
-            if len(data) != info.size:
-                raise EOFError(f"{Path(path).name}: member {info.name!r} is truncated")
+            if not read:
+                members[suffix] = b""
+                continue
+            handle.seek(entry.offset_data)
+            data = handle.read(entry.size)  # size <= cap and <= the bytes the file has
+            if len(data) != entry.size:
+                raise TarDamageError(f"{shard}: member {entry.name!r} is truncated")
             members[suffix] = data
     if key is not None:
         yield key, members
+
+
+def _refusal(entry: TarMember, cap: int) -> str:
+    if entry.error == "sparse member":
+        over = f", over the cap of {cap}" if entry.declared > cap else " (a sparse member is never read)"
+        return f"sparse member {entry.name!r} declares {entry.declared} bytes{over}"
+    if entry.error is not None:
+        return f"member {entry.name!r}: {entry.error}"
+    return f"member {entry.name!r} declares {entry.declared} bytes, over the cap of {cap}"
 
 
 def read_shard(path: Path) -> Iterator[EditSample]:

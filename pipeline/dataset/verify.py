@@ -19,7 +19,8 @@ Every manifest row is checked against what is on disk:
 Each problem names the sample id (or the file, when no sample can be named) and what is wrong.
 Damaged bytes never end the check: whatever a reader raises on them (`CORRUPT_DATA_ERRORS`) becomes
 a problem for that sample or file, and what was found before is kept. A tar member declaring more
-than `shards.MAX_MEMBER_BYTES` is never read. A directory that is not a build, or a build in shard
+than `shards.MAX_MEMBER_BYTES` is never read, nor an extended tar header over 64 KiB; garbage
+between a tar's members is one problem naming its bytes, and the members after it are still checked. A directory that is not a build, or a build in shard
 format 1, is refused with one line (exit 2).
 """
 
@@ -44,12 +45,16 @@ from pipeline.dataset.output import (
     REJUDGE,
     REVIEW,
     SHARDS,
+    OutsideOut,
+    inside_out,
+    location_path,
     quarantine_members,
     read_manifest,
     read_parts,
 )
 from pipeline.dataset.shards import (
     CORRUPT_DATA_ERRORS,
+    DAMAGED,
     FORMAT_VERSION,
     checksum,
     decode_sample,
@@ -58,6 +63,7 @@ from pipeline.dataset.shards import (
     iter_tar_groups,
     read_members_dir,
 )
+from pipeline.dataset.move import is_sample_id
 from pipeline.rle import encode as rle_encode
 
 # Which verdict each kind of location holds.
@@ -127,6 +133,10 @@ def check_build(out: Path) -> VerifyReport:
 
     problems += _check_tars(out, by_id, report)
     for sample_id, row in by_id.items():
+        refusal = _outside(out, row)
+        if refusal is not None:  # never read: OUT's tables name files inside OUT only
+            problems.append(refusal)
+            continue
         kind = location_kind(row["shard"], sample_id)
         if kind is None:
             problems.append(f"{sample_id}: manifest location {row['shard']!r} is not a valid location")
@@ -140,6 +150,18 @@ def check_build(out: Path) -> VerifyReport:
     problems += _check_temporaries(out)
     problems += _check_parts(out, by_id)
     return report
+
+
+def _outside(out: Path, row: dict[str, Any]) -> str | None:
+    """Why a row must not be read (one line), or None: an id the factory never writes (it becomes
+    a path), or a location that resolves outside OUT (`review/../../x`, a symlink out)."""
+    if not is_sample_id(row["id"]):
+        return f"{str(row['id'])[:200]!r}: not a sample id the factory writes; its files are not read"
+    try:
+        location_path(out, row["shard"] or "")
+    except OutsideOut as exc:
+        return f"{row['id']}: {exc}"
+    return None
 
 
 # ---- one sample's members against its row ---------------------------------------------------------
@@ -193,8 +215,14 @@ def _check_tars(out: Path, by_id: dict[str, dict[str, Any]], report: VerifyRepor
     tars = sorted((out / SHARDS).glob("*.tar")) if (out / SHARDS).is_dir() else []
     report.tars = len(tars)
     for tar in tars:
+        if inside_out(out, f"{SHARDS}/{tar.name}") is None:
+            problems.append(f"shards/{tar.name}: a link to a file outside {out}: not read")
+            continue
         try:
-            for key, members in iter_tar_groups(tar):
+            for key, members in iter_tar_groups(tar, damage="report"):
+                if key == DAMAGED:  # garbage between members: named, and the members after it checked
+                    problems.append(f"shards/{tar.name}: unreadable tar: {members['__error__']}")
+                    continue
                 first_here = tar.name not in found[key]
                 found[key].append(tar.name)
                 row = by_id.get(key)

@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from pipeline import rle
+from pipeline import bounds, rle
 from pipeline.importers.base import MaskSpec, RawSession, RawTurn
 from pipeline.compose.procedural import turn_text
 from pipeline.importers.edit_types import infer_edit_type
@@ -63,17 +63,29 @@ class Assembled:
 
 
 def check_chain(indices: list[int]) -> None:
-    """SourceError unless the turn indices are 1, 2, …, n (each once)."""
+    """SourceError unless the turn indices are 1, 2, …, n (each once), n ≤ `bounds.MAX_TURN`.
+    Checked in one pass over the sorted indices: nothing as large as the largest index is built."""
+    for index in indices:
+        try:
+            bounds.turn_index(index)
+        except bounds.OutOfBounds as exc:
+            raise SourceError(str(exc)) from None
+    if len(indices) > bounds.MAX_TURN:
+        raise SourceError(f"session has {len(indices)} turns, over the limit of {bounds.MAX_TURN}")
     seen = sorted(indices)
-    repeated = sorted({i for i in seen if seen.count(i) > 1})
-    if repeated:
-        raise SourceError(f"turn {repeated[0]} appears {seen.count(repeated[0])} times in the session",
-                          context={"turn": repeated[0]})
-    missing = sorted(set(range(1, (seen[-1] if seen else 0) + 1)) - set(seen))
-    if missing or not seen or seen[0] < 1:
+    for previous, current in zip(seen, seen[1:]):
+        if previous == current:
+            raise SourceError(f"turn {current} appears {seen.count(current)} times in the session",
+                              context={"turn": current})
+    expected = 1
+    for current in seen:
+        if current != expected:
+            break
+        expected += 1
+    if not seen or expected <= seen[-1]:
         present = ",".join(str(i) for i in seen)
-        raise SourceError(f"gap in the turn chain: turn {missing[0] if missing else 1} is missing "
-                          f"(turns present: {present})", context={"turn": missing[0] if missing else 1})
+        raise SourceError(f"gap in the turn chain: turn {expected} is missing "
+                          f"(turns present: {present})", context={"turn": expected})
 
 
 def has_gap(indices: list[int]) -> bool:
@@ -112,18 +124,19 @@ def _check_aspect(size: tuple[int, int], frame: Frame, what: str) -> None:
                           f"{frame.original[0]}x{frame.original[1]}: a different aspect ratio")
 
 
-def decode_mask(spec: MaskSpec) -> np.ndarray:
-    """The edited region (bool, at the mask's own resolution) of a dataset's mask encoding."""
+def decode_mask(spec: MaskSpec, max_pixels: int = MAX_PIXELS) -> np.ndarray:
+    """The edited region (bool, at the mask's own resolution) of a dataset's mask encoding.
+    A mask is never bigger than its image: `max_pixels` is the session's first image's."""
     if spec.kind == "rle":
         try:
-            return rle.decode(spec.data)
+            return rle.decode(spec.data, max_pixels=max_pixels)
         except ValueError as exc:
             raise SourceError(one_line(f"bad RLE mask: {exc}")) from None
     if spec.kind not in ("alpha", "white"):
         raise SourceError(f"unknown mask encoding {spec.kind!r}")
     try:
         with Image.open(io.BytesIO(spec.data), formats=("PNG", "WEBP", "JPEG", "BMP", "TIFF", "GIF")) as im:
-            if im.width * im.height > MAX_PIXELS:
+            if im.width * im.height > max_pixels:
                 raise SourceError(f"mask of {im.width}x{im.height} pixels refused (too large)")
             im.load()
             if spec.kind == "alpha" and ("A" in im.getbands() or "transparency" in im.info):
@@ -150,8 +163,16 @@ def _named(objects: list[InventoryObject], text: str) -> list[InventoryObject]:
 
 def assemble(session: RawSession, *, resolution: int, min_edits: int, max_edits: int) -> Assembled:
     """The sample parts of `session` (see the module docstring); SourceError with the reason."""
+    check_chain([t.index for t in session.turns])
     turns = sorted(session.turns, key=lambda t: t.index)
-    check_chain([t.index for t in turns])
+    for position, turn in enumerate(turns, start=1):
+        if turn.instruction is not None:
+            try:
+                turn.instruction = bounds.clean_text(turn.instruction,
+                                                     what=f"turn {position}'s instruction")
+            except bounds.OutOfBounds as exc:
+                raise SourceError(str(exc), context={"turn": position}) from None
+        turn.turn_id = bounds.clip_text(turn.turn_id)
     if len(turns) < min_edits:
         raise SourceError(f"session has {len(turns)} turns, fewer than --min-edits {min_edits}")
     total = len(turns)
@@ -223,7 +244,8 @@ def _sub_edit(turn: RawTurn, position: int, text: str, before: np.ndarray, after
     # The dataset's own mask says where the edit is, whatever the text seems to say.
     if spec is not None:
         what = f"turn {position} mask"
-        mask = fit_region(_loaded_mask(spec, what), frame, what)
+        mask = fit_region(_loaded_mask(spec, what, frame.original[0] * frame.original[1]), frame,
+                          what)
         source = "dataset"
     elif edit_type == GLOBAL:
         mask, source = whole, "global"
@@ -242,13 +264,13 @@ def _sub_edit(turn: RawTurn, position: int, text: str, before: np.ndarray, after
                           + ("the mask marks no pixel)" if source == "dataset" else "nothing changed)"),
                           context={"turn": position})
     params = {"domain": "photo", "free_text": True, "mask_from": source, "turn_id": turn.turn_id,
-              "original_text": str(turn.instruction)}
+              "original_text": str(turn.instruction)}  # cleaned and bounded by `assemble`
     return SubEdit(type=edit_type, text=text,
                    object_ids=[o.id for o in named], params=params, box=box, mask=mask)
 
 
-def _loaded_mask(spec: MaskSpec, what: str) -> np.ndarray:
+def _loaded_mask(spec: MaskSpec, what: str, max_pixels: int) -> np.ndarray:
     try:
-        return decode_mask(spec)
+        return decode_mask(spec, max_pixels)
     except SourceError as exc:
         raise SourceError(f"{what}: {exc}") from None

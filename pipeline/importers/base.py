@@ -22,6 +22,7 @@ from typing import Any, Callable, Protocol
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline import bounds
 from pipeline.registry import Registry
 from pipeline.sources.base import SourceError
 from pipeline.sources.decode import one_line, read_bytes
@@ -96,6 +97,19 @@ def session_key(split: str | None, source_id: str) -> str:
 
 # ---- helpers the formats share -------------------------------------------------------------------
 
+def listed_turn(value: Any) -> Any:
+    """A turn index as a dataset row gives it, for `sessions()`: an int within 1..MAX_TURN (a
+    numeric string or an integral float included) when it is one, else the value as it came —
+    never an error while listing: `assemble.check_chain` refuses that session alone, with a
+    one-line reason, when it is read (`Infinity`, `1e30`, a 22-digit integer, None, a list)."""
+    if isinstance(value, str) and value.strip().lstrip("-").isdigit() and len(value) < 20:
+        value = int(value)
+    try:
+        return bounds.turn_index(value)
+    except bounds.OutOfBounds:
+        return value
+
+
 def parquet_files(path: str | Path, suffix: str = ".parquet") -> dict[str, Path]:
     """{path relative to `path`: file} of the parquet files under `path` (or `path` itself)."""
     root = Path(path)
@@ -163,7 +177,12 @@ class RowReader:
                 group = next(g for g in range(len(offsets) - 1) if offsets[g] <= row < offsets[g + 1])
                 table = self._cache.get((name, group))
                 if table is None:
-                    table = pq.ParquetFile(self.files[name]).read_row_group(group)
+                    file = pq.ParquetFile(self.files[name])
+                    try:
+                        bounds.check_row_group(file.metadata, group, None, name)
+                    except bounds.OutOfBounds as exc:
+                        raise SourceError(one_line(str(exc))) from None
+                    table = file.read_row_group(group)
                     self._cache[(name, group)] = table
                     while len(self._cache) > self.CACHED_GROUPS:
                         self._cache.popitem(last=False)
@@ -179,11 +198,15 @@ def image_value_bytes(value: Any, folder: Path | None = None) -> bytes:
     relative to `folder`), raw bytes, or a path string. SourceError when there is none."""
     if isinstance(value, dict):
         if value.get("bytes"):
-            return bytes(value["bytes"])
-        value = value.get("path")
+            value = value["bytes"]
+        else:
+            value = value.get("path")
     if isinstance(value, (bytes, bytearray)):
         if not value:
             raise SourceError("empty image bytes")
+        if len(value) > bounds.MAX_CELL_BYTES:
+            raise SourceError(f"image cell is {len(value):,} bytes, over the limit of "
+                              f"{bounds.MAX_CELL_BYTES:,}")
         return bytes(value)
     if isinstance(value, str) and value:
         return file_bytes(value, folder)

@@ -11,16 +11,19 @@ one line per turn, images beside it:
 Paths are relative to the jsonl file's folder (never outside it). Lines of a session may come in
 any order; the session key is the split (if any) and the session id. A line that is not JSON, or
 lacks `session`/`turn`, fails the import with its line number (a dataset that does not parse is
-not imported by guesswork).
+not imported by guesswork); so does a line over `bounds.MAX_JSON_LINE_BYTES`. A turn index that is
+not an integer within 1..`bounds.MAX_TURN` (`Infinity`, `1e30`, a 22-digit integer) only refuses
+its session, with that reason.
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
-from pipeline.importers.base import IMPORTERS, MaskSpec, RawSession, RawTurn, file_bytes, session_key
+from pipeline import bounds
+from pipeline.importers.base import (IMPORTERS, MaskSpec, RawSession, RawTurn, file_bytes,
+                                     listed_turn, session_key)
 
 
 @IMPORTERS.register("generic")
@@ -45,14 +48,19 @@ class Generic:
                 if not line.strip():
                     continue
                 try:
-                    record = json.loads(line)
-                    sid, turn = str(record["session"]), int(record["turn"])
-                except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+                    record = bounds.json_value(line, what=f"{file.name} line {number}", strict=False)
+                    sid, turn = bounds.clip_text(record["session"]), listed_turn(record["turn"])
+                except bounds.OutOfBounds as exc:
+                    raise ValueError(str(exc)) from None
+                except (KeyError, TypeError):
                     raise ValueError(f"{file.name} line {number}: not a turn record "
                                      "(JSON with session and turn)") from None
                 if split is not None and record.get("split") != split:
                     continue
                 record["turn"] = turn
+                record["session"] = sid
+                if record.get("split") is not None:
+                    record["split"] = bounds.clip_text(record["split"])
                 self.lines.setdefault(session_key(record.get("split"), sid), []).append((file.parent, record))
 
     def sessions(self) -> dict[str, list[int]]:
@@ -63,7 +71,8 @@ class Generic:
         first = lines[0][1]
         turns = [self._turn(folder, r) for folder, r in lines]
         return RawSession(key=key, dataset=self.name, source_id=str(first["session"]),
-                          split=first.get("split"), license=str(first.get("license") or self.default_license),
+                          split=first.get("split"),
+                          license=bounds.clip_text(first.get("license") or self.default_license),
                           turns=turns)
 
     @staticmethod

@@ -20,7 +20,8 @@ from collections import defaultdict
 from pathlib import Path
 
 from pipeline.importers.base import (IMPORTERS, MaskSpec, RawSession, RawTurn, RowReader,
-                                     hf_split, image_value_bytes, session_key, split_parquet_files)
+                                     hf_split, image_value_bytes, listed_turn, session_key,
+                                     split_parquet_files)
 
 COLUMNS = ("img_id", "turn_index", "source_img", "mask_img", "instruction", "target_img")
 
@@ -49,7 +50,7 @@ class MagicBrush:
                                                          table.column("turn_index").to_pylist())):
                     key = session_key(split, str(img_id))
                     self._ids[key] = (split, str(img_id))
-                    rows[key].append((name, row, int(turn)))
+                    rows[key].append((name, row, listed_turn(turn)))
             self._rows = dict(rows)
         return self._rows
 

@@ -29,6 +29,7 @@ import logging
 import re
 from typing import Any
 
+from pipeline import bounds
 from pipeline.compose.base import COMPOSERS
 from pipeline.compose.procedural import join_turns, turn_text
 from pipeline.editors.base import EDITORS
@@ -106,13 +107,16 @@ def failure_context(session: RawSession, max_edits: int, exc: SourceError) -> di
     a turn has no usable text), and `failed_turn` (the turn the error names: `exc.context["turn"]`
     where `assemble` attaches it, else the first "turn N" of the message; absent when the failure
     is the session's as a whole)."""
-    turns = sorted(session.turns, key=lambda t: t.index)
+    # a turn index out of bounds (refused by `check_chain`) may be anything: sort ints first
+    turns = sorted(session.turns, key=lambda t: (0, t.index) if isinstance(t.index, int)
+                   and not isinstance(t.index, bool) else (1, 0))
+    texts = [None if t.instruction is None else bounds.clip_text(t.instruction, bounds.MAX_TEXT_CHARS)
+             for t in turns]
     context: dict[str, Any] = {
-        "dataset": session.dataset, "split": session.split, "license": session.license,
-        "instructions": [None if t.instruction is None else str(t.instruction) for t in turns]}
+        "dataset": session.dataset, "split": session.split,
+        "license": bounds.clip_text(session.license), "instructions": texts}
     try:
-        context["instruction"] = join_turns([turn_text(t.instruction or "")
-                                             for t in turns[:max_edits]])
+        context["instruction"] = join_turns([turn_text(t or "") for t in texts[:max_edits]])
     except ValueError:
         pass
     turn = exc.context.get("turn")

@@ -107,7 +107,8 @@ def exact_pairs(resolution: int, seed: int, edits_per_image: int = 6, editor: st
         listing = Path(tmp) / "photos.txt"
         listing.write_text("\n".join(str(folder / name) for name in PHOTOS) + "\n")
         config = BuildConfig(count=None, seed=seed, resolution=resolution, shard_size=64,
-                             defect_rate=0.0, source="list", source_options={"path": str(listing)},
+                             defect_rate=0.0, source="list",
+                             source_options={"path": str(listing), "allow_outside_root": True},
                              edits_per_image=edits_per_image, editor=editor,
                              editor_options=dict(editor_options or {}))
         return [s for s in run_units(config, front_stages(config)) if not s.failed]

@@ -15,7 +15,9 @@ raises `SourceError` with a one-line reason, and the build quarantines that item
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
@@ -34,6 +36,30 @@ class SourceError(ValueError):
     def __init__(self, *args: Any, context: dict[str, Any] | None = None):
         super().__init__(*args)
         self.context: dict[str, Any] = dict(context or {})
+
+
+OUTSIDE_ROOT_HINT = "pass --allow-outside-root to read it"
+
+
+def path_inside(written: str, root: Path, *, allow_outside_root: bool = False,
+                what: str = "the list file's folder") -> Path:
+    """The file a source row names, resolved against `root` (the list or parquet file's folder).
+    SourceError (one line, the row's path as written) for an absolute path, a `~` path or one
+    whose resolved location (symlinks followed) is outside `root`, unless `allow_outside_root`
+    (`--allow-outside-root`, or the source option `allow_outside_root=true`) is given."""
+    shown = " ".join(str(written).split())[:160]
+    path = Path(written)
+    if allow_outside_root:
+        path = path.expanduser()
+        return path if path.is_absolute() else root / path
+    if path.is_absolute() or str(written).startswith("~"):
+        raise SourceError(f"absolute path refused: {shown} is not relative to {what} "
+                          f"({OUTSIDE_ROOT_HINT})")
+    inside = Path(os.path.realpath(root))
+    resolved = Path(os.path.realpath(inside / path))
+    if not resolved.is_relative_to(inside):
+        raise SourceError(f"path refused: {shown} leads outside {what} ({OUTSIDE_ROOT_HINT})")
+    return resolved
 
 
 @dataclass

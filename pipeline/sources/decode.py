@@ -7,6 +7,10 @@ factory opens an image from outside. What it guarantees:
   Ghostscript-backed EPS, no exotic plugin reached through a misnamed file;
 - a decompression bomb is refused from the header, before any pixel is decoded (`max_pixels`,
   and Pillow's own bomb error/warning are turned into the same refusal);
+- an RGBA image costs about 7.5 bytes a pixel to decode (alpha composited in uint8 bands,
+  measured in `_on_white`; 16-bit grey is scaled in integers too; 32-bit integer and float grey
+  still go through float64), and a process decodes at most `DECODE_BUDGET_PIXELS` pixels at once
+  over its threads;
 - truncated data is refused, never padded with grey (`ImageFile.LOAD_TRUNCATED_IMAGES` is left
   False);
 - EXIF orientation is applied; CMYK, 16-bit/32-bit/float grey, palette, grey, alpha (composited
@@ -28,16 +32,18 @@ import struct
 import threading
 import warnings
 import zlib
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 from PIL import Image, ImageFile, ImageOps
 
+from pipeline import bounds
 from pipeline.sources.base import SourceError, SourceItem
 from pipeline.sources.frame import Frame
 
-MAX_PIXELS = 64_000_000
+MAX_PIXELS = bounds.MAX_PIXELS  # the decoder's cap, documented in `pipeline.bounds`
 MAX_FILE_BYTES = 256 * 1024 * 1024  # a photo file larger than this is refused unread
 FORMATS = ("JPEG", "MPO", "PNG", "WEBP", "BMP", "DIB", "TIFF", "GIF")
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".webp", ".bmp", ".dib",
@@ -96,6 +102,29 @@ def decode_image(data: bytes, *, max_pixels: int = MAX_PIXELS,
 
 _HEADER_LOCK = threading.Lock()
 
+# Pixels a process decodes at once, over all its threads (the build fingerprints and reads keys
+# from thread pools): a decode waits until its pixels fit, so four images at the cap cost two at a
+# time (about 1 GB, at the 7.5 bytes a pixel `_on_white` measures), not four. One image alone
+# always fits.
+DECODE_BUDGET_PIXELS = 2 * MAX_PIXELS
+_BUDGET = threading.Condition()
+_in_flight = 0
+
+
+@contextmanager
+def _pixel_budget(pixels: int) -> Iterator[None]:
+    global _in_flight
+    need = min(int(pixels), DECODE_BUDGET_PIXELS)
+    with _BUDGET:
+        _BUDGET.wait_for(lambda: _in_flight + need <= DECODE_BUDGET_PIXELS)
+        _in_flight += need
+    try:
+        yield
+    finally:
+        with _BUDGET:
+            _in_flight -= need
+            _BUDGET.notify_all()
+
 
 def _open(data: bytes, formats: tuple[str, ...]) -> Image.Image:
     """Parse the header only. Pillow warns (from 89 M pixels, an error from twice that) when
@@ -124,6 +153,12 @@ def _decode(im: Image.Image, max_pixels: int) -> DecodedImage:
         notes.append(f"first frame of {frames}")
     if ImageFile.LOAD_TRUNCATED_IMAGES:  # someone set it globally: refuse to pad silently
         raise SourceError("refusing to decode: PIL.ImageFile.LOAD_TRUNCATED_IMAGES is set")
+    with _pixel_budget(w * h):
+        return _decode_pixels(im, w, h, max_pixels, notes)
+
+
+def _decode_pixels(im: Image.Image, w: int, h: int, max_pixels: int,
+                   notes: list[str]) -> DecodedImage:
     im.load()
     if im.size != (w, h) and im.size[0] * im.size[1] > max_pixels:  # a frame larger than said
         raise SourceError(f"decompression bomb refused: a frame of {im.size[0]}x{im.size[1]} "
@@ -138,6 +173,9 @@ def _decode(im: Image.Image, max_pixels: int) -> DecodedImage:
         oriented = ImageOps.exif_transpose(im)
         notes.append("exif-rotated")
     array = _to_rgb(oriented, notes)
+    if oriented is not im:
+        oriented.close()
+    im.close()  # Pillow's pixels go before the budget is given back
     return DecodedImage(image=array, notes=notes, original_size=(array.shape[1], array.shape[0]))
 
 
@@ -164,24 +202,52 @@ def _to_rgb(im: Image.Image, notes: list[str]) -> np.ndarray:
         notes.append(f"{mode} converted")
         im = im.convert("RGB")
     if im.mode in ("RGBA", "RGBa"):
-        rgba = np.asarray(im.convert("RGBA"), dtype=np.float32)
-        alpha = rgba[:, :, 3:4] / 255.0
-        rgb = rgba[:, :, :3] * alpha + 255.0 * (1.0 - alpha)
         notes.append("alpha composited on white")
-        return np.ascontiguousarray(np.clip(np.rint(rgb), 0, 255).astype(np.uint8))
+        return _on_white(im)
     array = np.asarray(im, dtype=np.uint8)
     if array.ndim != 3 or array.shape[2] != 3:
         raise SourceError(f"cannot normalise mode {mode} to RGB (got shape {array.shape})")
     return np.ascontiguousarray(array)
 
 
+# Rows composited at once: a band's temporaries (its RGBA copy, uint16 products) stay a few MB
+# whatever the image's size.
+COMPOSITE_BAND_PIXELS = 1 << 20
+
+
+def _on_white(im: Image.Image) -> np.ndarray:
+    """An RGBA (or premultiplied RGBa) image composited on white → uint8 HxWx3, in bands of
+    rows with integer arithmetic: round((rgb * a + 255 * (255 - a)) / 255), exactly the float
+    formula's result, never above 255 * 255 + 127 so it fits uint16.
+
+    Measured (a child process's ru_maxrss, an 8000x8000 = 64 M px RGBA PNG of 265 KB, the cap):
+    the whole decode peaks at 7.5 bytes per pixel above the interpreter (515 MB in all) —
+    Pillow's RGBA image (4) + the RGB result (3) + one band — where the float32 copy of the whole
+    image it replaces peaked at 60 bytes per pixel (3.7 GB). tests/test_bounds_decoders.py holds
+    it under a ceiling."""
+    w, h = im.size
+    out = np.empty((h, w, 3), dtype=np.uint8)
+    rows = max(1, COMPOSITE_BAND_PIXELS // max(1, w))
+    for top in range(0, h, rows):
+        band = im.crop((0, top, w, min(h, top + rows)))
+        if band.mode != "RGBA":
+            band = band.convert("RGBA")
+        rgba = np.asarray(band)
+        alpha = rgba[:, :, 3:4].astype(np.uint16)
+        mixed = rgba[:, :, :3] * alpha  # uint16: at most 255 * 255
+        mixed += 255 * (255 - alpha)
+        mixed += 127
+        out[top:top + rgba.shape[0]] = mixed // 255
+    return out
+
+
 def _scale_to_8bit(values: np.ndarray, mode: str) -> np.ndarray:
     """16-bit grey is scaled by its full range (65535 → 255), never clipped; 32-bit integer and
     float images by the range their values use."""
+    if mode.startswith("I;16"):  # rint(v / 257) in integers (no ties: 257 is odd), no float copy
+        return ((values.astype(np.uint32) + 128) // 257).astype(np.uint8)
     v = values.astype(np.float64)
-    if mode.startswith("I;16"):
-        out = v / 257.0
-    elif mode == "F" and np.isfinite(v).all() and v.min() >= 0.0 and v.max() <= 1.0:
+    if mode == "F" and np.isfinite(v).all() and v.min() >= 0.0 and v.max() <= 1.0:
         out = v * 255.0
     else:
         v = np.nan_to_num(v, nan=0.0, posinf=0.0, neginf=0.0)

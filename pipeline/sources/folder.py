@@ -9,7 +9,8 @@ followed only when it resolves inside the folder.
 With `annotations=` (a COCO instances json; `file_name` relative to the folder), the regions it
 gives for an image come with the item as `InventoryObject`s carried through the image's frame
 (`Frame`: the same scale and centre crop as its pixels; producer "coco"; the mask rasterised from
-polygons or decoded from RLE and brought to the sample's size, the box that of that mask, or the
+polygons or decoded from RLE — whose `size` must be the image entry's, checked before decoding —
+and brought to the sample's size, the box that of that mask, or the
 carried `bbox` when there is no segmentation; a region the crop cuts away is dropped): what
 `--grounder given` hands the composer. An image the file does not mention has no objects.
 """
@@ -25,7 +26,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
-from pipeline import rle
+from pipeline import bounds, rle
 from pipeline.record import InventoryObject
 from pipeline.sources.base import SOURCES, SourceError, SourceItem
 from pipeline.sources.decode import (IMAGE_SUFFIXES, check_options, is_regular, mask_box, one_line,
@@ -149,12 +150,16 @@ class CocoIndex:
         if entry is None:
             return []
         ow, oh = frame.original
-        annotated = (int(entry.get("width") or ow), int(entry.get("height") or oh))
+        try:  # the size the annotations are drawn at: within the decoder's pixel cap
+            annotated = bounds.check_pixels(entry.get("width") or ow, entry.get("height") or oh,
+                                            what="COCO image")
+        except bounds.OutOfBounds as exc:
+            raise SourceError(one_line(f"COCO image entry is unusable: {exc}")) from None
         out: list[InventoryObject] = []
         for ann in self.annotations.get(entry["id"], []):
             try:
                 obj = self._object(ann, frame, annotated, len(out))
-            except (ValueError, KeyError, TypeError, IndexError) as exc:
+            except (ValueError, KeyError, TypeError, IndexError, OverflowError) as exc:
                 raise SourceError(one_line(f"COCO annotation {ann.get('id')} is unreadable: "
                                            f"{exc}")) from None
             if obj is not None:
@@ -163,7 +168,7 @@ class CocoIndex:
 
     def _object(self, ann: dict[str, Any], frame: Frame, annotated: tuple[int, int],
                 index: int) -> InventoryObject | None:
-        x, y, w, h = (float(v) for v in ann["bbox"])
+        x, y, w, h = (bounds.finite(v, "a bbox value") for v in ann["bbox"])
         box = frame.box([x, y, x + w, y + h], of=annotated)
         mask = _coco_mask(ann.get("segmentation"), frame, annotated)
         if mask is not None:
@@ -173,7 +178,8 @@ class CocoIndex:
         attributes: dict[str, Any] = {"coco_id": ann.get("id")}
         if ann.get("iscrowd"):
             attributes["iscrowd"] = True
-        label = self.categories.get(ann.get("category_id"), str(ann.get("category_id", "object")))
+        label = bounds.clip_text(self.categories.get(ann.get("category_id"),
+                                                     ann.get("category_id", "object")))
         return InventoryObject(id=index, label=label, box=box, mask=mask, attributes=attributes,
                                confidence=1.0, producer="coco")
 
@@ -183,12 +189,8 @@ def _coco_mask(segmentation: Any, frame: Frame, annotated: tuple[int, int]) -> n
     pixels) at the sample's size."""
     if not segmentation:
         return None
-    if isinstance(segmentation, dict):  # RLE
-        mask = rle.decode(segmentation)
-        if (mask.shape[1], mask.shape[0]) != annotated:
-            raise ValueError(f"RLE size {mask.shape[1]}x{mask.shape[0]} is not the image's "
-                             f"{annotated[0]}x{annotated[1]}")
-        return frame.mask(mask)
+    if isinstance(segmentation, dict):  # RLE: its size must be the image's, checked unread
+        return frame.mask(rle.decode(segmentation, expected=(annotated[1], annotated[0])))
     canvas = Image.new("L", frame.size, 0)
     draw = ImageDraw.Draw(canvas)
     for polygon in segmentation:

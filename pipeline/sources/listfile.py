@@ -2,9 +2,12 @@
 
 A `.txt` list holds one image path per line (blank lines and `#` comments skipped). A `.csv`
 (or `.tsv`) list has a header with a `path` column (or `image` / `file`) and optionally
-`caption` (or `text`), `url` and `license` columns, which are kept in the item's meta. Relative
-paths resolve against the list file's folder. Keys are the paths as written, in file order; a
-path listed twice is read once (its first row wins). URLs are not fetched.
+`caption` (or `text`), `url` and `license` columns, which are kept in the item's meta. Paths
+resolve against the list file's folder and must stay inside it: an absolute path, a `~` path or
+one that leads outside (`../`, a symlink) is refused for that item alone, with a one-line reason,
+unless the source option `allow_outside_root=true` (`--allow-outside-root`) is given. Keys are
+the paths as written, in file order; a path listed twice is read once (its first row wins). URLs
+are not fetched.
 """
 
 from __future__ import annotations
@@ -13,7 +16,8 @@ import csv
 from pathlib import Path
 from typing import Any
 
-from pipeline.sources.base import SOURCES, SourceError, SourceItem
+from pipeline import bounds
+from pipeline.sources.base import SOURCES, SourceError, SourceItem, path_inside
 from pipeline.sources.decode import check_options, is_regular, one_line, read_bytes, to_item
 
 PATH_COLUMNS = ("path", "image", "file")
@@ -25,8 +29,9 @@ class ListSource:
     name = "list"
 
     def __init__(self, *, path: str, resolution: int = 512, min_side: int = 32,
-                 max_aspect: float = 4.0):
+                 max_aspect: float = 4.0, allow_outside_root: bool = False):
         check_options(resolution, min_side, max_aspect)
+        self.allow_outside_root = bool(allow_outside_root)
         self.path = Path(path)
         if not self.path.is_file():
             raise ValueError(f"list file does not exist: {path}")
@@ -44,9 +49,7 @@ class ListSource:
             raise SourceError(f"key not in the list: {one_line(key)}")
         if "://" in key:
             raise SourceError(f"URLs are not fetched (no network): {one_line(key)}")
-        path = Path(key).expanduser()
-        if not path.is_absolute():
-            path = self.base / path
+        path = path_inside(key, self.base, allow_outside_root=self.allow_outside_root)
         if not path.exists():
             raise SourceError(f"file not found: {one_line(key)}")
         if not is_regular(path):
@@ -81,6 +84,7 @@ def _parse(path: Path) -> dict[str, dict[str, Any]]:
         entry = (row.get(path_column) or "").strip()
         if not entry or entry.startswith("#") or entry in rows:
             continue
-        rows[entry] = {field: row[column] for field, column in meta_columns.items()
+        rows[entry] = {field: bounds.clip_text(row[column], bounds.MAX_TEXT_CHARS)
+                       for field, column in meta_columns.items()
                        if column is not None and row.get(column) not in (None, "")}
     return rows

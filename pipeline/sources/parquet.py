@@ -2,24 +2,28 @@
 
 The image column is `image_column` or found by type: a Hugging Face image struct
 `{bytes, path}` (bytes first, else the path), a binary column of encoded bytes, or a string
-column of paths (relative to the parquet file's folder). Keys are the `id` (or `key`) column
-when it is present, complete and unique over all files, else `"<file>:<row>"` (the file's path
-relative to the directory, the row within the file); keys come in file then row order.
+column of paths, relative to the parquet file's folder and inside it: an absolute path or one that
+leads outside (`../`, a symlink) is refused for that row alone, with a one-line reason, unless
+the source option `allow_outside_root=true` (`--allow-outside-root`) is given. Keys are the `id`
+(or `key`) column when it is present, complete and unique over all files, else `"<file>:<row>"`
+(the file's path relative to the directory, the row within the file); keys come in file then row
+order.
 
 `caption` (or `text`), `url` and `license` columns go into the item's meta. Regions given by
 the rows — `boxes` (list of [x0, y0, x1, y1] in original pixels), `labels` (list of names),
-`masks` (list of COCO RLE dicts at the original size) — come as `InventoryObject`s carried
-through the image's frame (`Frame`: the same scale and centre crop as its pixels; a region the
-crop cuts away is dropped; producer "parquet").
+`masks` (list of COCO RLE dicts, or their JSON text, at the original size: a mask of another
+size is refused before it is decoded; at most `bounds.MAX_REGIONS` per row) — come as
+`InventoryObject`s carried through the image's frame (`Frame`: the same scale and centre crop as
+its pixels; a region the crop cuts away is dropped; producer "parquet").
 
 Rows are read one row group at a time (the last few groups are cached, per process), never a
-whole file for one row.
+whole file for one row; a row group declaring more than `bounds.MAX_ROW_GROUP_BYTES` uncompressed
+(over the columns read) is refused, for its rows, before it is read.
 """
 
 from __future__ import annotations
 
 import bisect
-import json
 import threading
 from collections import OrderedDict
 from pathlib import Path
@@ -28,9 +32,9 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline import rle
+from pipeline import bounds, rle
 from pipeline.record import InventoryObject
-from pipeline.sources.base import SOURCES, SourceError, SourceItem
+from pipeline.sources.base import SOURCES, SourceError, SourceItem, path_inside
 from pipeline.sources.decode import check_options, is_regular, mask_box, one_line, read_bytes, to_item
 from pipeline.sources.frame import Frame
 
@@ -46,8 +50,10 @@ class ParquetSource:
     name = "parquet"
 
     def __init__(self, *, path: str, resolution: int = 512, min_side: int = 32,
-                 max_aspect: float = 4.0, image_column: str | None = None):
+                 max_aspect: float = 4.0, image_column: str | None = None,
+                 allow_outside_root: bool = False):
         check_options(resolution, min_side, max_aspect)
+        self.allow_outside_root = bool(allow_outside_root)
         root = Path(path)
         if root.is_dir():
             files = sorted(p for p in root.rglob("*.parquet") if p.is_file()
@@ -130,7 +136,8 @@ class ParquetSource:
         name, row = self._locate(key)
         values = self._row(name, row)
         data = self._image_bytes(values.get(self.image_column), self.files[name].parent)
-        meta = {field: values[column] for field, column in self.meta_columns.items()
+        meta = {field: bounds.clip_text(values[column], bounds.MAX_TEXT_CHARS)
+                for field, column in self.meta_columns.items()
                 if column is not None and values.get(column) not in (None, "")}
         item = to_item(data, resolution=self.resolution, min_side=self.min_side,
                        max_aspect=self.max_aspect, meta=meta)
@@ -158,7 +165,12 @@ class ParquetSource:
                 if table is not None:
                     self._cached.move_to_end((name, group))
             if table is None:
-                table = pq.ParquetFile(self.files[name]).read_row_group(group, columns=self.columns)
+                file = pq.ParquetFile(self.files[name])
+                try:
+                    bounds.check_row_group(file.metadata, group, self.columns, name)
+                except bounds.OutOfBounds as exc:
+                    raise SourceError(one_line(str(exc))) from None
+                table = file.read_row_group(group, columns=self.columns)
                 with self._lock:
                     self._cached[(name, group)] = table
                     while len(self._cached) > CACHED_GROUPS:
@@ -172,17 +184,23 @@ class ParquetSource:
             raise SourceError("row has no image")
         if self.image_kind == "struct":
             if value.get("bytes"):
-                return bytes(value["bytes"])
+                value = value["bytes"]
+                if len(value) > bounds.MAX_CELL_BYTES:
+                    raise SourceError(f"image cell is {len(value):,} bytes, over the limit of "
+                                      f"{bounds.MAX_CELL_BYTES:,}")
+                return bytes(value)
             value = value.get("path")
             if not value:
                 raise SourceError("image struct has neither bytes nor path")
         if isinstance(value, (bytes, bytearray, memoryview)):
+            if len(value) > bounds.MAX_CELL_BYTES:
+                raise SourceError(f"image cell is {len(value):,} bytes, over the limit of "
+                                  f"{bounds.MAX_CELL_BYTES:,}")
             return bytes(value)
-        path = Path(str(value))
-        if not path.is_absolute():
-            path = folder / path
         if "://" in str(value):
             raise SourceError(f"URLs are not fetched (no network): {one_line(str(value))}")
+        path = path_inside(str(value), folder, allow_outside_root=self.allow_outside_root,
+                           what="the parquet file's folder")
         if not path.exists():
             raise SourceError(f"file not found: {one_line(str(value))}")
         if not is_regular(path):
@@ -232,26 +250,33 @@ def _regions(values: dict[str, Any], columns: dict[str, str], frame: Frame) -> l
     masks = values.get(columns.get("masks", "")) or []
     original = frame.original
     objects: list[InventoryObject] = []
+    for column, values_of in (("boxes", boxes), ("labels", labels), ("masks", masks)):
+        if not isinstance(values_of, (list, tuple)):
+            raise SourceError(f"the {column} cell is not a list ({type(values_of).__name__})")
+        if len(values_of) > bounds.MAX_REGIONS:
+            raise SourceError(f"the {column} cell holds {len(values_of):,} regions, over the "
+                              f"limit of {bounds.MAX_REGIONS:,}")
+    # a mask's JSON text is at most its runs' text (`bounds.MAX_RLE_GROUPS` per run) plus a little
+    json_bytes = bounds.MAX_RLE_GROUPS * (original[0] * original[1] + 1) + 4096
     for i in range(max(len(boxes), len(masks))):
         try:
             mask = None
             if i < len(masks) and masks[i] is not None:
-                given = json.loads(masks[i]) if isinstance(masks[i], str) else masks[i]
-                full = rle.decode(given)
-                if (full.shape[1], full.shape[0]) != original:
-                    raise ValueError(f"mask is {full.shape[1]}x{full.shape[0]}, the image "
-                                     f"{original[0]}x{original[1]}")
+                given = bounds.json_value(masks[i], what=f"mask {i}", max_bytes=json_bytes) \
+                    if isinstance(masks[i], (str, bytes)) else masks[i]
+                # a mask is never bigger than its image: its size must be the image's
+                full = rle.decode(given, expected=(original[1], original[0]))
                 mask = frame.mask(full)
             box = mask_box(mask) if mask is not None else None
             if mask is None and i < len(boxes) and boxes[i] is not None:
                 if len(boxes[i]) != 4:
                     raise ValueError(f"box has {len(boxes[i])} numbers, not 4")
-                box = frame.box(boxes[i])
+                box = frame.box([bounds.finite(v, 'a box coordinate') for v in boxes[i]])
         except (ValueError, TypeError, KeyError) as exc:
             raise SourceError(one_line(f"region {i} is unreadable: {exc}")) from None
         if box is None or box[2] <= box[0] or box[3] <= box[1]:
             continue  # empty, cropped away, or vanished at this resolution
-        label = str(labels[i]) if i < len(labels) and labels[i] is not None else "object"
+        label = bounds.clip_text(labels[i]) if i < len(labels) and labels[i] is not None else "object"
         objects.append(InventoryObject(id=len(objects), label=label, box=box, mask=mask,
                                        confidence=1.0, producer="parquet"))
     return objects

@@ -4,14 +4,16 @@
 `"<shard stem>/<KEY>"`, in shard then member order, where KEY is the member name up to the first
 dot of its base name (the webdataset convention: `a/b.c.jpg` is key `a/b`, extension `c.jpg`).
 Every key that has a regular member is listed; one without an image member reads as a
-`SourceError`. A shard whose headers break off (truncated, compressed, not a tar) keeps the
-samples listed before the damage plus one key `"<shard stem>/#damaged"` that reads as a
-`SourceError` naming the damage, so the manifest shows it. The caption comes from `KEY.txt` or the json's `caption`; `url` and `license`
+`SourceError`. A damaged shard (truncated, compressed, not a tar, garbage between members) keeps
+every sample its readable headers list — the listing resumes at the next valid header after
+garbage — plus one key `"<shard stem>/#damaged"` that reads as a `SourceError` naming each damaged
+byte range and the member before it, so the manifest shows what the damage cost. The caption comes from `KEY.txt` or the json's `caption`; `url` and `license`
 from the json.
 
 Shards are plain (uncompressed) tars, read by seeking: each shard's member offsets are indexed
-once per process, lazily, from the headers alone. A member whose header says it is larger than
-`max_member_bytes` is refused without reading it.
+once per process, lazily, from the headers alone, by `pipeline.dataset.tarscan` (an extended
+header over 64 KiB is never read; no declared size is trusted past the file's end). A member whose
+header says it is larger than `max_member_bytes`, or a sparse one, is refused without reading it.
 """
 
 from __future__ import annotations
@@ -19,10 +21,10 @@ from __future__ import annotations
 import json
 import logging
 import re
-import tarfile
 from pathlib import Path
 from typing import Any
 
+from pipeline.dataset.tarscan import TarDamage, scan_tar
 from pipeline.sources.base import SOURCES, SourceError, SourceItem
 from pipeline.sources.decode import check_options, one_line, to_item
 
@@ -33,8 +35,8 @@ _KEY_EXT = re.compile(r"^((?:.*/|)[^./]+)[.]([^/]*)$")
 
 DAMAGED = "#damaged"  # the key that accounts for what a damaged shard's headers hid
 
-# {key: {extension: (data offset, size)}} for one shard, in member order
-ShardIndex = dict[str, dict[str, tuple[int, int]]]
+# {key: {extension: (data offset, size, why it is refused or None)}} for one shard, in member order
+ShardIndex = dict[str, dict[str, tuple[int, int, str | None]]]
 
 
 @SOURCES.register("webdataset")
@@ -95,8 +97,10 @@ class WebDatasetSource:
         return to_item(data, resolution=self.resolution, min_side=self.min_side,
                        max_aspect=self.max_aspect, meta=meta)
 
-    def _member(self, f: Any, sample: str, ext: str, members: dict[str, tuple[int, int]]) -> bytes:
-        offset, size = members[ext]
+    def _member(self, f: Any, sample: str, ext: str, members: dict[str, tuple[int, int, str | None]]) -> bytes:
+        offset, size, refused = members[ext]
+        if refused is not None:
+            raise SourceError(one_line(f"tar member {sample}.{ext} is refused unread: {refused}"))
         if size > self.max_member_bytes:
             raise SourceError(f"tar member {sample}.{ext} is {size:,} bytes, over "
                               f"max_member_bytes {self.max_member_bytes:,}")
@@ -107,7 +111,7 @@ class WebDatasetSource:
                               f"({len(data):,} of {size:,} bytes)")
         return data
 
-    def _meta(self, f: Any, sample: str, members: dict[str, tuple[int, int]]) -> dict[str, Any]:
+    def _meta(self, f: Any, sample: str, members: dict[str, tuple[int, int, str | None]]) -> dict[str, Any]:
         meta: dict[str, Any] = {}
         if "json" in members:
             try:
@@ -131,11 +135,19 @@ class WebDatasetSource:
 
 
 def _index_shard(path: Path) -> tuple[ShardIndex, str | None]:
-    """The shard's samples from its headers alone, and what damage stopped the listing (None)."""
+    """The shard's samples from its headers alone (`tarscan.scan_tar`: every declared size is
+    bounded before anything is read), and what damage it found (None). Garbage between members is
+    reported and the listing resumes at the next valid header, so the samples after it are kept."""
     index: ShardIndex = {}
+    damages: list[str] = []
+    before = 0  # samples listed before the first damage
     try:
-        with tarfile.open(path, mode="r:") as tar:
-            for member in tar:
+        with open(path, "rb") as handle:
+            for member in scan_tar(handle):
+                if isinstance(member, TarDamage):
+                    before = len(index) if not damages else before
+                    damages.append(member.reason)
+                    continue
                 if not member.isreg():
                     continue
                 name = member.name[2:] if member.name.startswith("./") else member.name
@@ -145,11 +157,16 @@ def _index_shard(path: Path) -> tuple[ShardIndex, str | None]:
                 if match is None:
                     continue
                 key, ext = match.group(1), match.group(2).lower()
-                index.setdefault(key, {}).setdefault(ext, (member.offset_data, member.size))
-    except (tarfile.TarError, OSError, EOFError) as exc:
-        # A damaged shard keeps the samples indexed before the damage; the rest is one key.
-        damage = one_line(f"shard {path.name} is damaged after {len(index)} samples "
-                          f"(a plain, uncompressed tar is needed): {exc}")
-        log.warning("webdataset %s", damage)
-        return index, damage
-    return index, None
+                # a sparse member, or one whose extended header was refused, is listed but never read
+                index.setdefault(key, {}).setdefault(ext, (member.offset_data, member.size, member.error))
+    except OSError as exc:
+        before = len(index) if not damages else before
+        damages.append(f"unreadable: {exc}")
+    if not damages:
+        return index, None
+    # The damage is one more key, whose manifest row carries the reasons.
+    shown = "; ".join(damages[:3]) + (f"; and {len(damages) - 3} more" if len(damages) > 3 else "")
+    damage = one_line(f"shard {path.name} is damaged after {before} samples ({len(index)} listed; "
+                      f"a plain tar is needed): {shown}")
+    log.warning("webdataset %s", damage)
+    return index, damage
