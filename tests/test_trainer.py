@@ -580,6 +580,7 @@ def test_bench_runs_one_model_with_cudnn_attention_preferred_and_counts_flops_wi
     assert small["background_grid"] == 2 and small["gflops_per_sample"] < mcie["gflops_per_sample"]
 
 
+@pytest.mark.slow  # ≈ 3 min: every step of the GPU script at the tiny size
 def test_device_check_script_dry_runs_on_the_cpu(tmp_path):
     """bench/device_check.sh is what a GPU session runs in its few minutes: it must not have rotted.
     DEVICE=cpu runs every step of it (trainer smokes on the tiny DiT and UNet, the DiT benchmark,
