@@ -3,7 +3,10 @@ a procedural source, then sub-edits whose masks are rectangles and whose target 
 
 from __future__ import annotations
 
+import shutil
+
 import numpy as np
+import pytest
 
 from pipeline.record import EditSample, SubEdit
 from pipeline.sources.procedural import ProceduralSource
@@ -90,4 +93,25 @@ def procedural_train_shards(out, units: int, per_unit: int, resolution: int = 64
         for sample in accepted:
             sample.verdict, sample.verdict_by = "accept", "judge"
         write_tar(out / "shards" / f"train-{unit:06d}.tar", accepted)
+    return out
+
+
+# Fixtures (import them into a test module by name): a verified one-unit OUT, built once per
+# module, and a fresh copy of it per test to damage.
+@pytest.fixture(scope="module")
+def clean_build(tmp_path_factory):
+    from pipeline.dataset.output import finalize, write_unit
+    from pipeline.dataset.verify import verify
+
+    out = tmp_path_factory.mktemp("shards") / "out"
+    write_unit(out, 0, unit_samples(0))
+    finalize(out)
+    assert verify(out) == []
+    return out
+
+
+@pytest.fixture
+def build(clean_build, tmp_path):
+    out = tmp_path / "out"
+    shutil.copytree(clean_build, out)
     return out

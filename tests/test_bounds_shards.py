@@ -42,7 +42,7 @@ from pipeline.dataset.verify import verify
 from pipeline.judges.base import make_judge
 from pipeline.sources.base import SourceError
 from pipeline.sources.webdataset import WebDatasetSource
-from shard_samples import SEED, finished_sample, unit_samples
+from shard_samples import SEED, build, clean_build, finished_sample, unit_samples  # noqa: F401
 
 GIB = 1 << 30
 CEILING = 3 * GIB // 2  # the bound for a whole command
@@ -224,21 +224,6 @@ def test_verify_names_garbage_in_a_shard_and_still_checks_the_samples_after_it(c
 
 
 # ---- items 2 and 3: OUT's tables name files inside OUT only; export's destination ------------------
-
-@pytest.fixture(scope="module")
-def clean_build(tmp_path_factory):
-    out = tmp_path_factory.mktemp("bounds") / "out"
-    write_unit(out, 0, unit_samples(0))
-    finalize(out)
-    assert verify(out) == []
-    return out
-
-
-@pytest.fixture
-def build(clean_build, tmp_path):
-    out = tmp_path / "out"
-    shutil.copytree(clean_build, out)
-    return out
 
 
 def _point_outside(out: Path, tmp_path: Path) -> tuple[str, Path]:

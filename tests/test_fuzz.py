@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import io
 import random
-import shutil
 import tarfile
 import tracemalloc
 
@@ -14,7 +13,7 @@ import numpy as np
 import pytest
 
 from pipeline.dataset import shards
-from pipeline.dataset.output import finalize, read_manifest, write_unit
+from pipeline.dataset.output import read_manifest
 from pipeline.dataset.report import load_samples
 from pipeline.dataset.shards import (
     CORRUPT_DATA_ERRORS,
@@ -29,25 +28,11 @@ from pipeline.dataset.verify import check_build, verify
 from pipeline.sources.base import SourceError
 from pipeline.sources.decode import decode_image
 from photo_fixtures import skimage_photos
-from shard_samples import unit_samples
+from shard_samples import build, clean_build  # noqa: F401 (fixtures)
 
 GIB = 1 << 30
 
 
-@pytest.fixture(scope="module")
-def clean_build(tmp_path_factory):
-    out = tmp_path_factory.mktemp("fuzz") / "out"
-    write_unit(out, 0, unit_samples(0))
-    finalize(out)
-    assert verify(out) == []
-    return out
-
-
-@pytest.fixture
-def build(clean_build, tmp_path):
-    out = tmp_path / "out"
-    shutil.copytree(clean_build, out)
-    return out
 
 
 def tar_with_accepts(out):
