@@ -76,8 +76,10 @@ def test_make_demo_says_what_its_edit_is_and_ends_at_the_photo_contact_sheet():
     import subprocess
 
     root = Path(__file__).resolve().parents[1]
-    lines = subprocess.run(["make", "-n", "demo", "DEMO_OUT=out/x"], cwd=root, capture_output=True,
-                           text=True, timeout=60, check=True).stdout.strip().splitlines()
+    # (--no-print-directory: under `make test` this is a sub-make, which would add "Leaving directory")
+    lines = subprocess.run(["make", "-n", "--no-print-directory", "demo", "DEMO_OUT=out/x"], cwd=root,
+                           capture_output=True, text=True, timeout=60,
+                           check=True).stdout.strip().splitlines()
     assert lines[-1].startswith("echo ") and f"out/x-photos/{ACCEPTED}" in lines[-1]
     edit = next(i for i, line in enumerate(lines) if "/mcie edit " in line)
     assert "makes noise; this shows the command path, not quality" in lines[edit - 1]
