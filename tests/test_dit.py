@@ -200,7 +200,8 @@ def test_missing_condition_and_unknown_backbone_are_one_line_errors(backbone):
 
 def test_one_lora_flow_matching_step_moves_only_lora_and_new_modules():
     """Kontext-style step: LoRA (peft) + MCIE modules trainable, base frozen; undisturbed at step 0;
-    the loss is finite and the zero-initialised gate is what learns first."""
+    the loss is finite, the zero-initialised gate is what learns first, and every gate and its
+    projection go on learning (issue 26: clamped gates died)."""
     from diffusers import FlowMatchEulerDiscreteScheduler
 
     from trainer.dit.flow import add_lora, kontext_training_step, make_optimizer
@@ -228,6 +229,17 @@ def test_one_lora_flow_matching_step_moves_only_lora_and_new_modules():
     assert any("lora_B" in n for n in changed)  # B starts at 0 and takes the first gradient
     gates = {n for n in mcie_parameters(model) if n.endswith("gate")}
     assert gates <= changed
+    # ... and the gates stay alive: every gate and its projection keeps taking gradient (a gate
+    # clamped to [0, 1] that stepped below 0 at the first step "changed" but takes none, for good)
+    branch = {n: p for n, p in mcie_parameters(model).items() if n.endswith(("gate", "injection.proj.weight"))}
+    grads = {n: [] for n in branch}
+    for n, p in branch.items():
+        p.register_post_accumulate_grad_hook(lambda p, n=n: grads[n].append(float(p.grad.abs().sum())))
+    for seed in range(4, 8):
+        kontext_training_step(model, optimizer, FlowMatchEulerDiscreteScheduler(), data["target"], data["source"],
+                              data["text"], data["pooled"], _condition(data), generator=torch.Generator().manual_seed(seed))
+    dead = sorted(n for n, g in grads.items() if len(g) != 4 or min(g) == 0.0)
+    assert not dead, f"no gradient after the first step: {dead}"
 
 
 def test_block_mask_is_the_dense_mask():

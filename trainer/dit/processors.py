@@ -17,10 +17,17 @@ swapped in with `set_attn_processor`; the background module's weights live in th
 - **Background-consistent injection**: for target tokens at background positions the attention
   output (before the output projection: that map is affine, so mixing before it equals mixing
   after it with the source projected too, one matmul fewer) is mixed with a projection of the
-  source image's token at the same position: `out·(1 - g·b) + proj(source)·g·b`, `b` the token's background flag, `g = clamp(gate, 0, 1)`
-  zero-initialised (ControlNet practice: a pretrained model is undisturbed at step 0). The source
-  features are the packed source latents, instruction-free, so at `g = 1` a background token's
-  attention output no longer depends on any text.
+  source image's token at the same position: `out·(1 - g·b) + proj(source)·g·b`, `b` the token's
+  background flag, `g` the gate, as the UNet's (trainer/attention.py): a free scalar, 0 at init,
+  never clamped, the projection a default-initialised (non-zero) Linear. At `g = 0` the model is
+  the pretrained one exactly; the gate's gradient is `Σ b·(proj(source) - out)·∂L/∂mixed`, non-zero
+  from the first step (the projection is not zero), and the projection's is `g·b·…`, non-zero from
+  the second step on (exact neutrality forces one factor of the product to start at 0, and it is
+  the gate). Nothing clamps, so no value of the gate stops gradient: the branch cannot die (the
+  earlier `clamp(gate, 0, 1)` with a zero start sent the gates that first stepped below 0 to a
+  zero-gradient state for the gate and the projection, for good). The source features are the
+  packed source latents, instruction-free, so at `g = 1` a background token's attention output no
+  longer depends on any text.
 """
 
 from __future__ import annotations
@@ -67,8 +74,8 @@ class SourceInjection(nn.Module):
 
     def __init__(self, source_dim: int, inner_dim: int):
         super().__init__()
-        self.proj = nn.Linear(source_dim, inner_dim)
-        self.gate = nn.Parameter(torch.zeros(()))  # 0: exactly the pretrained output
+        self.proj = nn.Linear(source_dim, inner_dim)  # default (non-zero) init: the gate's gradient
+        self.gate = nn.Parameter(torch.zeros(()))  # 0: exactly the pretrained output; never clamped
 
     def mix(self, out: torch.Tensor, cond: JointCondition, offset: int) -> torch.Tensor:
         """`out` (B, L, D), the attention's output before its output projection, with the target
@@ -77,7 +84,9 @@ class SourceInjection(nn.Module):
         if cond.source is None:
             raise ValueError("the background injection needs JointCondition.source (packed source latents)")
         length = cond.target_length
-        weight = self.gate.clamp(0.0, 1.0).to(out.dtype) * cond.background_tokens(out.dtype)
+        # unclamped, as the UNet's gate: a clamp passes no gradient outside [0, 1], and a gate
+        # that steps below 0 there (half of them, from a zero start) never learns again
+        weight = self.gate.to(out.dtype) * cond.background_tokens(out.dtype)
         source = self.proj(cond.source.to(self.proj.weight.dtype)).to(out.dtype)
         rows = out[:, offset: offset + length]
         # a·(1-w) + s·w rather than lerp: at w = 1 the result is s exactly, whatever a holds
