@@ -89,7 +89,7 @@ def _review_handler(action: str):
             return 2
         if not conn.api_key:  # a usage error, found before anything is touched
             print(f"error: no API key: set {KEY_ENV} (a legacy token or personal access token "
-                  f"of {conn.public_url})", file=sys.stderr)
+                  f"of {conn.url})", file=sys.stderr)
             return 2
         if not args.out.is_dir():
             print(f"error: {args.out} is not a build output folder", file=sys.stderr)

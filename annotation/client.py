@@ -86,15 +86,6 @@ class Connection:
         if self.max_answer_bytes < 1024:
             raise ValueError(f"answer cap must be at least 1024 bytes, got {self.max_answer_bytes}")
 
-    @property
-    def public_url(self) -> str:
-        """The URL as stored in shards and printed (credentials were stripped on construction)."""
-        return strip_credentials(self.url)
-
-    def scrub(self, text: str) -> str:
-        """`text` (an error message) with any URL credentials of this server taken out."""
-        return text.replace(self.url, self.public_url) if self.url != self.public_url else text
-
     @classmethod
     def from_env(cls, url: str | None = None, api_key: str | None = None,
                  deadline_s: float | None = None) -> "Connection":
@@ -134,7 +125,7 @@ class GuardedTransport(httpx.BaseTransport):
         self.cap = conn.max_answer_bytes
         self.deadline_s = conn.deadline_s
         self.deadline = time.monotonic() + conn.deadline_s
-        self.base = conn.public_url
+        self.base = conn.url
 
     def deadline_error(self) -> LabelStudioMisbehaving:
         return LabelStudioMisbehaving(
@@ -206,7 +197,7 @@ def list_pages(first, what: str, page_size: int, server: str = "Label Studio") -
 
 def _auth_hint(conn: Connection) -> str:
     return (
-        f"Label Studio at {conn.public_url} rejected the API key: set {KEY_ENV} to a valid legacy token "
+        f"Label Studio at {conn.url} rejected the API key: set {KEY_ENV} to a valid legacy token "
         "or personal access token (Label Studio → Account & Settings; for `mcie labelstudio serve` "
         "it is the LABEL_STUDIO_USER_TOKEN it was started with)"
     )
@@ -222,12 +213,12 @@ def translated_errors(conn: Connection) -> Iterator[None]:
     except ApiError as exc:
         if exc.status_code in (401, 403):
             raise LabelStudioAuthError(_auth_hint(conn)) from None
-        body = conn.scrub(" ".join(str(exc.body).split())[:300])  # one line, whatever the server sent
-        raise LabelStudioError(f"Label Studio at {conn.public_url} answered {exc.status_code}: {body}") from exc
+        body = " ".join(str(exc.body).split())[:300]  # one line, whatever the server sent
+        raise LabelStudioError(f"Label Studio at {conn.url} answered {exc.status_code}: {body}") from exc
     except httpx.TransportError as exc:
         raise LabelStudioUnavailable(
-            f"cannot reach Label Studio at {conn.public_url} ({type(exc).__name__}: "
-            f"{conn.scrub(str(exc))}); start it "
+            f"cannot reach Label Studio at {conn.url} ({type(exc).__name__}: "
+            f"{exc}); start it "
             f"with `mcie labelstudio serve` or set {URL_ENV} to a running server"
         ) from None
 
@@ -238,7 +229,7 @@ def connect(conn: Connection):
 
     if not conn.api_key:
         raise LabelStudioAuthError(
-            f"no API key: set {KEY_ENV} (a legacy token or personal access token of {conn.public_url})"
+            f"no API key: set {KEY_ENV} (a legacy token or personal access token of {conn.url})"
         )
     with translated_errors(conn):
         try:
@@ -249,5 +240,5 @@ def connect(conn: Connection):
             user = client.users.whoami()
         except ValueError as exc:  # a malformed personal access token fails inside the SDK
             raise LabelStudioAuthError(f"{_auth_hint(conn)} ({exc})") from None
-    log.debug("connected to %s as %s", conn.public_url, user.email)
+    log.debug("connected to %s as %s", conn.url, user.email)
     return client

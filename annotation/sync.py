@@ -292,7 +292,7 @@ def project_tasks(client, project_id: int, with_annotations: bool,
 
 
 def _server(conn: Connection | None) -> str:
-    return f"Label Studio at {conn.public_url}" if conn else "Label Studio"
+    return f"Label Studio at {conn.url}" if conn else "Label Studio"
 
 
 def _task_sample_id(task) -> str | None:
@@ -505,7 +505,7 @@ def pull(
             item = read_review(out, sample_id)
             lean = judge_lean(item.meta.get("scores") or {}, settings.lean_threshold)
             verdict_by = "both" if verdict == lean else "human"
-            human = human_record(sample_votes, verdict, lean, policy, users, title, conn.public_url)
+            human = human_record(sample_votes, verdict, lean, policy, users, title, conn.url)
             changes: list[tuple[str, str]] = []
             agreeing = [v for v in reversed(sample_votes) if v.verdict == verdict and v.proposal]
             try:  # corrections are applied (and refused) before anything is moved

@@ -181,7 +181,7 @@ def test_label_studio_credentials_are_never_printed(capsys):
     assert strip_credentials("http://user:s3cret@host:8080/ls") == "http://host:8080/ls"
     assert strip_credentials("https://host") == "https://host"
     conn = Connection(url="http://user:s3cret@127.0.0.1:9", api_key="k", deadline_s=5)
-    assert conn.url == conn.public_url == "http://127.0.0.1:9"  # stripped on construction
+    assert conn.url == "http://127.0.0.1:9"  # stripped on construction: stored and printed as is
     with pytest.raises(LabelStudioError) as caught:
         connect(conn)  # nothing listens on port 9
     assert "s3cret" not in str(caught.value) and "127.0.0.1:9" in str(caught.value)
