@@ -301,7 +301,8 @@ def test_mcie_edit_cli_keeps_the_background_exactly(trained, build, tmp_path):
         capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])
     assert result.returncode == 0, result.stderr[-2000:]
     info = json.loads(result.stdout.strip().splitlines()[-1])
-    assert info["backbone"] == backbone and info["guidance"] == [4.0, 1.0] and info["regions_from"] == "given"
+    released = [1.0, 1.0] if backbone == "flux-kontext" else [4.0, 1.0]  # each pipeline's own default
+    assert info["backbone"] == backbone and info["guidance"] == released and info["regions_from"] == "given"
     source = np.asarray(Image.open(tmp_path / "in.png").convert("RGB"))
     edited = np.asarray(Image.open(tmp_path / "out.png"))
     inside = np.zeros(source.shape[:2], bool)

@@ -82,7 +82,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                       help="denoising steps")
     edit.add_argument("--text-guidance", type=float,
                       help="classifier-free guidance scale on the instruction (default: the backbone's, "
-                           "UNet 7.5, DiT 4.0)")
+                           "UNet 7.5, FLUX.1 Kontext 1.0: the distilled guidance alone, "
+                           "Qwen-Image-Edit 4.0: true CFG)")
     edit.add_argument("--image-guidance", type=float,
                       help="guidance scale on the source image (default: UNet 1.5, DiT 1.0)")
     edit.add_argument("--seed", type=int, default=0,

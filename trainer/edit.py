@@ -236,7 +236,8 @@ def edit_image(model: MCIEE1, image: Image.Image | np.ndarray, instruction: str,
     """Edit `image` (any size and aspect) by `instruction`. Outside the sub-instructions' regions
     the result is the source's pixels exactly with `paste_back` (the default); `blend` keeps the
     source's latents there while sampling. Guidance scales default to the backbone's
-    (`model.guidance`: UNet 7.5 / 1.5 as InstructPix2Pix, DiT 4.0 / 1.0: true CFG on the text)."""
+    (`model.guidance`: UNet 7.5 / 1.5 as InstructPix2Pix; FLUX.1 Kontext 1.0 / 1.0, one pass
+    per step with the distilled guidance; Qwen-Image-Edit 4.0 / 1.0, true CFG rescaled per token)."""
     config = model.config
     text_guidance = model.guidance[0] if text_guidance is None else text_guidance
     image_guidance = model.guidance[1] if image_guidance is None else image_guidance

@@ -25,7 +25,7 @@ each sub-instruction's region — with a diffusers DiT as the denoiser in place 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 
 import numpy as np
 import torch
@@ -127,13 +127,48 @@ def resolution_shift(scheduler, tokens: int) -> float:
     return tokens * slope + c.base_shift - slope * c.base_image_seq_len
 
 
+def select_rows(cond: Conditioning | None, rows: list[int]) -> Conditioning | None:
+    """The conditioning of batch rows `rows` only: every tensor field of `cond` and of its
+    `JointCondition` indexed on axis 0 (a new condition, with its own mask cache)."""
+    if cond is None:
+        return None
+
+    def take(value):
+        return value[torch.as_tensor(rows, device=value.device)] if isinstance(value, torch.Tensor) else value
+
+    condition = cond.condition
+    if isinstance(condition, JointCondition):
+        condition = replace(condition, **{f.name: take(getattr(condition, f.name))
+                                          for f in fields(condition) if f.init and f.name != "_cache"})
+    return replace(cond, **{f.name: take(getattr(cond, f.name)) for f in fields(cond) if f.name != "condition"},
+                   condition=condition)
+
+
+def rescale_to_conditional(combined: torch.Tensor, conditional: torch.Tensor) -> torch.Tensor:
+    """QwenImageEditPipeline's true-CFG rescale: each token's velocity (its 2×2 cell × channels,
+    the packed vector) scaled to the conditional prediction's norm,
+    `comb_pred * (cond_norm / noise_norm)`. (B, C, h, w) in and out."""
+    height, width = combined.shape[-2:]
+    packed, reference = pack(combined), pack(conditional)
+    ratio = reference.norm(dim=-1, keepdim=True) / packed.norm(dim=-1, keepdim=True).clamp(min=torch.finfo(packed.dtype).tiny)
+    return unpack(packed * ratio, height, width)
+
+
 class MCIEDiT(MCIEE1):
-    guidance = (4.0, 1.0)  # true CFG on the instruction; the source image is not guided
     flow_timesteps = "logit_normal"  # how training draws σ: the trainer sets train.flow_timesteps
 
     def __init__(self, config: ModelConfig, frozen: Frozen, base_dtype: torch.dtype = torch.float32):
         object.__setattr__(self, "_base_dtype", base_dtype)  # read by _build, before nn.Module exists
         super().__init__(config, frozen)
+
+    @property
+    def guidance(self) -> tuple[float, float]:
+        """`mcie edit`'s default (text, image) guidance: each released pipeline's own. FLUX.1
+        Kontext: one pass per step with the distilled guidance embedding (`config.guidance`), no
+        true CFG (FluxKontextPipeline's `true_cfg_scale` is 1.0). Qwen-Image-Edit: true CFG 4.0
+        against the image-only row, rescaled per token (QwenImageEditPipeline). The source image
+        is not guided (1.0: the "none" row is never computed)."""
+        return (1.0, 1.0) if self.config.backbone == "flux-kontext" else (4.0, 1.0)
 
     def _build(self, frozen: Frozen) -> None:
         config = self.config
@@ -276,12 +311,28 @@ class MCIEDiT(MCIEE1):
     @torch.no_grad()
     def sample(self, cond: Conditioning, noise: torch.Tensor, steps: int, text_guidance: float,
                image_guidance: float, known: torch.Tensor | None = None,
-               keep: torch.Tensor | None = None) -> torch.Tensor:
+               keep: torch.Tensor | None = None, rescale: bool | None = None) -> torch.Tensor:
         """Euler from σ = 1 over `steps` on the scheduler's sigmas, with guidance over the three
         conditions of `cond` (full, image only, none) as `trainer.edit.sample_latents` combines
-        them. `known`/`keep`: latent blending — after every step the kept positions are set to
-        `known` at the next σ with the starting noise, `(1 - σ)·known + σ·noise`."""
+        them — computing only the rows the combination reads: text and image guidance 1.0 read
+        the full row alone (one transformer pass per step, FLUX.1 Kontext's default), image
+        guidance 1.0 skips the "none" row (its coefficient is 0) and combines as the pipelines'
+        true CFG, `image_only + text_guidance·(full - image_only)`. `rescale` (default: on for
+        Qwen-Image-Edit, as QwenImageEditPipeline): a combined velocity is scaled per token to
+        the full row's norm. `known`/`keep`: latent blending — after every step the kept
+        positions are set to `known` at the next σ with the starting noise, `(1 - σ)·known + σ·noise`."""
         from diffusers import FlowMatchEulerDiscreteScheduler
+
+        if rescale is None:
+            rescale = self.config.backbone == "qwen-image-edit"
+        if text_guidance == 1.0 and image_guidance == 1.0:
+            rows = [0]  # full
+        elif image_guidance == 1.0:
+            rows = [0, 1]  # full, image only
+        else:
+            rows = [0, 1, 2]  # full, image only, none
+        # once, not per step: the selected rows' condition keeps its own mask cache
+        used = cond if len(rows) == 3 else select_rows(cond, rows)
 
         sampler = FlowMatchEulerDiscreteScheduler.from_config(self.scheduler.config)
         sigmas = np.linspace(1.0, 1.0 / steps, steps)
@@ -293,8 +344,18 @@ class MCIEDiT(MCIEE1):
         latents = noise.float()
         for i, t in enumerate(sampler.timesteps):
             sigma = sampler.sigmas[i].to(noise.device)
-            full, image_only, none = self.denoise(latents.expand(3, -1, -1, -1), sigma.expand(3), cond).float().chunk(3)
-            velocity = none + image_guidance * (image_only - none) + text_guidance * (full - image_only)
+            out = self.denoise(latents.expand(len(rows), -1, -1, -1), sigma.expand(len(rows)), used).float()
+            if len(rows) == 1:
+                velocity = out
+            else:
+                full, image_only = out[:1], out[1:2]
+                if len(rows) == 2:
+                    velocity = image_only + text_guidance * (full - image_only)
+                else:
+                    none = out[2:3]
+                    velocity = none + image_guidance * (image_only - none) + text_guidance * (full - image_only)
+                if rescale:
+                    velocity = rescale_to_conditional(velocity, full)
             latents = sampler.step(velocity, t, latents).prev_sample.float()
             if keep is not None:
                 following = float(sampler.sigmas[i + 1])
