@@ -121,9 +121,8 @@ def test_an_extended_header_declaring_gibs_costs_no_memory(tmp_path, kind):
     assert "#damaged" in lines[2] and "'0000'" in lines[2]
 
 
-def test_verify_of_a_shard_with_a_gib_pax_header_finishes_under_the_ceiling(clean_build, tmp_path):
-    out = tmp_path / "out"
-    shutil.copytree(clean_build, out)
+def test_verify_of_a_shard_with_a_gib_pax_header_finishes_under_the_ceiling(build):
+    out = build  # a fresh copy of the verified build
     tar = sorted((out / "shards").glob("train-*.tar"))[0]
     whole = tar.read_bytes()
     members = [m for m in scan_tar(io.BytesIO(whole), len(whole)) if isinstance(m, TarMember)]
@@ -205,9 +204,8 @@ def test_zero_blocks_in_the_middle_do_not_hide_the_members_after_them(tmp_path):
     assert [k for k, _ in iter_tar_groups(clean)] == ["0000", "0001", "0002"]
 
 
-def test_verify_names_garbage_in_a_shard_and_still_checks_the_samples_after_it(clean_build, tmp_path):
-    out = tmp_path / "out"
-    shutil.copytree(clean_build, out)
+def test_verify_names_garbage_in_a_shard_and_still_checks_the_samples_after_it(build):
+    out = build  # a fresh copy of the verified build
     tar = sorted((out / "shards").glob("train-*.tar"))[0]
     whole = tar.read_bytes()
     members = [m for m in scan_tar(io.BytesIO(whole), len(whole)) if isinstance(m, TarMember)]
