@@ -64,7 +64,7 @@ from pipeline.grounders.attributes import (
     same_family,
     size_word,
 )
-from pipeline.editors.photo import TINT_STRENGTH
+from pipeline.editors.photo import ground_colours
 from pipeline.record import EDIT_TYPES, EditSample, InventoryObject, SubEdit, check_edit_bounds
 from pipeline.stage import RecordStage, sample_rng
 
@@ -311,15 +311,9 @@ def _after_background(plan: _Plan, sub: SubEdit) -> None:
             continue
         if np.count_nonzero(original.mask & sub.mask) < 0.5 * np.count_nonzero(original.mask):
             continue
-        lab = cv2.cvtColor(np.array([[obj.attributes["rgb"]]], np.uint8), cv2.COLOR_RGB2Lab)
-        lab = lab.astype(np.float32)
-        if op == "desaturate":
-            lab[..., 1:] = 128.0
-        else:
-            to = cv2.cvtColor(np.array([[sub.params["to_rgb"]]], np.uint8), cv2.COLOR_RGB2Lab)
-            lab[..., 1:] = lab[..., 1:] * (1 - TINT_STRENGTH) + to[..., 1:] * TINT_STRENGTH
-        rgb = cv2.cvtColor(np.clip(np.rint(lab), 0, 255).astype(np.uint8), cv2.COLOR_Lab2RGB)
-        rgb = [int(v) for v in rgb[0, 0]]
+        shifted = ground_colours(np.array([[obj.attributes["rgb"]]], np.uint8), op,
+                                 sub.params.get("to_rgb"))
+        rgb = [int(v) for v in shifted[0, 0]]
         obj.attributes.update(rgb=rgb, color=color_name(rgb))
 
 

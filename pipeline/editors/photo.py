@@ -399,6 +399,21 @@ def _add_text(image: np.ndarray, box: Box, region: np.ndarray, sub: SubEdit, ctx
     return out
 
 
+def ground_colours(rgb: np.ndarray, op: str, to_rgb: Sequence[int] | None = None) -> np.ndarray:
+    """uint8 RGB (any HxWx3) as a background "tint" (8-bit CIELAB a*b* pulled TINT_STRENGTH of the
+    way to `to_rgb`'s, lightness kept) or "desaturate" (a* = b* = 0) leaves it. Shared with the
+    composer, which names objects by the colours this gives them. (8-bit CIELAB: OpenCV's
+    table-driven conversion, the whole frame in ~2 ms.)"""
+    lab = cv2.cvtColor(np.ascontiguousarray(rgb, dtype=np.uint8), cv2.COLOR_RGB2Lab).astype(np.float32)
+    if op == "desaturate":
+        lab[..., 1:] = 128.0
+    else:
+        target = cv2.cvtColor(np.array([[to_rgb]], dtype=np.uint8),
+                              cv2.COLOR_RGB2Lab)[0, 0].astype(np.float32)
+        lab[..., 1:] = lab[..., 1:] * (1 - TINT_STRENGTH) + target[1:] * TINT_STRENGTH
+    return cv2.cvtColor(np.clip(np.rint(lab), 0, 255).astype(np.uint8), cv2.COLOR_Lab2RGB)
+
+
 def _background(image: np.ndarray, box: Box, region: np.ndarray, sub: SubEdit, ctx: _Context, i: int) -> np.ndarray:
     p = sub.params
     op = p.get("op")
@@ -407,16 +422,7 @@ def _background(image: np.ndarray, box: Box, region: np.ndarray, sub: SubEdit, c
     if op == "blur":
         edited = _normalised_blur(crop, m, float(p.get("sigma", 3.0)))
     elif op in ("tint", "desaturate"):
-        # 8-bit CIELAB (OpenCV's table-driven conversion: the whole frame in ~2 ms).
-        lab = cv2.cvtColor(np.ascontiguousarray(crop), cv2.COLOR_RGB2Lab).astype(np.float32)
-        if op == "desaturate":
-            lab[..., 1:] = 128.0
-        else:
-            target = cv2.cvtColor(np.array([[_params_rgb(p, "to_rgb")]], dtype=np.uint8),
-                                  cv2.COLOR_RGB2Lab)[0, 0].astype(np.float32)
-            lab[..., 1:] = lab[..., 1:] * (1 - TINT_STRENGTH) + target[1:] * TINT_STRENGTH
-        lab8 = np.clip(np.rint(lab), 0, 255).astype(np.uint8)
-        edited = cv2.cvtColor(lab8, cv2.COLOR_Lab2RGB)
+        edited = ground_colours(crop, op, _params_rgb(p, "to_rgb") if op == "tint" else None)
     elif op == "photo":
         donor = np.asarray(ctx.donor(i)["rgb"], dtype=np.uint8)
         if donor.shape[:2] != ctx.shape:
