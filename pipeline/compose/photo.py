@@ -618,7 +618,6 @@ def _draft_background(plan: _Plan, rng: np.random.Generator) -> SubEdit | None:
     if not ops:
         return None
     op = _choice(rng, ops)
-    donor = None
     if op == "blur":
         sigma = round(float(rng.uniform(3.0, 8.0)), 2)
         text = _choice(rng, ("blur the background", "make the background blurry",
@@ -636,7 +635,7 @@ def _draft_background(plan: _Plan, rng: np.random.Generator) -> SubEdit | None:
                              "turn the background gray"))
         params = {"op": op}
     sub = _sub("background", text, "the background", kept, **params)
-    return _finish(plan, sub, donor)
+    return _finish(plan, sub)
 
 
 def _draft_texture(plan: _Plan, rng: np.random.Generator) -> SubEdit | None:
