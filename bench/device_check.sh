@@ -3,18 +3,19 @@
 # installed), most important first, each step cut to the time left so a slow compile costs only
 # the steps after it:
 #   1. the trainer's own GPU path on a tiny DiT (bench/trainer_smoke.py --backbone qwen-image-edit,
-#      ≤ 120 s): bf16, gradient checkpointing, the compiled flex_attention mask (never run on a
-#      GPU), train + resume + EMA + train-cache, and flex against the dense mask in bf16;
-#   2. issue 19 (bench/dit_train.py, ≤ 300 s): MCIE-E1 on the 20B Qwen-Image-Edit transformer, then
-#      FLUX.1 Kontext: samples/s and MFU against plain LoRA at 512 and 1024 px, peak memory, the
-#      largest batch that fits; its lines go to ${OUT:-out}/dit_train.jsonl;
-#   3. the trainer's own GPU path on the UNet (bench/trainer_smoke.py): on 2026-11-27 the time
-#      budget cut it off while it compiled, so it has never finished on a GPU;
-#   4. issue 6's leftovers: MFU at a larger batch, MCIE-E1 compiled (channels-last + cudnn
-#      benchmark + torch.compile) at batch 48 (≈ 51 GiB), against 30.2 % at batch 32 (≈ 4 min,
-#      compilation included), then the plain UNet the same way, if time is left (the headline
-#      figures, both denoisers eager and compiled at batch 32, are in the README).
-# Figures go to stdout and to ${OUT:-out}/device_check.jsonl, one JSON line each (see bench/train.py),
+#      ≤ 120 s): bf16, gradient checkpointing, the compiled flex_attention mask, train + resume +
+#      EMA + train-cache, flex against the dense mask in bf16, and (issue 26) every background gate
+#      and its projection trained (`gates_moved`);
+#   2. issue 26 item 4: the inference peak of the `base` DiT presets from parameter counts
+#      (bench/inference_memory.py, meta device, ≤ 60 s) → ${OUT:-out}/inference_memory.jsonl;
+#   3. issue 28: the generative editor on the GPU (bench/editors.py --gpu, ≤ 180 s): an SD-1.5-size
+#      random inpainting pipeline in fp16 at 512 px, batch 1/4/8/16, then the build path with the
+#      busy share from CUDA events → ${OUT:-out}/editors.jsonl;
+#   4. issue 19 (bench/dit_train.py, what is left, ≤ 300 s): MCIE-E1 on the 20B Qwen-Image-Edit
+#      transformer, then FLUX.1 Kontext: samples/s and MFU against plain LoRA, peak memory;
+#      its lines go to ${OUT:-out}/dit_train.jsonl;
+#   5. if time is left: the UNet trainer smoke and issue 6's compiled UNet figures.
+# Figures go to stdout and to ${OUT:-out}/*.jsonl, one JSON line each (see bench/train.py),
 # with the 12 GPU kernels that take the most time (`top_ops`): what to optimise next.
 # Where diffusers / webdataset are missing, put their wheels in .whl/ and they are installed to a
 # scratch dir first (≈ 25 MB; a session passes `.whl` in the device tool's `carry`), made with
@@ -50,6 +51,10 @@ smoke() {
   fi
 }
 smoke 120 --backbone qwen-image-edit
+budgeted 60 python3 bench/inference_memory.py 2> >(tail -n 20 >&2) | tee -a "$out/inference_memory.jsonl"
+editors=(--cpu --count 4 --steps 2)  # the CPU dry run: tiny random pipelines at 64 px
+[[ $device == cuda ]] && editors=(--gpu --count 32 --steps 20)
+budgeted 180 python3 bench/editors.py "${editors[@]}" 2> >(tail -n 20 >&2) | tee -a "$out/editors.jsonl"
 # Issue 19's figures: the benchmark stops itself 20 s before the step's limit and prints what it skipped.
 dit=(--size tiny --budget-s 0)
 [[ $device == cuda ]] && { left=$(limit 300); dit=(--size full --budget-s $(( left > 40 ? left - 20 : 20 ))); }

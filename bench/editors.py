@@ -14,6 +14,18 @@ CPU dry run (tiny random pipelines of tests/model_fixtures.py, 64 px; runs here)
 GPU (an SD-1.5-size inpainting pipeline, UNet 860 M params with in_channels 9, the SD VAE and a
 CLIP-L-size text encoder, all random init, float16, 512 px):
     python bench/editors.py --gpu [--count 64] [--steps 20]
+Simulated device (`pipeline.model_actors.SimulatedDevice`: MS_PER_BATCH slept per batch, one
+batch at a time across processes, seeded colour frames) behind the REAL CPU stages on real photos,
+built through Ray (`flows.execute.run_units`) in both designs: "in-actor" (each unit worker holds
+the model: today's `--num-gpus` per worker; 1 worker = one GPU with `--num-gpus 1`, 2 workers =
+two model copies) and "model-actor" (CPU unit workers, one model actor; also with 3 workers, one
+more than the cores: a worker waiting for its batch uses no CPU):
+    HF_HUB_OFFLINE=1 .venv/bin/python bench/editors.py --simulate 100 300 1000 [--count 24]
+    [--resolution 96]
+Figures are taken over the device's own window (first batch's arrival to the last batch's end, so
+actor start-up is out): busy share of that wall time, pairs/s, queue depth seen by each arriving
+batch (mean/max), and, once, the CPU stages alone (MS_PER_BATCH 0, one process, no Ray) and the
+device's pairs/s at each MS_PER_BATCH: the crossover is where the CPU's pairs/s exceeds it.
 Prints one JSON line per measurement.
 """
 
@@ -194,16 +206,98 @@ def gpu(args) -> None:
         build(tmp, photos, {**options, "batch_size": 16}, args.count, 512, 32, cuda=True)
 
 
+SIMULATE_PHOTOS = ("rocket", "motorcycle_left", "coffee")  # things classical grounding names at 64 px
+
+
+def simulate(args) -> None:
+    from flows.execute import run_units
+    from flows.plan import prepare_build
+    from flows.ray_runtime import start_ray, stop_ray
+    from photo_fixtures import photo_folder
+    from pipeline.model_actors import SimulatedDevice, device_figures, device_log
+    from pipeline.unit import UnitPipeline
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        photos = photo_folder(tmp / "photos", SIMULATE_PHOTOS)
+        images = sum(1 for p in photos.iterdir() if p.is_file())
+
+        def config_for(device: Path):
+            options = {"path": str(device), "steps": 1, "max_side": args.resolution,
+                       "batch_size": 16}
+            return make_config(photos, options, args.count, args.resolution, args.unit,
+                               max(1, -(-args.count // images)))
+
+        # the CPU stages alone: decode, ground, compose, edit (no device time), judge, write
+        config = config_for(SimulatedDevice.save(tmp / "cpu-device", 0))
+        prepare_build(tmp / "cpu", config)
+        pipeline = UnitPipeline(config, tmp / "cpu")
+        started = time.perf_counter()
+        for unit in range(config.num_units(pipeline.total)):
+            pipeline.run(unit)
+        cpu_seconds = time.perf_counter() - started
+        batches = len(device_log(tmp / "cpu-device"))
+        print(json.dumps({"bench": "cpu-stages", "px": args.resolution, "samples": pipeline.total,
+                          "unit": args.unit, "device_batches": batches,
+                          "seconds": round(cpu_seconds, 2),
+                          "pairs_per_s_one_process": round(pipeline.total / cpu_seconds, 3),
+                          "cpu_seconds_per_batch": round(cpu_seconds / batches, 4)}), flush=True)
+        # 1 and 2 unit workers for both designs; the model-actor design also with one worker more
+        # than the 2 cores: a worker waiting for its batch uses no CPU, so cores + 1 workers keep
+        # both the cores and the device busy (two in lock-step leave the device idle whenever
+        # both are on their CPU stages at once)
+        start_ray(None, 3)
+        try:
+            for ms in args.simulate:
+                device_pairs = pipeline.total / (batches * ms / 1000) if ms else None
+                for design, worker_counts in (("in-actor", (1, 2)), ("model-actor", (1, 2, 3))):
+                    for workers in worker_counts:
+                        device = SimulatedDevice.save(tmp / f"device-{ms}-{design}-{workers}", ms)
+                        config, out = config_for(device), tmp / f"out-{ms}-{design}-{workers}"
+                        prepare_build(out, config)
+                        units = list(range(config.num_units(pipeline.total)))
+                        result = run_units(config, out, units, workers,
+                                           model_actors=design == "model-actor")
+                        rows = device_log(device)
+                        since, until = rows[0][0], max(r[2] for r in rows)
+                        figures = device_figures(rows, since, until)
+                        if design == "model-actor":  # queued in the actor, before the device
+                            (served,) = result.models
+                            figures["queue_depth_mean"] = served["queue_depth_mean"]
+                            figures["queue_depth_max"] = served["queue_depth_max"]
+                        print(json.dumps({
+                            "bench": "simulated", "ms_per_batch": ms, "design": design,
+                            "workers": workers, "samples": result.stats.samples,
+                            "batches": figures["batches"], "seconds": round(until - since, 2),
+                            "busy_share": round(figures["busy_share"], 3),
+                            "pairs_per_s": round(result.stats.samples / (until - since), 3),
+                            "device_pairs_per_s": device_pairs and round(device_pairs, 3),
+                            "cpu_pairs_per_s_one_process": round(pipeline.total / cpu_seconds, 3),
+                            "queue_depth_mean": round(figures["queue_depth_mean"], 2),
+                            "queue_depth_max": figures["queue_depth_max"]}), flush=True)
+        finally:
+            stop_ray()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     mode = parser.add_mutually_exclusive_group(required=True)
     mode.add_argument("--cpu", action="store_true")
     mode.add_argument("--gpu", action="store_true")
-    parser.add_argument("--count", type=int, default=6)
+    mode.add_argument("--simulate", type=float, nargs="+", metavar="MS_PER_BATCH",
+                      help="a simulated device with this service time per batch (several: a sweep)")
+    parser.add_argument("--count", type=int, default=None, help="6; --simulate: 24")
     parser.add_argument("--steps", type=int, default=None)
-    parser.add_argument("--resolution", type=int, default=64)
+    parser.add_argument("--resolution", type=int, default=None, help="64; --simulate: 96")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--unit", type=int, default=4, help="--simulate: samples per unit")
     args = parser.parse_args()
+    if args.simulate and (min(args.simulate) < 0 or max(args.simulate) > 60000):
+        parser.error("--simulate: MS_PER_BATCH must be within 0..60000")
+    if args.simulate:
+        args.count, args.resolution = args.count or 24, args.resolution or 96
+        return simulate(args)
+    args.count, args.resolution = args.count or 6, args.resolution or 64
     if args.steps is None:
         args.steps = 2 if args.cpu else 20
     cpu(args) if args.cpu else gpu(args)

@@ -127,7 +127,7 @@ def regions(steps: int, batch: int = 16) -> int:
     import torch.nn.functional as F
 
     from trainer.config import preset
-    from trainer.model import build_model
+    from trainer.build import build_model
 
     torch.set_num_threads(1)
     model = build_model(preset("tiny").model)
@@ -240,7 +240,7 @@ def _flex_vs_sdpa(backbone: str, device: str) -> dict:
 
     from trainer.config import preset, with_model
     from trainer.dit.processors import mcie_parameters
-    from trainer.model import build_model
+    from trainer.build import build_model
 
     out = {}
     source = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
@@ -264,6 +264,20 @@ def _flex_vs_sdpa(backbone: str, device: str) -> dict:
     difference = (out["flex"] - out["sdpa"]).abs()
     return {"max_abs": round(float(difference.max()), 6), "mean_abs": round(float(difference.mean()), 6),
             "scale": round(float(out["sdpa"].abs().mean()), 4), "finite": bool(np.isfinite(out["flex"].numpy()).all())}
+
+
+def _gates_moved(config, trained) -> dict:
+    """Issue 26: how many background gates and projections (`injection.gate` / `.proj.weight`) of
+    the trained DiT differ from the same model untrained (the same seed): all of them, or a gate
+    died (a clamped one that stepped below 0 took no gradient again, nor did its projection)."""
+    from trainer.build import build_model
+    from trainer.dit.processors import mcie_parameters
+
+    fresh = mcie_parameters(build_model(config).transformer)
+    moved = {name: not torch.equal(p.detach().float().cpu(), fresh[name].detach().float())
+             for name, p in mcie_parameters(trained.transformer).items()
+             if name.endswith(("injection.gate", "injection.proj.weight"))}
+    return {"moved": sum(moved.values()), "of": len(moved)}
 
 
 def main() -> int:
@@ -298,12 +312,16 @@ def main() -> int:
         resumed = train(tmp, config, Path(tmp) / "ckpt", 6)
         resumed_s = time.perf_counter() - started
         model = load_model(Path(tmp) / "ckpt", "cuda" if cuda else "cpu")
+        if dit:
+            extra["gates_moved"] = _gates_moved(config.model, load_model(Path(tmp) / "ckpt", "cpu", weights="trained"))
         started = time.perf_counter()
         cache = encode_build(tmp, config, Path(tmp) / "cache", batch_size=8)
         on_cache = train(Path(tmp) / "cache", config, Path(tmp) / "ckpt-cached", 2)
         cached_s = time.perf_counter() - started
     losses = {**first.losses, **resumed.losses}
+    gates = extra.get("gates_moved", {"moved": 0, "of": 0})
     ok = sorted(losses) == list(range(1, 7)) and all(map(math.isfinite, losses.values())) \
+        and gates["moved"] == gates["of"] \
         and resumed.resumed_from == 3 and model.weights_used == "ema" \
         and cache["samples"] == 32 and all(map(math.isfinite, on_cache.losses.values()))
     print(json.dumps({"check": "trainer_smoke", "backbone": backbone, **extra, "ok": ok, "device": torch.cuda.get_device_name() if cuda else "cpu",

@@ -32,6 +32,13 @@ def edit_type_table(stats: BuildStats) -> list[dict[str, Any]]:
             for t in EDIT_TYPES if stats.sub_edits[t]]
 
 
+def model_row(stats: dict[str, Any]) -> dict[str, Any]:
+    return {"model": stats["model"], "batches": stats["calls"], "frames": stats["frames"],
+            "busy s": stats["busy_seconds"], "up s": stats["up_seconds"],
+            "busy share": stats["busy_share"], "queue depth mean": stats["queue_depth_mean"],
+            "queue depth max": stats["queue_depth_max"]}
+
+
 def publish_build_artifacts(run: dict[str, Any]) -> None:
     stats = BuildStats.from_dict(run["totals"])
     this_run = run.get("this_run") or {}
@@ -58,6 +65,11 @@ def publish_build_artifacts(run: dict[str, Any]) -> None:
                    "already complete": run["already_complete"]}]
     create_table_artifact(key="build-throughput", table=throughput,
                           description="this run: units and samples processed, pairs/s, start-up")
+    if this_run.get("models"):  # a generative editor's model actors (flows.execute)
+        create_table_artifact(
+            key="build-models", table=[model_row(m) for m in this_run["models"]],
+            description="model actors: batches served, busy share of their up time, queue depth "
+                        "seen by each arriving batch (bounded by the workers)")
     if this_run.get("units_per_node"):
         create_table_artifact(key="build-nodes", description="work units per Ray node",
                               table=[{"node": n, "units": c} for n, c in this_run["units_per_node"].items()])

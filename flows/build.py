@@ -19,7 +19,7 @@ from prefect.states import Failed
 from flows.artifacts import publish_build_artifacts
 from flows.execute import FATAL_ERRNOS, MAX_UNIT_ATTEMPTS, OutputUnwritable, run_units
 from flows.plan import is_complete, pending_units, prepare_build
-from flows.ray_runtime import cluster_address, start_ray, stop_ray
+from flows.ray_runtime import cluster_address, ray_start_seconds, start_ray, stop_ray
 from pipeline.config import BuildConfig
 from pipeline.dataset.lock import out_lock
 from pipeline.dataset.output import finalize, read_manifest
@@ -46,9 +46,8 @@ def process_units(
     from tqdm import tqdm
 
     logger = get_run_logger()
-    started = time.perf_counter()
     target = start_ray(ray_address, workers)
-    ray_seconds = time.perf_counter() - started
+    ray_seconds = ray_start_seconds()  # the CLI may have started it, while Prefect's server started
     logger.info("processing %d work units on %s with %d workers", len(units), target, workers)
     sizes = {u: len(config.unit_indices(u, total)) for u in units}
     bar = tqdm(total=sum(sizes.values()), unit="pair", desc="build", file=sys.stderr,
@@ -84,6 +83,7 @@ def process_units(
         units_per_node=result.units_per_node(),
         unit_nodes={str(u): n for u, n in sorted(result.unit_nodes.items())},
         retries=result.retries,
+        models=result.models,  # the model actors' calls, busy share and queue depth
         # unit → {sample number: reason}: samples quarantined by isolation (flows.execute)
         isolated={str(u): {str(n): why for n, why in items.items()} for u, items in result.isolated.items()},
     )

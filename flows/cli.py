@@ -260,13 +260,25 @@ def _locked_build(out: Path, config, existed: bool, workers: int, ray_address: s
     if is_complete(out, config):  # decided from OUT alone: no Prefect, no Ray
         print(f"{out}: {command} already complete, nothing to do")
         return 0
-    from flows.build import build_dataset
+    # Start-up in parallel: Prefect's server starts in its own process while this one starts a
+    # local Ray (the flow's process task finds it running, and stops it) and imports Prefect.
+    server = TemporaryPrefectServer.get()
+    from flows.plan import pending_units
+    from flows.ray_runtime import cluster_address, start_ray, stop_ray
 
+    local_ray = not cluster_address(ray_address) and bool(pending_units(out, config))
     try:
-        result = build_dataset(
-            out=str(out), workers=workers, ray_address=ray_address, num_gpus=num_gpus,
-            **{k: v for k, v in config.to_dict().items() if k != "routing"},
-        )
+        if local_ray:
+            start_ray(None, workers)
+        from flows.build import build_dataset
+        from prefect.settings import PREFECT_API_URL, temporary_settings
+
+        api = {PREFECT_API_URL: server.wait_ready()} if server else {}
+        with temporary_settings(updates=api):
+            result = build_dataset(
+                out=str(out), workers=workers, ray_address=ray_address, num_gpus=num_gpus,
+                **{k: v for k, v in config.to_dict().items() if k != "routing"},
+            )
     except Exception as exc:  # Prefect has logged the details; the run can be resumed
         if type(exc).__name__ == "FailedRun":  # the flow ended itself with a one-line reason
             print(f"mcie {command}: failed: {exc}", file=sys.stderr)
@@ -274,11 +286,98 @@ def _locked_build(out: Path, config, existed: bool, workers: int, ray_address: s
             print(f"mcie {command}: failed: {type(exc).__name__}: {exc} (run the same command "
                   "to resume)", file=sys.stderr)
         return 1
+    finally:
+        if local_ray:
+            stop_ray()  # the flow stops it after its units; not when it failed before them
     if result.get("already_complete"):
         print(f"{out}: {command} already complete, nothing to do")
     print(result["summary"])
     print(f"report: {result['report']}")
     return 0
+
+
+class TemporaryPrefectServer:
+    """Prefect's temporary API server (what Prefect starts itself when PREFECT_API_URL is unset:
+    the same uvicorn command and environment), started by the CLI as soon as it knows a flow will
+    run, so that the server's own start-up (its imports, the database check: the longest part of a
+    small build's start-up) runs while the driver imports Prefect and starts Ray; the flow then
+    talks to it by URL. One per process, stopped at exit: after Prefect's log and event workers
+    have drained into it (they drain at thread shutdown, before `atexit`)."""
+
+    _instance: "TemporaryPrefectServer | None" = None
+    PORT_IN_USE = 3  # uvicorn's exit code when the port was taken meanwhile
+
+    def __init__(self) -> None:
+        self.process = None
+        self.url = ""
+        self._spawn()
+        import atexit
+
+        atexit.register(self.stop)
+
+    @classmethod
+    def get(cls) -> "TemporaryPrefectServer | None":
+        """The process's server, started on the first call; None where PREFECT_API_URL names one."""
+        if os.environ.get("PREFECT_API_URL"):
+            return None
+        if cls._instance is None or cls._instance.process is None:
+            cls._instance = cls()
+        return cls._instance
+
+    def _spawn(self) -> None:
+        import importlib.util
+        import socket
+        import subprocess
+
+        with socket.socket() as probe:  # a free port (uvicorn exits with 3 if it is taken meanwhile)
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        app_dir = Path(importlib.util.find_spec("prefect").submodule_search_locations[0]).parent
+        self.url = f"http://127.0.0.1:{port}/api"
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "uvicorn", "--app-dir", str(app_dir), "--factory",
+             "prefect.server.api.server:create_app", "--host", "127.0.0.1", "--port", str(port),
+             "--log-level", "error", "--lifespan", "on"],
+            env={**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1",
+                 "PREFECT__SERVER_FINAL": "1"})
+
+    def wait_ready(self) -> str:
+        """Wait for /health (up to PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS); its URL."""
+        import time
+        import urllib.error
+        import urllib.request
+
+        timeout = float(os.environ.get("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "20"))
+        direct = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback: no proxy
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            code = self.process.poll()
+            if code == self.PORT_IN_USE:
+                self._spawn()
+            elif code is not None:
+                raise RuntimeError(f"Prefect's temporary server exited with code {code}")
+            try:
+                with direct.open(f"{self.url}/health", timeout=2) as response:
+                    if response.status == 200:
+                        return self.url
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                pass
+            time.sleep(0.1)
+        raise RuntimeError(f"Prefect's temporary server did not answer within {timeout:g} s "
+                           "(PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS)")
+
+    def stop(self) -> None:
+        import subprocess
+
+        if self.process is None:
+            return
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        self.process = None
 
 
 def build_parser() -> Parser:

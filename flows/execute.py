@@ -7,6 +7,12 @@ build; a unit's samples never travel back to the driver, only its small `BuildSt
 that ran it. Actors are spread over the cluster's nodes (`SPREAD`). A unit whose actor dies is
 retried on a fresh actor; its outputs are written atomically and completed by the unit's manifest
 part, so a retried or resumed unit never leaves half a shard.
+
+A generative editor's model runs in model actors of its own (`pipeline.model_actors`): one per
+model and GPU share, loaded once, holding the GPUs (`num_gpus`), while the unit workers are CPU actors that send
+it their units' batches, each blocking on its own request only, so the device serves one worker's
+batch while the others decode, ground, compose, judge and write. `model_actors=False` keeps the
+model inside each unit worker (each then asks for `num_gpus` and loads its own copy).
 """
 
 from __future__ import annotations
@@ -104,6 +110,8 @@ def unit_items(config: BuildConfig, out: Path, unit: int) -> list[int]:
 @dataclass
 class UnitsResult:
     stats: BuildStats = field(default_factory=BuildStats)
+    # per model actor: calls, frames, busy share, queue depth (`ModelServer.stats`)
+    models: list[dict] = field(default_factory=list)
     unit_nodes: dict[int, str] = field(default_factory=dict)  # unit → node that wrote it
     retries: int = 0
     # unit → {sample number: reason} of the items quarantined by isolation (see the docstring)
@@ -126,10 +134,12 @@ def _worker_class():
 
     @ray.remote(num_cpus=1, max_restarts=0)
     class UnitWorker:
-        def __init__(self, config: dict, out: str):
+        def __init__(self, config: dict, out: str, model_servers: dict | None = None):
+            from pipeline.model_actors import attach
             from pipeline.unit import UnitPipeline
 
             logging.basicConfig(level=logging.WARNING)
+            attach(model_servers)  # the editor's models: these actors' clients (before it is built)
             self.pipeline = UnitPipeline(BuildConfig.from_dict(config), Path(out))
             self.node_id = ray.get_runtime_context().get_node_id()
 
@@ -163,21 +173,60 @@ def run_units(
     workers: int,
     on_unit_done: Callable[[int, BuildStats, str], None] = lambda unit, stats, node: None,
     num_gpus: float = 0,
+    model_actors: bool = True,
 ) -> UnitsResult:
     """Process `units` on `workers` Ray actors; returns the merged stats of these units and the
-    node each unit ran on."""
+    node each unit ran on. A generative editor's model is served by model actors (see the module
+    docstring) unless `model_actors` is False."""
+    import ray
+
+    servers = _model_servers(config, workers, num_gpus) if model_actors and units else {}
+    try:
+        result = _run(config, out, units, workers, on_unit_done, num_gpus, servers)
+        from pipeline.model_actors import server_stats
+
+        result.models = server_stats(servers)
+        return result
+    finally:
+        for replicas in servers.values():
+            for server in replicas:
+                ray.kill(server)
+
+
+def _model_servers(config: BuildConfig, workers: int, num_gpus: float) -> dict:
+    """The model actors of the build's editor ({} when it calls no model)."""
+    from pipeline.editors.base import EDITORS
+    from pipeline.editors.inpaint import GenerativeEditor
+    from pipeline.model_actors import start_servers
+
+    factory = EDITORS.factory(config.editor)
+    if not (isinstance(factory, type) and issubclass(factory, GenerativeEditor)):
+        return {}
+    # built here for its models' names only: a model loads on first use, i.e. in the model actor
+    editor = EDITORS.make(config.editor, context=config.context(), **config.editor_options)
+    return start_servers(editor, workers, num_gpus)
+
+
+def _run(config: BuildConfig, out: Path, units: list[int], workers: int,
+         on_unit_done: Callable[[int, BuildStats, str], None], num_gpus: float,
+         servers: dict) -> UnitsResult:
     import ray
     from ray.exceptions import RayActorError, RayTaskError
 
-    # A generative editor's actors ask Ray for GPUs (`mcie build --num-gpus`, per actor).
-    gpus = {"num_gpus": num_gpus} if num_gpus else {}
+    # The GPUs go to the model actors; without them, each unit worker asks for its share
+    # (`mcie build --num-gpus`, per actor) and holds its own copy of the model. A grounder that
+    # puts SAM on a GPU (`sam_device=cuda`) runs in the unit workers: they keep their share too.
+    sam_on_gpu = str(config.grounder_options.get("sam_device", "")).startswith("cuda")
+    gpus = {"num_gpus": num_gpus} if num_gpus and (not servers or sam_on_gpu) else {}
     worker_cls = _worker_class().options(scheduling_strategy="SPREAD", **gpus)
     config_dict = config.to_dict()
 
-    def new_actor():
-        return worker_cls.remote(config_dict, str(out))
+    def new_actor(slot: int):  # worker `slot` sends its batches to replica slot mod replicas
+        return worker_cls.remote(config_dict, str(out),
+                                 {key: replicas[slot % len(replicas)]
+                                  for key, replicas in servers.items()})
 
-    actors = [new_actor() for _ in range(min(workers, max(1, len(units))))]
+    actors = [new_actor(slot) for slot in range(min(workers, max(1, len(units))))]
     todo: deque[Job] = deque(Job(u) for u in units)
     attempts: Counter = Counter()
     in_flight: dict = {}  # ObjectRef -> (job, actor slot, actor)
@@ -217,7 +266,7 @@ def run_units(
                 raise OutputUnwritable(f"cannot write {out}: {fatal} (free space or fix "
                                        f"permissions, then run the same command to resume)") from None
             if isinstance(exc, RayActorError) and actors[slot] is actor:  # replace it once
-                actors[slot] = new_actor()  # what was queued on the dead one fails too (retried)
+                actors[slot] = new_actor(slot)  # what was queued on the dead one fails too (retried)
             if job.item is not None:  # an item run alone
                 if attempts[job] < MAX_ITEM_ATTEMPTS:
                     todo.appendleft(job)

@@ -59,8 +59,25 @@ def start_ray(address: str | None, workers: int) -> str:
     import ray
 
     address = cluster_address(address)
-    if ray.is_initialized():
-        return "ray (already initialised)"
+    if ray.is_initialized():  # by the CLI, which starts it while Prefect's server starts
+        return _started["target"] if _started else "ray (already initialised)"
+    started = time.perf_counter()
+    target = _start_ray(address, workers)
+    _started.update(target=target, seconds=time.perf_counter() - started)
+    return target
+
+
+def ray_start_seconds() -> float:
+    """How long `start_ray` took to start or join the running Ray (0 if it did not start it)."""
+    return _started.get("seconds", 0.0)
+
+
+_started: dict = {}  # target and seconds of the Ray start_ray started, until stop_ray
+
+
+def _start_ray(address: str | None, workers: int) -> str:
+    import ray
+
     if os.environ.get(COLOR_ENV) is None:
         _set_env(COLOR_ENV, "0")  # the driver prints "(UnitWorker pid=…) …" without colour codes
     if os.environ.get(COLOR_ENV) == "0":
@@ -253,5 +270,6 @@ def stop_ray() -> None:
 
     if ray.is_initialized():
         ray.shutdown()
+    _started.clear()
     _restore_auth_env()
     _restore_env()

@@ -18,7 +18,8 @@ from prefect.artifacts import create_table_artifact
 def train_model(data: str, config: str, out: str, steps: int, overrides: dict[str, Any],
                 val_data: str | None = None, backbone: str | None = None) -> dict[str, Any]:
     from trainer.config import load_config, with_train
-    from trainer.train import latest_checkpoint, train
+    from trainer.checkpoints import latest_checkpoint
+    from trainer.train import train
 
     resolved = with_train(load_config(config, backbone), **overrides)
     resolved.model.check_paths()

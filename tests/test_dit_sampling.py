@@ -16,10 +16,11 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 
 from test_trainer import one_thread  # noqa: F401  (fixture: one torch thread)
+from trainer.build import build_model
 from trainer.config import preset
 from trainer.dit.model import MCIEDiT, pack
 from trainer.edit import edit_image
-from trainer.model import Conditioning, build_model
+from trainer.model import Conditioning
 
 SHIFTED = dict(use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
                max_image_seq_len=4096, shift_terminal=None)
@@ -82,6 +83,33 @@ def test_sample_is_euler_on_the_released_grid_with_the_guidance_formula(backbone
     expected = reference(noise, 6, text, image, shifted, rescale)
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
     assert (out - noise).abs().max() > 0.5  # it moved: the comparison is not vacuous
+
+
+@pytest.mark.parametrize("shifted", [False, True])
+def test_latent_blending_holds_the_kept_positions_on_the_known_path(shifted):
+    """`known`/`keep`: every transformer call sees the kept positions at (1 - σ)·known + σ·noise
+    for the σ it is given, the result holds `known` there exactly, and the other positions are
+    what sampling without blending gives (the velocity here is per position)."""
+    noise = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(4))
+    known = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(5))
+    keep = torch.zeros(1, 1, 16, 16)
+    keep[..., :8] = 1
+    seen = []
+
+    def recording(x, sigmas, cond):
+        seen.append((x[:1].clone(), float(sigmas[0])))
+        return oracle(x, sigmas, cond)
+
+    scheduler = FlowMatchEulerDiscreteScheduler(**(SHIFTED if shifted else {}))
+    model = SimpleNamespace(scheduler=scheduler, denoise=recording, config=SimpleNamespace(backbone="flux-kontext"))
+    out = MCIEDiT.sample(model, three_rows(), noise, 5, 1.0, 1.0, known=known, keep=keep)
+    assert torch.equal(out[..., :8], known[..., :8])
+    assert len(seen) == 5 and seen[0][1] == 1.0
+    for x, sigma in seen:
+        torch.testing.assert_close(x[..., :8], ((1 - sigma) * known + sigma * noise)[..., :8], rtol=1e-5, atol=1e-5)
+    free = MCIEDiT.sample(model, three_rows(), noise, 5, 1.0, 1.0)
+    torch.testing.assert_close(out[..., 8:], free[..., 8:], rtol=1e-5, atol=1e-5)
+    assert (out[..., 8:] - known[..., 8:]).abs().max() > 0.5  # the free positions were not kept
 
 
 def test_qwen_true_cfg_keeps_the_conditional_norm_per_token():

@@ -25,7 +25,8 @@ from trainer.data import decode_sample, find_shards, make_loader
 from trainer.cli import register
 from trainer.edit import fallback_split, load_model, parse_split_answer, split_instruction
 from trainer.model import predicted_regions
-from trainer.train import Trainer, checkpoints, train
+from trainer.checkpoints import checkpoints
+from trainer.train import Trainer, train
 
 UNITS, PER_UNIT = 3, 8
 
@@ -222,7 +223,7 @@ def test_processor_loads_weights_saved_with_separate_source_projections():
 
 def test_unet_cross_attentions_are_all_mcie_processors():
     from trainer.attention import mcie_processors
-    from trainer.model import build_model
+    from trainer.build import build_model
 
     model = build_model(preset("tiny").model)
     cross = [n for n in model.unet.attn_processors if "attn2" in n]
@@ -506,7 +507,7 @@ def test_components_load_from_local_weight_directories(build, tmp_path):
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
     from trainer.mllm import build_tiny_mllm
-    from trainer.model import build_model
+    from trainer.build import build_model
 
     tiny_cfg = preset("tiny").model
     mllm, tokenizer, processor = build_tiny_mllm(tiny_cfg.mllm, 0)
@@ -583,8 +584,9 @@ def test_bench_runs_one_model_with_cudnn_attention_preferred_and_counts_flops_wi
 @pytest.mark.slow  # ≈ 3 min: every step of the GPU script at the tiny size
 def test_device_check_script_dry_runs_on_the_cpu(tmp_path):
     """bench/device_check.sh is what a GPU session runs in its few minutes: it must not have rotted.
-    DEVICE=cpu runs every step of it (trainer smokes on the tiny DiT and UNet, the DiT benchmark,
-    each UNet bench variant) at the tiny size."""
+    DEVICE=cpu runs every step of it (trainer smokes on the tiny DiT and UNet, the inference
+    memory figures, the generative editor benchmark, the DiT benchmark, each UNet bench variant)
+    at the tiny size."""
     root = Path(__file__).resolve().parents[1]
     env = dict(os.environ, DEVICE="cpu", OUT=str(tmp_path),
                PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
@@ -595,6 +597,12 @@ def test_device_check_script_dry_runs_on_the_cpu(tmp_path):
     dit, smoke, *figures = lines
     assert dit["check"] == "trainer_smoke" and dit["backbone"] == "qwen-image-edit" and dit["ok"]
     assert dit["flex_vs_sdpa"]["finite"] and dit["flex_vs_sdpa"]["max_abs"] < 1e-4
+    assert dit["gates_moved"]["of"] > 0 and dit["gates_moved"]["moved"] == dit["gates_moved"]["of"]
+    memory = [json.loads(line) for line in (tmp_path / "inference_memory.jsonl").read_text().splitlines()]
+    assert {m["backbone"] for m in memory} == {"qwen-image-edit", "flux-kontext"}
+    assert all(m["peak_gb"] < 80 for m in memory)
+    editors = [json.loads(line) for line in (tmp_path / "editors.jsonl").read_text().splitlines()]
+    assert editors and not [line for line in editors if "error" in line]
     assert smoke["check"] == "trainer_smoke" and smoke["backbone"] == "unet" and smoke["ok"]
     assert smoke["weights_loaded"] == "ema"
     dit_lines = [json.loads(line) for line in (tmp_path / "dit_train.jsonl").read_text().splitlines()]

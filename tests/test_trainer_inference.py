@@ -14,10 +14,11 @@ from PIL import Image
 from photo_fixtures import bomb_png, exif_rotated_jpeg, photo_array
 from test_trainer import _cli, build, one_thread, tiny  # noqa: F401  (module fixtures, shared helpers)
 from trainer.attention import CrossAttnCondition, MCIECrossAttnProcessor
+from trainer.build import build_model
 from trainer.config import preset
 from trainer.edit import load_model, sample_latents
 from trainer.export import save_pretrained
-from trainer.model import build_model, make_sampler
+from trainer.model import make_sampler
 from trainer.train import train
 
 

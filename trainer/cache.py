@@ -68,6 +68,9 @@ def check_cache(data: str | Path, config: Config, dtype: torch.dtype = torch.flo
     if config.model.mllm_tuning == "lora":
         raise ConfigError(f"{data} holds frozen MLLM encodings; LoRA tuning needs the MLLM live "
                           "(train on the build itself)")
+    if config.model.backbone == "qwen-image-edit" and config.model.text_tokens == "released":
+        raise ConfigError(f"{data} holds per-sub-instruction MLLM encodings; text_tokens released reads "
+                          "the whole instruction live (train on the build itself)")
     saved.setdefault("backbone", "unet")  # caches made before DiT backbones existed
     wanted = fingerprint(config.model, dtype)
     changed = sorted(k for k in wanted if saved.get(k) != wanted[k])
@@ -110,10 +113,15 @@ def encode_build(data: str | Path, config: Config, out: str | Path, batch_size: 
                  device: str | None = None) -> dict[str, Any]:
     """Write `out/shards/train-*.tar` = the build's train shards plus each sample's frozen
     encodings, and `out/frozen.json`. Shards already written are kept (resume)."""
-    from trainer.model import build_frozen
+    from trainer.build import build_frozen
 
     if config.model.mllm_tuning == "lora":
         raise ConfigError("a LoRA-tuned MLLM is trained: its encodings cannot be cached")
+    if config.model.backbone == "qwen-image-edit" and config.model.text_tokens == "released":
+        # the cache holds the per-sub-instruction reading; released reads the pipeline's template
+        raise ConfigError("text_tokens released (qwen-image-edit) reads the whole instruction with the "
+                          "pipeline's template at every step: it cannot be cached (set model.text_tokens "
+                          "to mllm to train from a cache)")
     config.model.check_paths()
     shards = find_shards(data)
     target = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))

@@ -16,6 +16,8 @@ BACKBONE_HELP = ("the denoiser: unet (InstructPix2Pix-style UNet), flux-kontext 
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
+    from trainer.evaluate import add_inference_arguments  # numpy and PIL, no torch
+
     train = subparsers.add_parser("train", help="train MCIE-E1 on a build's train shards")
     train.add_argument("--data", required=True, help="a build OUT (reads OUT/shards/train-*.tar)")
     train.add_argument("--val-data", help="a build OUT whose train shards give the validation loss "
@@ -96,13 +98,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                       help="return the decoded output as it is (default: the unedited pixels of the "
                            "photo are pasted back, so its background is kept exactly)")
     edit.add_argument("--device", default=None, help="cuda when available, else cpu")
+    add_inference_arguments(edit)
     edit.set_defaults(func=run_edit)
 
 
 def run_train(args: argparse.Namespace) -> int:
     from pipeline.ciebench.cases import BenchError
     from trainer.config import ConfigError, load_config, with_model, with_train
-    from trainer.train import latest_checkpoint, train
+    from trainer.checkpoints import latest_checkpoint
+    from trainer.train import train
 
     try:
         if args.steps < 1:
@@ -159,7 +163,7 @@ def run_edit(args: argparse.Namespace) -> int:
         if not Path(args.image).is_file():
             raise FileNotFoundError(f"image {args.image} does not exist")
         image, notes = read_image(args.image)  # the safe decoder: a refused file fails in one line
-        model = load_model(args.checkpoint, device, args.weights)
+        model = load_model(args.checkpoint, device, args.weights, args.dtype, args.offload)
         result, info = edit_image(model, image, args.instruction, args.regions, args.steps,
                                   args.text_guidance, args.image_guidance, args.seed, args.split,
                                   paste_back=args.paste_back)

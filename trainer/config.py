@@ -23,7 +23,11 @@ LR_SCHEDULES = ("constant", "constant_with_warmup", "cosine", "linear")  # diffu
 FLOW_TIMESTEPS = ("logit_normal", "mode", "uniform")  # DiT training σ density (diffusers' SD3 / FLUX schemes)
 BACKBONES = ("unet", "flux-kontext", "qwen-image-edit")
 DIT_BACKBONES = BACKBONES[1:]
-TEXT_TOKENS = ("connector", "mllm")  # the DiT's text tokens: connector queries, or the MLLM's own states
+# the DiT's text tokens: connector queries; the MLLM's own states (each sub-instruction read alone);
+# or "released": the base model's own text encoder reads the whole instruction as its pipeline does
+# (Qwen-Image-Edit: Qwen2.5-VL with the pipeline's template; FLUX.1 Kontext: T5 + CLIP's pooled
+# vector), the sub-instructions' spans located inside that reading
+TEXT_TOKENS = ("connector", "mllm", "released")
 DIT_ATTENTION = ("sdpa", "flex")  # the spatial mask as a dense SDPA mask or a flex_attention BlockMask
 # peft target modules of both DiTs' joint attentions (image and text projections)
 DIT_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
@@ -156,12 +160,16 @@ class ModelConfig:
     transformer_lora_targets: list[str] = field(default_factory=lambda: list(DIT_LORA_TARGETS))
     attention: str = "sdpa"  # DiT: spatial mask as a dense SDPA mask (sdpa) or a flex_attention BlockMask
     guidance: float = 2.5  # FLUX.1 Kontext's distilled guidance embedding (training and editing)
-    text_tokens: str = "connector"  # DiT: connector queries, or "mllm": the MLLM's hidden states themselves
+    text_tokens: str = "connector"  # DiT: connector queries, "mllm" (the MLLM's own states) or "released" (TEXT_TOKENS)
     vae: dict[str, Any] | None = field(default_factory=_tiny_vae)  # random-init VAE config
     vae_path: str | None = None  # local AutoencoderKL dir (replaces `vae`)
     vae_scaling: float | None = None  # latent scale; None = the VAE's own config (scaling_factor)
     mllm: dict[str, Any] | None = field(default_factory=_tiny_mllm)  # random-init Qwen2.5-VL
     mllm_path: str | None = None  # local Qwen2.5-VL / Qwen2-VL dir (replaces `mllm`)
+    # flux-kontext with text_tokens "released": the pipeline folder's CLIPTextModel (pooled vector)
+    # and T5EncoderModel (text tokens); their tokenizers in tokenizer/ and tokenizer_2/ beside them
+    text_encoder_path: str | None = None
+    text_encoder_2_path: str | None = None
     mllm_image_size: int = 56  # the source is shown to the MLLM at this square size (multiple of 28)
     mllm_tuning: str = "frozen"  # frozen | lora
     lora_rank: int = 4
@@ -208,6 +216,19 @@ class ModelConfig:
                 raise ConfigError("backbone unet: model.transformer and model.transformer_path must be null")
             if self.text_tokens != "connector":
                 raise ConfigError("backbone unet reads the connector's tokens (text_tokens must be connector)")
+        if self.backbone == "qwen-image-edit" and self.text_tokens == "released" and self.transformer and self.mllm:
+            width = self.mllm["text"]["hidden_size"]  # the released states go to the DiT as they are
+            if self.transformer.get("joint_attention_dim") != width:
+                raise ConfigError(f"qwen-image-edit with text_tokens released feeds the MLLM's states to the DiT: "
+                                  f"transformer joint_attention_dim must be the MLLM's width {width}")
+        kontext_released = self.backbone == "flux-kontext" and self.text_tokens == "released"
+        encoders = (self.text_encoder_path, self.text_encoder_2_path)
+        if kontext_released and None in encoders:
+            raise ConfigError("flux-kontext with text_tokens released reads the pipeline's CLIP and T5: set "
+                              "model.text_encoder_path and model.text_encoder_2_path")
+        if not kontext_released and encoders != (None, None):
+            raise ConfigError("model.text_encoder_path / text_encoder_2_path are read only by flux-kontext "
+                              f"with text_tokens released: set them to null with text_tokens {self.text_tokens}")
         if (self.vae is None) == (self.vae_path is None):
             raise ConfigError("give exactly one of model.vae (config) and model.vae_path (weights)")
         if (self.mllm is None) == (self.mllm_path is None):
@@ -240,9 +261,23 @@ class ModelConfig:
                     f"model.{key}: weight directory {path!r} does not exist "
                     f"(set it in the config file; nothing is downloaded)"
                 )
+        for key, sibling in TOKENIZER_DIRS.items():
+            path = getattr(self, key)
+            if path is not None and not tokenizer_dir(path, sibling).is_dir():
+                raise ConfigError(f"model.{key}: tokenizer directory {str(Path(path).parent / sibling)!r} "
+                                  f"does not exist (the pipeline folder's {sibling}/ beside {path!r})")
 
 
-WEIGHT_PATHS = ("unet_path", "transformer_path", "scheduler_path", "vae_path", "mllm_path")
+WEIGHT_PATHS = ("unet_path", "transformer_path", "scheduler_path", "vae_path", "mllm_path", "text_encoder_path",
+                "text_encoder_2_path")
+TOKENIZER_DIRS = {"text_encoder_path": "tokenizer", "text_encoder_2_path": "tokenizer_2"}  # diffusers' layout
+
+
+def tokenizer_dir(encoder_path: str, sibling: str) -> Path:
+    """A text encoder's tokenizer: in its own dir when that holds tokenizer_config.json, else the
+    pipeline folder's `sibling` dir beside it (text_encoder/ → tokenizer/, text_encoder_2/ → tokenizer_2/)."""
+    own = Path(encoder_path)
+    return own if (own / "tokenizer_config.json").is_file() else own.parent / sibling
 
 
 @dataclass(frozen=True)
@@ -364,14 +399,32 @@ PRESETS = ("tiny", "base")
 
 # `base` DiT backbones: the diffusers pipeline folders of FLUX.1-Kontext-dev / Qwen-Image-Edit
 # (their transformer/, vae/, scheduler/) and the Qwen2.5-VL that reads the instruction.
-# Qwen-Image-Edit is conditioned by Qwen2.5-VL-7B's last hidden states (3584 wide = its
-# joint_attention_dim): its own text encoder is the MLLM and its states are the text tokens
-# (`text_tokens: mllm`), so the released model's conditioning is kept; Kontext was trained on T5,
-# so a connector maps a Qwen2.5-VL's reading to its 4096-wide text tokens.
+# Qwen-Image-Edit is conditioned as QwenImageEditPipeline conditions it (`text_tokens: released`,
+# `trainer.dit.qwen_text`): its own Qwen2.5-VL-7B (text_encoder/, processor/) reads the pipeline's
+# template with the source at ≈ 1024² pixels and the whole instruction (the sub-instructions joined),
+# the first 64 states dropped; those 3584-wide states (= its joint_attention_dim) are the text
+# tokens, so at step 0 with MCIE neutral it is the released editor. The sub-instructions' spans
+# inside that reading carry the spatial labels, but the MLLM is causal: a sub-instruction's tokens
+# (and the connective / template suffix after it, labelled with it) have read the earlier
+# sub-instructions, so sub-instruction j's words reach regions j, j+1, ... — never an earlier
+# region nor the background (docs/trainer.md). `text_tokens: mllm` keeps the leak-free reading
+# (each sub-instruction read alone, no template). FLUX.1 Kontext is
+# conditioned as FluxKontextPipeline conditions it (`text_tokens: released`): its text tokens are
+# T5-XXL's 512 states of the instruction (the sub-instructions joined, `trainer.dit.kontext_text`),
+# its pooled vector CLIP-L's pooled output, both from the pipeline folder's text_encoder_2/ and
+# text_encoder/ (tokenizers in tokenizer_2/ and tokenizer/), so at step 0 with MCIE neutral (every
+# token global, no region, gate 0) it is the released editor, tested against the pipeline. The
+# spans of the sub-instructions inside T5's reading carry the spatial labels (once labelled, the
+# global and source tokens no longer read those spans: a change at step 0), but T5 reads the whole
+# instruction bidirectionally and CLIP's pooled vector modulates every token: each
+# sub-instruction's words reach every region and the background through them (docs/trainer.md).
+# The Qwen2.5-VL-3B still reads the source and each sub-instruction alone for the region decoder.
 _BASE_DIT = {
-    "flux-kontext": dict(root="weights/flux1-kontext-dev", mllm_path="weights/qwen2.5-vl-3b", text_tokens="connector"),
+    "flux-kontext": dict(root="weights/flux1-kontext-dev", mllm_path="weights/qwen2.5-vl-3b", text_tokens="released",
+                         text_encoder_path="weights/flux1-kontext-dev/text_encoder",
+                         text_encoder_2_path="weights/flux1-kontext-dev/text_encoder_2"),
     "qwen-image-edit": dict(root="weights/qwen-image-edit", mllm_path="weights/qwen-image-edit/text_encoder",
-                            text_tokens="mllm"),
+                            text_tokens="released"),
 }
 
 
@@ -423,10 +476,13 @@ def _dit_preset(name: str, backbone: str) -> Config:
     spec = _BASE_DIT[backbone]
     root = spec["root"]
     model = ModelConfig(
-        name="base", backbone=backbone, resolution=512, unet=None, transformer=None,
+        # both released editors work near 1 Mpx (Qwen-Image-Edit resizes to 1024², Kontext's
+        # preferred resolutions are ≈ 1 Mpx): training or editing them at 512² is off their distribution
+        name="base", backbone=backbone, resolution=1024, unet=None, transformer=None,
         transformer_path=f"{root}/transformer", scheduler_path=f"{root}/scheduler", vae=None,
         vae_path=f"{root}/vae", mllm=None, mllm_path=spec["mllm_path"], mllm_image_size=448,
-        text_tokens=spec["text_tokens"],
+        text_tokens=spec["text_tokens"], text_encoder_path=spec.get("text_encoder_path"),
+        text_encoder_2_path=spec.get("text_encoder_2_path"),
         transformer_lora_rank=64, global_queries=32, sub_queries=8, connector_layers=2, connector_heads=16,
         source_feature_dim=128, mask_head_dim=128,
     )

@@ -30,11 +30,12 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from trainer.build import build_model
+from trainer.checkpoints import CONFIG_FILE, EMA_FILE, latest_checkpoint
 from trainer.config import Config
 from trainer.data import to_tensor
 from trainer.export import is_pretrained_dir, load_pretrained
-from trainer.model import MCIEE1, build_model, make_sampler
-from trainer.train import CONFIG_FILE, EMA_FILE, latest_checkpoint
+from trainer.model import MCIEE1, make_sampler
 
 log = logging.getLogger(__name__)
 
@@ -123,34 +124,138 @@ def resolve_checkpoint(path: str | Path) -> Path:
     return latest
 
 
-def load_model(checkpoint: str | Path, device: str | torch.device = "cpu", weights: str = "ema") -> MCIEE1:
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def inference_dtype(name: str, device: str | torch.device) -> torch.dtype:
+    """`auto`: bfloat16 on CUDA — the released Qwen-Image-Edit and FLUX.1 Kontext weights are
+    bfloat16 (their config.json's `torch_dtype`), so nothing is lost against the checkpoint's own
+    precision, and training runs its bf16 autocast on the same numbers — float32 elsewhere (CPU
+    runs the tiny models, and stay exact as before)."""
+    if name == "auto":
+        return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    if name not in DTYPES:
+        raise ValueError(f"dtype must be auto or one of {', '.join(DTYPES)}, got {name!r}")
+    return DTYPES[name]
+
+
+def place(model: MCIEE1, device: str | torch.device, dtype: torch.dtype, offload_device: str | None) -> None:
+    """Put a loaded model where inference runs it, in `dtype`: the frozen VAE and `encoders`, and a DiT's
+    transformer (its base: LoRA-tuned or trained in full), are cast to `dtype`; what MCIE-E1 trained
+    as small modules stays float32 — connector, source encoder, region decoder, the attention
+    processors (zero-started gates and the injection), the transformer's and MLLM's LoRA adapters:
+    they are the float32 master weights training updated, ≈ 2 % of the base presets' memory, and bf16 would
+    round the small gate values and adapter updates. `edit_image` runs them under autocast, as
+    training did. A UNet backbone stays float32 (0.9 B parameters: it fits anywhere).
+
+    `offload_device` (e.g. "cpu"): the encoders (MLLM, Kontext's T5 and CLIP) and the denoiser
+    never sit on `device` together — the denoiser waits there until the instruction is encoded
+    (`edit_image` moves the encoders out before it brings the denoiser in, and the denoiser out
+    after sampling), so the peak is the larger phase's, not their sum (`bench/inference_memory.py`).
+    The VAE and the small trained modules stay on `device`."""
+    from trainer.dit.processors import PROCESSOR_PREFIX
+
+    device = torch.device(device)
+    model.eval()
+    model.inference_dtype = dtype
+    model.offload_device = None if offload_device is None else torch.device(offload_device)
+    if model.config.is_dit:
+        for name, param in model.denoiser.named_parameters():
+            if PROCESSOR_PREFIX not in f".{name}" and ".lora_" not in f".{name}":
+                param.data = param.data.to(dtype)
+    parked = model.denoiser if model.offload_device is not None else None
+    for child in model.children():  # everything trained on `device`, but a parked denoiser
+        child.to(model.offload_device if child is parked else device)
+    for param in model.parameters(recurse=False):  # null_context
+        param.data = param.data.to(device)
+    vae = model.frozen.vae.to(device)
+    if next(vae.parameters()).dtype != dtype:  # a VAE from `vae_path` was loaded in dtype already
+        vae.to(dtype)
+    for encoder in encoders(model):
+        encoder.to(device, dtype)
+    if model.lora is not None:  # the MLLM's adapters: float32, as trained
+        model.lora.float()
+
+
+def load_model(checkpoint: str | Path, device: str | torch.device = "cpu", weights: str = "ema",
+               dtype: str = "auto", offload: bool | None = None) -> MCIEE1:
     """The checkpoint's model; `weights="ema"` takes the EMA weights where training kept them
-    (`model.weights_used` says which were loaded), "trained" the optimiser's own."""
+    (`model.weights_used` says which were loaded), "trained" the optimiser's own. `dtype`: see
+    `inference_dtype` and `place`; `offload` (default: on CUDA) parks the MLLM on the CPU while
+    the denoiser runs and the denoiser while the MLLM runs."""
     from safetensors.torch import load_file
 
     if weights not in ("ema", "trained"):
         raise ValueError(f"weights must be ema or trained, got {weights!r}")
+    torch_dtype = inference_dtype(dtype, device)
+    if offload is None:
+        offload = torch.device(device).type == "cuda"
     path = resolve_checkpoint(checkpoint)
     if not (path / "model.safetensors").is_file():  # diffusers layout only: its weights as saved
-        model = load_pretrained(path)
-        model.eval().to(device)
-        model.frozen.to(torch.device(device))
-        return model
-    config = Config.from_json(json.loads((path / CONFIG_FILE).read_text()))
-    model = build_model(config.model)
-    model.load_state_dict(load_file(str(path / "model.safetensors")))
-    model.weights_used = "trained"
-    if weights == "ema" and (path / EMA_FILE).is_file():
-        ema = load_file(str(path / EMA_FILE))
-        missing = {name for name, _ in model.trained_named_parameters()} - set(ema)
-        if missing:
-            raise ValueError(f"{path / EMA_FILE} lacks {len(missing)} trained weights, "
-                             f"e.g. {sorted(missing)[0]}")
-        model.load_state_dict(ema, strict=False)
-        model.weights_used = "ema"
-    model.eval().to(device)
-    model.frozen.to(torch.device(device))
+        model = load_pretrained(path, torch_dtype)
+    else:
+        config = Config.from_json(json.loads((path / CONFIG_FILE).read_text()))
+        model = build_model(config.model, torch_dtype)  # frozen parts (and a LoRA DiT's base) in dtype
+        model.load_state_dict(load_file(str(path / "model.safetensors")))
+        model.weights_used = "trained"
+        if weights == "ema" and (path / EMA_FILE).is_file():
+            ema = load_file(str(path / EMA_FILE))
+            missing = {name for name, _ in model.trained_named_parameters()} - set(ema)
+            if missing:
+                raise ValueError(f"{path / EMA_FILE} lacks {len(missing)} trained weights, "
+                                 f"e.g. {sorted(missing)[0]}")
+            model.load_state_dict(ema, strict=False)
+            model.weights_used = "ema"
+    place(model, device, torch_dtype, "cpu" if offload else None)
     return model
+
+
+def encoders(model: MCIEE1) -> list:
+    """What reads the instruction: the MLLM, and FLUX.1 Kontext's own T5 and CLIP where the model
+    has them (`text_tokens: released`). They run, and are offloaded, together."""
+    text = getattr(model.frozen, "text", None)
+    return [model.frozen.mllm] + ([text] if text is not None else [])
+
+
+def execution_device(model: MCIEE1) -> torch.device:
+    """Where `edit_image` computes: the small trained modules' device (they never move; the MLLM
+    and the denoiser may be parked elsewhere)."""
+    return next(model.source_encoder.parameters()).device
+
+
+def _mllm_phase(model: MCIEE1, device: torch.device) -> None:
+    """The encoders onto `device` (the denoiser is parked already: at load and after every sampling)."""
+    if model.offload_device is not None:
+        for encoder in encoders(model):
+            encoder.to(device)
+
+
+class _DenoiserPhase:
+    """With offloading: the encoders out to the offload device, then the denoiser in; on exit the
+    denoiser back out — so the two never share `device`."""
+
+    def __init__(self, model: MCIEE1, device: torch.device):
+        self.model, self.device = model, device
+
+    def __enter__(self) -> None:
+        park = self.model.offload_device
+        if park is not None:
+            for encoder in encoders(self.model):
+                encoder.to(park)
+            _release(self.device)
+            self.model.denoiser.to(self.device)
+
+    def __exit__(self, *exc) -> None:
+        park = self.model.offload_device
+        if park is not None:
+            self.model.denoiser.to(park)
+            _release(self.device)
+
+
+def _release(device: torch.device) -> None:
+    """Hand the freed blocks back, so the next phase's peak does not sit on the last one's cache."""
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def region_masks(specs: list[str], size: tuple[int, int]) -> torch.Tensor:
@@ -237,59 +342,65 @@ def edit_image(model: MCIEE1, image: Image.Image | np.ndarray, instruction: str,
     the result is the source's pixels exactly with `paste_back` (the default); `blend` keeps the
     source's latents there while sampling. Guidance scales default to the backbone's
     (`model.guidance`: UNet 7.5 / 1.5 as InstructPix2Pix; FLUX.1 Kontext 1.0 / 1.0, one pass
-    per step with the distilled guidance; Qwen-Image-Edit 4.0 / 1.0, true CFG rescaled per token)."""
-    config = model.config
-    text_guidance = model.guidance[0] if text_guidance is None else text_guidance
-    image_guidance = model.guidance[1] if image_guidance is None else image_guidance
-    subs, split_by = split_with(model, instruction, splitter)
-    if not subs:
-        raise ValueError("the instruction is empty")
-    if len(subs) > config.max_sub_edits:  # the last slot takes the rest, as in training
-        subs = subs[: config.max_sub_edits - 1] + [" and ".join(subs[config.max_sub_edits - 1:])]
-    rgb = np.asarray(image.convert("RGB")) if isinstance(image, Image.Image) else np.asarray(image)
-    if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
-        raise ValueError(f"expected an RGB uint8 image, got shape {rgb.shape} {rgb.dtype}")
-    height, width = rgb.shape[:2]
-    size = working_size(width, height, config.resolution, downsampling(model))
-    source_uint8 = _resize(rgb, size)
-    device = next(model.parameters()).device
-    source = to_tensor(source_uint8)[None].to(device)
+    per step with the distilled guidance; Qwen-Image-Edit 4.0 / 1.0, true CFG rescaled per token).
+    Runs in `model.inference_dtype` (autocast: see `place`), with the MLLM and the denoiser on the
+    device one phase at a time when `model.offload_device` is set."""
+    device = execution_device(model)
+    dtype = model.inference_dtype  # float32: no autocast, exactly as before
+    with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+        config = model.config
+        text_guidance = model.guidance[0] if text_guidance is None else text_guidance
+        image_guidance = model.guidance[1] if image_guidance is None else image_guidance
+        _mllm_phase(model, device)  # the instruction is read (and split, by --split mllm) first
+        subs, split_by = split_with(model, instruction, splitter)
+        if not subs:
+            raise ValueError("the instruction is empty")
+        if len(subs) > config.max_sub_edits:  # the last slot takes the rest, as in training
+            subs = subs[: config.max_sub_edits - 1] + [" and ".join(subs[config.max_sub_edits - 1:])]
+        rgb = np.asarray(image.convert("RGB")) if isinstance(image, Image.Image) else np.asarray(image)
+        if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
+            raise ValueError(f"expected an RGB uint8 image, got shape {rgb.shape} {rgb.dtype}")
+        height, width = rgb.shape[:2]
+        size = working_size(width, height, config.resolution, downsampling(model))
+        source_uint8 = _resize(rgb, size)
+        source = to_tensor(source_uint8)[None].to(device)
 
-    relaxed: list[int] = []
-    if regions:
-        if len(regions) != len(subs):
-            raise ValueError(f"{len(regions)} regions given for {len(subs)} sub-instructions: {subs}")
-        given = region_masks(regions, (width, height))  # (S, H, W) at the image's own size
-        slots = torch.zeros(1, config.max_sub_edits, size[1], size[0], device=device)
-        slots[0, : len(subs)] = F.interpolate(given[None].to(device), size=(size[1], size[0]), mode="nearest")[0]
-        edited = given.amax(0).bool().numpy()
-    else:  # the region decoder's prediction (dilated), from the full condition
-        cond = model.condition(source, [subs], source_uint8[None], background=None, region_masks=None)
-        slots = cond.condition.region_masks
-        relaxed = cond.relaxed_regions[0].nonzero().flatten().tolist()
-        union = slots[0, : len(subs)].amax(0)[None, None]
-        edited = F.interpolate(union, size=(height, width), mode="nearest")[0, 0].bool().cpu().numpy()
+        relaxed: list[int] = []
+        if regions:
+            if len(regions) != len(subs):
+                raise ValueError(f"{len(regions)} regions given for {len(subs)} sub-instructions: {subs}")
+            given = region_masks(regions, (width, height))  # (S, H, W) at the image's own size
+            slots = torch.zeros(1, config.max_sub_edits, size[1], size[0], device=device)
+            slots[0, : len(subs)] = F.interpolate(given[None].to(device), size=(size[1], size[0]), mode="nearest")[0]
+            edited = given.amax(0).bool().numpy()
+        else:  # the region decoder's prediction (dilated), from the full condition
+            cond = model.condition(source, [subs], source_uint8[None], background=None, region_masks=None)
+            slots = cond.condition.region_masks
+            relaxed = cond.relaxed_regions[0].nonzero().flatten().tolist()
+            union = slots[0, : len(subs)].amax(0)[None, None]
+            edited = F.interpolate(union, size=(height, width), mode="nearest")[0, 0].bool().cpu().numpy()
 
-    # Three conditions at once: full, image only (text dropped), none (both dropped).
-    three = source.expand(3, -1, -1, -1)
-    cond = model.condition(three, [subs] * 3, np.repeat(source_uint8[None], 3, 0), background=None,
-                           region_masks=slots.expand(3, -1, -1, -1),
-                           drop_text=torch.tensor([False, True, True], device=device),
-                           drop_image=torch.tensor([False, False, True], device=device))
-    generator = torch.Generator(device="cpu").manual_seed(seed)
-    noise = torch.randn(cond.source_latents[:1].shape, generator=generator).to(device)
-    known = model.to_target_space(cond.source_latents[:1].float())  # undropped row: the source's
-    keep = cond.condition.background[:1] if blend else None
-    if config.is_dit:  # rectified flow, Euler on the backbone's sigmas
-        latents = model.sample(cond, noise, steps, text_guidance, image_guidance, known=known, keep=keep)
-    else:
-        latents = sample_latents(lambda x, t: model.denoise(x, t, cond), make_sampler(config), noise, steps,
-                                 text_guidance, image_guidance, known=known, keep=keep)
-    decoded = model.frozen.decode(latents).float().clamp(-1, 1)
-    pixels = ((decoded[0].permute(1, 2, 0) + 1) * 127.5).round().byte().cpu().numpy()
-    result = _resize(pixels, (width, height))
-    if paste_back:
-        result = np.where(edited[..., None], result, rgb)
+        # Three conditions at once: full, image only (text dropped), none (both dropped).
+        three = source.expand(3, -1, -1, -1)
+        cond = model.condition(three, [subs] * 3, np.repeat(source_uint8[None], 3, 0), background=None,
+                               region_masks=slots.expand(3, -1, -1, -1),
+                               drop_text=torch.tensor([False, True, True], device=device),
+                               drop_image=torch.tensor([False, False, True], device=device))
+        generator = torch.Generator(device="cpu").manual_seed(seed)
+        noise = torch.randn(cond.source_latents[:1].shape, generator=generator).to(device)
+        known = model.to_target_space(cond.source_latents[:1].float())  # undropped row: the source's
+        keep = cond.condition.background[:1] if blend else None
+        with _DenoiserPhase(model, device):  # offloading: the MLLM out, the denoiser in (then out)
+            if config.is_dit:  # rectified flow, Euler on the backbone's sigmas
+                latents = model.sample(cond, noise, steps, text_guidance, image_guidance, known=known, keep=keep)
+            else:
+                latents = sample_latents(lambda x, t: model.denoise(x, t, cond), make_sampler(config), noise, steps,
+                                         text_guidance, image_guidance, known=known, keep=keep)
+        decoded = model.frozen.decode(latents).float().clamp(-1, 1)
+        pixels = ((decoded[0].permute(1, 2, 0) + 1) * 127.5).round().byte().cpu().numpy()
+        result = _resize(pixels, (width, height))
+        if paste_back:
+            result = np.where(edited[..., None], result, rgb)
     info = {
         "sub_instructions": subs,
         "split_by": split_by,
@@ -302,5 +413,7 @@ def edit_image(model: MCIEE1, image: Image.Image | np.ndarray, instruction: str,
         "working_size": list(size),
         "edited_fraction": round(float(edited.mean()), 4),
         "paste_back": paste_back,
+        "dtype": str(dtype).removeprefix("torch."),
+        "offload": None if model.offload_device is None else str(model.offload_device),
     }
     return Image.fromarray(np.ascontiguousarray(result)), info

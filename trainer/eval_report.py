@@ -70,7 +70,7 @@ def write_report(
     examples: int = 24,
 ) -> None:
     from pipeline.ciebench.cases import read_case
-    from trainer.evaluate import prediction_path, read_prediction
+    from trainer.predictions import prediction_path, read_prediction
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

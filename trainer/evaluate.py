@@ -32,12 +32,11 @@ from pipeline.ciebench.metrics import PredictionError, score_cases, summarize
 from pipeline.record import EditSample
 from pipeline.routing import RoutingPolicy
 from pipeline.dataset.shards import atomic_write_bytes, encode_png
+from trainer.predictions import prediction_path, read_prediction
 
 log = logging.getLogger(__name__)
 
 PREDICTIONS_DIR = "predictions"
-# An image larger than this many pixels is refused (a decompression bomb, not an edit).
-MAX_PREDICTION_PIXELS = 64_000_000
 
 Editor = Callable[[np.ndarray, str], np.ndarray]
 
@@ -48,33 +47,17 @@ class EvalError(ValueError):
 
 # ---- predictions ---------------------------------------------------------------------------------
 
-def prediction_path(directory: Path, case_id: str) -> Path:
-    return Path(directory) / f"{case_id}.png"
-
-
-def read_prediction(path: Path) -> np.ndarray | PredictionError:
-    """The image at `path` as uint8 RGB, or the PredictionError saying why not."""
-    if not path.is_file():
-        return PredictionError(f"missing {path.name}")
-    try:
-        with Image.open(path) as image:
-            if image.width * image.height > MAX_PREDICTION_PIXELS:
-                return PredictionError(f"{path.name} is {image.width}x{image.height} px, too large")
-            return np.asarray(image.convert("RGB")).copy()
-    except (OSError, ValueError, Image.DecompressionBombError) as exc:
-        return PredictionError(f"unreadable {path.name}: {type(exc).__name__}: {exc}")
-
-
 def directory_predictions(directory: Path, ids: Iterable[str]) -> Iterator[np.ndarray | PredictionError]:
     for cid in ids:
         yield read_prediction(prediction_path(directory, cid))
 
 
 def load_checkpoint_editor(checkpoint: Path, device: str | None = None, steps: int = 20,
-                           seed: int = 0) -> Editor:
+                           seed: int = 0, dtype: str = "auto", offload: bool | None = None) -> Editor:
     """Adapter to the trainer's inference API (`trainer.edit.load_model` / `edit_image`): a
     function (source image, instruction) -> edited image. Regions are the model's own
-    predictions: the benchmark gives an editor only what a user would (image and instruction)."""
+    predictions: the benchmark gives an editor only what a user would (image and instruction).
+    `dtype`, `offload`: as `mcie edit` (`trainer.edit.load_model`)."""
     try:
         import torch
         from trainer.edit import edit_image, load_model
@@ -82,7 +65,7 @@ def load_checkpoint_editor(checkpoint: Path, device: str | None = None, steps: i
         raise EvalError(f"the MCIE-E1 inference API is not available ({exc})") from None
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        model = load_model(Path(checkpoint), device)
+        model = load_model(Path(checkpoint), device, dtype=dtype, offload=offload)
     except (OSError, ValueError, KeyError, RuntimeError) as exc:  # missing files, bad config/weights
         raise EvalError(f"cannot load checkpoint {checkpoint}: {type(exc).__name__}: {exc}") from None
 
@@ -194,7 +177,22 @@ def register(subparsers) -> None:
     ev.add_argument("--device", help="--checkpoint: torch device (default cuda if available)")
     ev.add_argument("--steps", type=cli_args.positive_int, default=20, help="--checkpoint: sampling steps")
     ev.add_argument("--seed", type=int, default=0, help="--checkpoint: sampling seed")
+    add_inference_arguments(ev)
     ev.set_defaults(func=run_eval)
+
+
+INFERENCE_DTYPES = ("auto", "float32", "bfloat16", "float16")  # `trainer.edit.inference_dtype`'s names
+
+
+def add_inference_arguments(parser: argparse.ArgumentParser) -> None:
+    """--dtype and --no-offload of `mcie edit` and `mcie eval --checkpoint` (`trainer.edit.load_model`)."""
+    parser.add_argument("--dtype", choices=INFERENCE_DTYPES, default="auto",
+                        help="the frozen VAE and MLLM and the DiT's base weights (auto: bfloat16 on CUDA, "
+                             "the released weights' own; float32 on CPU); MCIE-E1's small trained modules "
+                             "stay float32")
+    parser.add_argument("--no-offload", dest="offload", action="store_false", default=None,
+                        help="keep the MLLM and the denoiser on the device together (default on CUDA: "
+                             "each waits on the CPU while the other runs)")
 
 
 def _fail(message: str) -> int:
@@ -214,7 +212,8 @@ def run_eval(args: argparse.Namespace) -> int:
             bench=Path(args.bench), predictions=args.predictions, checkpoint=args.checkpoint,
             judge=args.judge, judge_options=options, out=Path(args.out) if args.out else None,
             limit=args.limit, examples=args.examples,
-            checkpoint_options={"device": args.device, "steps": args.steps, "seed": args.seed},
+            checkpoint_options={"device": args.device, "steps": args.steps, "seed": args.seed,
+                                "dtype": args.dtype, "offload": args.offload},
         )
     except (BenchError, EvalError) as exc:
         return _fail(f"mcie eval: error: {exc}")

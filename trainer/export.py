@@ -119,16 +119,17 @@ def is_pretrained_dir(path: str | Path) -> bool:
     return (Path(path) / INDEX_FILE).is_file() and (Path(path) / CONFIG_FILE).is_file()
 
 
-def load_pretrained(directory: str | Path):
-    """The MCIEE1 saved by `save_pretrained` (frozen parts rebuilt from its config)."""
+def load_pretrained(directory: str | Path, dtype: torch.dtype = torch.float32):
+    """The MCIEE1 saved by `save_pretrained` (frozen parts, and a LoRA-tuned DiT's base, rebuilt
+    from its config in `dtype`)."""
     from safetensors.torch import load_file
 
+    from trainer.build import build_model
     from trainer.config import ModelConfig
-    from trainer.model import build_model
 
     directory = Path(directory)
     config = ModelConfig(**json.loads((directory / CONFIG_FILE).read_text()))
-    model = build_model(config)
+    model = build_model(config, dtype)
     denoiser = "transformer" if config.is_dit else "unet"
     state: dict[str, torch.Tensor] = {}
     for folder in (denoiser, PROCESSORS, TRANSFORMER_LORA, *PARTS):

@@ -90,7 +90,11 @@ def load_mllm(path: str, dtype: torch.dtype):
         raise ValueError(f"{path}: expected a Qwen2.5-VL or Qwen2-VL model, found {config.model_type!r}")
     model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype)
     tokenizer = AutoTokenizer.from_pretrained(_beside(path, "tokenizer_config.json", "tokenizer"))
-    processor = _image_processor_class().from_pretrained(_beside(path, "preprocessor_config.json", "processor"))
+    # a processor saved by transformers >= 5 keeps the image processor's config in processor_config.json
+    folder = _beside(path, "preprocessor_config.json", "processor")
+    if folder == path:
+        folder = _beside(path, "processor_config.json", "processor")
+    processor = _image_processor_class().from_pretrained(folder)
     return model, tokenizer, processor
 
 

@@ -16,7 +16,6 @@ a DDP-wrapped model runs the whole step inside its forward.
 from __future__ import annotations
 
 import json
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,8 +28,6 @@ from trainer.attention import (GLOBAL_TOKEN, PADDING_TOKEN, CrossAttnCondition, 
                                position_encoding)
 from trainer.config import ModelConfig
 from trainer.mllm import Encoded, MLLMEncoder, attach_lora
-
-log = logging.getLogger(__name__)
 
 
 class Connector(nn.Module):
@@ -244,12 +241,11 @@ def vae_factor(vae: nn.Module) -> int:
     return 2 ** (len(vae.config.block_out_channels) - 1)
 
 
-def build_frozen(config: ModelConfig, dtype: torch.dtype = torch.float32) -> Frozen:
-    """The frozen VAE and MLLM (a DiT backbone's: `trainer.dit.model.DiTFrozen`, its latent space)."""
+def build_frozen(config: ModelConfig, dtype: torch.dtype = torch.float32,
+                 kind: type[Frozen] = Frozen) -> Frozen:
+    """The frozen VAE and MLLM as `kind` (the latent space: a DiT backbone's is
+    `trainer.dit.model.DiTFrozen`; `trainer.build.build_frozen` picks it by backbone)."""
     config.check_paths()
-    kind = Frozen
-    if config.is_dit:
-        from trainer.dit.model import DiTFrozen as kind
     vae_class = _vae_class(config)
     if config.vae_path is not None:
         vae = vae_class.from_pretrained(config.vae_path, torch_dtype=dtype)
@@ -312,6 +308,8 @@ class MCIEE1(nn.Module):
     the rest (connector, region decoder and its coarsening, dropout, losses)."""
 
     weights_used = "trained"  # which weights `trainer.edit.load_model` put in: trained or ema
+    inference_dtype = torch.float32  # `trainer.edit.place` sets these two: edit_image's autocast dtype
+    offload_device: torch.device | None = None  # and where the MLLM / denoiser wait outside their phase
     guidance = (7.5, 1.5)  # `mcie edit`'s default (text, image) guidance scales: InstructPix2Pix's
 
     def __init__(self, config: ModelConfig, frozen: Frozen):
@@ -522,16 +520,3 @@ class MCIEE1(nn.Module):
         regions_loss = (bce * valid).sum() / (valid.sum() * bce.shape[-1] * bce.shape[-2]).clamp(min=1)
         loss = diffusion + mask_loss_weight * regions_loss
         return {"loss": loss, "diffusion": diffusion.detach(), "regions": regions_loss.detach()}
-
-
-def build_model(config: ModelConfig, dtype: torch.dtype = torch.float32) -> MCIEE1:
-    """MCIE-E1 on the config's backbone; `dtype` is the frozen parts' (and a LoRA-tuned DiT's base)."""
-    if config.is_dit:
-        from trainer.dit.model import build_dit_model
-
-        return build_dit_model(config, dtype)
-    frozen = build_frozen(config, dtype)
-    model = MCIEE1(config, frozen)
-    log.info("MCIE-E1 %s: %.1f M trained parameters", config.name,
-             sum(p.numel() for _, p in model.trained_named_parameters()) / 1e6)
-    return model

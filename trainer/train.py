@@ -28,15 +28,13 @@ import torch
 
 from trainer import kernels
 from trainer.cache import check_cache
+from trainer.checkpoints import CONFIG_FILE, EMA_FILE, STATE_FILE, checkpoints, latest_checkpoint
 from trainer.config import Config, ConfigError
 from trainer.data import LoaderState, find_shards, make_loader
 
 log = logging.getLogger(__name__)
 
-STATE_FILE = "trainer_state.json"
-CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"  # one line per logged step; after a resume a step may appear again
-EMA_FILE = "ema.safetensors"  # the EMA of the trained weights, by parameter name (for inference)
 
 
 @dataclass
@@ -46,20 +44,6 @@ class TrainResult:
     resumed_from: int | None = None
     samples_per_s: float = 0.0  # from the second step of this run on (the first compiles); 0 for one
     main_process: bool = True  # False on the other ranks of a multi-process run
-
-
-def checkpoints(out: Path) -> list[tuple[int, Path]]:
-    found = []
-    for path in out.glob("checkpoint-*"):
-        suffix = path.name.removeprefix("checkpoint-")
-        if suffix.isdigit() and (path / STATE_FILE).is_file():  # complete checkpoints only
-            found.append((int(suffix), path))
-    return sorted(found)
-
-
-def latest_checkpoint(out: Path) -> Path | None:
-    found = checkpoints(out)
-    return found[-1][1] if found else None
 
 
 def _mixed_precision(setting: str) -> str:
@@ -132,7 +116,7 @@ class Trainer:
             log.info("training on cached frozen encodings: the VAE and the MLLM are skipped")
         from accelerate.utils import set_seed
 
-        from trainer.model import build_model
+        from trainer.build import build_model
 
         # noise, timesteps and dropout draws, different on each rank (else every rank of a DDP run
         # draws the same noise for its own samples); resume restores the RNG states
@@ -266,7 +250,7 @@ class Trainer:
             self.optimizer.step()
             self.lr_schedule.step()
             if self.ema is not None:
-                self.ema.step(self._trained_parameters())
+                self.ema.step(dict(self.raw_model.trained_named_parameters()))
             self.optimizer.zero_grad(set_to_none=True)
             self.step += 1
             total = mean_loss.item()  # the one host sync of a step
@@ -357,32 +341,30 @@ class Trainer:
         acc.wait_for_everyone()
         return figures
 
-    def _trained_parameters(self) -> list[torch.nn.Parameter]:
-        return [p for _, p in self.raw_model.trained_named_parameters()]
-
     def _trained_names(self) -> list[str]:
-        """The names of `_trained_parameters`, in the same order (the EMA's shadow order)."""
+        """The names of the trained weights (what the EMA holds)."""
         return [name for name, _ in self.raw_model.trained_named_parameters()]
 
     def _ema(self, resumed: dict | None):
-        """diffusers' EMAModel over the trained weights (its decay warms up as (1+n)/(10+n)), None
-        when train.ema_decay is 0. It resumes from the checkpoint's `ema.safetensors` (by parameter
-        name) and `ema_step`; a checkpoint without them (EMA switched on later) starts it from the
-        resumed weights."""
+        """The EMA of the trained weights (`trainer.ema`: diffusers' EMAModel for the weights
+        trained in full, its decay warming up as (1+n)/(10+n); for each LoRA adapter the EMA of
+        B·A, kept factored at the adapter's rank), None when train.ema_decay is 0. It resumes from
+        the checkpoint's `ema.safetensors` (by parameter name) and `ema_step`; a checkpoint without
+        them (EMA switched on later) starts it from the resumed weights."""
         if self.config.train.ema_decay <= 0:
             return None
-        from diffusers.training_utils import EMAModel
         from safetensors.torch import load_file
 
-        ema = EMAModel(self._trained_parameters(), decay=self.config.train.ema_decay, foreach=True)
+        from trainer.ema import TrainedWeightsEMA
+
+        ema = TrainedWeightsEMA(list(self.raw_model.trained_named_parameters()), self.config.train.ema_decay)
         ema.to(self.accelerator.device)
         saved = Path(resumed["path"]) / EMA_FILE if resumed else None
         if saved is not None and saved.is_file() and "ema_step" in resumed:
             weights = load_file(str(saved), device=str(self.accelerator.device))
-            names = self._trained_names()
-            if set(names) != set(weights):
+            if set(self._trained_names()) != set(weights):
                 raise ConfigError(f"{saved} does not hold this model's trained weights")
-            ema.shadow_params = [weights[name] for name in names]
+            ema.load_state_dict(weights)
             ema.optimization_step = int(resumed["ema_step"])
         elif resumed:
             log.info("no EMA in %s: the EMA starts from the resumed weights", resumed["path"])
@@ -391,9 +373,7 @@ class Trainer:
     def _save_ema_weights(self, path: Path) -> dict[str, torch.Tensor]:
         from safetensors.torch import save_file
 
-        names = self._trained_names()
-        weights = {name: shadow.detach().cpu().contiguous()
-                   for name, shadow in zip(names, self.ema.shadow_params)}
+        weights = {name: shadow.detach().cpu().contiguous() for name, shadow in self.ema.state_dict().items()}
         save_file(weights, str(path / EMA_FILE))
         return weights
 

@@ -98,7 +98,9 @@ def read_index(out: Path) -> KeyIndex:
     path = Path(out) / SOURCE_INDEX
     if not path.is_file():
         return KeyIndex(keys=None)
-    table = pq.read_table(path, columns=["key", "duplicate_of"])
+    from pipeline.dataset.output import read_parquet
+
+    table = read_parquet(path, columns=["key", "duplicate_of"])
     keys = table.column("key").to_pylist()
     dups = table.column("duplicate_of").to_pylist()
     return KeyIndex(keys=keys, duplicate_of={k: d for k, d in zip(keys, dups) if d is not None})

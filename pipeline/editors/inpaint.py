@@ -3,7 +3,11 @@
 `DiffusersModel` loads any diffusers pipeline from a local directory, the class read from its
 `model_index.json` (`StableDiffusionInpaintPipeline`, `StableDiffusionXLInpaintPipeline`,
 `FluxFillPipeline`, `StableDiffusionInstructPix2PixPipeline`, ...), with `local_files_only`:
-nothing downloads. It is built once per editor, i.e. once per Ray actor (the `UnitPipeline` is).
+nothing downloads. Backends call it through one method, `generate(seeds, **pipeline_kwargs)`; in a
+Ray build that call goes to the build's model actor, which loads the pipeline once for all unit
+workers (`pipeline.model_actors`), elsewhere (tests, benches, a bare `UnitPipeline`) to the
+in-process model, with the same bytes. A model actor's death (`ModelUnavailable`) fails the unit,
+not the batch's samples, so the unit is retried with the same batches.
 
 `GenerativeEditor` is the editing loop both generative backends share. Sub-edits are applied in
 order, sub-edit i acting on the result of i-1:
@@ -166,6 +170,12 @@ class DiffusersModel:
         return torch.Generator(device="cpu" if self.device.startswith("mps") else self.device
                                ).manual_seed(seed)
 
+    def generate(self, seeds: list[int], **pipeline_kwargs) -> list[np.ndarray]:
+        """The model interface every backend calls (`pipeline.model_actors`): one float [0, 1]
+        HxWx3 frame per seed, each item's generator made here from its own seed."""
+        return list(self.pipe(**pipeline_kwargs, generator=[self.generator(s) for s in seeds],
+                              output_type="np").images)
+
     def describe(self) -> str:
         return f"{self.class_name}:{self.path.name}"
 
@@ -179,6 +189,12 @@ def resize(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
         return image
     return cv2.resize(image, size, interpolation=cv2.INTER_AREA if size[0] < image.shape[1]
                       else cv2.INTER_CUBIC)
+
+
+class ModelUnavailable(RuntimeError):
+    """The model actor serving a batch died (`pipeline.model_actors`). Not a failure of the
+    batch's samples: it fails the whole unit, which `flows.execute` retries (item by item would
+    change the batches, hence the bytes)."""
 
 
 class GenerativeEditor(RecordStage):
@@ -227,6 +243,11 @@ class GenerativeEditor(RecordStage):
     def provenance(self) -> str:
         return f"{self.backend}@{__version__}:{self.settings()},batch_size={self.batch_size}" + (
             f",candidates={self.candidates}" if self.candidates > 1 else "")
+
+    def models(self) -> list:
+        """The models this editor calls (`DiffusersModel`s, or clients of model actors): what a
+        build serves from model actors (`pipeline.model_actors`)."""
+        return []
 
     def backend_for(self, sub: SubEdit):
         """Who applies this sub-edit: a generative backend (batched here) or an exact one with
@@ -321,6 +342,8 @@ class GenerativeEditor(RecordStage):
             frames = chunk[0].backend.generate_batch(chunk)
             if len(frames) != len(chunk):
                 raise ValueError(f"the model gave {len(frames)} frames for {len(chunk)} requests")
+        except ModelUnavailable:
+            raise  # the model actor died: the unit is retried whole, so its batches stay the same
         except Exception as exc:
             if len(chunk) == 1:
                 errors[id(chunk[0].job.sample)] = exc
@@ -476,12 +499,18 @@ class PipelineEditor(GenerativeEditor):
                  judge_options: dict[str, Any] | None, batch_size: int):
         super().__init__(candidates, feather, seed, judge, judge_options, batch_size)
         _check_common(steps, guidance, max_side)
-        self.model = DiffusersModel(path, device, dtype)
+        from pipeline.model_actors import open_model  # (it imports this module)
+
+        # in-process, or a client of the build's model actor serving this model (flows.execute)
+        self.model = open_model(path, device, dtype)
         self.steps, self.guidance, self.max_side = steps, float(guidance), max_side
         self.negative_prompt = negative_prompt
 
     def work_size(self, image: np.ndarray) -> tuple[int, int]:
         return work_size(image.shape[1], image.shape[0], self.max_side)
+
+    def models(self) -> list:
+        return [self.model]
 
 
 class InpaintEditor(PipelineEditor):
@@ -508,15 +537,15 @@ class InpaintEditor(PipelineEditor):
 
         size = self.work_size(requests[0].previous)
         masks = [dilate(r.region, self.grow) if self.grow > 0 else r.region for r in requests]
-        out = self.model.pipe(
+        out = self.model.generate(
+            [r.seed for r in requests],
             prompt=[prompt_for(r.sample, r.sample.sub_edits[r.i]) for r in requests],
             negative_prompt=[self.negative_prompt] * len(requests) if self.negative_prompt else None,
             image=[Image.fromarray(resize(r.previous, size)) for r in requests],
             mask_image=[Image.fromarray(resize(m.astype(np.uint8) * 255, size)) for m in masks],
             height=size[1], width=size[0], num_inference_steps=self.steps,
             guidance_scale=self.guidance, strength=self.strength,
-            generator=[self.model.generator(r.seed) for r in requests], output_type="np",
-        ).images
+        )
         return [resize(to_uint8(o), (r.previous.shape[1], r.previous.shape[0]))
                 for o, r in zip(out, requests)]
 

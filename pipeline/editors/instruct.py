@@ -41,14 +41,14 @@ class InstructEditor(PipelineEditor):
         from PIL import Image
 
         size = self.work_size(requests[0].previous)
-        out = self.model.pipe(
+        out = self.model.generate(
+            [r.seed for r in requests],
             prompt=[r.sample.sub_edits[r.i].text for r in requests],
             negative_prompt=[self.negative_prompt] * len(requests) if self.negative_prompt else None,
             image=[Image.fromarray(resize(r.previous, size)) for r in requests],
             num_inference_steps=self.steps, guidance_scale=self.guidance,
             image_guidance_scale=self.image_guidance,
-            generator=[self.model.generator(r.seed) for r in requests], output_type="np",
-        ).images
+        )
         return [resize(to_uint8(np.asarray(o)), (r.previous.shape[1], r.previous.shape[0]))
                 for o, r in zip(out, requests)]
 

@@ -120,6 +120,10 @@ class RoutedEditor(GenerativeEditor):
     def backend_for(self, sub: SubEdit):
         return self.routes[sub.type]
 
+    def models(self) -> list:
+        seen = {id(b): b for b in self.routes.values() if isinstance(b, GenerativeEditor)}
+        return [m for b in seen.values() for m in b.models()]
+
     def settings(self) -> str:
         used = {}
         for kind, backend in self.routes.items():

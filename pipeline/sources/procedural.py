@@ -29,7 +29,7 @@ def scene_objects(scene: Scene, ids: np.ndarray) -> list[InventoryObject]:
             continue
         cell = (min(2, int(obj.cy * 3)), min(2, int(obj.cx * 3)))
         attributes = {"color": obj.color, "rgb": list(obj.rgb()), "size": obj.size,
-                      "position": CELLS[cell], "area": round(float(mask.mean()), 5),
+                      "position": CELLS[cell], "area": round(np.count_nonzero(mask) / mask.size, 5),
                       "pattern": obj.pattern}
         if obj.text:
             attributes["text"] = obj.text

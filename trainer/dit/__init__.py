@@ -1,8 +1,9 @@
 """MCIE-E1 on a flow-matching DiT editor (FLUX.1 Kontext, Qwen-Image-Edit; `model.backbone`): the
 spatial-aware joint-attention mask and the background-consistent injection as diffusers attention
 processors (`condition`, `processors`), the model (`model.MCIEDiT`, built by
-`trainer.model.build_model` for a DiT backbone), flow-matching LoRA training (`flow`) and the
-pipelines' input packing with tiny CPU configs (`tiny`)."""
+`trainer.build.build_model` for a DiT backbone), the released pipelines' own text conditioning
+(`qwen_text`, `kontext_text`), flow-matching LoRA training (`flow`) and the pipelines' input
+packing with tiny CPU configs (`tiny`)."""
 
 from trainer.dit.condition import GLOBAL_TOKEN, PADDING_TOKEN, JointCondition
 from trainer.dit.processors import (

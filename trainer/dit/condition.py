@@ -164,9 +164,25 @@ class JointCondition:
         read key k iff L(k) ⊆ L(q) and k is readable; every token also reads itself, so no row is
         empty (a padding query then reads only itself; nothing reads it back).
         `key_valid` (B, T) bool: the model's own text mask (Qwen's `encoder_hidden_states_mask`)."""
-        key = ("mask", image_length, None if key_valid is None else key_valid.data_ptr())
-        if key in self._cache:
-            return self._cache[key]
+        return self._per_text_mask("mask", image_length, key_valid, self._dense_mask)
+
+    def _per_text_mask(self, kind: str, image_length: int, key_valid: torch.Tensor | None, build: Callable):
+        """One cached mask per (kind, image_length, key_valid *content*). The model hands every
+        layer of one forward the same `key_valid` object, but a new one each sampling step: an
+        identity check serves the layers without a device sync, a value check (once per new
+        object) the steps. (A key on `data_ptr()` grew one N² mask per step, and a freed pointer
+        reused by a different mask could have returned a wrong one.)"""
+        entries = self._cache.setdefault((kind, image_length), [])
+        for entry in entries:
+            if entry["seen"] is key_valid or _same_text_mask(entry["content"], key_valid):
+                entry["seen"] = key_valid  # held, so its identity cannot be reused by another tensor
+                return entry["value"]
+        content = None if key_valid is None else key_valid.detach().bool().clone()
+        value = build(image_length, key_valid)
+        entries.append({"content": content, "seen": key_valid, "value": value})
+        return value
+
+    def _dense_mask(self, image_length: int, key_valid: torch.Tensor | None) -> torch.Tensor:
         bits, readable = self._readable(image_length, key_valid)
         n = bits.shape[1]
         # [b, q, k]: L(k) ⊆ L(q), a block of queries at a time: the int64 intermediate of all N²
@@ -174,8 +190,7 @@ class JointCondition:
         subset = torch.cat([(bits[:, None, :] & ~bits[:, start: start + MASK_ROWS, None]) == 0
                             for start in range(0, n, MASK_ROWS)], 1)
         allowed = (subset & readable[:, None, :]) | torch.eye(n, dtype=torch.bool, device=bits.device)
-        self._cache[key] = allowed[:, None]
-        return self._cache[key]
+        return allowed[:, None]
 
     def mask_mod(self, image_length: int, key_valid: torch.Tensor | None = None) -> Callable:
         """`attention_mask`'s rule as a flex_attention `mask_mod(b, h, q, k) -> bool` (all heads alike)."""
@@ -189,10 +204,16 @@ class JointCondition:
     def block_mask(self, image_length: int, key_valid: torch.Tensor | None = None) -> BlockMask:
         """`attention_mask` as a flex_attention `BlockMask` (B, 1, N, N), cached the same way.
         On CUDA it is built compiled, so the N × N mask is never materialised."""
-        key = ("block", image_length, None if key_valid is None else key_valid.data_ptr())
-        if key not in self._cache:
-            device = self.token_spans.device
-            n = self.text_length + image_length
-            self._cache[key] = create_block_mask(self.mask_mod(image_length, key_valid), self.token_spans.shape[0],
-                                                 None, n, n, device=device, _compile=device.type == "cuda")
-        return self._cache[key]
+        return self._per_text_mask("block", image_length, key_valid, self._block_mask)
+
+    def _block_mask(self, image_length: int, key_valid: torch.Tensor | None) -> BlockMask:
+        device = self.token_spans.device
+        n = self.text_length + image_length
+        return create_block_mask(self.mask_mod(image_length, key_valid), self.token_spans.shape[0],
+                                 None, n, n, device=device, _compile=device.type == "cuda")
+
+
+def _same_text_mask(stored: torch.Tensor | None, key_valid: torch.Tensor | None) -> bool:
+    if stored is None or key_valid is None:
+        return stored is None and key_valid is None
+    return stored.shape == key_valid.shape and torch.equal(stored, key_valid.to(stored.device).bool())

@@ -8,10 +8,12 @@ each sub-instruction's region — with a diffusers DiT as the denoiser in place 
   normalised as the pipeline does, packed 2×2 into tokens; Kontext's source ids on axis 0 = 1,
   Qwen-Image-Edit's `img_shapes` listing both images), so a released checkpoint keeps its meaning;
 - the DiT's text tokens (`joint_attention_dim` wide) are the connector's (`text_tokens:
-  connector`) or the MLLM's own hidden states (`text_tokens: mllm`, as Qwen-Image-Edit is
-  conditioned by Qwen2.5-VL), labelled global, sub-instruction i, or padding — the labels the
-  spatial-aware joint attention reads; for Kontext a linear map of the global tokens' mean stands
-  in for CLIP's pooled embedding;
+  connector`), the MLLM's own hidden states (`text_tokens: mllm`, each sub-instruction read alone)
+  or, `text_tokens: released`, the states the released pipeline itself computes of the whole
+  instruction (Qwen-Image-Edit: `trainer.dit.qwen_text`; FLUX.1 Kontext: T5's states and CLIP's
+  pooled vector, `trainer.dit.kontext_text`), labelled global, sub-instruction i, or padding — the
+  labels the spatial-aware joint attention reads; for Kontext without `released` a linear map of
+  the global tokens' mean stands in for CLIP's pooled embedding;
 - MCIE-E1's two modules are the DiT's attention processors (`trainer.dit.processors`): the label-set
   mask (`trainer.dit.condition`) and the zero-gated background injection of the source tokens;
 - rectified flow: x_σ = (1 - σ)·x0 + σ·ε, the DiT predicts ε - x0 on the target tokens, σ drawn as
@@ -35,7 +37,9 @@ from torch.nn.modules.module import _IncompatibleKeys
 from trainer.config import ModelConfig
 from trainer.dit.condition import GLOBAL_TOKEN, PADDING_TOKEN, JointCondition
 from trainer.dit.flow import add_lora, flow_matching_loss, sample_sigmas
+from trainer.dit.kontext_text import KontextConditioning, KontextText
 from trainer.dit.processors import PROCESSOR_PREFIX, install_mcie_processors
+from trainer.dit.qwen_text import QwenReleasedText, causal_labels, load_processor
 from trainer.dit.tiny import kontext_inputs, qwen_edit_inputs
 from trainer.model import MCIEE1, Conditioning, Frozen, build_frozen, vae_factor
 
@@ -60,7 +64,15 @@ class DiTFrozen(Frozen):
     """The frozen VAE and MLLM of a DiT backbone: source and target latents alike are the VAE's
     mode normalised as the backbone's pipeline does it — `(z - shift_factor) · scaling_factor`
     (FLUX's AutoencoderKL) or `(z - latents_mean) / latents_std` (Qwen-Image's video VAE, which
-    takes and returns one-frame videos)."""
+    takes and returns one-frame videos). `text`: FLUX.1 Kontext's own CLIP and T5 (`text_tokens:
+    released`, loaded by `MCIEDiT._build`), else None."""
+
+    text: KontextText | None = None
+
+    def to(self, device: torch.device, dtype: torch.dtype | None = None) -> None:
+        super().to(device, dtype)
+        if self.text is not None:
+            self.text.to(device, dtype)
 
     def _video(self) -> bool:
         return hasattr(self.vae.config, "temperal_downsample")  # AutoencoderKLQwenImage
@@ -138,8 +150,9 @@ def select_rows(cond: Conditioning | None, rows: list[int]) -> Conditioning | No
 
     condition = cond.condition
     if isinstance(condition, JointCondition):
+        # `replace` would hand the new condition the parent's cache dict (an init field): its own
         condition = replace(condition, **{f.name: take(getattr(condition, f.name))
-                                          for f in fields(condition) if f.init and f.name != "_cache"})
+                                          for f in fields(condition) if f.init and f.name != "_cache"}, _cache={})
     return replace(cond, **{f.name: take(getattr(cond, f.name)) for f in fields(cond) if f.name != "condition"},
                    condition=condition)
 
@@ -189,13 +202,35 @@ class MCIEDiT(MCIEE1):
             cast_training_params(self.transformer, torch.float32)
         context_dim = self.transformer.config.joint_attention_dim
         own_states = config.text_tokens == "mllm"
+        # Kontext "released": the DiT reads T5 and CLIP (`kontext_text`); the MLLM's own states,
+        # each sub-instruction read leak-free, still give the region decoder its sub-instructions
+        kontext_released = config.backbone == "flux-kontext" and config.text_tokens == "released"
+        # Qwen-Image-Edit "released": its own MLLM reads the whole instruction as its pipeline does
+        # (`qwen_text`); that one reading gives the DiT its text tokens and the region decoder its input
+        qwen_released = config.backbone == "qwen-image-edit" and config.text_tokens == "released"
+        own_states = own_states or kontext_released or qwen_released
         self._build_conditioning(frozen, context_dim, latent_channels, connector=not own_states)
         # the MLLM's states as text tokens: as they are where the widths agree (Qwen-Image-Edit
         # and its Qwen2.5-VL-7B), else through one linear map
         hidden = frozen.mllm.hidden_size
         self.text_proj = nn.Linear(hidden, context_dim) if own_states and hidden != context_dim else None
+        self.__dict__["qwen_text"] = None  # not a submodule: it holds the frozen MLLM
+        if qwen_released:
+            if hidden != context_dim:  # the released states go in as they are: no map between
+                raise ValueError(f"text_tokens released: the MLLM's width {hidden} != the transformer's "
+                                 f"joint_attention_dim {context_dim} (Qwen-Image-Edit's own text encoder?)")
+            self.__dict__["qwen_text"] = QwenReleasedText(frozen.mllm, load_processor(config.mllm_path, frozen.mllm),
+                                                          self.region_decoder.grid)
         pooled = getattr(self.transformer.config, "pooled_projection_dim", None)
-        self.pooled = nn.Linear(context_dim, pooled) if config.backbone == "flux-kontext" else None
+        self.pooled = None  # Kontext's pooled vector: CLIP's own (released), else a map of the global tokens
+        if kontext_released:
+            if frozen.text is None:
+                frozen.text = KontextText.from_config(config, self._base_dtype)
+            if frozen.text.widths != (context_dim, pooled):
+                raise ValueError(f"T5 d_model / CLIP width {frozen.text.widths} != the transformer's "
+                                 f"joint_attention_dim / pooled_projection_dim {(context_dim, pooled)}")
+        elif config.backbone == "flux-kontext":
+            self.pooled = nn.Linear(context_dim, pooled)
 
     @property
     def denoiser(self) -> nn.Module:
@@ -239,6 +274,8 @@ class MCIEDiT(MCIEE1):
     # ---- conditioning and denoising -----------------------------------------------------------
 
     def text_tokens(self, encoded):
+        if self.qwen_text is not None:  # the pipeline's states as they are, labelled as a causal LM read them
+            return encoded.hidden, causal_labels(encoded.spans, encoded.valid)
         if self.config.text_tokens == "connector":
             return super().text_tokens(encoded)
         # the MLLM's own states: image prefix global, span s labelled s, padding never read
@@ -250,6 +287,8 @@ class MCIEDiT(MCIEE1):
         return hidden, labels
 
     def drop_instruction(self, context, labels, drop_text):
+        if self.qwen_text is not None:  # the dropped rows already read the empty prompt (`condition`)
+            return context, labels
         if self.config.text_tokens == "connector":
             return super().drop_instruction(context, labels, drop_text)
         # no instruction = the MLLM's reading of the image alone: sub-instruction tokens unread
@@ -261,6 +300,40 @@ class MCIEDiT(MCIEE1):
         slots = torch.arange(self.config.max_sub_edits, device=context.device)
         member = (labels[:, None, :] == slots[None, :, None]).to(context.dtype)  # (B, S, T)
         return member @ context / member.sum(-1, keepdim=True).clamp(min=1)
+
+    def encode_instruction(self, source_uint8, sub_texts, cached=None):
+        """Qwen-Image-Edit "released": the pipeline's reading (`QwenReleasedText.read`) as text
+        tokens, its image tokens for the region decoder; else `MCIEE1.encode_instruction`."""
+        if self.qwen_text is None:
+            return super().encode_instruction(source_uint8, sub_texts, cached)
+        if cached is not None:
+            raise ValueError("text_tokens released (qwen-image-edit) reads the pipeline's template each step; "
+                             "the train cache holds the per-sub-instruction reading (text_tokens mllm)")
+        with torch.set_grad_enabled(self.lora is not None and self.training):
+            encoded, image_tokens = self.qwen_text.read(source_uint8, sub_texts, self.config.max_sub_edits)
+        return (*self.text_tokens(encoded), image_tokens)
+
+    def condition(self, source, sub_texts, source_uint8, background, region_masks, drop_text=None,
+                  drop_image=None, cached=None, coarsen=None) -> Conditioning:
+        """`MCIEE1.condition`; for Kontext "released" its text tokens then become T5's states of the
+        instruction (the empty prompt where `drop_text`), labelled by the sub-instructions' spans,
+        and its pooled vector CLIP's (`trainer.dit.kontext_text`). The MLLM's reading served the
+        region decoder above; T5's labels replace its labels in the attention condition. For
+        Qwen-Image-Edit "released" the rows in `drop_text` read the empty prompt, the pipeline's
+        negative prompt (`trainer.dit.qwen_text`)."""
+        if self.qwen_text is not None and drop_text is not None:
+            sub_texts = [[] if drop else texts for texts, drop in zip(sub_texts, drop_text.tolist())]
+        cond = super().condition(source, sub_texts, source_uint8, background, region_masks, drop_text=drop_text,
+                                 drop_image=drop_image, cached=cached, coarsen=coarsen)
+        if self.frozen.text is None:
+            return cond
+        texts = [list(t)[: self.config.max_sub_edits] for t in sub_texts]  # the MLLM's slots
+        states, pooled, labels = self.frozen.text.encode(texts, drop_text)
+        device = cond.condition.token_spans.device  # the encoders may sit elsewhere (offloading)
+        states, pooled = states.to(device), pooled.to(device)
+        condition = replace(cond.condition, token_spans=labels.to(device), _cache={})
+        kept = {f.name: getattr(cond, f.name) for f in fields(cond) if f.name not in ("context", "condition")}
+        return KontextConditioning(context=states, condition=condition, pooled=pooled, **kept)
 
     @staticmethod
     def _pooled_source(text: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -284,8 +357,11 @@ class MCIEDiT(MCIEE1):
         text = cond.context.to(dtype)
         labels = cond.condition.token_spans
         if self.config.backbone == "flux-kontext":
-            globals_ = self._pooled_source(text, labels)
-            pooled = self.pooled(globals_.to(self.pooled.weight.dtype)).to(dtype)
+            if self.pooled is None:  # released: CLIP's pooled output of the instruction
+                pooled = cond.pooled.to(dtype)
+            else:
+                globals_ = self._pooled_source(text, labels)
+                pooled = self.pooled(globals_.to(self.pooled.weight.dtype)).to(dtype)
             inputs = kontext_inputs(self.transformer, target, source, text, pooled, sigmas.to(dtype),
                                     guidance=self.config.guidance, grid=grid)
             out = self.transformer(**inputs, joint_attention_kwargs={"mcie": cond.condition})[0]
@@ -365,7 +441,7 @@ class MCIEDiT(MCIEE1):
 
 
 def build_dit_model(config: ModelConfig, dtype: torch.dtype = torch.float32) -> MCIEDiT:
-    frozen = build_frozen(config, dtype)
+    frozen = build_frozen(config, dtype, DiTFrozen)
     model = MCIEDiT(config, frozen, base_dtype=dtype)
     log.info("MCIE-E1 %s on %s: %.1f M trained parameters", config.name, config.backbone,
              sum(p.numel() for _, p in model.trained_named_parameters()) / 1e6)

@@ -162,6 +162,9 @@ class QwenMCIEAttnProcessor(nn.Module):
     """Qwen-Image(-Edit) double-stream joint attention (diffusers' `QwenDoubleStreamAttnProcessor2_0`,
     same operations in the same order) with the spatial mask and the background injection."""
 
+    _attention_backend = None  # diffusers' dispatch settings (set_attention_backend, context parallel)
+    _parallel_config = None
+
     def __init__(self, source_dim: int, inner_dim: int):
         super().__init__()
         self.injection = SourceInjection(source_dim, inner_dim)
@@ -211,7 +214,8 @@ class QwenMCIEAttnProcessor(nn.Module):
             joint = flex_joint_attention(joint_query, joint_key, joint_value, block_mask)
         else:
             joint = dispatch_attention_fn(joint_query, joint_key, joint_value, attn_mask=attention_mask,
-                                          dropout_p=0.0, is_causal=False)
+                                          dropout_p=0.0, is_causal=False, backend=self._attention_backend,
+                                          parallel_config=self._parallel_config)
         joint = joint.flatten(2, 3).to(joint_query.dtype)
         image = self.injection.mix(joint[:, seq_txt:, :], cond, offset=0)  # before the output projection
         img_out = attn.to_out[0](image.contiguous())
