@@ -31,6 +31,9 @@ import httpx
 log = logging.getLogger(__name__)
 
 LABEL_STUDIO_VERSION = "1.23.2"
+# What label-studio 1.23.2 leaves unpinned and later releases broke: sentry-sdk 3.0 (2026-12)
+# refuses the `send_default_pii` option its settings pass, and the server exits at start.
+SERVER_CONSTRAINTS = ("sentry-sdk<3",)
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_VENV = REPO_ROOT / ".ls-venv"
 
@@ -63,14 +66,15 @@ def ensure_ls_venv(venv: Path = DEFAULT_VENV, python: str | None = None) -> Path
     """Create the server's venv if it lacks a working `label-studio`; return the executable."""
     venv = Path(venv)
     exe = ls_executable(venv)
-    if exe.exists() and _installed_version(venv) == LABEL_STUDIO_VERSION:
+    if exe.exists() and _installed_version(venv) == LABEL_STUDIO_VERSION and _constraints_hold(venv):
         return exe
     started = time.perf_counter()
     log.info("installing label-studio %s into %s (about a minute)", LABEL_STUDIO_VERSION, venv)
     base = python or getattr(sys, "_base_executable", None) or sys.executable
     steps = [
         [base, "-m", "venv", str(venv)],
-        [str(venv / "bin" / "python"), "-m", "pip", "install", "-q", f"label-studio=={LABEL_STUDIO_VERSION}"],
+        [str(venv / "bin" / "python"), "-m", "pip", "install", "-q", f"label-studio=={LABEL_STUDIO_VERSION}",
+         *SERVER_CONSTRAINTS],
     ]
     for cmd in steps:
         done = subprocess.run(cmd, capture_output=True, text=True)
@@ -92,6 +96,18 @@ def _installed_version(venv: Path) -> str | None:
         capture_output=True, text=True,
     )
     return done.stdout.strip() if done.returncode == 0 else None
+
+
+def _constraints_hold(venv: Path) -> bool:
+    """Whether the venv's packages meet SERVER_CONSTRAINTS (a venv made before a pin is redone)."""
+    done = subprocess.run(
+        [str(venv / "bin" / "python"), "-c",
+         "import sys; from importlib.metadata import version; from packaging.requirements import Requirement; "
+         "sys.exit(any(not Requirement(r).specifier.contains(version(Requirement(r).name)) for r in sys.argv[1:]))",
+         *SERVER_CONSTRAINTS],
+        capture_output=True, text=True,
+    )
+    return done.returncode == 0
 
 
 @dataclass(frozen=True)
