@@ -4,7 +4,6 @@ brackets the limit of a synthetic memory model. The GPU run itself cannot happen
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import subprocess
@@ -15,14 +14,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from bench_scripts import load_bench
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def _bench():
-    spec = importlib.util.spec_from_file_location("bench_dit_train", ROOT / "bench" / "dit_train.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_bench("dit_train")
 
 
 @pytest.fixture(scope="module")

@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
+from bench_scripts import load_bench
 from pipeline.compose.procedural import Composer
 from pipeline.sources.procedural import ProceduralSource
 from shard_samples import procedural_train_shards
@@ -534,13 +535,7 @@ def test_components_load_from_local_weight_directories(build, tmp_path):
 # ---- throughput benchmark (bench/train.py), smoke-sized ----------------------------------------
 
 def _bench_module():
-    import importlib.util
-
-    path = Path(__file__).resolve().parents[1] / "bench" / "train.py"
-    spec = importlib.util.spec_from_file_location("bench_train", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_bench("train")
 
 
 def test_bench_runs_every_variant_on_both_models_and_names_the_attention_kernels(capsys):

@@ -9,16 +9,14 @@ bench/unet_locality.py's (`run`), which prints these figures and more."""
 
 from __future__ import annotations
 
-import importlib.util
 import statistics
-from pathlib import Path
 
 import pytest
 import torch
 
+from bench_scripts import load_bench
 from test_trainer import one_thread  # noqa: F401  (module fixture: one intra-op thread)
 
-ROOT = Path(__file__).resolve().parents[1]
 SEEDS, TIMESTEPS = (0, 1), (10, 990)
 # Mean |Δε| outside over mean |Δε| inside region j, per (seed, timestep, j), measured with
 #   .venv/bin/python bench/unet_locality.py --control --timesteps 10,990
@@ -29,10 +27,7 @@ MEAN_BOUND = 0.6  # averaged over the cases
 
 
 def _bench():
-    spec = importlib.util.spec_from_file_location("bench_unet_locality", ROOT / "bench" / "unet_locality.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_bench("unet_locality")
 
 
 @pytest.fixture(scope="module")
