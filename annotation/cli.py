@@ -24,6 +24,7 @@ from annotation.server import (
     ensure_ls_venv,
 )
 from annotation.sync import IMAGE_MODES, ReviewSettings, pull, push, status
+from pipeline import storage
 from pipeline.dataset.lock import OutLocked
 
 log = logging.getLogger(__name__)
@@ -38,7 +39,8 @@ def register(subparsers) -> None:
         ("status", "queued / imported / annotated / decided counts and judge-vs-human agreement"),
     ):
         sub = actions.add_parser(name, help=helptext)
-        sub.add_argument("out", type=Path, help="build output folder (OUT)")
+        sub.add_argument("out",
+                         help="build output folder (OUT), or its URL (s3://bucket/out)")
         sub.add_argument("--project", help="project title (default: 'mcie review <OUT name>')")
         sub.add_argument("--url", help="Label Studio URL (default: $LABEL_STUDIO_URL)")
         sub.add_argument("--annotations-per-task", type=int, default=1,
@@ -91,21 +93,26 @@ def _review_handler(action: str):
             print(f"error: no API key: set {KEY_ENV} (a legacy token or personal access token "
                   f"of {conn.url})", file=sys.stderr)
             return 2
-        if not args.out.is_dir():
-            print(f"error: {args.out} is not a build output folder", file=sys.stderr)
+        try:  # a location only now: --storage-option is in the environment once arguments are parsed
+            out = storage.location(args.out)
+        except ValueError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        if not out.is_dir():
+            print(f"error: {out} is not a build output folder", file=sys.stderr)
             return 2
         try:
             if action == "push":
-                r = push(args.out, conn, settings)
+                r = push(out, conn, settings)
                 print(r.summary())
                 if r.failure():  # every borderline must reach a reviewer: a gap fails the command
                     print(f"error: {r.failure()}", file=sys.stderr)
                     return 1
             elif action == "pull":
-                r = pull(args.out, conn, settings)
+                r = pull(out, conn, settings)
                 print(r.summary())
             else:
-                print("\n".join(status(args.out, conn, settings).lines()))
+                print("\n".join(status(out, conn, settings).lines()))
         except OutLocked as exc:  # another writer holds OUT: refused at once
             print(f"error: {exc}", file=sys.stderr)
             return 2

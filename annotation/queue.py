@@ -5,6 +5,7 @@ decision moves it (json member updated: verdict, verdict_by, human) into its uni
 negatives shard and the manifest with `pipeline.dataset.move.move_samples`, the one mover, whose
 steps are atomic and safe to repeat: a crash leaves the review dir in place, so the next pull
 redoes the move. Only the presence of `review/{id}/` makes a sample a candidate for a decision.
+OUT may be an object-store prefix (`pipeline.storage`): the queue is then the `review/` prefix.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from pipeline import storage
 from pipeline.dataset.lock import out_lock
 from pipeline.dataset.move import Move, is_sample_id, move_samples
 from pipeline.dataset.output import MANIFEST, read_manifest, read_parts
@@ -39,22 +41,26 @@ class ReviewItem:
 
 
 def review_root(out: Path) -> Path:
-    return Path(out) / "review"
+    return storage.location(out) / "review"
 
 
 def review_ids(out: Path) -> list[str]:
     """Ids of the samples waiting for a human, sorted (temporaries of killed writers skipped)."""
     root = review_root(out)
-    if not root.is_dir():
+    if not storage.is_local(root):  # one listing; a prefix emptied by a move is not a sample
+        names = storage.child_names(root, folders=True)
+    elif not root.is_dir():
         return []
+    else:
+        names = [p.name for p in root.iterdir() if p.is_dir()]
     ids = []
-    for p in root.iterdir():
-        if not p.is_dir() or is_temp_name(p.name) or p.name.startswith("."):
+    for name in names:
+        if is_temp_name(name) or name.startswith("."):
             continue
-        if not is_sample_id(p.name):
-            log.warning("review/%s is not a sample id: skipped", p.name)
+        if not is_sample_id(name):
+            log.warning("review/%s is not a sample id: skipped", name)
             continue
-        ids.append(p.name)
+        ids.append(name)
     return sorted(ids)
 
 
@@ -73,7 +79,7 @@ def sync_lock(out: Path):
 
 
 def shard_size(out: Path) -> int:
-    path = Path(out) / "config.json"
+    path = storage.location(out) / "config.json"
     try:
         return int(json.loads(path.read_text())["shard_size"])
     except (OSError, ValueError, KeyError) as exc:
@@ -88,7 +94,7 @@ def commit_decision(
     (`pipeline.dataset.move`). Returns the shard file name it went to."""
     if verdict not in ("accept", "reject") or verdict_by not in DECIDED_BY_HUMAN:
         raise ValueError(f"not a human decision: verdict={verdict!r} verdict_by={verdict_by!r}")
-    out = Path(out)
+    out = storage.location(out)
     sample = decode_sample(item.members)
     sample.verdict, sample.verdict_by, sample.human = verdict, verdict_by, human
     if corrections is not None:
@@ -102,7 +108,7 @@ def commit_decision(
 
 def read_rows(out: Path) -> list[dict[str, Any]]:
     """Manifest rows: from manifest.parquet, else merged from the parts (a build still running)."""
-    out = Path(out)
+    out = storage.location(out)
     if (out / MANIFEST).exists():
         return read_manifest(out).to_pylist()
     return read_parts(out).to_pylist()

@@ -32,6 +32,11 @@ re-made from the manifest (`pipeline.dataset.report.write_report`), so they show
 
 `verdict_by` of a human decision: "both" when the humans' verdict equals the judge's lean (overall
 score >= `lean_threshold` leans accept), "human" when it overrides it.
+
+OUT on an object store (`s3://bucket/out`, `pipeline.storage`): the images go inline (data URLs
+read from the bucket by push), so the server needs neither the bucket's credentials nor URLs that
+expire; `--images local-files` is refused with one line. Pull moves decided samples between the
+bucket's prefixes as it does between folders.
 """
 
 from __future__ import annotations
@@ -66,6 +71,7 @@ from annotation.tasks import (
     local_files_url,
     parse_annotation,
 )
+from pipeline import storage
 from pipeline.dataset.move import is_sample_id
 from pipeline.dataset.output import MANIFEST
 from pipeline.dataset.shards import atomic_write_bytes
@@ -106,7 +112,9 @@ class ReviewSettings:
         AgreementPolicy(self.annotations_per_task)  # validates
 
     def title(self, out: Path) -> str:
-        return self.project or f"mcie review {Path(out).resolve().name}"[:TITLE_MAX]
+        where = storage.location(out)
+        name = where.resolve().name if storage.is_local(where) else where.name
+        return self.project or f"mcie review {name}"[:TITLE_MAX]
 
     def root(self) -> Path | None:
         root = self.document_root or os.environ.get(DOCUMENT_ROOT_ENV)
@@ -314,6 +322,8 @@ def _task_sample_id(task) -> str | None:
 def resolve_image_mode(out: Path, conn: Connection, settings: ReviewSettings) -> str:
     if settings.image_mode != "auto":
         return settings.image_mode
+    if not storage.is_local(storage.location(out)):
+        return "inline"  # the server cannot read a bucket as local files
     root = settings.root()
     local_host = urlparse(conn.url).hostname in ("127.0.0.1", "localhost", "::1")
     if root is not None and local_host and Path(out).resolve().is_relative_to(root):
@@ -325,6 +335,9 @@ def _image_refs(out: Path, settings: ReviewSettings, mode: str) -> Callable[[str
     """For each sample id, a function turning (member name, PNG bytes) into a task URL."""
     if mode == "inline":
         return lambda sample_id: (lambda name, png: data_url(png))
+    if not storage.is_local(storage.location(out)):
+        raise LabelStudioError(f"{storage.show(out)} is on an object store: Label Studio cannot serve it "
+                               "as local files; use --images inline")
     root = settings.root()
     if root is None:
         raise LabelStudioError(
@@ -370,7 +383,7 @@ def push(
     on_batch: Callable[[int], None] | None = None,
 ) -> PushResult:
     """Import every queued borderline sample of OUT that the project does not hold yet."""
-    out = Path(out)
+    out = storage.location(out)
     conn = connection or Connection.from_env()
     settings = settings or ReviewSettings()
     with sync_lock(out):
@@ -470,7 +483,7 @@ def pull(
 ) -> PullResult:
     """Decide every queued sample whose annotations satisfy the agreement policy, and move it into
     the shards and the manifest."""
-    out = Path(out)
+    out = storage.location(out)
     conn = connection or Connection.from_env()
     settings = settings or ReviewSettings()
     policy = AgreementPolicy(settings.annotations_per_task)
@@ -581,7 +594,7 @@ def status(
     connection: Connection | None = None,
     settings: ReviewSettings | None = None,
 ) -> ReviewStatus:
-    out = Path(out)
+    out = storage.location(out)
     conn = connection or Connection.from_env()
     settings = settings or ReviewSettings()
     title = settings.title(out)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger, task
@@ -25,15 +24,35 @@ from pipeline.dataset.lock import out_lock
 from pipeline.dataset.output import finalize, read_manifest
 from pipeline.dataset.report import write_report
 from pipeline.dataset.stats import BuildStats, stats_from_manifest
+from pipeline.storage import is_local, location
 
 
 @task(name="plan-build")
-def plan_build(out: str, config: BuildConfig) -> tuple[list[int], int]:
-    """(pending units, number of samples), after fixing OUT's config and key list."""
-    root = Path(out)
-    root.mkdir(parents=True, exist_ok=True)
-    total = prepare_build(root, config)
-    return pending_units(root, config), total
+def plan_build(out: str, config: BuildConfig, workers: int | None = None,
+               ray_address: str | None = None) -> tuple[list[int], int]:
+    """(pending units, number of samples), after fixing OUT's config and key list. With `workers`,
+    a key list still to be made is fingerprinted on Ray (`flows.index`), which is started only
+    then and left running for the units (stopped here if there are none, or planning failed)."""
+    from flows.index import index_source
+
+    def ray_up() -> bool:  # without importing Ray when nothing started it
+        return "ray" in sys.modules and sys.modules["ray"].is_initialized()
+
+    root = location(out)
+    if is_local(root):
+        root.mkdir(parents=True, exist_ok=True)
+    maker = None if workers is None else (lambda c: index_source(c, workers, ray_address))
+    ray_before = ray_up()
+    try:
+        total = prepare_build(root, config, index_maker=maker)
+        pending = pending_units(root, config)
+    except BaseException:
+        if ray_up() and not ray_before:
+            stop_ray()
+        raise
+    if ray_up() and not ray_before and not pending and not cluster_address(ray_address):
+        stop_ray()
+    return pending, total
 
 
 @task(name="process-units")
@@ -60,7 +79,7 @@ def process_units(
 
     processing_started = time.perf_counter()
     try:
-        result = run_units(config, Path(out), units, workers, on_unit_done=unit_done,
+        result = run_units(config, location(out), units, workers, on_unit_done=unit_done,
                            num_gpus=num_gpus)
     except OutputUnwritable as exc:  # said once by the flow's final state, not as a traceback
         return {"fatal": str(exc)}
@@ -95,7 +114,7 @@ def process_units(
 @task(name="finalize-build")
 def finalize_build(out: str) -> dict[str, Any]:
     try:
-        table = finalize(Path(out))
+        table = finalize(location(out))
     except OSError as exc:
         if exc.errno not in FATAL_ERRNOS:
             raise
@@ -106,7 +125,12 @@ def finalize_build(out: str) -> dict[str, Any]:
 
 @task(name="write-report")
 def build_report(out: str) -> str:
-    return str(write_report(Path(out)).resolve())
+    return _report_name(write_report(location(out)))
+
+
+def _report_name(path) -> str:
+    """The report as the summary names it: an absolute path, or its URL on an object store."""
+    return str(path.resolve()) if is_local(path) else str(path)
 
 
 @flow(name="build-dataset", log_prints=True)
@@ -152,20 +176,21 @@ def build_dataset(
         editor_options=editor_options or {}, edits_per_image=edits_per_image,
         rewriter=rewriter, rewriter_options=rewriter_options or {}, license=license,
     )
-    Path(out).mkdir(parents=True, exist_ok=True)
+    if is_local(location(out)):  # a bucket's prefix needs no folder
+        location(out).mkdir(parents=True, exist_ok=True)
     with out_lock(out):  # a scheduled run and a manual one never write into one OUT together
         return _build(out, config, workers, ray_address, logger, flow_started, num_gpus)
 
 
 def _build(out: str, config: BuildConfig, workers: int, ray_address: str | None, logger,
            flow_started: float, num_gpus: float = 0) -> dict[str, Any]:
-    pending, total = plan_build(out, config)
+    pending, total = plan_build(out, config, workers=workers, ray_address=ray_address)
     num_units = config.num_units(total)
     run: dict[str, Any] = {"out": out, "units_processed": len(pending), "units_total": num_units}
-    if is_complete(Path(out), config):
+    if is_complete(location(out), config):
         logger.info("%s is already complete (%d units): nothing to do", out, num_units)
         run["already_complete"] = True
-        totals = stats_from_manifest(read_manifest(Path(out))).to_dict()
+        totals = stats_from_manifest(read_manifest(location(out))).to_dict()
     else:
         run["already_complete"] = False
         if pending:
@@ -179,7 +204,7 @@ def _build(out: str, config: BuildConfig, workers: int, ray_address: str | None,
         if "fatal" in totals:
             return Failed(message=totals["fatal"])
     run["totals"] = totals
-    run["report"] = str((Path(out) / "report.html").resolve()) if run["already_complete"] else build_report(out)
+    run["report"] = _report_name(location(out) / "report.html") if run["already_complete"] else build_report(out)
     this_run = run.get("this_run") or {}
     run["summary"] = BuildStats.from_dict(totals).summary_table()
     if this_run.get("wall_seconds"):

@@ -6,7 +6,6 @@ import argparse
 import importlib
 import logging
 import os
-import shutil
 import sys
 from pathlib import Path
 from typing import Any
@@ -51,6 +50,7 @@ class HelpWithDefaults(argparse.ArgumentDefaultsHelpFormatter):
 # One line per command, shown under its --help ("example: ..."), keyed by the command's path.
 EXAMPLES = {
     "build": "mcie build --out out/demo --count 300 --shard-size 50 --license cc-by-4.0",
+    "unlock": "mcie unlock s3://bucket/demo",
     "import": "mcie import --format magicbrush --input MagicBrush/ --out out/magicbrush",
     "verify": "mcie verify out/demo",
     "export": "mcie export out/demo --format ip2p --out out/demo-ip2p --verdict accept",
@@ -110,7 +110,12 @@ class SubParser(Parser):
 
 def writable_dir(text: str) -> str:
     """A directory that exists or can be made there: checked, not created — `run_build` creates it
-    once every argument is valid, so a refused command leaves nothing behind."""
+    once every argument is valid, so a refused command leaves nothing behind. An object-store URL
+    (`s3://bucket/prefix`) is taken as it is: `make_out_dir` finds out whether it can be written."""
+    from pipeline import storage
+
+    if storage.is_url(text):
+        return text.rstrip("/")
     path = Path(text)
     if path.exists() and not path.is_dir():
         raise argparse.ArgumentTypeError(f"cannot write to {text}: not a directory")
@@ -121,12 +126,30 @@ def writable_dir(text: str) -> str:
 
 
 def is_build_or_empty(path: Path) -> bool:
-    """A build may go into a new or empty directory, or resume one that holds a build."""
-    return not path.is_dir() or (path / "config.json").is_file() or not any(path.iterdir())
+    """A build may go into a new or empty directory, or resume one that holds a build. A writer's
+    lock (or its probe) is not content: it is there while a build starts, before its config.json."""
+    from pipeline.dataset.lock import LOCK_NAME
+
+    return not path.is_dir() or (path / "config.json").is_file() or not any(
+        not p.name.startswith((LOCK_NAME, ".write-probe")) for p in path.iterdir())
 
 
 def make_out_dir(text: str) -> Path:
-    path = Path(text)
+    """OUT as a location, made and probed: a local folder is created and a file written and
+    removed; on an object store (no folders) a probe object is put and deleted, so a missing
+    bucket or a refused write is one line here, not a traceback from a worker."""
+    from pipeline import storage
+
+    path = storage.location(text)
+    if not storage.is_local(path):
+        probe = path / f".write-probe-{os.getpid()}"
+        try:
+            storage.write_atomic(probe, b"")
+            storage.remove_tree(probe)
+        except Exception as exc:  # noqa: BLE001 - botocore's errors are not all OSErrors
+            reason = getattr(exc, "strerror", None) or str(exc).splitlines()[0][:200] or type(exc).__name__
+            raise UsageError(f"mcie build: error: cannot write to {text}: {reason}") from None
+        return path
     try:
         path.mkdir(parents=True, exist_ok=True)
         probe = path / ".write-probe"
@@ -186,6 +209,30 @@ def register_build(subparsers) -> None:
     p.set_defaults(func=run_build)
 
 
+def register_unlock(subparsers) -> None:
+    p = subparsers.add_parser(
+        "unlock", help="remove OUT's writer lock left by a writer that is gone",
+        description="Remove the writer lock of OUT (on an object store: the .mcie.lock object) after "
+                    "naming its holder. Needed only when the holder ran on another machine and is "
+                    "gone; a holder on this machine that is gone is taken over by the next writer, "
+                    "and one that is alive is never unlocked.")
+    p.add_argument("out", help="the build's output (a folder or an s3:// URL)")
+    p.set_defaults(func=run_unlock)
+
+
+def run_unlock(args: argparse.Namespace) -> int:
+    from pipeline.dataset.lock import OutLocked, unlock
+
+    try:
+        who = unlock(args.out)
+    except OutLocked as exc:
+        raise UsageError(f"mcie unlock: error: {exc}") from None
+    except OSError as exc:
+        raise UsageError(f"mcie unlock: error: {args.out}: {exc.strerror or exc}") from None
+    print(f"{args.out}: removed the lock of {who}" if who else f"{args.out}: not locked")
+    return 0
+
+
 def run_build(args: argparse.Namespace) -> int:
     from pipeline.config import BuildConfig, ConfigError
     from pipeline.judges.base import make_judge
@@ -228,17 +275,19 @@ def launch_build(out_arg: str, config, workers: int, ray_address: str | None,
     """Run a validated build (or import) into `out_arg`: refuse a non-empty directory that holds
     no build, take OUT's writer lock, fix the config and key list, skip a finished build, run the
     flow. Shared by `mcie build` and `mcie import`; `command` names it in messages."""
-    from pipeline.dataset.lock import OutLocked, out_lock
+    from pipeline.dataset.lock import LockUnsupported, OutLocked, out_lock
 
-    existed = Path(out_arg).exists()
-    if existed and not is_build_or_empty(Path(out_arg)):
+    from pipeline import storage
+
+    existed = storage.location(out_arg).exists()
+    if existed and not is_build_or_empty(storage.location(out_arg)):
         raise UsageError(f"mcie {command}: error: {out_arg} is not empty and holds no build "
                          "(no config.json): choose a new or empty directory")
     out = make_out_dir(out_arg)
     try:
         with out_lock(out):  # one writer per OUT, from planning to the report
             return _locked_build(out, config, existed, workers, ray_address, num_gpus, command)
-    except OutLocked as exc:
+    except (OutLocked, LockUnsupported) as exc:
         raise UsageError(f"mcie {command}: error: {exc}") from None
     except OSError as exc:  # a read-only or full OUT: one line (see pipeline.dataset.lock)
         print(f"mcie {command}: failed: {exc}", file=sys.stderr)
@@ -248,25 +297,37 @@ def launch_build(out_arg: str, config, workers: int, ray_address: str | None,
 def _locked_build(out: Path, config, existed: bool, workers: int, ray_address: str | None,
                   num_gpus: float, command: str) -> int:
     from pipeline.config import ConfigError
+    from pipeline.storage import remove_tree
+    from flows.index import index_source
     from flows.plan import is_complete, prepare_build
+    from flows.ray_runtime import cluster_address, start_ray, stop_ray
 
-    try:
-        prepare_build(out, config)
+    def ray_up() -> bool:  # without importing Ray when nothing started it
+        return "ray" in sys.modules and sys.modules["ray"].is_initialized()
+
+    try:  # a first run fingerprints its corpus on the Ray workers (flows/index.py), started then
+        prepare_build(out, config, index_maker=lambda c: index_source(c, workers, ray_address))
     except ConfigError as exc:
+        if ray_up() and not cluster_address(ray_address):
+            stop_ray()
         if not existed:  # a refused command leaves nothing behind
-            shutil.rmtree(out, ignore_errors=True)
+            try:
+                remove_tree(out)
+            except OSError:
+                pass
         raise UsageError(f"mcie {command}: error: {exc}") from None
 
     if is_complete(out, config):  # decided from OUT alone: no Prefect, no Ray
+        if ray_up() and not cluster_address(ray_address):
+            stop_ray()
         print(f"{out}: {command} already complete, nothing to do")
         return 0
     # Start-up in parallel: Prefect's server starts in its own process while this one starts a
     # local Ray (the flow's process task finds it running, and stops it) and imports Prefect.
     server = TemporaryPrefectServer.get()
     from flows.plan import pending_units
-    from flows.ray_runtime import cluster_address, start_ray, stop_ray
 
-    local_ray = not cluster_address(ray_address) and bool(pending_units(out, config))
+    local_ray = not cluster_address(ray_address) and (ray_up() or bool(pending_units(out, config)))
     try:
         if local_ray:
             start_ray(None, workers)
@@ -384,6 +445,7 @@ def build_parser() -> Parser:
     parser = Parser(prog="mcie", description="Complex image-editing dataset factory and MCIE-E1 trainer")
     subparsers = parser.add_subparsers(dest="command", required=True, parser_class=SubParser)
     register_build(subparsers)
+    register_unlock(subparsers)
     for name in COMMAND_MODULES:
         try:
             module = importlib.import_module(name)
@@ -392,6 +454,7 @@ def build_parser() -> Parser:
                 raise
             continue
         module.register(subparsers)
+    add_storage_arguments(parser)
     finish_help(parser)
     return parser
 
@@ -415,12 +478,75 @@ def configure_environment() -> None:
 
 def _clear_stale_lock(args) -> None:
     """A writer killed by kill -9 leaves its pid in OUT's lock file: cleared at the next command
-    on OUT (`pipeline.dataset.lock.clear_stale`), so the file is empty whenever nobody holds it."""
-    out = getattr(args, "out", None)
-    if out and Path(out).is_dir():
-        from pipeline.dataset.lock import clear_stale
+    on OUT (`pipeline.dataset.lock.clear_stale`), so the file is empty whenever nobody holds it.
+    On an object store a lock object whose holder on this host is gone is removed."""
+    from pipeline import storage
 
+    out = getattr(args, "out", None)
+    if not isinstance(out, (str, os.PathLike)) or not out:
+        return
+    from pipeline.dataset.lock import clear_stale
+
+    if storage.is_url(out):
+        try:
+            clear_stale(out)
+        except (OSError, ValueError) as exc:  # the command itself says what is wrong with OUT
+            logging.getLogger(__name__).debug("no stale-lock check on %s: %s", out, exc)
+    elif Path(out).is_dir():
         clear_stale(out)
+
+
+# Commands that write into a build's OUT: they take its one-writer lock, and `--no-lock` skips it.
+WRITING_COMMANDS = {("build",), ("import",), ("rejudge",), ("review", "push"), ("review", "pull")}
+
+
+def add_storage_arguments(parser: argparse.ArgumentParser, path: tuple[str, ...] = ()) -> None:
+    """Give every command `--storage-option KEY=VALUE` (fsspec options for URLs: endpoint,
+    credentials, region) and the writing ones `--no-lock`, unless a module defined them."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                add_storage_arguments(sub, (*path, name))
+            return
+    if not path:
+        return
+    if "--storage-option" not in parser._option_string_actions:
+        parser.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE",
+                            help="an fsspec option for object-store URLs (s3://...), e.g. "
+                                 "endpoint_url=http://host:8333 or anon=true (repeatable); "
+                                 "credentials are best left to the AWS_* variables")
+    if path in WRITING_COMMANDS and "--no-lock" not in parser._option_string_actions:
+        parser.add_argument("--no-lock", action="store_true",
+                            help="write without OUT's one-writer lock (for an object store that "
+                                 "ignores If-None-Match; you make sure no other writer runs)")
+
+
+def apply_storage_arguments(args: argparse.Namespace) -> None:
+    """Put `--storage-option`s into MCIE_STORAGE_OPTIONS (over what it held: they apply to every
+    protocol) and `--no-lock` into MCIE_NO_LOCK, before anything opens storage: Prefect tasks and
+    local Ray workers inherit the environment. Values are never printed (they may be secrets)."""
+    import json
+
+    from pipeline import storage
+    from pipeline.dataset.lock import NO_LOCK_ENV
+
+    pairs = [p if isinstance(p, str) else "=".join(map(str, p))  # a module's own KEY=VALUE type
+             for p in getattr(args, "storage_option", None) or []]
+    if pairs:
+        try:
+            given = storage.parse_storage_options(pairs)
+            current = json.loads(os.environ.get(storage.STORAGE_ENV, "") or "{}")
+        except ValueError as exc:
+            raise UsageError(f"mcie: error: {exc}") from None
+        if not isinstance(current, dict):
+            current = {}
+        if any(isinstance(v, dict) for v in current.values()):  # {protocol: {...}, "*": {...}}
+            current["*"] = {**current.get("*", {}), **given}
+        else:
+            current.update(given)
+        os.environ[storage.STORAGE_ENV] = json.dumps(current)
+    if getattr(args, "no_lock", False):
+        os.environ[NO_LOCK_ENV] = "1"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -428,6 +554,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
+        apply_storage_arguments(args)
         _clear_stale_lock(args)
         return int(args.func(args) or 0)
     except UsageError as exc:

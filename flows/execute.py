@@ -104,7 +104,7 @@ def unit_items(config: BuildConfig, out: Path, unit: int) -> list[int]:
     """Sample numbers of `unit` (from OUT's key list, as the actors count them)."""
     from pipeline.dataset.source_index import read_index
 
-    return list(config.unit_indices(unit, config.total_samples(read_index(Path(out)).size)))
+    return list(config.unit_indices(unit, config.total_samples(read_index(out).size)))
 
 
 @dataclass
@@ -140,7 +140,8 @@ def _worker_class():
 
             logging.basicConfig(level=logging.WARNING)
             attach(model_servers)  # the editor's models: these actors' clients (before it is built)
-            self.pipeline = UnitPipeline(BuildConfig.from_dict(config), Path(out))
+            # OUT as text, a path or a URL: each worker writes its units straight there (no shared disk)
+            self.pipeline = UnitPipeline(BuildConfig.from_dict(config), out)
             self.node_id = ray.get_runtime_context().get_node_id()
 
         def run(self, unit: int, poisoned: dict[int, str] | None = None) -> tuple[dict, str]:

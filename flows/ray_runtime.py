@@ -46,11 +46,30 @@ def cluster_address(address: str | None) -> str | None:
     return address or None
 
 
+# What a worker needs to reach object storage the way the driver does: `--storage-option`s
+# (MCIE_STORAGE_OPTIONS) and what fsspec and botocore read from the environment.
+STORAGE_ENV_PREFIXES = ("AWS_", "FSSPEC_")
+
+
+def storage_env() -> dict[str, str]:
+    """The driver's storage variables, for a cluster's workers (a local Ray's inherit them).
+    They may hold secrets: passed through `runtime_env`, never printed or logged."""
+    from pipeline.storage import STORAGE_ENV
+
+    return {name: value for name, value in os.environ.items()
+            if name == STORAGE_ENV or name.startswith(STORAGE_ENV_PREFIXES)}
+
+
 def code_runtime_env() -> dict:
-    """Ship the stage code (the `pipeline` package) to the cluster's workers with the job."""
+    """Ship the stage code (the `pipeline` package) to the cluster's workers with the job, and the
+    storage settings, so workers on nodes without a shared disk write OUT where the driver does."""
     import pipeline
 
-    return {"py_modules": [str(Path(pipeline.__file__).parent)]}
+    env: dict = {"py_modules": [str(Path(pipeline.__file__).parent)]}
+    variables = storage_env()
+    if variables:
+        env["env_vars"] = variables
+    return env
 
 
 def start_ray(address: str | None, workers: int) -> str:

@@ -6,15 +6,19 @@ Label Studio is reached through `annotation.sync` (LABEL_STUDIO_URL / LABEL_STUD
 the environment). Push and pull are idempotent, so a task retried after the server was briefly
 unreachable (`LabelStudioUnavailable`) neither imports twice nor decides twice; other Label Studio
 errors (a bad key, a refused request) are not retried: a retry would not fix them.
+
+OUT may be an object-store URL (`pipeline.storage`): the images then go to Label Studio inline,
+and the report's link is the object's URL.
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict
-from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger, task
+
+from pipeline import storage
 from prefect.artifacts import create_link_artifact, create_table_artifact
 
 RETRIES = 3
@@ -61,7 +65,12 @@ def pull_verdicts(out: str, project: str | None, image_mode: str, annotations_pe
 def refresh_report(out: str) -> str:
     from pipeline.dataset.report import write_report
 
-    return str(write_report(Path(out)).resolve())
+    return report_link(write_report(storage.location(out)))
+
+
+def report_link(path) -> str:
+    """Where the report opens: a local file's absolute path, an object's URL."""
+    return str(path.resolve()) if storage.is_local(path) else storage.show(path)
 
 
 @flow(name="review-sync", log_prints=True)
@@ -73,7 +82,8 @@ def review_sync(
 ) -> dict[str, Any]:
     """Push OUT's review queue to Label Studio and pull the decided verdicts back into OUT."""
     logger = get_run_logger()
-    if not Path(out).is_dir():
+    where = storage.location(out)
+    if not where.is_dir():
         raise FileNotFoundError(f"{out} is not a build directory")
     settings_for(project, image_mode, annotations_per_task)  # validate before touching the server
     pushed = push_queue(out, project, image_mode, annotations_per_task)
@@ -82,7 +92,7 @@ def review_sync(
                 pushed["imported"], pushed["queued"], pulled["decided"], pulled["accepted"],
                 pulled["rejected"], pulled["open"])
     # pull re-makes report, stats.json and card when it decided something; else refresh the report
-    report = pulled["report"] or (refresh_report(out) if (Path(out) / "manifest.parquet").is_file() else None)
+    report = pulled["report"] or (refresh_report(out) if (where / "manifest.parquet").is_file() else None)
     create_table_artifact(
         key="review-sync",
         table=[{"project": pushed["project"], "queued": pushed["queued"], "imported now": pushed["imported"],
@@ -92,7 +102,8 @@ def review_sync(
         description="borderline samples pushed to Label Studio and human verdicts pulled back",
     )
     if report:
-        create_link_artifact(key="build-report", link=f"file://{report}", link_text="report.html",
+        link = report if storage.is_url(report) else f"file://{report}"
+        create_link_artifact(key="build-report", link=link, link_text="report.html",
                              description="the build's report, refreshed after the human verdicts")
     if pushed["failed"]:  # every borderline must reach a reviewer: the flow fails, with the reasons
         from annotation.sync import PushResult

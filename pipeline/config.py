@@ -185,7 +185,11 @@ def _is_secret(option: str) -> bool:
 
 
 def save_config(out: Path, config: BuildConfig) -> None:
-    """Write OUT/config.json, or check it matches the one a previous run left there."""
+    """Write OUT/config.json, or check it matches the one a previous run left there. OUT may be
+    an object-store URL (`pipeline.storage.location`): the file is then one PUT."""
+    from pipeline import storage
+
+    out = storage.location(out)
     path = out / "config.json"
     wanted = config.public_dict()
     if path.exists():
@@ -196,6 +200,9 @@ def save_config(out: Path, config: BuildConfig) -> None:
                 f"{out} already holds a build with different parameters ({', '.join(changed)}); "
                 "resume it with the same parameters or choose another --out"
             )
+        return
+    if not storage.is_local(path):
+        storage.write_atomic(path, (json.dumps(wanted, indent=2, sort_keys=True) + "\n").encode())
         return
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(wanted, indent=2, sort_keys=True) + "\n")

@@ -24,6 +24,7 @@ from pipeline.record import EditSample, sample_id
 from pipeline.routing import RouteStage, RoutingPolicy
 from pipeline.sources.base import SOURCES, Source, SourceError, SourceItem, new_sample
 from pipeline.stage import RecordStage
+from pipeline.storage import location
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +88,7 @@ class UnitPipeline:
 
     def __init__(self, config: BuildConfig, out: Path):
         self.config = config
-        self.out = Path(out)
+        self.out = location(out)  # a local folder or an object-store URL: units go straight there
         self.source = make_source(config)
         self.index = read_index(self.out)
         self.total = config.total_samples(self.index.size)

@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from pipeline import storage
 from pipeline.dataset.shards import write_tar_members
 from trainer.config import Config, ConfigError, ModelConfig
 from trainer.data import BAD_SAMPLE_ERRORS, FROZEN_MEMBER, decode_sample, find_shards, shard_samples
@@ -53,8 +54,9 @@ def fingerprint(model: ModelConfig, dtype: torch.dtype) -> dict[str, Any]:
 
 
 def cached_fingerprint(data: str | Path) -> dict[str, Any] | None:
-    """The fingerprint of a cache made by `encode_build`, or None for a plain build."""
-    path = Path(data) / FINGERPRINT_FILE
+    """The fingerprint of a cache made by `encode_build`, or None for a plain build (local or at a
+    URL)."""
+    path = storage.location(data) / FINGERPRINT_FILE
     return json.loads(path.read_text()) if path.is_file() else None
 
 

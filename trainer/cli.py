@@ -19,7 +19,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     from trainer.evaluate import add_inference_arguments  # numpy and PIL, no torch
 
     train = subparsers.add_parser("train", help="train MCIE-E1 on a build's train shards")
-    train.add_argument("--data", required=True, help="a build OUT (reads OUT/shards/train-*.tar)")
+    train.add_argument("--data", required=True, help="a build OUT (reads OUT/shards/train-*.tar), a folder "
+                                                      "or a URL (s3://bucket/out: streamed, no local copy)")
     train.add_argument("--val-data", help="a build OUT whose train shards give the validation loss "
                                           "(every train.eval_every steps, else at each checkpoint)")
     train.add_argument("--val-bench", help="a CIE-Bench directory: edits sampled on its first "
@@ -62,7 +63,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     cache = subparsers.add_parser("train-cache", help="run the frozen VAE and MLLM over a build's train "
                                                        "shards once, so `mcie train` skips them")
-    cache.add_argument("--data", required=True, help="a build OUT (reads OUT/shards/train-*.tar)")
+    cache.add_argument("--data", required=True, help="a build OUT (reads OUT/shards/train-*.tar), a folder or a URL")
     cache.add_argument("--out", required=True, help="the cache: train on it with mcie train --data OUT")
     cache.add_argument("--config", default="tiny", help="the config training will use (tiny | base | FILE)")
     cache.add_argument("--backbone", choices=BACKBONES, help=BACKBONE_HELP)

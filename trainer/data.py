@@ -15,6 +15,11 @@ trusted, damage skipped with a warning), made resumable by
   so the roles are rotated by the number of batches already consumed.
 
 A sample that fails to decode is logged and skipped (it still counts in the position).
+
+DATA may be an object-store URL (`s3://bucket/out`, `pipeline.storage`): shards are listed with one
+listing of the prefix and each tar is streamed through a file object (range reads of its headers
+and members), so training needs no copy of the build on local disk. A shard travels to loader
+workers as its URL; credentials come from the environment they inherit.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from pipeline import storage
 from pipeline.dataset.shards import CORRUPT_DATA_ERRORS, DAMAGED, iter_tar_groups
 from trainer.config import ModelConfig, TrainConfig
 
@@ -46,10 +52,16 @@ BAD_SAMPLE_ERRORS = CORRUPT_DATA_ERRORS
 
 
 def find_shards(data: str | Path) -> list[Path]:
-    """The train shards of a build `OUT` (OUT/shards/train-*.tar), or of a shard folder. A shard
-    that is a link to a file outside that folder is refused with one warning line."""
-    root = Path(data)
+    """The train shards of a build `OUT` (OUT/shards/train-*.tar), or of a shard folder, local or
+    at a URL. A shard that is a link to a file outside that folder is refused with one warning
+    line (an object store has no links)."""
+    root = storage.location(data)
     folder = root / "shards" if (root / "shards").is_dir() else root
+    if not storage.is_local(folder):
+        shards = sorted(folder.glob("train-*.tar"), key=lambda p: p.name)
+        if not shards:
+            raise FileNotFoundError(f"no train-*.tar shards under {storage.show(folder)}")
+        return shards
     shards = []
     for shard in sorted(folder.glob("train-*.tar")):
         if not shard.resolve().is_relative_to(folder.resolve()):  # a link out of the build
@@ -85,7 +97,7 @@ def shard_samples(shard: str | Path) -> Iterator[dict[str, Any]]:
     the members after it are still read). A sample with a refused member carries `__error__`:
     `decode_sample` fails it, so it still counts in the position."""
     try:
-        for key, members in iter_tar_groups(Path(shard), damage="report"):
+        for key, members in iter_tar_groups(storage.location(shard), damage="report"):
             if key == DAMAGED:
                 log.warning("shard %s: %s", shard, members["__error__"])
                 continue

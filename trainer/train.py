@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from pipeline import storage
 from trainer import kernels
 from trainer.cache import check_cache
 from trainer.checkpoints import CONFIG_FILE, EMA_FILE, STATE_FILE, checkpoints, latest_checkpoint
@@ -89,8 +90,8 @@ class Trainer:
 
         # weight directories as absolute paths: the checkpoint's config.json loads from anywhere
         config = Config(config.model.resolved(), config.train)
-        self.data = Path(data)
-        self.val_data = Path(val_data) if val_data is not None else None
+        self.data = storage.location(data)  # a folder or a bucket prefix (pipeline/storage.py)
+        self.val_data = storage.location(val_data) if val_data is not None else None
         if self.val_data is not None:
             find_shards(self.val_data)  # a wrong --val-data fails now, not at the first evaluation
         self.val_bench = Path(val_bench) if val_bench is not None else None

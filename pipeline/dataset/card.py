@@ -16,6 +16,7 @@ from typing import Any
 
 from pipeline.dataset.output import read_manifest
 from pipeline.dataset.shards import atomic_write_bytes
+from pipeline.storage import location
 from pipeline.record import COLUMN_MEANINGS, SHARD_FORMAT
 
 CARD = "README.md"
@@ -39,7 +40,7 @@ def parts_digest(out: Path) -> str:
     the card and the report were made from. stats.json records it, so a build's completion is
     a fact of the bytes, not of file times (a `cp -r` keeps it complete)."""
     digest = hashlib.sha256()
-    for path in sorted((Path(out) / "parts").glob("unit-*")):
+    for path in sorted((location(out) / "parts").glob("unit-*"), key=lambda p: p.name):
         if path.is_file():
             digest.update(f"{path.name}\n{path.stat().st_size}\n".encode())
             digest.update(path.read_bytes())
@@ -49,7 +50,7 @@ def parts_digest(out: Path) -> str:
 def recorded_parts_digest(out: Path) -> str | None:
     """The parts digest stats.json was written from, or None (no or unreadable stats.json)."""
     try:
-        return json.loads((Path(out) / STATS).read_text()).get("parts_digest")
+        return json.loads((location(out) / STATS).read_text()).get("parts_digest")
     except (OSError, ValueError, AttributeError):
         return None
 
@@ -72,7 +73,7 @@ def _config(out: Path) -> dict[str, Any]:
 
 def build_figures(out: Path) -> dict[str, Any]:
     """Everything the card and stats.json say, from the manifest and config.json."""
-    out = Path(out)
+    out = location(out)
     rows = read_manifest(out).to_pylist()
     config = _config(out)
     verdicts = Counter(r["verdict"] for r in rows)
@@ -128,7 +129,7 @@ def _source_licenses(rows: list[dict], out: Path) -> set[str]:
 
     found: set[str] = set()
     seen = 0
-    for tar in sorted((out / "shards").glob("*.tar")):
+    for tar in sorted((out / "shards").glob("*.tar"), key=lambda p: p.name):
         try:
             for _, members in iter_tar_groups(tar):
                 meta = member_metadata(members)
@@ -200,7 +201,7 @@ def render_card(figures: dict[str, Any]) -> str:
 
 def write_card(out: Path) -> tuple[Path, Path]:
     """Write OUT/README.md and OUT/stats.json (atomically) from a finalized build."""
-    out = Path(out)
+    out = location(out)
     figures = build_figures(out)
     atomic_write_bytes(out / STATS, (json.dumps(figures, indent=1, sort_keys=True) + "\n").encode())
     atomic_write_bytes(out / CARD, render_card(figures).encode())

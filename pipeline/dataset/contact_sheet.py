@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from pipeline import storage
 from pipeline.dataset.output import read_manifest
 from pipeline.dataset.shards import atomic_write_bytes
 
@@ -164,8 +165,9 @@ def _sheet_bytes(out: Path, rows: list[dict[str, Any]], what: str, with_reason: 
 
 
 def write_contact_sheets(out: Path) -> dict[str, int]:
-    """Write both sheets into OUT (atomically); returns each sheet's name → pairs shown."""
-    out = Path(out)
+    """Write both sheets into OUT (atomically; one PUT each on an object store); returns each
+    sheet's name → pairs shown."""
+    out = storage.location(out)
     rows = [r for r in read_manifest(out).to_pylist() if r["shard"]]
     accepted = [r for r in rows if r["verdict"] == "accept"]
     others = [r for r in rows if r["verdict"] in ("borderline", "reject")]

@@ -22,6 +22,14 @@ nothing, and the work dirs a killed export left are removed by the next export t
 Refused with one line (exit 2), before anything is created: an existing non-empty DIR, a DIR that
 is a symbolic link, a DIR inside OUT. A manifest row whose location resolves outside OUT
 (`review/../../x`, a symlink out) is skipped with one warning and never read.
+
+OUT and DIR may be object-store URLs (`s3://bucket/hf`, see `pipeline.storage`). There is no rename
+on a bucket: the files are written as whole objects under the work prefix beside DIR, then copied
+into DIR server-side (the card, README.md, last) and the work prefix removed; a failure removes
+the work prefix and whatever was copied. `load_dataset("parquet", data_files="s3://bucket/hf/data/
+*.parquet", storage_options=...)` (or `streaming=True`) reads it from the bucket. Work prefixes of
+killed exports on a bucket are not cleaned automatically (another host's pid cannot be checked):
+they are hidden names beside DIR, removed with any object-store tool.
 """
 
 from __future__ import annotations
@@ -40,6 +48,7 @@ from typing import Any, Iterator
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline import storage
 from pipeline.dataset.move import is_sample_id
 from pipeline.dataset.output import (
     PREFERENCE,
@@ -197,13 +206,24 @@ def _write_parts(directory: Path, schema: pa.Schema, batches: Iterator[list[dict
     for batch in batches:
         if not batch:
             continue
-        directory.mkdir(parents=True, exist_ok=True)
-        path = directory / f"part-{len(written):05d}.parquet"
-        pq.write_table(pa.Table.from_pylist(batch, schema=schema), path)
+        table = pa.Table.from_pylist(batch, schema=schema)
+        if storage.is_local(directory):
+            directory.mkdir(parents=True, exist_ok=True)
+            path = directory / f"part-{len(written):05d}.parquet"
+            pq.write_table(table, path)
+        else:  # no rename on a bucket: the final name is given when the work prefix is copied
+            path = directory / f"part-{len(written):05d}.parquet"
+            with storage.atomic_file(path) as handle:
+                pq.write_table(table, handle)
         written.append(path)
         total += len(batch)
     for number, path in enumerate(written):
-        path.rename(directory / f"train-{number:05d}-of-{len(written):05d}.parquet")
+        final = f"train-{number:05d}-of-{len(written):05d}.parquet"
+        if storage.is_local(path):
+            path.rename(directory / final)
+        else:
+            fs, name = storage.fs_path(path)
+            fs.mv(name, storage.fs_path(directory / final)[1])  # server-side copy, then delete
     return total
 
 
@@ -236,13 +256,43 @@ WORK_TAG = "export-"  # the work dir: DEST's parent/.DEST.export-<pid>-<random>.
 def _check_destination(out: Path, dest: Path) -> None:
     """Refuse (one line, before anything is created) a DEST that is a symbolic link, is not a new
     or empty directory, or lies inside OUT (an export must never change the build it reads)."""
-    if dest.is_symlink():
+    if storage.is_local(dest) and dest.is_symlink():
         raise ExportError(f"{dest} is a symbolic link: give the real directory")
-    resolved = dest.resolve()
-    if resolved == out.resolve() or resolved.is_relative_to(out.resolve()):
+    if storage.is_local(dest) and storage.is_local(out):
+        resolved = dest.resolve()
+        inside = resolved == out.resolve() or resolved.is_relative_to(out.resolve())
+    else:  # a URL: the same store and a path under OUT's (a local path and a URL never are)
+        inside = _url_inside(dest, out)
+    if inside:
         raise ExportError(f"{dest} is inside the build {out}: export somewhere else")
-    if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
+    if not storage.is_local(dest):  # a prefix is empty when it holds no object
+        if dest.is_file() or storage.child_names(dest):
+            raise ExportError(f"{dest} exists and is not an empty directory")
+    elif dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
         raise ExportError(f"{dest} exists and is not an empty directory")
+
+
+def _url_inside(dest: Path, out: Path) -> bool:
+    """DEST is OUT or under it, on the same store (a local path and a URL never are)."""
+    if storage.is_local(dest) or storage.is_local(out):
+        return False
+    (dest_fs, dest_path), (out_fs, out_path) = storage.fs_path(dest), storage.fs_path(out)
+    if dest_fs.protocol != out_fs.protocol:
+        return False
+    dest_path, out_path = dest_path.rstrip("/"), out_path.rstrip("/")
+    return dest_path == out_path or dest_path.startswith(out_path + "/")
+
+
+def _publish(work: Path, dest: Path) -> None:
+    """Copy an object-store work prefix into DEST (server-side), the card last, so a reader who
+    sees README.md sees every data file; then remove the work prefix."""
+    fs, root = storage.fs_path(work)
+    _, target = storage.fs_path(dest)
+    root, target = root.rstrip("/"), target.rstrip("/")
+    names = sorted(name[len(root) + 1:] for name in fs.find(root))
+    for name in sorted(names, key=lambda n: n == "README.md"):
+        fs.copy(f"{root}/{name}", f"{target}/{name}")
+    storage.remove_tree(work)
 
 
 def clean_stale_work(dest: Path) -> list[Path]:
@@ -275,15 +325,17 @@ def _running(pid: int) -> bool:
 def export(out: Path, dest: Path, fmt: str = "ip2p", verdict: str = "accept",
            license: str | None = None) -> dict[str, Any]:
     """Export OUT to DEST (see the module docstring). Returns counts: samples, skipped, pairs."""
-    out, dest = Path(out), Path(dest)
+    out, dest = storage.location(out), storage.location(dest)
+    local = storage.is_local(dest)
     if fmt not in FORMATS:
         raise ExportError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
     if not (out / "manifest.parquet").is_file():
         raise ExportError(f"{out} is not a finished build (no manifest.parquet)")
     _check_destination(out, dest)
     rows = selected_rows(out, verdict)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    clean_stale_work(dest)
+    if local:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        clean_stale_work(dest)
     work = dest.with_name(f".{dest.name}.{WORK_TAG}{os.getpid()}-{secrets.token_hex(4)}{TEMP_SUFFIX}")
     try:
         make = ip2p_row if fmt == "ip2p" else hf_row
@@ -301,7 +353,8 @@ def export(out: Path, dest: Path, fmt: str = "ip2p", verdict: str = "accept",
                         log.warning("export: %s skipped: %s: %s", row["id"], type(exc).__name__, exc)
                 yield converted
 
-        (work / "data").mkdir(parents=True)  # always there: the card's default config names it
+        if local:  # always there: the card's default config names it (a bucket has no empty folder)
+            (work / "data").mkdir(parents=True)
         count = _write_parts(work / "data", schema, batches())
         pairs = _write_parts(work / "preference", PREFERENCE_SCHEMA, _preference_batches(out, exported))
         from pipeline.dataset.card import export_card
@@ -309,11 +362,21 @@ def export(out: Path, dest: Path, fmt: str = "ip2p", verdict: str = "accept",
         summary = {"format": fmt, "verdict": verdict, "samples": count,
                    "skipped": len(rows) - count, "preference_pairs": pairs}
         atomic_write_bytes(work / "README.md", export_card(out, summary, license).encode())
-        if dest.exists():
-            dest.rmdir()
-        work.rename(dest)
+        if not local:
+            _publish(work, dest)
+        else:
+            if dest.exists():
+                dest.rmdir()
+            work.rename(dest)
     except BaseException:
-        shutil.rmtree(work, ignore_errors=True)
+        if local:
+            shutil.rmtree(work, ignore_errors=True)
+        else:
+            for leftover in (work, dest):  # DEST was empty: whatever is there now is this export's
+                try:
+                    storage.remove_tree(leftover)
+                except OSError as exc:
+                    log.warning("export: could not remove %s: %s", storage.show(leftover), exc)
         raise
     return summary
 
@@ -326,11 +389,11 @@ def register(subparsers: Any) -> None:
         description="Write a finished build's pairs as parquet: --format ip2p trains diffusers' "
                     "InstructPix2Pix example as it is (train_instruct_pix2pix.py --dataset_name DIR), "
                     "--format hf carries every field for the Hugging Face hub.")
-    parser.add_argument("out", metavar="OUT", help="a finished build's output directory")
+    parser.add_argument("out", metavar="OUT", help="a finished build's output directory (or its URL)")
     parser.add_argument("--format", choices=FORMATS, default="ip2p",
                         help="ip2p: input_image/edit_prompt/edited_image; hf: every field, RLE masks")
     parser.add_argument("--out", dest="dest", required=True, metavar="DIR",
-                        help="new (or empty) directory to write into")
+                        help="new (or empty) directory to write into (or a URL: s3://bucket/prefix)")
     parser.add_argument("--verdict", choices=VERDICT_CHOICES, default="accept",
                         help="which samples: accepted, rejected, or all that have pixels")
     parser.add_argument("--license", default=None,
@@ -340,7 +403,8 @@ def register(subparsers: Any) -> None:
 
 def run_export(args: argparse.Namespace) -> int:
     try:
-        summary = export(Path(args.out), Path(args.dest), args.format, args.verdict, args.license)
+        summary = export(storage.location(args.out), storage.location(args.dest), args.format,
+                         args.verdict, args.license)
     except (ExportError, FileNotFoundError) as exc:
         print(f"mcie export: error: {exc}", file=sys.stderr)
         return 2

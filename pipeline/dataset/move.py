@@ -33,7 +33,9 @@ from pipeline.dataset.output import (
     train_shard_name,
     update_rows,
 )
+from pipeline import storage
 from pipeline.dataset.shards import (
+    SAMPLE_JSON,
     check_key,
     iter_tar_groups,
     remove_path,
@@ -82,7 +84,7 @@ def rewrite_tar(path: Path, add: dict[str, dict[str, bytes]], drop: set[str]) ->
         if path.exists() else []
     groups += list(add.items())
     if not groups:
-        path.unlink(missing_ok=True)
+        remove_path(path)
         return {}
     groups.sort(key=lambda g: (_index_of(g[1]), g[0]))
     return write_tar_members(path, groups)
@@ -103,11 +105,11 @@ def _check_indices(out: Path, moves: list[Move]) -> None:
 
 def move_samples(out: Path, moves: list[Move], shard_size: int) -> dict[str, str]:
     """Move the samples (see the module docstring); returns id → manifest location."""
-    out = Path(out)
+    out = storage.location(out)
     for move in moves:  # ids are data: check them before any becomes a path
         sample_id = check_key(move.sample.id)
-        if move.came_from is not None and Path(move.came_from).resolve() not in (
-                (out / REVIEW / sample_id).resolve(), (out / REJUDGE / sample_id).resolve()):
+        if move.came_from is not None and _same_place(move.came_from) not in (
+                _same_place(out / REVIEW / sample_id), _same_place(out / REJUDGE / sample_id)):
             raise ValueError(f"sample {sample_id} cannot leave {move.came_from}: only "
                              f"{REVIEW}/{sample_id} or {REJUDGE}/{sample_id} of {out}")
     _check_indices(out, moves)
@@ -129,7 +131,8 @@ def move_samples(out: Path, moves: list[Move], shard_size: int) -> dict[str, str
             locations[sample.id] = location
         else:
             raise ValueError(f"cannot move sample {sample.id} with verdict {sample.verdict!r}")
-    (out / SHARDS).mkdir(parents=True, exist_ok=True)
+    if storage.is_local(out):
+        (out / SHARDS).mkdir(parents=True, exist_ok=True)
     by_id = {move.sample.id: move.sample for move in moves}
     for unit in sorted(moving):
         for kind, name in (("train", train_shard_name(unit)), ("negatives", negatives_shard_name(unit))):
@@ -141,8 +144,19 @@ def move_samples(out: Path, moves: list[Move], shard_size: int) -> dict[str, str
     update_rows(out, rows)
     for move in moves:
         leaving = move.came_from
-        if leaving is not None and leaving.exists() and leaving != out / locations[move.sample.id]:
+        if leaving is not None and leaving.exists() and \
+                _same_place(leaving) != _same_place(out / locations[move.sample.id]):
+            if not storage.is_local(leaving):  # no rename on a store: its json (what marks a
+                remove_path(leaving / SAMPLE_JSON)  # queued sample) goes first, then the rest
+                remove_path(leaving)
+                continue
             gone = temp_path(leaving)  # a half-removed dir must never look like a queued sample
             os.replace(leaving, gone)
             remove_path(gone)
     return locations
+
+
+def _same_place(path) -> str:
+    """A path or URL in a form two names of one place share (local: resolved)."""
+    path = storage.location(path)
+    return str(Path(path).resolve()) if storage.is_local(path) else str(path).rstrip("/")

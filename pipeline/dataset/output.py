@@ -11,9 +11,11 @@
 
 then writes the unit's hidden defect log `parts/unit-{unit:06d}.defects.jsonl` and, LAST, its
 manifest rows `parts/unit-{unit:06d}.parquet`: the unit's completion marker. Every file goes through
-a temporary name and `os.replace`, so a killed writer leaves no partial file under a final name,
-and a rerun of the unit first removes the marker, stale temporaries and every earlier output of the
-unit's ids, then writes the same bytes again.
+`pipeline.storage.atomic_file` (a temporary name and `os.replace` locally, one PUT on an object
+store), so a killed writer leaves no partial file under a final name, and a rerun of the unit first
+removes the marker, stale temporaries and every earlier output of the unit's ids, then writes the
+same bytes again. OUT may be a local path or a URL (`pipeline.storage.location`): the same code
+writes the same bytes to both.
 
 A sample that cannot be written where its verdict sends it (missing pixels, unknown verdict) is
 quarantined with error_stage "write" instead of failing the unit; only I/O errors fail the unit
@@ -29,6 +31,7 @@ from pathlib import Path, PurePosixPath
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline import storage
 from pipeline.record import MANIFEST_SCHEMA, EditSample, dumps, manifest_row
 from pipeline.dataset.shards import (
     atomic_file,
@@ -66,11 +69,11 @@ def negatives_shard_name(unit: int) -> str:
 
 
 def part_path(out: Path, unit: int) -> Path:
-    return Path(out) / PARTS / f"unit-{unit:06d}.parquet"
+    return storage.location(out) / PARTS / f"unit-{unit:06d}.parquet"
 
 
 def defects_part_path(out: Path, unit: int) -> Path:
-    return Path(out) / PARTS / f"unit-{unit:06d}.defects.jsonl"
+    return storage.location(out) / PARTS / f"unit-{unit:06d}.defects.jsonl"
 
 
 def quarantine_file_name(sample_id: str, suffix: str) -> str:
@@ -86,19 +89,23 @@ def location_path(out: Path, shard: str) -> Path:
     """The file or dir a manifest `shard` value names: `train-000003.tar` lives under shards/,
     `review/{id}`, `rejudge/{id}` and `quarantine/{id}.json` under OUT itself. OUT's tables never
     name files outside OUT: raises `OutsideOut` (one line) for a value that would."""
-    path = inside_out(Path(out), shard if "/" in str(shard) else f"{SHARDS}/{shard}")
+    path = inside_out(out, shard if "/" in str(shard) else f"{SHARDS}/{shard}")
     if path is None:
         raise OutsideOut(f"manifest location {str(shard)[:200]!r} names a file outside {out}: refused")
     return path
 
 
 def inside_out(out: Path, relative: str) -> Path | None:
-    """OUT/relative if it stays inside OUT (no absolute path, no `..`, no symlink out), else None."""
+    """OUT/relative if it stays inside OUT (no absolute path, no `..`, no symlink out), else None.
+    On an object store there are no symlinks: the name checks are the whole test."""
     if not isinstance(relative, str) or not relative or "\0" in relative:
         return None
     parts = PurePosixPath(relative).parts
     if PurePosixPath(relative).is_absolute() or ".." in parts or "\\" in relative:
         return None
+    out = storage.location(out)
+    if not storage.is_local(out):
+        return out / relative
     path = Path(out) / relative
     try:
         if not path.resolve().is_relative_to(Path(out).resolve()):
@@ -132,15 +139,16 @@ def destination(sample: EditSample) -> str:
 def write_unit(out: Path, unit: int, samples: list[EditSample]) -> BuildStats:
     """Write one finished work unit into OUT and return its stats (seconds left at 0: the caller
     times the whole unit). See the module docstring for the layout and guarantees."""
-    out = Path(out)
+    out = storage.location(out)
     if unit < 0:
         raise ValueError(f"unit must be non-negative, got {unit}")
     samples = sorted(samples, key=lambda s: (s.index, s.id))
     ids = [check_key(s.id) for s in samples]
     if len(set(ids)) != len(ids):
         raise ValueError(f"unit {unit}: duplicate sample ids")
-    for name in (SHARDS, PARTS, REVIEW, REJUDGE, QUARANTINE):
-        (out / name).mkdir(parents=True, exist_ok=True)
+    if storage.is_local(out):  # an object store needs no folders: a prefix exists with its objects
+        for name in (SHARDS, PARTS, REVIEW, REJUDGE, QUARANTINE):
+            (out / name).mkdir(parents=True, exist_ok=True)
     _remove_previous(out, unit, ids)
 
     # Encode everything first: a sample that cannot be encoded is quarantined, not a unit failure.
@@ -187,7 +195,7 @@ def write_preference(out: Path, unit: int, samples: list[EditSample]) -> Path | 
     atomically: one entry per rejected candidate, keyed <sample id>-e<sub-edit>-c<candidate>,
     with json (sub-instruction, seeds, its scores and the chosen one's), source.png (the image
     before that sub-edit), chosen.png and rejected.png. Rewritten whole when the unit reruns."""
-    path = out / PREFERENCE / f"preference-{unit:05d}.tar"
+    path = storage.location(out) / PREFERENCE / f"preference-{unit:05d}.tar"
     entries = []
     for sample in sorted(samples, key=lambda s: (s.index, s.id)):
         if sample.failed:
@@ -202,7 +210,8 @@ def write_preference(out: Path, unit: int, samples: list[EditSample]) -> Path | 
     if not entries:
         remove_path(path)  # a rerun that no longer has negatives leaves none behind
         return None
-    path.parent.mkdir(parents=True, exist_ok=True)
+    if storage.is_local(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
     write_tar_members(path, entries)
     return path
 
@@ -211,23 +220,39 @@ def _remove_previous(out: Path, unit: int, ids: list[str]) -> None:
     """Before (re)writing a unit: drop its completion marker first (so a crash from here on leaves
     the unit not done), then whatever an earlier or killed attempt left for it."""
     for path in (part_path(out, unit), defects_part_path(out, unit)):
-        path.unlink(missing_ok=True)
+        remove_path(path)
         for tmp in temp_names_of(path.parent, path.name):
-            tmp.unlink(missing_ok=True)
+            remove_path(tmp)
     for name in (train_shard_name(unit), negatives_shard_name(unit)):
-        (out / SHARDS / name).unlink(missing_ok=True)
+        remove_path(out / SHARDS / name)
         for tmp in temp_names_of(out / SHARDS, name):
-            tmp.unlink(missing_ok=True)
-    for sample_id in ids:
+            remove_path(tmp)
+    if storage.is_local(out):
+        for sample_id in ids:
+            for kind in (REVIEW, REJUDGE):
+                remove_path(out / kind / sample_id)
+                for tmp in temp_names_of(out / kind, sample_id):
+                    remove_path(tmp)
+    else:  # one listing per queue instead of a few requests per id (no temporaries on a store)
         for kind in (REVIEW, REJUDGE):
-            remove_path(out / kind / sample_id)
-            for tmp in temp_names_of(out / kind, sample_id):
-                remove_path(tmp)
+            queued = {path.name for path in _children(out / kind)}
+            for sample_id in ids:
+                if sample_id in queued:
+                    remove_path(out / kind / sample_id)
     wanted = set(ids)
-    for path in (out / QUARANTINE).iterdir():
+    for path in _children(out / QUARANTINE):
         # ids contain no dots: `{id}.{suffix}` and temporaries `.{id}.{suffix}.<random>.tmp`
         if path.name.lstrip(".").split(".", 1)[0] in wanted:
             remove_path(path)
+
+
+def _children(directory: Path) -> list[Path]:
+    """What a folder holds; nothing when it does not exist (an object-store prefix without
+    objects does not)."""
+    try:
+        return list(directory.iterdir())
+    except (FileNotFoundError, NotADirectoryError):  # (what UPath raises for a missing prefix)
+        return []
 
 
 # ---- quarantine -----------------------------------------------------------------------------------
@@ -261,7 +286,7 @@ def _write_quarantine(out: Path, sample_id: str, members: dict[str, bytes]) -> s
 def quarantine_members(out: Path, sample_id: str) -> dict[str, bytes]:
     """The files of one quarantined sample, as members (suffix → bytes)."""
     members = {}
-    for path in sorted((Path(out) / QUARANTINE).glob(f"{sample_id}.*")):
+    for path in sorted((storage.location(out) / QUARANTINE).glob(f"{sample_id}.*"), key=lambda p: p.name):
         members[path.name.split(".", 1)[1]] = path.read_bytes()
     return dict(ordered(members))
 
@@ -292,27 +317,40 @@ def write_manifest(out: Path, table: pa.Table) -> pa.Table:
     """Write OUT/manifest.parquet atomically, rows sorted by index. Returns the table written."""
     table = conform(table, "manifest table")
     table = table.sort_by([("index", "ascending")])
-    with atomic_file(Path(out) / MANIFEST) as handle:
+    with atomic_file(storage.location(out) / MANIFEST) as handle:
         pq.write_table(table, handle)
     return table
 
 
 def read_parquet(path: Path, columns: list[str] | None = None) -> pa.Table:
     """One Parquet file, as `pq.read_table` reads it (same table, same schema metadata), without
-    pyarrow.dataset: that imports pandas, ≈ 1 s of a small build's driver and of every worker."""
+    pyarrow.dataset: that imports pandas, ≈ 1 s of a small build's driver and of every worker.
+    `path` may be an object-store location: its bytes are read whole (a part or a manifest is
+    small next to the shards it lists)."""
+    path = storage.location(path)
+    if not storage.is_local(path):
+        return pq.ParquetFile(pa.BufferReader(path.read_bytes())).read(columns=columns)
     return pq.ParquetFile(path).read(columns=columns)
 
 
 def read_manifest(out: Path) -> pa.Table:
-    path = Path(out) / MANIFEST
+    path = storage.location(out) / MANIFEST
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist (the build is not finalized)")
     return conform(read_parquet(path), str(path))
 
 
+def _parts(out: Path) -> list[Path]:
+    """The units' manifest parts, by name (local temporaries start with "." and never match)."""
+    parts = storage.location(out) / PARTS
+    if not parts.is_dir():
+        return []
+    return sorted(parts.glob("unit-*.parquet"), key=lambda p: p.name)
+
+
 def read_parts(out: Path) -> pa.Table:
     """All units' manifest parts, concatenated, sorted by index."""
-    parts = sorted((Path(out) / PARTS).glob("unit-*.parquet"))  # temporaries start with "."
+    parts = _parts(out)
     tables = [conform(read_parquet(path), str(path)) for path in parts]
     if not tables:
         return MANIFEST_SCHEMA.empty_table()
@@ -328,13 +366,13 @@ def update_rows(out: Path, rows: list[dict]) -> pa.Table:
     Intended order for a mover: write the new shard (`shards.write_tar`), then `update_rows` with
     `record.manifest_row(sample, shard_name, checksum)`, then remove the old review/rejudge dir.
     Returns the new manifest."""
-    out = Path(out)
+    out = storage.location(out)
     wanted = {row["id"]: row for row in rows}
     if len(wanted) != len(rows):
         raise ValueError("update_rows: an id is given more than once")
     found: set[str] = set()
     changed: dict[Path, pa.Table] = {}
-    for part in sorted((out / PARTS).glob("unit-*.parquet")):
+    for part in _parts(out):
         new_rows, hit = [], False
         for row in conform(read_parquet(part), str(part)).to_pylist():
             new = wanted.get(row["id"])
@@ -361,7 +399,7 @@ def finalize(out: Path) -> pa.Table:
     OUT's writer lock (re-entrant: the build and the movers already hold it)."""
     from pipeline.dataset.lock import out_lock
 
-    out = Path(out)
+    out = storage.location(out)
     with out_lock(out):
         return _finalize(out)
 
@@ -369,7 +407,7 @@ def finalize(out: Path) -> pa.Table:
 def _finalize(out: Path) -> pa.Table:
     table = write_manifest(out, read_parts(out))
     entries = []
-    for part in sorted((out / PARTS).glob("unit-*.parquet")):
+    for part in _parts(out):
         log_path = part.with_name(part.name.replace(".parquet", ".defects.jsonl"))
         if not log_path.is_file():
             raise FileNotFoundError(f"{log_path} is missing although {part.name} exists")

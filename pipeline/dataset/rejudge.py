@@ -19,6 +19,9 @@ sample whose row still says rejudge), so the build verifies clean again.
 
 The manifest part of the unit is updated as well as the manifest, so a later `finalize` (which
 merges parts) keeps the move. Do not run it while a build writes into the same OUT.
+
+OUT may be an object-store prefix (`pipeline.storage`): the same steps, each file one whole object
+(`pipeline.dataset.move` says what replaces the renames there).
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from pipeline import storage
 from pipeline.dataset.lock import OutLocked, out_lock
 from pipeline.dataset.move import Move, is_sample_id, move_samples, rewrite_tar
 from pipeline.dataset.output import (
@@ -83,7 +87,7 @@ class RejudgeStats:
 
 
 def load_build_config(out: Path) -> dict[str, Any]:
-    path = Path(out) / "config.json"
+    path = storage.location(out) / "config.json"
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist: {out} is not a build output")
     return json.loads(path.read_text())
@@ -92,7 +96,7 @@ def load_build_config(out: Path) -> dict[str, Any]:
 def rejudge(out: Path, judge: Judge, policy: RoutingPolicy | None = None,
             chunk_size: int = 256) -> RejudgeStats:
     """Re-judge every `rejudge/{id}` sample of a finalized build; see the module docstring."""
-    out = Path(out)
+    out = storage.location(out)
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be positive, got {chunk_size}")
     with out_lock(out):
@@ -201,14 +205,14 @@ def _clean_leftovers(out: Path, rows: list[dict[str, Any]], candidates: list[dic
     location = {row["id"]: row["shard"] for row in rows}
     rejudge_dir = out / REJUDGE
     if rejudge_dir.is_dir():
-        for path in rejudge_dir.iterdir():
+        for path in _children(rejudge_dir):
             stale = path.name in location and location[path.name] != f"{REJUDGE}/{path.name}"
             if is_temp_name(path.name) or stale:
                 remove_path(path)
                 cleaned += 1
     waiting = {row["id"] for row in candidates}
     for sample_id in waiting:
-        if (out / REVIEW / sample_id).exists():
+        if _holds_files(out / REVIEW / sample_id):
             remove_path(out / REVIEW / sample_id)
             cleaned += 1
     units = {row["index"] // shard_size for row in candidates}
@@ -229,12 +233,24 @@ def _clean_leftovers(out: Path, rows: list[dict[str, Any]], candidates: list[dic
     return cleaned
 
 
+def _children(folder: Path) -> list[Path]:
+    """What a folder holds; on an object store only what holds objects (`storage.child_names`:
+    some stores go on listing an emptied prefix)."""
+    if storage.is_local(folder):
+        return list(folder.iterdir())
+    return [folder / name for name in storage.child_names(folder)]
+
+
+def _holds_files(path: Path) -> bool:
+    return path.exists() if storage.is_local(path) else bool(storage.child_names(path))
+
+
 # ---- command line ---------------------------------------------------------------------------------
 
 def register(subparsers: Any) -> None:
     p = subparsers.add_parser(
         "rejudge", help="judge again the samples whose judge failed (OUT/rejudge) and move them")
-    p.add_argument("out", help="a finalized build output directory")
+    p.add_argument("out", help="a finalized build output directory (or its URL: s3://bucket/out)")
     p.add_argument("--judge", default=None,
                    help="judge backend (default: the build's, from OUT/config.json)")
     p.add_argument("--judge-url", help="vLLM OpenAI-compatible base URL, e.g. http://HOST:8000/v1")
@@ -247,7 +263,7 @@ def register(subparsers: Any) -> None:
 
 
 def run_rejudge(args: argparse.Namespace) -> int:
-    out = Path(args.out)
+    out = storage.location(args.out)
     if not out.is_dir():
         return _run_rejudge(args)  # says what is wrong
     try:
@@ -264,7 +280,7 @@ def run_rejudge(args: argparse.Namespace) -> int:
 def _run_rejudge(args: argparse.Namespace) -> int:
     from pipeline.judges.base import make_judge
 
-    out = Path(args.out)
+    out = storage.location(args.out)
     try:
         config = load_build_config(out)
         if not (out / "manifest.parquet").is_file():

@@ -15,6 +15,10 @@ top, the routing thresholds drawn on the histograms, each failed routing check o
 reason, every borderline sample by id and path, scores floored (never rounded up) to three
 decimals with more digits where that would put a score on the wrong side of a threshold, and,
 where the editor injected faults, the judge's recall and false-reject rate against the defect log.
+
+OUT may be an object-store prefix (`pipeline.storage`): the page, its images and the sheets are
+objects written whole, and the page's links are relative, so it opens from a synced copy or
+through any HTTP front of the bucket as it does from disk.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from typing import Any, Iterable
 import numpy as np
 from PIL import Image
 
+from pipeline import storage
 from pipeline.dataset.output import DEFECTS, QUARANTINE, location_path, read_manifest, read_quarantine
 from pipeline.record import EDIT_TYPES, VERDICTS, EditSample
 from pipeline.dataset.shards import (CORRUPT_DATA_ERRORS, SAMPLE_JSON, atomic_write_bytes, decode_sample,
@@ -173,14 +178,18 @@ class ImageFiles:
 
     def write(self, out: Path) -> None:
         """Write the images into OUT/report/ and remove the ones no longer linked."""
-        folder = Path(out) / REPORT_FILES
-        folder.mkdir(exist_ok=True)
+        folder = storage.location(out) / REPORT_FILES
+        if storage.is_local(folder):  # an object store has no folders to make
+            folder.mkdir(exist_ok=True)
         for name, data in self.files.items():
             if not (folder / name).is_file():  # named by content: an existing file is this image
                 atomic_write_bytes(folder / name, data)
         for stale in folder.glob("*.png"):
             if stale.name not in self.files:
-                stale.unlink(missing_ok=True)
+                if storage.is_local(stale):
+                    stale.unlink(missing_ok=True)
+                else:
+                    storage.remove_tree(stale)
 
 
 BACKGROUND_CHANGE = 24  # max channel difference that marks a background pixel as changed
@@ -309,7 +318,7 @@ def _fmt(value: Any, thresholds: Iterable[float] = ()) -> str:
 
 def read_config(out: Path) -> dict[str, Any]:
     try:
-        config = json.loads((Path(out) / "config.json").read_text())
+        config = json.loads((storage.location(out) / "config.json").read_text())
     except (OSError, ValueError) as exc:
         log.warning("report: no readable config.json in %s: %s", out, exc)
         return {}
@@ -433,7 +442,7 @@ def _borderline_list(rows: list[dict[str, Any]], policy: RoutingPolicy,
 
 def read_defect_log(out: Path) -> dict[str, list[dict[str, Any]]]:
     """id → the editor's injected faults, from OUT/defects.jsonl (empty when there is none)."""
-    path = Path(out) / DEFECTS
+    path = storage.location(out) / DEFECTS
     found: dict[str, list[dict[str, Any]]] = {}
     try:
         lines = path.read_text().splitlines()
@@ -612,7 +621,7 @@ def _sheet_links(out: Path) -> str:
 def render_report(out: Path, samples_per_verdict: int = SAMPLES_PER_VERDICT,
                   files: ImageFiles | None = None) -> str:
     """The page; the full-size images it links to are collected in `files` (see write_report)."""
-    out = Path(out)
+    out = storage.location(out)
     files = files if files is not None else ImageFiles()
     table = read_manifest(out)
     rows = table.to_pylist()
@@ -682,7 +691,7 @@ def write_report(out: Path, samples_per_verdict: int = SAMPLES_PER_VERDICT) -> P
     from pipeline.dataset.card import write_card
     from pipeline.dataset.contact_sheet import write_contact_sheets
 
-    out = Path(out)
+    out = storage.location(out)
     write_card(out)  # README.md (dataset card) and stats.json: the figures, for the hub and machines
     write_contact_sheets(out)
     files = ImageFiles()

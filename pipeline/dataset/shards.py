@@ -41,9 +41,10 @@ headers, members) is bounded before anything is read or allocated.
 
 Bytes are deterministic: PNGs carry no timestamp, tar headers have a fixed mtime/uid/gid/mode and
 empty owner names, members and samples are always written in the same order. Every final file is
-written under a temporary name in its own directory (`.NAME.<random>.tmp`) and `os.replace`d, so a
-kill at any moment leaves no half-written file under a final name; `is_temp_name` recognises the
-leftovers so writers can clean them up and verify can flag them.
+written through `pipeline.storage.atomic_file`: locally under a temporary name in its own directory
+(`.NAME.<random>.tmp`) and `os.replace`d, on an object store as one PUT, so a kill at any moment
+leaves no half-written file under a final name; `is_temp_name` recognises local leftovers so
+writers can clean them up and verify can flag them. Every path may be a URL (`storage.location`).
 """
 
 from __future__ import annotations
@@ -53,20 +54,17 @@ import io
 import json
 import os
 import re
-import secrets
-import shutil
 import struct
 import tarfile
 import zlib
-from contextlib import contextmanager
 from pathlib import Path
-from typing import IO, Any, Iterable, Iterator
+from typing import IO, Any, ContextManager, Iterable, Iterator
 
 import numpy as np
 from isal import isal_zlib
 from PIL import Image
 
-from pipeline import bounds, rle
+from pipeline import bounds, rle, storage
 from pipeline.dataset.tarscan import TarDamage, TarMember, scan_tar
 from pipeline.sources.decode import DECODE_ERRORS
 from pipeline.record import MAX_SUB_EDITS, SHARD_FORMAT, EditSample, InventoryObject, SubEdit, dumps
@@ -98,8 +96,8 @@ _KEY = re.compile(r"^[A-Za-z0-9_-]+$")  # no dots (webdataset splits the key at 
 
 def temp_path(path: Path) -> Path:
     """A unique temporary name beside `path`: `.NAME.<random>.tmp` (hidden, never matched by the
-    globs that find final files)."""
-    return path.with_name(f".{path.name}.{secrets.token_hex(6)}{TEMP_SUFFIX}")
+    globs that find final files). Local paths only: an object store writes in one PUT."""
+    return storage.temp_path(path)
 
 
 def is_temp_name(name: str) -> bool:
@@ -107,41 +105,29 @@ def is_temp_name(name: str) -> bool:
 
 
 def temp_names_of(directory: Path, final_name: str) -> list[Path]:
-    """Temporaries left beside `directory/final_name` by a killed writer."""
-    if not directory.is_dir():
+    """Temporaries left beside `directory/final_name` by a killed writer (none on an object
+    store: an object appears whole or not at all, so there is nothing to list)."""
+    directory = storage.location(directory)
+    if not storage.is_local(directory) or not directory.is_dir():
         return []
     prefix = f".{final_name}."
     return [p for p in directory.iterdir() if p.name.startswith(prefix) and is_temp_name(p.name)]
 
 
-@contextmanager
-def atomic_file(path: Path) -> Iterator[IO[bytes]]:
-    """Write a file under a temporary name and move it to `path` only once complete and synced.
-    On an exception the temporary is removed and `path` is left as it was."""
-    path = Path(path)
-    tmp = temp_path(path)
-    try:
-        with open(tmp, "wb") as handle:
-            yield handle
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+def atomic_file(path: Path) -> ContextManager[IO[bytes]]:
+    """Write a file that appears under `path` only once complete (`storage.atomic_file`: a synced
+    temporary and `os.replace` locally, one PUT on an object store). On an exception nothing
+    appears and `path` is left as it was."""
+    return storage.atomic_file(storage.location(path))
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    with atomic_file(path) as handle:
-        handle.write(data)
+    storage.write_atomic(storage.location(path), data)
 
 
 def remove_path(path: Path) -> None:
-    """Remove a file or a directory tree if it exists."""
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path)
-    else:
-        path.unlink(missing_ok=True)
+    """Remove a file or a directory tree (a prefix on an object store) if it exists."""
+    storage.remove_tree(storage.location(path))
 
 
 # ---- pixels <-> PNG ---------------------------------------------------------------------------------
@@ -498,7 +484,7 @@ def write_tar_members(path: Path, encoded: list[tuple[str, dict[str, bytes]]]) -
     if len(set(ids)) != len(ids):
         raise ValueError(f"duplicate sample ids in one shard: {sorted({i for i in ids if ids.count(i) > 1})}")
     sums: dict[str, str] = {}
-    with atomic_file(Path(path)) as handle:
+    with atomic_file(path) as handle:
         with tarfile.open(fileobj=handle, mode="w", format=tarfile.PAX_FORMAT) as tar:
             for key, members in encoded:
                 check_key(key)
@@ -542,10 +528,11 @@ def iter_tar_groups(path: Path, max_member_bytes: int | None = None, damage: str
     cap = MAX_MEMBER_BYTES if max_member_bytes is None else max_member_bytes
     if damage not in ("raise", "report"):
         raise ValueError(f"damage must be 'raise' or 'report', not {damage!r}")
-    shard = Path(path).name
+    path = storage.location(path)
+    shard = path.name
     key: str | None = None
     members: dict[str, bytes] = {}
-    with open(path, "rb") as handle:
+    with path.open("rb") as handle:
         for entry in scan_tar(handle):
             if isinstance(entry, TarDamage):
                 if key is not None:
@@ -594,7 +581,7 @@ def _refusal(entry: TarMember, cap: int) -> str:
 
 def read_shard(path: Path) -> Iterator[EditSample]:
     """Decode every sample of a tar shard, in order."""
-    for key, members in iter_tar_groups(Path(path)):
+    for key, members in iter_tar_groups(path):
         yield decode_sample({"__key__": key, **members})
 
 
@@ -607,10 +594,19 @@ def member_file_name(suffix: str) -> str:
 def write_sample_dir(directory: Path, sample: EditSample) -> str:
     """Write a complete sample as a directory of member files, atomically (build a temporary
     directory beside it, then rename it into place, replacing an old one). Returns its checksum."""
-    return write_members_dir(Path(directory), sample_members(sample))
+    return write_members_dir(directory, sample_members(sample))
 
 
 def write_members_dir(directory: Path, members: dict[str, bytes]) -> str:
+    directory = storage.location(directory)
+    if not storage.is_local(directory):
+        # No rename of a prefix on an object store: drop the old dir, then put each member as one
+        # object, the json (the file readers look for) last. A dir seen half-written is safe for
+        # the same reason as below: the unit's completion marker comes later.
+        remove_path(directory)
+        for suffix, data in reversed(ordered(members)):
+            storage.write_atomic(directory / member_file_name(suffix), data)
+        return checksum(members)
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_path(directory)
     try:
@@ -635,7 +631,7 @@ def read_members_dir(directory: Path, max_member_bytes: int | None = None) -> di
     MAX_MEMBER_BYTES) is not read: `__error__` carries the reason (`decode_sample` fails it)."""
     cap = MAX_MEMBER_BYTES if max_member_bytes is None else max_member_bytes
     members: dict[str, bytes] = {}
-    for path in sorted(Path(directory).iterdir()):
+    for path in sorted(storage.location(directory).iterdir(), key=lambda p: p.name):
         if path.is_file():
             suffix = "json" if path.name == SAMPLE_JSON else path.name
             size = path.stat().st_size
@@ -648,4 +644,4 @@ def read_members_dir(directory: Path, max_member_bytes: int | None = None) -> di
 
 
 def read_sample_dir(directory: Path) -> EditSample:
-    return decode_sample(read_members_dir(Path(directory)))
+    return decode_sample(read_members_dir(directory))

@@ -24,6 +24,7 @@ listed with an `error`: their declared size expands on read.
 
 from __future__ import annotations
 
+import io
 import os
 import re
 import struct
@@ -67,9 +68,10 @@ class TarDamage:
 
 def scan_tar(handle: BinaryIO, size: int | None = None) -> Iterator[TarMember | TarDamage]:
     """The members and damaged regions of a plain tar open for reading, in file order.
-    `size` is the file's size (default: from fstat)."""
+    `size` is the file's size (default: from fstat, or for a file object with no descriptor —
+    an fsspec object-store file — its `size`, else seeking to its end)."""
     if size is None:
-        size = os.fstat(handle.fileno()).st_size
+        size = _size_of(handle)
     pos = 0
     last = "the start of the file"  # the last good member, to say where the damage is
     pending: dict[str, str] = {}  # PAX records / long names for the next member
@@ -148,6 +150,20 @@ def scan_tar(handle: BinaryIO, size: int | None = None) -> Iterator[TarMember | 
         yield TarMember(name, kind, pos, data, stored, expanded, error)
         last = f"member {name!r}"
         pos, pending, pending_error = data + _blocks(stored), {}, None
+
+
+def _size_of(handle: BinaryIO) -> int:
+    try:
+        return os.fstat(handle.fileno()).st_size
+    except (AttributeError, OSError, io.UnsupportedOperation):
+        pass
+    size = getattr(handle, "size", None)  # fsspec files know it from the listing/HEAD
+    if isinstance(size, int):
+        return size
+    here = handle.tell()
+    end = handle.seek(0, os.SEEK_END)
+    handle.seek(here)
+    return end
 
 
 def _damage(start: int, resume: int | None, what: str, resumed: bool = True) -> TarDamage:

@@ -22,6 +22,10 @@ a problem for that sample or file, and what was found before is kept. A tar memb
 than `shards.MAX_MEMBER_BYTES` is never read, nor an extended tar header over 64 KiB; garbage
 between a tar's members is one problem naming its bytes, and the members after it are still checked. A directory that is not a build, or a build in shard
 format 1, is refused with one line (exit 2).
+
+OUT may be a local folder or an object-store prefix (`s3://bucket/out`, see `pipeline.storage`):
+the same checks read the objects through file objects; an object store has no temporaries, so the
+temporary check only finds leftovers copied there from a local OUT.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline import storage
 from pipeline.dataset.output import (
     DEFECTS,
     PARTS,
@@ -109,7 +114,7 @@ def location_kind(shard: str | None, sample_id: str) -> str | None:
 
 
 def check_build(out: Path) -> VerifyReport:
-    out = Path(out)
+    out = storage.location(out)
     if not out.is_dir():
         raise FileNotFoundError(f"{out} is not a directory")
     report = VerifyReport()
@@ -275,7 +280,7 @@ def _check_orphans(out: Path, by_id: dict[str, dict[str, Any]]) -> list[str]:
         folder = out / kind
         if not folder.is_dir():
             continue
-        for path in sorted(folder.iterdir()):
+        for path in _children(folder):
             if is_temp_name(path.name):
                 continue  # reported as a temporary
             row = by_id.get(path.name)
@@ -283,7 +288,7 @@ def _check_orphans(out: Path, by_id: dict[str, dict[str, Any]]) -> list[str]:
                 problems.append(f"{path.name}: {kind}/{path.name} is not in the manifest at that location")
     folder = out / QUARANTINE
     if folder.is_dir():
-        for path in sorted(folder.iterdir()):
+        for path in _children(folder):
             if is_temp_name(path.name):
                 continue
             sample_id = path.name.split(".", 1)[0]
@@ -293,14 +298,40 @@ def _check_orphans(out: Path, by_id: dict[str, dict[str, Any]]) -> list[str]:
     return problems
 
 
+def _children(folder: Path) -> list[Path]:
+    """What a folder holds, sorted; on an object store what holds objects (`storage.child_names`)."""
+    if storage.is_local(folder):
+        return sorted(folder.iterdir())
+    return [folder / name for name in storage.child_names(folder)]
+
+
 def _check_temporaries(out: Path) -> list[str]:
     problems = []
-    for root, dirs, files in os.walk(out):
-        for name in sorted(dirs + files):
-            if is_temp_name(name):
-                rel = Path(root, name).relative_to(out)
-                problems.append(f"{rel}: temporary file of an interrupted write")
+    if storage.is_local(out):
+        for root, dirs, files in os.walk(out):
+            for name in sorted(dirs + files):
+                if is_temp_name(name):
+                    rel = Path(root, name).relative_to(out)
+                    problems.append(f"{rel}: temporary file of an interrupted write")
+        return problems
+    for rel in _object_names(out):
+        if is_temp_name(rel.rsplit("/", 1)[-1]):
+            problems.append(f"{rel}: temporary file of an interrupted write")
     return problems
+
+
+def _object_names(out: Path) -> list[str]:
+    """Every object under an object-store OUT and every prefix of one, as sorted paths relative
+    to it (one listing of the whole prefix)."""
+    fs, root = storage.fs_path(out)
+    root = root.rstrip("/")
+    names = set()
+    for found in fs.find(root):
+        rel = found[len(root):].strip("/")
+        parts = rel.split("/") if rel else []
+        # an object store has no folders: each prefix of a key is one
+        names.update("/".join(parts[:i]) for i in range(1, len(parts) + 1))
+    return sorted(names)
 
 
 def _check_parts(out: Path, by_id: dict[str, dict[str, Any]]) -> list[str]:
@@ -347,7 +378,7 @@ def register(subparsers: Any) -> None:
     parser = subparsers.add_parser(
         "verify", help="check a finished build: every manifest row against shards, queues and parts"
     )
-    parser.add_argument("out", metavar="OUT", help="the build's output directory")
+    parser.add_argument("out", metavar="OUT", help="the build's output directory, or its URL (s3://bucket/out)")
     parser.set_defaults(func=run_verify)
 
 
@@ -364,7 +395,8 @@ def not_a_build(out: Path) -> str | None:
     manifest = out / "manifest.parquet"
     if manifest.is_file():
         try:
-            meta = pq.read_schema(manifest).metadata or {}
+            with manifest.open("rb") as handle:
+                meta = pq.read_schema(handle).metadata or {}
         except (*CORRUPT_DATA_ERRORS, pa.ArrowException):
             return None  # reported as a problem by the check itself
         version = meta.get(b"mcie.format", b"1").decode(errors="replace")
@@ -375,7 +407,7 @@ def not_a_build(out: Path) -> str | None:
 
 
 def run_verify(args: argparse.Namespace) -> int:
-    out = Path(args.out)
+    out = storage.location(args.out)
     refusal = not_a_build(out)
     if refusal:
         print(f"mcie verify: error: {refusal}", file=sys.stderr)

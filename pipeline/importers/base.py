@@ -13,6 +13,7 @@ sorted session keys, as for any source.
 
 from __future__ import annotations
 
+import posixpath
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -26,6 +27,8 @@ from pipeline import bounds
 from pipeline.registry import Registry
 from pipeline.sources.base import SourceError
 from pipeline.sources.decode import one_line, read_bytes
+from pipeline.sources.parquet import open_parquet
+from pipeline.storage import is_local, is_url, location, objects_under, show
 
 # Mask encodings a dataset may use (what `assemble.decode_mask` understands):
 #   "alpha"  an RGBA "masked image": transparent pixels (alpha < 128) are the edited region
@@ -110,18 +113,31 @@ def listed_turn(value: Any) -> Any:
         return value
 
 
-def parquet_files(path: str | Path, suffix: str = ".parquet") -> dict[str, Path]:
-    """{path relative to `path`: file} of the parquet files under `path` (or `path` itself)."""
-    root = Path(path)
+def parquet_files(path: str | Path, suffix: str = ".parquet") -> dict[str, Any]:
+    """{path relative to `path`: file} of the parquet files under `path` (or `path` itself); `path`
+    may be an object-store URL (a prefix or one object)."""
+    root = location(path)
     if root.is_file():
         return {root.name: root}
     if not root.is_dir():
         raise ValueError(f"input path does not exist: {path}")
+    if not is_local(root):
+        objects = objects_under(root, suffix)
+        if not objects:
+            raise ValueError(f"no {suffix} files under {path}")
+        return objects
     files = sorted(p for p in root.rglob(f"*{suffix}") if p.is_file()
                    and not any(part.startswith(".") for part in p.relative_to(root).parts))
     if not files:
         raise ValueError(f"no {suffix} files under {path}")
     return {p.relative_to(root).as_posix(): p for p in files}
+
+
+def input_folder(path: str | Path) -> Any:
+    """The folder an importer's relative image paths resolve against: `path` if it is a folder
+    (a prefix), else its parent."""
+    root = location(path)
+    return root if root.is_dir() else root.parent
 
 
 def hf_split(file_name: str) -> str:
@@ -160,16 +176,27 @@ class RowReader:
     def columns(self, name: str, columns: list[str]) -> pa.Table:
         """Only `columns` of a whole file (the cheap listing columns)."""
         try:
-            return pq.read_table(self.files[name], columns=columns)
+            if is_local(self.files[name]):
+                return pq.read_table(self.files[name], columns=columns)
+            with open_parquet(self.files[name]) as file:
+                return file.read(columns=columns)
         except (OSError, pa.ArrowException, KeyError) as exc:
             raise ValueError(one_line(f"cannot read {name}: {exc}")) from None
+
+    def schema(self, name: str) -> pa.Schema:
+        """A file's schema, from its footer alone."""
+        if is_local(self.files[name]):
+            return pq.read_schema(self.files[name])
+        with open_parquet(self.files[name]) as file:
+            return file.schema_arrow
 
     def row(self, name: str, row: int) -> dict[str, Any]:
         try:
             with self._lock:
                 offsets = self._offsets.get(name)
                 if offsets is None:
-                    meta = pq.ParquetFile(self.files[name]).metadata
+                    with open_parquet(self.files[name]) as file:
+                        meta = file.metadata
                     offsets = [0]
                     for g in range(meta.num_row_groups):
                         offsets.append(offsets[-1] + meta.row_group(g).num_rows)
@@ -177,12 +204,12 @@ class RowReader:
                 group = next(g for g in range(len(offsets) - 1) if offsets[g] <= row < offsets[g + 1])
                 table = self._cache.get((name, group))
                 if table is None:
-                    file = pq.ParquetFile(self.files[name])
-                    try:
-                        bounds.check_row_group(file.metadata, group, None, name)
-                    except bounds.OutOfBounds as exc:
-                        raise SourceError(one_line(str(exc))) from None
-                    table = file.read_row_group(group)
+                    with open_parquet(self.files[name]) as file:
+                        try:
+                            bounds.check_row_group(file.metadata, group, None, name)
+                        except bounds.OutOfBounds as exc:
+                            raise SourceError(one_line(str(exc))) from None
+                        table = file.read_row_group(group)
                     self._cache[(name, group)] = table
                     while len(self._cache) > self.CACHED_GROUPS:
                         self._cache.popitem(last=False)
@@ -193,7 +220,7 @@ class RowReader:
             raise SourceError(one_line(f"cannot read row {row} of {name}: {exc}")) from None
 
 
-def image_value_bytes(value: Any, folder: Path | None = None) -> bytes:
+def image_value_bytes(value: Any, folder: Any = None) -> bytes:
     """Bytes of a Hugging Face image value: the struct `{bytes, path}` (bytes first, else the path
     relative to `folder`), raw bytes, or a path string. SourceError when there is none."""
     if isinstance(value, dict):
@@ -213,10 +240,16 @@ def image_value_bytes(value: Any, folder: Path | None = None) -> bytes:
     raise SourceError("the row holds no image")
 
 
-def file_bytes(relative: str, folder: Path | None) -> bytes:
+def file_bytes(relative: str, folder: Any) -> bytes:
     """A file named by a dataset row, resolved inside `folder` (never outside it)."""
     if folder is None:
         raise SourceError(f"image {relative!r} is a path but no image folder is known")
+    if not is_local(folder):  # a bucket has no symlinks: inside is a matter of the key alone
+        normal = posixpath.normpath(relative)
+        if normal.startswith(("/", "~")) or normal == ".." or normal.startswith("../") \
+                or is_url(relative):
+            raise SourceError(f"image path {relative!r} leads outside {show(folder)}")
+        return read_bytes(folder / normal)
     root = Path(folder).resolve()
     path = (root / relative).resolve()
     if root != path and root not in path.parents:

@@ -18,10 +18,10 @@ its session, with that reason.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 from pipeline import bounds
+from pipeline.storage import is_local, location, objects_under
 from pipeline.importers.base import (IMPORTERS, MaskSpec, RawSession, RawTurn, file_bytes,
                                      listed_turn, session_key)
 
@@ -32,8 +32,10 @@ class Generic:
     license = "unknown"
 
     def __init__(self, *, path: str, split: str | None = None, license: str | None = None):
-        root = Path(path)
-        if root.is_dir():
+        root = location(path)
+        if root.is_dir() and not is_local(root):
+            files = list(objects_under(root, ".jsonl").values())
+        elif root.is_dir():
             files = sorted(p for p in root.rglob("*.jsonl") if p.is_file())
         elif root.is_file():
             files = [root]
@@ -42,7 +44,7 @@ class Generic:
         if not files:
             raise ValueError(f"no .jsonl files under {path}")
         self.default_license = license or self.license
-        self.lines: dict[str, list[tuple[Path, dict[str, Any]]]] = {}
+        self.lines: dict[str, list[tuple[Any, dict[str, Any]]]] = {}
         for file in files:
             for number, line in enumerate(file.read_text().splitlines(), start=1):
                 if not line.strip():
@@ -76,7 +78,7 @@ class Generic:
                           turns=turns)
 
     @staticmethod
-    def _turn(folder: Path, record: dict[str, Any]) -> RawTurn:
+    def _turn(folder: Any, record: dict[str, Any]) -> RawTurn:
         mask = None
         if record.get("mask_rle") is not None:
             mask = lambda: MaskSpec("rle", record["mask_rle"])  # noqa: E731

@@ -29,12 +29,11 @@ import logging
 from pathlib import Path
 from typing import Any
 
-import pyarrow.parquet as pq
-
 from pipeline.importers.base import (IMPORTERS, RawObject, RawSession, RawTurn, RowReader,
-                                     file_bytes, parquet_files, session_key)
+                                     file_bytes, input_folder, parquet_files, session_key)
 from pipeline import bounds
 from pipeline.sources.base import SourceError
+from pipeline.storage import location
 
 log = logging.getLogger(__name__)
 
@@ -57,12 +56,12 @@ class ImgEdit:
             if not files:
                 raise ValueError(f"no ImgEdit parquet file {split}.parquet under {path}")
         self.reader = RowReader(files)
-        root = Path(path) if Path(path).is_dir() else Path(path).parent
-        self.images = Path(images) if images else root
+        root = input_folder(path)
+        self.images = location(images) if images else root
         if not self.images.is_dir():
             raise ValueError(f"ImgEdit image folder does not exist: {self.images}")
         self.masks_path = masks
-        if masks is not None and not Path(masks).exists():
+        if masks is not None and not location(masks).exists():
             raise ValueError(f"ImgEdit recap mask json does not exist: {masks}")
         self._rows: dict[str, tuple[str, int]] | None = None
         self._turns: dict[str, int] = {}
@@ -78,7 +77,7 @@ class ImgEdit:
             repeats = 0
             for name in self.reader.files:
                 try:
-                    schema = pq.read_schema(self.reader.files[name])
+                    schema = self.reader.schema(name)
                 except (OSError, ValueError) as exc:
                     raise ValueError(f"cannot read {name}: {exc}") from None
                 split = Path(name).stem
@@ -139,7 +138,7 @@ class ImgEdit:
         if self.masks_path is None:
             return []
         if self._objects is None:
-            self._objects = _read_recap(Path(self.masks_path))
+            self._objects = _read_recap(location(self.masks_path))
         return self._objects.get(sid, [])
 
 
@@ -167,7 +166,7 @@ def _count(turns: Any) -> int:
     return len(turns)
 
 
-def _file(relative: str | None, folder: Path):
+def _file(relative: str | None, folder: Any):
     def load() -> bytes:
         if not relative:
             raise SourceError("the turn names no image")
@@ -175,7 +174,7 @@ def _file(relative: str | None, folder: Path):
     return load
 
 
-def _read_recap(path: Path) -> dict[str, list[RawObject]]:
+def _read_recap(path: Any) -> dict[str, list[RawObject]]:
     """{session id: objects} from recap json files (a list, one record per line, or a file per
     record; a folder of them)."""
     files = sorted(path.rglob("*.json*")) if path.is_dir() else [path]

@@ -17,10 +17,9 @@ License CC BY 4.0.
 from __future__ import annotations
 
 from collections import defaultdict
-from pathlib import Path
 
-from pipeline.importers.base import (IMPORTERS, MaskSpec, RawSession, RawTurn, RowReader,
-                                     hf_split, image_value_bytes, listed_turn, session_key,
+from pipeline.importers.base import (IMPORTERS, MaskSpec, RawSession, RawTurn, RowReader, hf_split,
+                                     image_value_bytes, input_folder, listed_turn, session_key,
                                      split_parquet_files)
 
 COLUMNS = ("img_id", "turn_index", "source_img", "mask_img", "instruction", "target_img")
@@ -33,7 +32,7 @@ class MagicBrush:
 
     def __init__(self, *, path: str, split: str | None = None):
         self.reader = RowReader(split_parquet_files(path, split, "MagicBrush"))
-        self.folder = Path(path) if Path(path).is_dir() else Path(path).parent
+        self.folder = input_folder(path)
         self._rows: dict[str, list[tuple[str, int, int]]] | None = None  # key → (file, row, turn)
         self._ids: dict[str, tuple[str, str]] = {}
 

@@ -10,10 +10,9 @@ difference. License CC BY 4.0.
 
 from __future__ import annotations
 
-from pathlib import Path
-
-from pipeline.importers.base import (IMPORTERS, MaskSpec, RawSession, RawTurn, RowReader,
-                                     hf_split, image_value_bytes, session_key, split_parquet_files)
+from pipeline.importers.base import (IMPORTERS, MaskSpec, RawSession, RawTurn, RowReader, hf_split,
+                                     image_value_bytes, input_folder, session_key,
+                                     split_parquet_files)
 
 
 @IMPORTERS.register("ultraedit")
@@ -23,7 +22,7 @@ class UltraEdit:
 
     def __init__(self, *, path: str, split: str | None = None):
         self.reader = RowReader(split_parquet_files(path, split, "UltraEdit"))
-        self.folder = Path(path) if Path(path).is_dir() else Path(path).parent
+        self.folder = input_folder(path)
         self._rows: dict[str, list[tuple[str, int]]] | None = None
 
     def _index(self) -> dict[str, list[tuple[str, int]]]:

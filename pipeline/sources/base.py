@@ -16,15 +16,18 @@ raises `SourceError` with a one-line reason, and the build quarantines that item
 from __future__ import annotations
 
 import os
+import posixpath
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
+from urllib.parse import urlsplit
 
 import numpy as np
 
 from pipeline import __version__
 from pipeline.record import EditSample, InventoryObject, sample_id
 from pipeline.registry import Registry
+from pipeline.storage import is_local, is_url, location
 
 
 class SourceError(ValueError):
@@ -48,6 +51,8 @@ def path_inside(written: str, root: Path, *, allow_outside_root: bool = False,
     whose resolved location (symlinks followed) is outside `root`, unless `allow_outside_root`
     (`--allow-outside-root`, or the source option `allow_outside_root=true`) is given."""
     shown = " ".join(str(written).split())[:160]
+    if not is_local(root) or is_url(str(written)):
+        return _object_inside(str(written), root, shown, allow_outside_root, what)
     path = Path(written)
     if allow_outside_root:
         path = path.expanduser()
@@ -60,6 +65,36 @@ def path_inside(written: str, root: Path, *, allow_outside_root: bool = False,
     if not resolved.is_relative_to(inside):
         raise SourceError(f"path refused: {shown} leads outside {what} ({OUTSIDE_ROOT_HINT})")
     return resolved
+
+
+def _object_inside(written: str, root: Any, shown: str, allow_outside_root: bool,
+                   what: str) -> Any:
+    """`path_inside` where the root or the row is an object-store URL. A bucket has no symlinks,
+    so "inside" is a matter of the key alone: `..` that climbs above the root, an absolute key
+    or a URL leaves it. An http(s) URL is never fetched (no network), whatever the flag."""
+    if urlsplit(written).scheme in ("http", "https"):
+        raise SourceError(f"URLs are not fetched (no network): {shown}")
+    if is_url(written):
+        if not allow_outside_root:
+            raise SourceError(f"absolute URL refused: {shown} is not relative to {what} "
+                              f"({OUTSIDE_ROOT_HINT})")
+        return location(written)
+    if written.startswith(("/", "~")):  # a path on this machine, named from a bucket's list
+        if allow_outside_root:
+            return Path(written).expanduser()
+        raise SourceError(f"absolute path refused: {shown} is not relative to {what} "
+                          f"({OUTSIDE_ROOT_HINT})")
+    normal = posixpath.normpath(written)
+    if normal == ".." or normal.startswith("../"):
+        if not allow_outside_root:
+            raise SourceError(f"path refused: {shown} leads outside {what} ({OUTSIDE_ROOT_HINT})")
+        parent = root
+        while normal == ".." or normal.startswith("../"):
+            parent, normal = parent.parent, normal[3:]
+        return parent / normal if normal else parent
+    if normal in ("", "."):
+        raise SourceError(f"path names {what} itself: {shown}")
+    return root / normal
 
 
 @dataclass

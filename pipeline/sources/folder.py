@@ -2,7 +2,9 @@
 
 Keys are the sorted POSIX paths, relative to the folder, of every non-hidden regular file and
 symlink (hidden names — `.DS_Store`, `.git/` — are skipped, directories are walked, symlinked
-directories are not entered, FIFOs and devices are skipped). A file that is not an image is still
+directories are not entered, FIFOs and devices are skipped). `path` may be an object-store prefix
+(`s3://bucket/photos`): its objects are listed once (`fs.find`), keyed the same way, and each is
+read with one ranged GET. A file that is not an image is still
 a key, so it gets a manifest row: it reads as `SourceError("not an image (.txt)")`. A symlink is
 followed only when it resolves inside the folder.
 
@@ -32,6 +34,7 @@ from pipeline.sources.base import SOURCES, SourceError, SourceItem
 from pipeline.sources.decode import (IMAGE_SUFFIXES, check_options, is_regular, mask_box, one_line,
                                      read_bytes, to_item)
 from pipeline.sources.frame import Frame
+from pipeline.storage import fs_path, is_local, is_url, location, objects_under
 
 log = logging.getLogger(__name__)
 
@@ -43,10 +46,11 @@ class FolderSource:
     def __init__(self, *, path: str, resolution: int = 512, min_side: int = 32,
                  max_aspect: float = 4.0, annotations: str | None = None):
         check_options(resolution, min_side, max_aspect)
-        self.root = Path(path)
+        self.root = location(path)
         if not self.root.is_dir():
             raise ValueError(f"source folder does not exist or is not a directory: {path}")
-        self.root_resolved = self.root.resolve()
+        # a bucket has no symlinks to follow (and no resolve()): the root is its own resolution
+        self.root_resolved = self.root.resolve() if is_local(self.root) else self.root
         self.resolution = int(resolution)
         self.min_side = int(min_side)
         self.max_aspect = float(max_aspect)
@@ -59,8 +63,10 @@ class FolderSource:
         return state
 
     def keys(self) -> list[str]:
+        if not is_local(self.root):
+            return self._object_keys()
         skip = None
-        if self.annotations is not None:
+        if self.annotations is not None and is_local(self.annotations):
             try:
                 skip = self.annotations.resolve().relative_to(self.root_resolved).as_posix()
             except ValueError:
@@ -68,10 +74,22 @@ class FolderSource:
         keys = [k for k in _walk(self.root, "") if k != skip]
         return sorted(keys)
 
+    def _object_keys(self) -> list[str]:
+        """Every object under the prefix (one paginated listing, `fs.find`), relative to it,
+        hidden names skipped as on disk, sorted as the local walk is."""
+        skip = None
+        if self.annotations is not None and not is_local(self.annotations):
+            prefix = fs_path(self.root)[1].rstrip("/") + "/"
+            name = fs_path(self.annotations)[1]
+            skip = name[len(prefix):] if name.startswith(prefix) else None
+        return [key for key in objects_under(self.root) if key != skip]
+
     def read(self, key: str) -> SourceItem:
         pure = PurePosixPath(key)
         if pure.is_absolute() or ".." in pure.parts or not pure.parts:
             raise SourceError(f"key is not a path inside the folder: {one_line(key)}")
+        if not is_local(self.root):
+            return self._item(key, pure, self.root.joinpath(*pure.parts))
         path = self.root.joinpath(*pure.parts)
         try:
             resolved = path.resolve(strict=True)
@@ -84,7 +102,12 @@ class FolderSource:
             raise SourceError(f"not an image ({suffix or 'no extension'})")
         if not is_regular(resolved):
             raise SourceError("not a regular file")
-        item = to_item(read_bytes(resolved), resolution=self.resolution, min_side=self.min_side,
+        return self._item(key, pure, resolved)
+
+    def _item(self, key: str, pure: PurePosixPath, path: Any) -> SourceItem:
+        if pure.suffix.lower() not in IMAGE_SUFFIXES:
+            raise SourceError(f"not an image ({pure.suffix.lower() or 'no extension'})")
+        item = to_item(read_bytes(path), resolution=self.resolution, min_side=self.min_side,
                        max_aspect=self.max_aspect)
         if self.annotations is not None:
             if self._coco is None:
@@ -94,9 +117,12 @@ class FolderSource:
         return item
 
 
-def _locate(annotations: str, root: Path) -> Path:
-    path = Path(annotations)
-    if not path.is_file() and not path.is_absolute() and (root / path).is_file():
+def _locate(annotations: str, root: Any) -> Any:
+    if not is_local(root) and not is_url(annotations):  # relative to the bucket folder
+        path = root / annotations
+    else:
+        path = location(annotations)
+    if is_local(path) and not path.is_file() and not path.is_absolute() and (root / path).is_file():
         path = root / path
     if not path.is_file():
         raise ValueError(f"annotations file does not exist: {annotations}")
@@ -133,7 +159,7 @@ class CocoIndex:
     @classmethod
     def load(cls, path: Path) -> "CocoIndex":
         try:
-            data = json.loads(Path(path).read_text(encoding="utf-8"))
+            data = json.loads(location(path).read_text(encoding="utf-8"))
             categories = {c["id"]: str(c.get("name", c["id"])) for c in data.get("categories", [])}
             images = {PurePosixPath(im["file_name"]).as_posix(): im for im in data["images"]}
             annotations: dict[Any, list[dict]] = {}

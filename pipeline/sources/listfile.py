@@ -8,17 +8,22 @@ one that leads outside (`../`, a symlink) is refused for that item alone, with a
 unless the source option `allow_outside_root=true` (`--allow-outside-root`) is given. Keys are
 the paths as written, in file order; a path listed twice is read once (its first row wins). URLs
 are not fetched.
+
+The list file may be an object-store URL (`s3://bucket/lists/a.csv`): its rows are then keys
+relative to its prefix (`..` may not climb above it), and a row that is itself an object-store URL
+is read like an absolute path, only with `allow_outside_root`.
 """
 
 from __future__ import annotations
 
 import csv
-from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from pipeline import bounds
 from pipeline.sources.base import SOURCES, SourceError, SourceItem, path_inside
 from pipeline.sources.decode import check_options, is_regular, one_line, read_bytes, to_item
+from pipeline.storage import is_url, location
 
 PATH_COLUMNS = ("path", "image", "file")
 META_COLUMNS = {"caption": ("caption", "text"), "url": ("url",), "license": ("license",)}
@@ -32,7 +37,7 @@ class ListSource:
                  max_aspect: float = 4.0, allow_outside_root: bool = False):
         check_options(resolution, min_side, max_aspect)
         self.allow_outside_root = bool(allow_outside_root)
-        self.path = Path(path)
+        self.path = location(path)
         if not self.path.is_file():
             raise ValueError(f"list file does not exist: {path}")
         self.base = self.path.parent
@@ -47,8 +52,9 @@ class ListSource:
     def read(self, key: str) -> SourceItem:
         if key not in self._rows:
             raise SourceError(f"key not in the list: {one_line(key)}")
-        if "://" in key:
+        if ("://" in key and not is_url(key)) or urlsplit(key).scheme in ("http", "https"):
             raise SourceError(f"URLs are not fetched (no network): {one_line(key)}")
+        # an object-store URL (s3://...) is read like an absolute path: only with the flag
         path = path_inside(key, self.base, allow_outside_root=self.allow_outside_root)
         if not path.exists():
             raise SourceError(f"file not found: {one_line(key)}")
@@ -58,7 +64,7 @@ class ListSource:
                        max_aspect=self.max_aspect, meta=dict(self._rows[key]))
 
 
-def _parse(path: Path) -> dict[str, dict[str, Any]]:
+def _parse(path: Any) -> dict[str, dict[str, Any]]:
     """{image path as written: meta} in file order, first occurrence kept."""
     try:
         text = path.read_text(encoding="utf-8-sig")

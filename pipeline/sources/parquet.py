@@ -7,7 +7,9 @@ leads outside (`../`, a symlink) is refused for that row alone, with a one-line 
 the source option `allow_outside_root=true` (`--allow-outside-root`) is given. Keys are the `id`
 (or `key`) column when it is present, complete and unique over all files, else `"<file>:<row>"`
 (the file's path relative to the directory, the row within the file); keys come in file then row
-order.
+order. `path` may be an object-store URL (`s3://bucket/data`, a prefix or one object): files are
+read through range GETs (the footer, then a row group's columns), and path cells resolve against
+the object's prefix.
 
 `caption` (or `text`), `url` and `license` columns go into the item's meta. Regions given by
 the rows — `boxes` (list of [x0, y0, x1, y1] in original pixels), `labels` (list of names),
@@ -26,8 +28,8 @@ from __future__ import annotations
 import bisect
 import threading
 from collections import OrderedDict
-from pathlib import Path
-from typing import Any
+from contextlib import contextmanager
+from typing import Any, Iterator
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -37,6 +39,7 @@ from pipeline.record import InventoryObject
 from pipeline.sources.base import SOURCES, SourceError, SourceItem, path_inside
 from pipeline.sources.decode import check_options, is_regular, mask_box, one_line, read_bytes, to_item
 from pipeline.sources.frame import Frame
+from pipeline.storage import fs_path, is_local, location, objects_under
 
 KEY_COLUMNS = ("id", "key")
 PATH_NAMES = ("image", "image_path", "path", "file", "file_name", "filename", "image_file")
@@ -54,8 +57,10 @@ class ParquetSource:
                  allow_outside_root: bool = False):
         check_options(resolution, min_side, max_aspect)
         self.allow_outside_root = bool(allow_outside_root)
-        root = Path(path)
-        if root.is_dir():
+        root = location(path)
+        if not is_local(root) and root.is_dir():
+            self.files = objects_under(root, ".parquet")
+        elif root.is_dir():
             files = sorted(p for p in root.rglob("*.parquet") if p.is_file()
                            and not any(part.startswith(".") for part in p.relative_to(root).parts))
             self.files = {p.relative_to(root).as_posix(): p for p in files}
@@ -69,7 +74,12 @@ class ParquetSource:
         self.min_side = int(min_side)
         self.max_aspect = float(max_aspect)
         try:
-            schema = pq.read_schema(next(iter(self.files.values())))
+            first = next(iter(self.files.values()))
+            if is_local(first):
+                schema = pq.read_schema(first)
+            else:
+                with open_parquet(first) as file:
+                    schema = file.schema_arrow
         except (OSError, pa.ArrowException) as exc:
             raise ValueError(one_line(f"cannot read parquet schema of {path}: {exc}")) from None
         self.image_column, self.image_kind = _image_column(schema, image_column)
@@ -105,12 +115,17 @@ class ParquetSource:
         counts: dict[str, int] = {}
         for name, file in self.files.items():
             try:
-                if self.key_column is not None:
+                if self.key_column is not None and is_local(file):
                     values = pq.read_table(file, columns=[self.key_column]).column(0).to_pylist()
+                elif self.key_column is not None:
+                    with open_parquet(file) as opened:
+                        values = opened.read(columns=[self.key_column]).column(0).to_pylist()
+                if self.key_column is not None:
                     ids.extend((name, row, v) for row, v in enumerate(values))
                     counts[name] = len(values)
                 else:
-                    counts[name] = pq.ParquetFile(file).metadata.num_rows
+                    with open_parquet(file) as opened:
+                        counts[name] = opened.metadata.num_rows
             except (OSError, pa.ArrowException, KeyError) as exc:
                 raise ValueError(one_line(f"cannot read parquet file {file}: {exc}")) from None
         texts = [str(v) for _, _, v in ids]
@@ -149,7 +164,8 @@ class ParquetSource:
     def _row(self, name: str, row: int) -> dict[str, Any]:
         try:
             if name not in self._groups:
-                metadata = pq.ParquetFile(self.files[name]).metadata
+                with open_parquet(self.files[name]) as opened:
+                    metadata = opened.metadata
                 starts, total = [], 0
                 for g in range(metadata.num_row_groups):
                     starts.append(total)
@@ -165,12 +181,12 @@ class ParquetSource:
                 if table is not None:
                     self._cached.move_to_end((name, group))
             if table is None:
-                file = pq.ParquetFile(self.files[name])
-                try:
-                    bounds.check_row_group(file.metadata, group, self.columns, name)
-                except bounds.OutOfBounds as exc:
-                    raise SourceError(one_line(str(exc))) from None
-                table = file.read_row_group(group, columns=self.columns)
+                with open_parquet(self.files[name]) as file:
+                    try:
+                        bounds.check_row_group(file.metadata, group, self.columns, name)
+                    except bounds.OutOfBounds as exc:
+                        raise SourceError(one_line(str(exc))) from None
+                    table = file.read_row_group(group, columns=self.columns)
                 with self._lock:
                     self._cached[(name, group)] = table
                     while len(self._cached) > CACHED_GROUPS:
@@ -179,7 +195,7 @@ class ParquetSource:
         except (OSError, pa.ArrowException, KeyError) as exc:
             raise SourceError(one_line(f"cannot read row {row} of {name}: {exc}")) from None
 
-    def _image_bytes(self, value: Any, folder: Path) -> bytes:
+    def _image_bytes(self, value: Any, folder: Any) -> bytes:
         if value is None:
             raise SourceError("row has no image")
         if self.image_kind == "struct":
@@ -206,6 +222,19 @@ class ParquetSource:
         if not is_regular(path):
             raise SourceError("not a regular file")
         return read_bytes(path)
+
+
+@contextmanager
+def open_parquet(file: Any) -> Iterator[pq.ParquetFile]:
+    """A parquet file open for reading. On an object store: an fsspec file with no read-ahead
+    cache, so each of pyarrow's reads (the footer, a row group's column chunks) is one range GET
+    of what it asks for."""
+    if is_local(file):
+        yield pq.ParquetFile(file)
+        return
+    fs, name = fs_path(file)
+    with fs.open(name, "rb", cache_type="none") as handle:
+        yield pq.ParquetFile(handle)
 
 
 def _image_column(schema: pa.Schema, chosen: str | None) -> tuple[str, str]:

@@ -1,6 +1,8 @@
 """`--source webdataset`: tar shards as img2dataset writes them (`KEY.jpg` + `KEY.json`/`KEY.txt`).
 
-`path` is one `.tar` file or a directory of `.tar` shards (sorted by name). A sample's key is
+`path` is one `.tar` file or a directory of `.tar` shards (sorted by name), on disk or on an object
+store (`s3://bucket/shards`, or one `.tar` object): an object is read by seeking, through range
+GETs, one open file per shard per process. A sample's key is
 `"<shard stem>/<KEY>"`, in shard then member order, where KEY is the member name up to the first
 dot of its base name (the webdataset convention: `a/b.c.jpg` is key `a/b`, extension `c.jpg`).
 Every key that has a regular member is listed; one without an image member reads as a
@@ -21,17 +23,25 @@ from __future__ import annotations
 import json
 import logging
 import re
-from pathlib import Path
+import threading
+from collections import OrderedDict
 from typing import Any
 
 from pipeline.dataset.tarscan import TarDamage, scan_tar
 from pipeline.sources.base import SOURCES, SourceError, SourceItem
 from pipeline.sources.decode import check_options, one_line, to_item
+from pipeline.storage import fs_path, is_local, location
 
 log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff", "gif")
 _KEY_EXT = re.compile(r"^((?:.*/|)[^./]+)[.]([^/]*)$")
+
+# Object-store shards: listing reads headers through a 1 MiB read-ahead (many small members a
+# GET); a member read fetches the member plus 64 KiB, which holds the json/txt beside it.
+SCAN_BLOCK_BYTES = 1024 * 1024
+MEMBER_BLOCK_BYTES = 64 * 1024
+OPEN_SHARDS = 16  # open shard objects kept per process (the least recently read is dropped)
 
 DAMAGED = "#damaged"  # the key that accounts for what a damaged shard's headers hid
 
@@ -46,8 +56,13 @@ class WebDatasetSource:
     def __init__(self, *, path: str, resolution: int = 512, min_side: int = 32,
                  max_aspect: float = 4.0, max_member_bytes: int = 64 * 1024 * 1024):
         check_options(resolution, min_side, max_aspect)
-        root = Path(path)
-        if root.is_dir():
+        root = location(path)
+        if not is_local(root) and root.is_dir():  # a bucket prefix: its .tar objects, one listing
+            fs, prefix = fs_path(root)
+            names = sorted(info["name"].rstrip("/").rsplit("/", 1)[-1]
+                           for info in fs.ls(prefix, detail=True) if info.get("type") == "file")
+            shards = [root / n for n in names if n.endswith(".tar") and not n.startswith(".")]
+        elif root.is_dir():
             shards = sorted(p for p in root.glob("*.tar") if p.is_file() and not p.name.startswith("."))
         elif root.is_file():
             shards = [root]
@@ -63,11 +78,17 @@ class WebDatasetSource:
         self.max_aspect = float(max_aspect)
         self.max_member_bytes = int(max_member_bytes)
         self._index: dict[str, tuple[ShardIndex, str | None]] = {}  # shard → (index, damage)
+        self._open: OrderedDict[str, tuple[Any, threading.Lock]] = OrderedDict()  # shard → file, lock
+        self._lock = threading.Lock()  # guards `_open` (keys are read from threads)
 
     def __getstate__(self) -> dict[str, Any]:  # each worker indexes the shards it reads
         state = dict(self.__dict__)
-        state["_index"] = {}
+        state.update(_index={}, _open=OrderedDict(), _lock=None)
         return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
 
     def keys(self) -> list[str]:
         keys = []
@@ -91,9 +112,22 @@ class WebDatasetSource:
         image_ext = next((e for e in IMAGE_EXTENSIONS if e in members), None)
         if image_ext is None:
             raise SourceError(f"sample has no image member (has: {', '.join(sorted(members))})")
-        with open(self.shards[shard], "rb") as f:
-            data = self._member(f, sample, image_ext, members)
-            meta = self._meta(f, sample, members)
+        path = self.shards[shard]
+        if is_local(path):
+            with open(path, "rb") as f:
+                data = self._member(f, sample, image_ext, members)
+                meta = self._meta(f, sample, members)
+        else:
+            with self._lock:  # one open object per shard: a member is one or two range GETs
+                if shard not in self._open:
+                    self._open[shard] = (_open_object(path, MEMBER_BLOCK_BYTES), threading.Lock())
+                    while len(self._open) > OPEN_SHARDS:  # each holds its last read: bounded
+                        self._open.popitem(last=False)  # (its reader, if any, keeps its own ref)
+                self._open.move_to_end(shard)
+                f, lock = self._open[shard]
+            with lock:  # its seek and reads go together; other shards are read meanwhile
+                data = self._member(f, sample, image_ext, members)
+                meta = self._meta(f, sample, members)
         return to_item(data, resolution=self.resolution, min_side=self.min_side,
                        max_aspect=self.max_aspect, meta=meta)
 
@@ -134,7 +168,14 @@ class WebDatasetSource:
         return self._index[shard]
 
 
-def _index_shard(path: Path) -> tuple[ShardIndex, str | None]:
+def _open_object(path: Any, block_size: int) -> Any:
+    """A shard on an object store open for seek/read: a read-ahead cache of `block_size` past each
+    read, so a member and the small json/txt members after it come in one range GET."""
+    fs, name = fs_path(path)
+    return fs.open(name, "rb", block_size=block_size, cache_type="readahead")
+
+
+def _index_shard(path: Any) -> tuple[ShardIndex, str | None]:
     """The shard's samples from its headers alone (`tarscan.scan_tar`: every declared size is
     bounded before anything is read), and what damage it found (None). Garbage between members is
     reported and the listing resumes at the next valid header, so the samples after it are kept."""
@@ -142,7 +183,7 @@ def _index_shard(path: Path) -> tuple[ShardIndex, str | None]:
     damages: list[str] = []
     before = 0  # samples listed before the first damage
     try:
-        with open(path, "rb") as handle:
+        with (open(path, "rb") if is_local(path) else _open_object(path, SCAN_BLOCK_BYTES)) as handle:
             for member in scan_tar(handle):
                 if isinstance(member, TarDamage):
                     before = len(index) if not damages else before
