@@ -287,7 +287,7 @@ def read_bytes(path: Any, max_bytes: int = MAX_FILE_BYTES) -> bytes:
     store location (`pipeline.storage.location`): one ranged GET of at most `max_bytes` + 1."""
     if not is_local(path):
         return _read_object(path, max_bytes)
-    try:
+    with _read_errors(path, "file"):
         # O_NONBLOCK: opening a FIFO must not hang the worker (no effect on regular files).
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
         with os.fdopen(fd, "rb") as f:
@@ -297,14 +297,21 @@ def read_bytes(path: Any, max_bytes: int = MAX_FILE_BYTES) -> bytes:
             if st.st_size > max_bytes:
                 raise SourceError(f"file is {st.st_size:,} bytes, over the limit of {max_bytes:,}")
             return f.read(max_bytes + 1)
+
+
+@contextmanager
+def _read_errors(path: Any, what: str) -> Iterator[None]:
+    """OSErrors of a read, as one-line SourceErrors (a file and an object alike)."""
+    try:
+        yield
     except SourceError:
         raise
     except FileNotFoundError:
-        raise SourceError(f"file not found: {one_line(str(path))}") from None
+        raise SourceError(f"file not found: {one_line(show(path))}") from None
     except IsADirectoryError:
         raise SourceError("not a regular file (a directory)") from None
     except OSError as exc:
-        raise SourceError(one_line(f"cannot read file ({exc.strerror or exc})")) from None
+        raise SourceError(one_line(f"cannot read {what} ({exc.strerror or exc})")) from None
 
 
 def is_regular(path: Any) -> bool:
@@ -325,14 +332,8 @@ def _read_object(path: Any, max_bytes: int) -> bytes:
     """An object's bytes in one ranged GET: a byte more than the cap says it is over it, without
     a HEAD first and without reading the rest."""
     fs, name = fs_path(path)
-    try:
+    with _read_errors(path, "object"):
         data = fs.cat_file(name, start=0, end=max_bytes + 1)
-    except FileNotFoundError:
-        raise SourceError(f"file not found: {one_line(show(path))}") from None
-    except IsADirectoryError:
-        raise SourceError("not a regular file (a directory)") from None
-    except OSError as exc:
-        raise SourceError(one_line(f"cannot read object ({exc.strerror or exc})")) from None
     if len(data) > max_bytes:
         raise SourceError(f"file is over the limit of {max_bytes:,} bytes")
     return bytes(data)
