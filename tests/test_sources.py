@@ -577,6 +577,41 @@ def test_find_duplicates_maps_to_the_first_occurrence_deterministically():
     assert find_duplicates(reordered)["a"] == "b"
 
 
+def test_find_duplicates_equals_a_brute_force_search_on_many_near_copies():
+    # the 16-bit-band search (max_distance <= 7) must find exactly the earliest original within
+    # the distance, as comparing against every earlier original does
+    rng = np.random.default_rng(7)
+    entries, originals = [], []
+    for i in range(1500):
+        if originals and rng.random() < 0.3:  # a copy of an earlier hash with 0-9 bits flipped
+            ph = int(entries[int(rng.integers(len(entries)))][2])
+            for bit in rng.choice(64, int(rng.integers(0, 10)), replace=False):
+                ph ^= 1 << int(bit)
+        else:
+            ph = int(rng.integers(0, 2**63)) * 2 + int(rng.integers(0, 2))
+        entries.append((f"k{i}", f"s{i}" if rng.random() > 0.03 else "same", ph))
+    x = 0x5A5A_0F0F_3C3C_9999
+    spread = x ^ 0b11 ^ (0b11 << 16) ^ (0b11 << 32) ^ (1 << 48)  # 7 bits: no band agrees exactly
+    entries += [("x", "sx", x), ("x-spread", "sxs", spread),
+                ("y", "sy", x ^ 0xFF << 8), ("x-and-y", "sxy", x ^ 0xF << 8)]  # 4 from x, 4 from y
+    found = find_duplicates(entries, max_distance=7)
+    assert found["x-spread"] == "x" and found["x-and-y"] == "x" and "y" not in found
+    for d in (0, 1, 4, 6, 7):
+        expected, firsts, exact = {}, [], {}
+        for key, sha, ph in entries:
+            if sha in exact:
+                expected[key] = exact[sha]
+                continue
+            match = next((k for k, h in firsts if hamming(h, ph) <= d), None)
+            if match is not None:
+                expected[key] = match
+                continue
+            firsts.append((key, ph))
+            exact[sha] = key
+        assert find_duplicates(entries, max_distance=d) == expected, d
+        assert len(expected) > 30  # the case is not trivial
+
+
 # ---------------------------------------------------------------- threads
 
 def _outcome(source, key):

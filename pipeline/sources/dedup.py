@@ -6,9 +6,13 @@ which survives resizing, recompression and small colour changes. `find_duplicate
 entries in list order and maps every later copy to its first occurrence, so the outcome depends
 only on the order of the keys — the same for every run of the same build.
 
-Near-duplicate search uses the pigeonhole principle: with `max_distance` d, two 64-bit hashes
-within Hamming distance d agree exactly on at least one of d + 1 bands, so only entries sharing
-a band value are compared.
+Near-duplicate search uses the pigeonhole principle. For d = `max_distance` ≤ 7 the 64 bits are
+four 16-bit bands: two hashes within distance d differ in at most one bit of some band (four bands
+with two or more would make 8 > d), so each hash looks up its four band values and their 16
+one-bit neighbours (68 lookups into 65,536 buckets) and only those entries are compared, with one
+vectorised popcount. With d + 1 bands of ≈ 9 bits (what larger d use) every bucket holds N/512
+entries, so a corpus of N costs O(N²): 100k keys took a minute of the driver's time, and more
+memory than the keys themselves.
 """
 
 from __future__ import annotations
@@ -62,6 +66,8 @@ def find_duplicates(entries: list[tuple[str, str, int]], max_distance: int = 6) 
     themselves originals, so the mapping has no chains."""
     if max_distance < 0:
         raise ValueError(f"max_distance must be non-negative, got {max_distance}")
+    if max_distance <= 7:
+        return _find_duplicates_16(entries, max_distance)
     bands = _bands(max_distance)
     exact: dict[str, str] = {}
     buckets: list[dict[int, list[int]]] = [{} for _ in bands]
@@ -85,6 +91,40 @@ def find_duplicates(entries: list[tuple[str, str, int]], max_distance: int = 6) 
         exact[sha] = key
         for (shift, mask), bucket in zip(bands, buckets):
             bucket.setdefault((ph >> shift) & mask, []).append(index)
+    return duplicates
+
+
+_FLIPS = [0] + [1 << bit for bit in range(16)]  # a band value and its one-bit neighbours
+
+
+def _find_duplicates_16(entries: list[tuple[str, str, int]], max_distance: int) -> dict[str, str]:
+    """`find_duplicates` for max_distance ≤ 7: four 16-bit bands, radius 1 (module docstring)."""
+    exact: dict = {}
+    buckets: list[dict[int, list[int]]] = [{} for _ in range(4)]
+    keys: list[str] = []  # of the originals, in order
+    hashes = np.zeros(max(1, len(entries)), dtype=np.uint64)  # their pHashes
+    duplicates: dict[str, str] = {}
+    for key, sha, ph in entries:
+        ph = int(ph)
+        if sha in exact:
+            duplicates[key] = exact[sha]
+            continue
+        parts = [(ph >> (16 * band)) & 0xFFFF for band in range(4)]
+        found = [i for band, part in enumerate(parts) for flip in _FLIPS
+                 for i in buckets[band].get(part ^ flip, ())]
+        if found:
+            candidates = np.unique(np.asarray(found, dtype=np.int64))  # sorted: earliest first
+            distance = np.bitwise_count(hashes[candidates] ^ np.uint64(ph))
+            near = np.flatnonzero(distance <= max_distance)
+            if near.size:
+                duplicates[key] = keys[int(candidates[near[0]])]
+                continue
+        index = len(keys)
+        keys.append(key)
+        hashes[index] = ph
+        exact[sha] = key
+        for band, part in enumerate(parts):
+            buckets[band].setdefault(part, []).append(index)
     return duplicates
 
 
