@@ -235,3 +235,9 @@ def child_names(folder: AnyPath, folders: bool = False) -> list[str]:
     prefix = prefix.rstrip("/") + "/"
     keys = [n[len(prefix):] for n in fs.find(prefix) if n.startswith(prefix)]
     return sorted({k.split("/", 1)[0] for k in keys if k and (not folders or "/" in k)})
+
+
+def children(folder: AnyPath) -> list[AnyPath]:
+    """What lies directly under `folder`, sorted by name; nothing when it does not exist. On an
+    object store only children that hold an object (`child_names`)."""
+    return [folder / name for name in child_names(folder)]

@@ -235,24 +235,15 @@ def _remove_previous(out: Path, unit: int, ids: list[str]) -> None:
                     remove_path(tmp)
     else:  # one listing per queue instead of a few requests per id (no temporaries on a store)
         for kind in (REVIEW, REJUDGE):
-            queued = {path.name for path in _children(out / kind)}
+            queued = {path.name for path in storage.children(out / kind)}
             for sample_id in ids:
                 if sample_id in queued:
                     remove_path(out / kind / sample_id)
     wanted = set(ids)
-    for path in _children(out / QUARANTINE):
+    for path in storage.children(out / QUARANTINE):
         # ids contain no dots: `{id}.{suffix}` and temporaries `.{id}.{suffix}.<random>.tmp`
         if path.name.lstrip(".").split(".", 1)[0] in wanted:
             remove_path(path)
-
-
-def _children(directory: Path) -> list[Path]:
-    """What a folder holds; nothing when it does not exist (an object-store prefix without
-    objects does not)."""
-    try:
-        return list(directory.iterdir())
-    except (FileNotFoundError, NotADirectoryError):  # (what UPath raises for a missing prefix)
-        return []
 
 
 # ---- quarantine -----------------------------------------------------------------------------------

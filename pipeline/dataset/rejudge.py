@@ -205,7 +205,7 @@ def _clean_leftovers(out: Path, rows: list[dict[str, Any]], candidates: list[dic
     location = {row["id"]: row["shard"] for row in rows}
     rejudge_dir = out / REJUDGE
     if rejudge_dir.is_dir():
-        for path in _children(rejudge_dir):
+        for path in storage.children(rejudge_dir):
             stale = path.name in location and location[path.name] != f"{REJUDGE}/{path.name}"
             if is_temp_name(path.name) or stale:
                 remove_path(path)
@@ -231,14 +231,6 @@ def _clean_leftovers(out: Path, rows: list[dict[str, Any]], candidates: list[dic
                 rewrite_tar(path, add={}, drop=stale)
                 cleaned += len(stale)
     return cleaned
-
-
-def _children(folder: Path) -> list[Path]:
-    """What a folder holds; on an object store only what holds objects (`storage.child_names`:
-    some stores go on listing an emptied prefix)."""
-    if storage.is_local(folder):
-        return list(folder.iterdir())
-    return [folder / name for name in storage.child_names(folder)]
 
 
 def _holds_files(path: Path) -> bool:

@@ -280,7 +280,7 @@ def _check_orphans(out: Path, by_id: dict[str, dict[str, Any]]) -> list[str]:
         folder = out / kind
         if not folder.is_dir():
             continue
-        for path in _children(folder):
+        for path in storage.children(folder):
             if is_temp_name(path.name):
                 continue  # reported as a temporary
             row = by_id.get(path.name)
@@ -288,7 +288,7 @@ def _check_orphans(out: Path, by_id: dict[str, dict[str, Any]]) -> list[str]:
                 problems.append(f"{path.name}: {kind}/{path.name} is not in the manifest at that location")
     folder = out / QUARANTINE
     if folder.is_dir():
-        for path in _children(folder):
+        for path in storage.children(folder):
             if is_temp_name(path.name):
                 continue
             sample_id = path.name.split(".", 1)[0]
@@ -296,13 +296,6 @@ def _check_orphans(out: Path, by_id: dict[str, dict[str, Any]]) -> list[str]:
             if row is None or row["shard"] != f"{QUARANTINE}/{sample_id}.json":
                 problems.append(f"{sample_id}: {QUARANTINE}/{path.name} is not in the manifest at that location")
     return problems
-
-
-def _children(folder: Path) -> list[Path]:
-    """What a folder holds, sorted; on an object store what holds objects (`storage.child_names`)."""
-    if storage.is_local(folder):
-        return sorted(folder.iterdir())
-    return [folder / name for name in storage.child_names(folder)]
 
 
 def _check_temporaries(out: Path) -> list[str]:
