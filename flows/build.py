@@ -18,7 +18,7 @@ from prefect.states import Failed
 from flows.artifacts import publish_build_artifacts
 from flows.execute import FATAL_ERRNOS, MAX_UNIT_ATTEMPTS, OutputUnwritable, run_units
 from flows.plan import is_complete, pending_units, prepare_build
-from flows.ray_runtime import cluster_address, ray_start_seconds, start_ray, stop_ray
+from flows.ray_runtime import cluster_address, ray_running, ray_start_seconds, start_ray, stop_ray
 from pipeline.config import BuildConfig
 from pipeline.dataset.lock import out_lock
 from pipeline.dataset.output import finalize, read_manifest
@@ -35,22 +35,19 @@ def plan_build(out: str, config: BuildConfig, workers: int | None = None,
     then and left running for the units (stopped here if there are none, or planning failed)."""
     from flows.index import index_source
 
-    def ray_up() -> bool:  # without importing Ray when nothing started it
-        return "ray" in sys.modules and sys.modules["ray"].is_initialized()
-
     root = location(out)
     if is_local(root):
         root.mkdir(parents=True, exist_ok=True)
     maker = None if workers is None else (lambda c: index_source(c, workers, ray_address))
-    ray_before = ray_up()
+    ray_before = ray_running()
     try:
         total = prepare_build(root, config, index_maker=maker)
         pending = pending_units(root, config)
     except BaseException:
-        if ray_up() and not ray_before:
+        if ray_running() and not ray_before:
             stop_ray()
         raise
-    if ray_up() and not ray_before and not pending and not cluster_address(ray_address):
+    if ray_running() and not ray_before and not pending and not cluster_address(ray_address):
         stop_ray()
     return pending, total
 

@@ -300,15 +300,12 @@ def _locked_build(out: Path, config, existed: bool, workers: int, ray_address: s
     from pipeline.storage import remove_tree
     from flows.index import index_source
     from flows.plan import is_complete, prepare_build
-    from flows.ray_runtime import cluster_address, start_ray, stop_ray
-
-    def ray_up() -> bool:  # without importing Ray when nothing started it
-        return "ray" in sys.modules and sys.modules["ray"].is_initialized()
+    from flows.ray_runtime import cluster_address, ray_running, start_ray, stop_ray
 
     try:  # a first run fingerprints its corpus on the Ray workers (flows/index.py), started then
         prepare_build(out, config, index_maker=lambda c: index_source(c, workers, ray_address))
     except ConfigError as exc:
-        if ray_up() and not cluster_address(ray_address):
+        if ray_running() and not cluster_address(ray_address):
             stop_ray()
         if not existed:  # a refused command leaves nothing behind
             try:
@@ -318,7 +315,7 @@ def _locked_build(out: Path, config, existed: bool, workers: int, ray_address: s
         raise UsageError(f"mcie {command}: error: {exc}") from None
 
     if is_complete(out, config):  # decided from OUT alone: no Prefect, no Ray
-        if ray_up() and not cluster_address(ray_address):
+        if ray_running() and not cluster_address(ray_address):
             stop_ray()
         print(f"{out}: {command} already complete, nothing to do")
         return 0
@@ -327,7 +324,7 @@ def _locked_build(out: Path, config, existed: bool, workers: int, ray_address: s
     server = TemporaryPrefectServer.get()
     from flows.plan import pending_units
 
-    local_ray = not cluster_address(ray_address) and (ray_up() or bool(pending_units(out, config)))
+    local_ray = not cluster_address(ray_address) and (ray_running() or bool(pending_units(out, config)))
     try:
         if local_ray:
             start_ray(None, workers)

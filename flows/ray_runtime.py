@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import secrets
 import shutil
 import time
@@ -70,6 +71,11 @@ def code_runtime_env() -> dict:
     if variables:
         env["env_vars"] = variables
     return env
+
+
+def ray_running() -> bool:
+    """Whether this process has a Ray session (without importing Ray when nothing started it)."""
+    return "ray" in sys.modules and sys.modules["ray"].is_initialized()
 
 
 def start_ray(address: str | None, workers: int) -> str:
