@@ -487,7 +487,7 @@ def _clear_stale_lock(args) -> None:
     if storage.is_url(out):
         try:
             clear_stale(out)
-        except (OSError, ValueError) as exc:  # the command itself says what is wrong with OUT
+        except Exception as exc:  # noqa: BLE001 - best effort: the command itself says what is wrong
             logging.getLogger(__name__).debug("no stale-lock check on %s: %s", out, exc)
     elif Path(out).is_dir():
         clear_stale(out)
@@ -556,6 +556,14 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except UsageError as exc:
         print(str(exc), file=sys.stderr)
+        return 2
+    except Exception as exc:
+        from pipeline.storage import access_error
+
+        reason = access_error(exc)  # no credentials, no endpoint: the user's setting, one line
+        if reason is None:
+            raise
+        print(f"mcie: error: cannot reach the object store: {reason}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("mcie: interrupted", file=sys.stderr)

@@ -241,3 +241,15 @@ def children(folder: AnyPath) -> list[AnyPath]:
     """What lies directly under `folder`, sorted by name; nothing when it does not exist. On an
     object store only children that hold an object (`child_names`)."""
     return [folder / name for name in child_names(folder)]
+
+
+def access_error(exc: BaseException) -> str | None:
+    """One line for an error of reaching an object store that fsspec passes through unmapped
+    (botocore's: no credentials, an endpoint that does not answer, ...); None for anything else."""
+    try:
+        from botocore.exceptions import BotoCoreError, ClientError
+    except ImportError:  # pragma: no cover - s3fs brings botocore
+        return None
+    if isinstance(exc, (BotoCoreError, ClientError)):
+        return str(exc).splitlines()[0][:300] or type(exc).__name__
+    return None

@@ -332,6 +332,18 @@ def test_a_missing_bucket_is_one_line_and_exit_2(s3, code, tmp_path):
     assert "no-such-bucket-mcie" in one_line(result.stderr)
 
 
+@pytest.mark.parametrize("command", [["build", "--out", "s3://some-bucket/o", "--count", "4"],
+                                     ["verify", "s3://some-bucket/o"]])
+def test_no_credentials_is_one_line_and_exit_2(command, tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "MCIE_STORAGE"))}
+    env.update(AWS_SHARED_CREDENTIALS_FILE=str(tmp_path / "none"), AWS_CONFIG_FILE=str(tmp_path / "none"),
+               AWS_EC2_METADATA_DISABLED="true", AWS_ENDPOINT_URL="http://127.0.0.1:9")
+    result = subprocess.run([sys.executable, "-m", "flows.cli", *command], cwd=Path(__file__).parents[1],
+                            capture_output=True, text=True, timeout=120, env=env)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "credentials" in one_line(result.stderr) and "Traceback" not in result.stderr
+
+
 # ---- the CLI's storage options and a cluster's workers ------------------------------------------
 
 def test_storage_options_and_no_lock_reach_the_environment_and_cluster_workers(monkeypatch):
