@@ -177,13 +177,14 @@ def step_index(args: argparse.Namespace) -> dict:
     started = time.perf_counter()
     start_ray(None, workers_of(args))
     ray_s = time.perf_counter() - started
+    phases: dict[str, float] = {}
     try:
         started = time.perf_counter()
-        index, _ = index_source(config, workers_of(args))
+        index, _ = index_source(config, workers_of(args), phases=phases)
         seconds = time.perf_counter() - started
     finally:
         stop_ray()
-    return {"seconds": seconds, "keys": index.size, "ray_s": ray_s,
+    return {"seconds": seconds, "keys": index.size, "ray_s": ray_s, **phases,
             "path": f"flows.index.index_source on Ray, {workers_of(args)} workers"}
 
 
@@ -505,6 +506,9 @@ def measure_size(size: int, args: argparse.Namespace, figures: Figures, env: dic
                     figures.put(f"index_rss_mib[{workers}]", size, result["rss_mib"])
                     figures.put(f"index_keys_per_s_core[{workers}]", size,
                                 size / result["seconds"] / workers)
+                    for phase in ("list_s", "fingerprint_s", "decide_s"):  # where it went
+                        if phase in result:
+                            figures.put(f"index_{phase}[{workers}]", size, result[phase])
                     figures.note("path", workers, result["path"])
                     figures.note("ray_s", size, f"{result['ray_s']:.1f}")  # the last count's
     if args.only in ("build", "all"):
@@ -560,6 +564,9 @@ def print_table(figures: Figures, sizes: list[int], workers: list[int]) -> None:
     for w in workers:
         rows += [(f"indexing, {w} worker{'s' if w > 1 else ''}", f"index_s[{w}]", " s"),
                  ("  keys/s per worker core", f"index_keys_per_s_core[{w}]", ""),
+                 ("  listing keys (driver)", f"index_list_s[{w}]", " s"),
+                 ("  fingerprinting (workers)", f"index_fingerprint_s[{w}]", " s"),
+                 ("  duplicates decided (driver)", f"index_decide_s[{w}]", " s"),
                  ("  driver peak RSS", f"index_rss_mib[{w}]", " MiB")]
     rows += [("first unit, webdataset build", "first_unit_wds_s", " s"),
              ("  CLI peak RSS until then", "driver_rss_wds_mib", " MiB"),
@@ -611,6 +618,11 @@ def print_targets(figures: Figures, sizes: list[int], workers: list[int]) -> Non
             ratio = one[n] / two[n]
             print(f"  index throughput 2 workers / 1 worker at {size_name(n)}: {ratio:.2f}"
                   f" (target >= 1.8: {'PASS' if ratio >= 1.8 else 'FAIL'})")
+            # the part the workers do: the driver's listing and decision do not divide by workers
+            part = [figures.measured(f"index_fingerprint_s[{w}]").get(n) for w in (1, 2)]
+            if None not in part:
+                print(f"    of which the workers' fingerprinting: {part[0] / part[1]:.2f}"
+                      f" ({part[0]:.1f} s -> {part[1]:.1f} s)")
         if not both:
             print("  index throughput 2 workers / 1 worker: not measured at a common size")
     else:

@@ -41,11 +41,14 @@ REMOTE_THREADS = 4
 
 
 def index_source(config: BuildConfig, workers: int, ray_address: str | None = None,
-                 chunk: int = CHUNK_KEYS) -> tuple[KeyIndex, pa.Table | None]:
+                 chunk: int = CHUNK_KEYS, phases: dict[str, float] | None = None,
+                 ) -> tuple[KeyIndex, pa.Table | None]:
     """List the source's keys here and fingerprint them on Ray (`workers` actors): (the index, its
     table to save; None for a generator source). Ray is started (`flows.ray_runtime.start_ray`,
     which keeps a Ray already running) only when there is something to fingerprint: a generator
-    source, or one with nothing to dedup (an importer's sessions), is indexed here."""
+    source, or one with nothing to dedup (an importer's sessions), is indexed here. `phases`, when
+    given, receives the seconds of the three steps — `list_s` and `decide_s` on the driver,
+    `fingerprint_s` on the workers — so a benchmark can tell what divides among workers."""
     from pipeline.unit import make_source
 
     source = make_source(config)
@@ -57,19 +60,25 @@ def index_source(config: BuildConfig, workers: int, ray_address: str | None = No
     from flows.ray_runtime import start_ray
 
     start_ray(ray_address, workers)
+    phases = {} if phases is None else phases
     actors = start_actors(config, workers)  # they start while the driver lists the keys
     try:
+        started = time.perf_counter()
         keys = list_keys(source)
         if keys is None:  # a generator that does not say so
             return KeyIndex(keys=None), None
+        phases["list_s"] = time.perf_counter() - started
         started = time.perf_counter()
         prints = fingerprint_on_ray(config, keys, workers, chunk, actors=actors)
     finally:
         _kill(actors)
-    seconds = time.perf_counter() - started
+    phases["fingerprint_s"] = seconds = time.perf_counter() - started
     log.info("fingerprinted %d keys on %d Ray workers in %.1f s (%.0f keys/s)", len(keys),
              workers, seconds, len(keys) / max(seconds, 1e-9))
-    return index_table(source.name, keys, prints)
+    started = time.perf_counter()
+    result = index_table(source.name, keys, prints)
+    phases["decide_s"] = time.perf_counter() - started
+    return result
 
 
 def start_actors(config: BuildConfig, workers: int) -> list[Any]:

@@ -127,6 +127,7 @@ def test_a_tiny_run_prints_every_figure_its_slopes_and_the_targets(tmp_path, cap
                      r"\d+\.\d\d pairs/s; a whole build of 200 at that rate: \d+\.\d h", out)
     assert re.search(r"indexing path: (flows\.index\.index_source on Ray|driver-side make_index)", out)
     labels = ["listing", "indexing, 1 worker", "indexing, 2 workers", "keys/s per worker core",
+              "listing keys (driver)", "fingerprinting (workers)", "duplicates decided (driver)",
               "driver peak RSS", "first unit, webdataset build", "first unit, procedural build",
               "CLI peak RSS until then", "OUT of N rows made (bench set-up)", "manifest merge (finalize)", "verify",
               "report"]
@@ -140,5 +141,6 @@ def test_a_tiny_run_prints_every_figure_its_slopes_and_the_targets(tmp_path, cap
     for name in figures:
         assert re.search(rf"^  {re.escape(name)} +b = -?\d+\.\d\d over 100, 200", out, re.M), name
     assert re.search(r"index throughput 2 workers / 1 worker at 200: \d+\.\d\d \(target >= 1\.8: (PASS|FAIL)\)", out)
+    assert re.search(r"of which the workers' fingerprinting: \d+\.\d\d \(\d+\.\d s -> \d+\.\d s\)", out)
     assert re.search(r"driver peak RSS \(indexing, 2 workers\) 200 / 100: \d+\.\d\d \(target <= 1\.2: (PASS|FAIL)\)", out)
     assert "not run" not in out

@@ -107,8 +107,10 @@ def test_index_on_one_and_two_workers_equals_the_index_made_in_process(ray_two_c
     assert sum(r["duplicate_of"] is not None for r in rows.values()) == 3
     for workers in (1, 2):
         # chunks of 3 keys: originals and their copies land in different chunks and actors
-        ray_index, ray_table = index_source(config, workers, chunk=3)
+        phases: dict[str, float] = {}
+        ray_index, ray_table = index_source(config, workers, chunk=3, phases=phases)
         assert _bytes(ray_table) == _bytes(table), workers
+        assert set(phases) == {"list_s", "fingerprint_s", "decide_s"} and min(phases.values()) > 0
         assert ray_index.keys == index.keys and ray_index.duplicate_of == index.duplicate_of
 
 

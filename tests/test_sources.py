@@ -577,13 +577,18 @@ def test_find_duplicates_maps_to_the_first_occurrence_deterministically():
     assert find_duplicates(reordered)["a"] == "b"
 
 
-def test_find_duplicates_equals_a_brute_force_search_on_many_near_copies():
+@pytest.mark.parametrize("pairs", [1 << 20, 97])
+def test_find_duplicates_equals_a_brute_force_search_on_many_near_copies(pairs, monkeypatch):
     # the 16-bit-band search (max_distance <= 7) must find exactly the earliest original within
-    # the distance, as comparing against every earlier original does
+    # the distance, as comparing against every earlier original does — candidates gathered at
+    # once or in many runs (of about 97)
+    from pipeline.sources import dedup
+
+    monkeypatch.setattr(dedup, "_PAIRS", pairs)
     rng = np.random.default_rng(7)
-    entries, originals = [], []
+    entries = []
     for i in range(1500):
-        if originals and rng.random() < 0.3:  # a copy of an earlier hash with 0-9 bits flipped
+        if entries and rng.random() < 0.3:  # a copy of an earlier hash with 0-9 bits flipped
             ph = int(entries[int(rng.integers(len(entries)))][2])
             for bit in rng.choice(64, int(rng.integers(0, 10)), replace=False):
                 ph ^= 1 << int(bit)
@@ -592,10 +597,14 @@ def test_find_duplicates_equals_a_brute_force_search_on_many_near_copies():
         entries.append((f"k{i}", f"s{i}" if rng.random() > 0.03 else "same", ph))
     x = 0x5A5A_0F0F_3C3C_9999
     spread = x ^ 0b11 ^ (0b11 << 16) ^ (0b11 << 32) ^ (1 << 48)  # 7 bits: no band agrees exactly
+    z = 0x1234_FEDC_BA98_7654
+    top = z ^ 0b11 ^ (0b11 << 16) ^ (0b11 << 32) ^ (1 << 63)  # the one bit at a band's top
     entries += [("x", "sx", x), ("x-spread", "sxs", spread),
-                ("y", "sy", x ^ 0xFF << 8), ("x-and-y", "sxy", x ^ 0xF << 8)]  # 4 from x, 4 from y
+                ("y", "sy", x ^ 0xFF << 8), ("x-and-y", "sxy", x ^ 0xF << 8),  # 4 from x, 4 from y
+                ("z", "sz", z), ("z-top", "szt", top)]
     found = find_duplicates(entries, max_distance=7)
     assert found["x-spread"] == "x" and found["x-and-y"] == "x" and "y" not in found
+    assert found["z-top"] == "z"
     for d in (0, 1, 4, 6, 7):
         expected, firsts, exact = {}, [], {}
         for key, sha, ph in entries:
@@ -609,7 +618,12 @@ def test_find_duplicates_equals_a_brute_force_search_on_many_near_copies():
             firsts.append((key, ph))
             exact[sha] = key
         assert find_duplicates(entries, max_distance=d) == expected, d
-        assert len(expected) > 30  # the case is not trivial
+        near = sum(sha != "same" for key, sha, _ in entries if key in expected)
+        assert near > 30  # the case is not trivial: near copies, not only equal sha256s
+    # chains: a copy of a copy that lies within the distance of the copy but not of the original
+    # is an original itself (duplicates are never originals)
+    assert any(key not in expected and any(hamming(ph, other) <= d for _, _, other in entries[:i])
+               for i, (key, _, ph) in enumerate(entries))
 
 
 # ---------------------------------------------------------------- threads
