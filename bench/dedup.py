@@ -25,16 +25,22 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pipeline.sources.dedup import find_duplicates  # noqa: E402
 
 
-def hashes(size: int, index: Path | None, rng: np.random.Generator) -> np.ndarray:
-    if index is None:
-        return rng.integers(0, 2**64 - 1, size, dtype=np.uint64, endpoint=True)
+def index_low_halves(index: Path) -> np.ndarray:
+    """The lower 32 bits of every pHash in a build's source_index.parquet."""
     import pyarrow.parquet as pq
 
     real = np.array([p for p in pq.read_table(index, columns=["phash"]).column("phash").to_pylist()
                      if p is not None], dtype=np.uint64)
     if real.size == 0:
         raise SystemExit(f"{index}: no pHash in it")
-    low = real[rng.integers(0, real.size, size)] & np.uint64(0xFFFF_FFFF)
+    return real & np.uint64(0xFFFF_FFFF)
+
+
+def hashes(size: int, low_halves: np.ndarray | None, rng: np.random.Generator) -> np.ndarray:
+    """`size` hashes: uniform, or lower halves drawn from `low_halves` under random upper ones."""
+    if low_halves is None:
+        return rng.integers(0, 2**64 - 1, size, dtype=np.uint64, endpoint=True)
+    low = low_halves[rng.integers(0, low_halves.size, size)]
     return low | (rng.integers(0, 2**32, size, dtype=np.uint64) << np.uint64(32))
 
 
@@ -46,9 +52,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.index is not None and not args.index.is_file():
         parser.error(f"--index {args.index}: no such file")
+    low_halves = None if args.index is None else index_low_halves(args.index)  # read once
     rng = np.random.default_rng(args.seed)
     for size in args.sizes:
-        entries = [(f"k{i}", f"s{i}", int(h)) for i, h in enumerate(hashes(size, args.index, rng).tolist())]
+        entries = [(f"k{i}", f"s{i}", int(h)) for i, h in enumerate(hashes(size, low_halves, rng).tolist())]
         before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         started = time.perf_counter()
         found = find_duplicates(entries)

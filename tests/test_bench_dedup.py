@@ -27,7 +27,7 @@ def test_one_line_per_size_and_the_index_s_low_bands_crowd_the_hashes(tmp_path, 
     # pairs of random upper halves fall within 6 bits (about 2.6e-4 of 1e6 pairs)
     assert 100 < lines[2]["duplicates"] < 500
     rng = dedup_bench.np.random.default_rng(0)
-    low = {int(h) & 0xFFFF_FFFF for h in dedup_bench.hashes(100, index, rng)}
+    low = {int(h) & 0xFFFF_FFFF for h in dedup_bench.hashes(100, dedup_bench.index_low_halves(index), rng)}
     assert low == {0x3333_4444, 0x7777_8888}
 
 

@@ -3,15 +3,13 @@ and each test it cites exists (running the mutants themselves is the script's jo
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
+import mutants  # tests/ is on the path, as for bench_scripts
 
-import mutants  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.parametrize("name", list(mutants.MUTANTS))
